@@ -1,0 +1,31 @@
+# The two set-up commands of the README. Both create .venv on first use.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+
+# One OpenMP thread: small ops on a loaded 2-core machine are 10-50x slower with two.
+export OMP_NUM_THREADS = 1
+export MKL_NUM_THREADS = 1
+export TOKENIZERS_PARALLELISM = false
+export MPLBACKEND = agg
+export HF_HUB_OFFLINE = 1
+
+.PHONY: figures test install clean
+
+figures: $(VENV)/.installed
+	$(PY) -m interplab figures --profile tiny
+
+# Notebooks under nbval write their figures into build/, never over the committed ones.
+test: $(VENV)/.installed
+	$(PY) -m pytest -q tests
+	INTERPLAB_OUT_ROOT=build/nbval $(PY) -m pytest -q --nbval-lax --nbval-current-env --nbval-cell-timeout=1200 -p no:cacheprovider notebooks
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+clean:
+	rm -rf build
