@@ -84,3 +84,7 @@ def test_runner_input_errors(repo):
         Runner(root=repo).select(["ch77"])
     with pytest.raises(BadParameter, match="--profile"):
         Runner(root=repo).check_overrides("ch01_alpha", {"profile": "paper"})
+    with pytest.raises(BadParameter, match="expects int"):
+        Runner(root=repo).check_overrides("ch01_alpha", {"seed": "one"})
+    with pytest.raises(BadParameter, match="expects bool"):
+        Runner(root=repo).check_overrides("ch01_alpha", {"fail": 3})

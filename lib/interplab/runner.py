@@ -6,6 +6,7 @@ staging folder; only when it finishes cleanly does the staging folder replace
 figures. A notebook is skipped when its file, the library source and its parameters are
 unchanged since its last successful run (``--force`` overrides).
 """
+import ast
 import hashlib
 import json
 import os
@@ -21,6 +22,19 @@ from .errors import BadParameter, UnknownChapter, UnknownProfile
 # Small ops on a loaded 2-core machine are 10-50x slower with 2 OpenMP threads than with 1.
 THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
               "TOKENIZERS_PARALLELISM": "false", "MPLBACKEND": "agg", "HF_HUB_OFFLINE": "1"}
+
+
+# Type of a parameter's default literal -> what an override must be (None defaults accept anything).
+TYPES = {"int": int, "float": (int, float), "bool": bool, "str": str, "list": (list, tuple), "tuple": (list, tuple),
+         "dict": dict}
+
+
+def _literal_type(source: str) -> str | None:
+    try:
+        value = ast.literal_eval(source)
+    except (ValueError, SyntaxError):
+        return None
+    return None if value is None else type(value).__name__
 
 
 @dataclass
@@ -72,6 +86,10 @@ class Runner:
                 raise BadParameter(f"-p {name}=... is set by the runner; use --profile instead")
             if name not in known:
                 raise BadParameter(f"{chapter} has no parameter {name!r}; it has {', '.join(known)}")
+            default = known[name]["default"]
+            expected = _literal_type(default)
+            if expected and not isinstance(overrides[name], TYPES.get(expected, object)):
+                raise BadParameter(f"-p {name}={overrides[name]!r}: {chapter} expects {expected} (default {default})")
 
     # -- fingerprints ----------------------------------------------------------------
     def fingerprint(self, chapter: str, overrides: dict) -> str:
