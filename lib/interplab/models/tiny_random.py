@@ -1,0 +1,116 @@
+"""Tiny random-weight instances of every model family interplab hooks into.
+
+Each builder writes its config in code, seeds torch, and returns a model in ``eval()``
+mode whose forward pass takes well under a second on one CPU thread. Nothing is
+downloaded. Tests use them to check that hook points and anatomy names exist and
+behave; the ``tiny`` profile's trained zoo has the same shapes.
+
+    gpt2()       transformers GPT2LMHeadModel     2 layers, d=32, 4 heads, vocab 64
+    llama()      transformers LlamaForCausalLM    2 layers, d=32, 4 heads (2 kv), vocab 64
+    clip()       transformers CLIPModel           text+vision, width 64, 2 layers, image 32, patch 8
+    clip_text()  transformers CLIPTextModel       the text tower of ``clip()``
+    unet()       diffusers UNet2DConditionModel   channels (32, 64), cross_attention_dim 32, 16 px latents
+    timm_vit()   timm VisionTransformer           depth 2, d=192, image 32, patch 8
+    timm_swin()  timm SwinTransformer             2 stages x (2, 2) blocks, image 32, patch 2, window 4
+    open_clip()  open_clip.model.CLIP             width 64, 2 layers per tower, image 32, patch 8
+"""
+import torch
+
+SEED = 0
+VOCAB = 64          # small vocabularies keep embeddings tiny; special ids live inside them
+BOS, EOS, PAD = 1, 2, 0
+
+
+def _ready(model):
+    return model.eval()
+
+
+def gpt2(n_layer: int = 2, seed: int = SEED):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=n_layer, n_head=4,
+                     bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD,
+                     attn_implementation="eager")
+    return _ready(GPT2LMHeadModel(cfg))
+
+
+def llama(n_layer: int = 2, seed: int = SEED):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=n_layer,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD,
+                      attn_implementation="eager")
+    return _ready(LlamaForCausalLM(cfg))
+
+
+def _clip_configs():
+    from transformers import CLIPTextConfig, CLIPVisionConfig
+
+    text = CLIPTextConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, max_position_embeddings=16, projection_dim=32,
+                          bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD)
+    vision = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                              num_attention_heads=4, image_size=32, patch_size=8, projection_dim=32)
+    return text, vision
+
+
+def clip(seed: int = SEED):
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(seed)
+    text, vision = _clip_configs()
+    cfg = CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=32,
+                     attn_implementation="eager")
+    return _ready(CLIPModel(cfg))
+
+
+def clip_text(seed: int = SEED):
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(seed)
+    text, _ = _clip_configs()
+    text._attn_implementation = "eager"
+    return _ready(CLIPTextModel(text))
+
+
+def unet(seed: int = SEED):
+    """Two resolution levels, cross-attention in the first down, the mid and the last up block."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return _ready(UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64), norm_num_groups=8, attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+    ))
+
+
+def timm_vit(seed: int = SEED):
+    import timm
+
+    torch.manual_seed(seed)
+    return _ready(timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8,
+                                    depth=2, num_classes=10))
+
+
+def timm_swin(seed: int = SEED):
+    import timm
+
+    torch.manual_seed(seed)
+    return _ready(timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=32,
+                                    patch_size=2, window_size=4, embed_dim=32, depths=(2, 2),
+                                    num_heads=(2, 4), num_classes=10))
+
+
+def open_clip(seed: int = SEED):
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+
+    torch.manual_seed(seed)
+    vision = CLIPVisionCfg(layers=2, width=64, head_width=16, patch_size=8, image_size=32)
+    text = CLIPTextCfg(context_length=16, vocab_size=VOCAB, width=64, heads=4, layers=2)
+    return _ready(CLIP(embed_dim=32, vision_cfg=vision, text_cfg=text))
