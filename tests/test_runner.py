@@ -51,6 +51,8 @@ def test_run_skip_fail_keeps_last_good(repo):
     manifest = json.loads((repo / "figures" / "tiny" / "MANIFEST.json").read_text())
     assert "ch01_alpha/line.png" in manifest["chapters"]["ch01_alpha"]["files"]
     assert (repo / "build" / "executed" / "tiny" / "ch01_alpha.ipynb").exists()
+    gallery = (repo / "figures" / "tiny" / "README.md").read_text()
+    assert "![line](ch01_alpha/line.png)" in gallery and "| seed >= 0 | hard |" in gallery
 
     [again] = runner.run(["ch01_alpha"], {})
     assert again.status == "skipped"

@@ -135,6 +135,7 @@ class Runner:
         seconds = time.perf_counter() - t0
         self.promote(staging, self.figures / self.profile / chapter)
         provenance.write_manifest(self.figures / self.profile)
+        provenance.write_gallery(self.figures / self.profile)
         provenance.write_json(self._state_file(chapter), {"fingerprint": fingerprint, "seconds": round(seconds, 1),
                                                           "finished": provenance.now()})
         return Result(chapter, "ok", seconds, claims=self.claims_summary(self.figures / self.profile / chapter))
