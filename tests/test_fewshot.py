@@ -1,0 +1,270 @@
+"""Chapter 4 library: tasks, learners, FastDiffSel, greedy search, export, paper loaders."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from interplab.errors import BadParameter, ResourceUnavailable
+from interplab.fewshot import data, export, learners as L, select as S, tasks as T
+
+
+def gaussian_world(seed=0, n_cls=8, per=30, d=16, spread=0.8):
+    """Labelled Gaussian clusters: features (n, d) float32 and labels (n,)."""
+    g = np.random.default_rng(seed)
+    y = np.repeat(np.arange(n_cls), per)
+    x = g.normal(0, 1.0, (n_cls, d))[y] + g.normal(0, spread, (len(y), d))
+    return torch.tensor(x, dtype=torch.float32), y
+
+
+@pytest.fixture(scope="module")
+def pool():
+    return data.make_pool("novel", "mixed", seed=0, per_class=40)
+
+
+# ------------------------------------------------------------------------------ data
+def test_pool_is_deterministic_and_split(pool):
+    again = data.make_pool("novel", "mixed", seed=0, per_class=40)
+    assert np.array_equal(pool.x, again.x) and np.array_equal(pool.y, again.y)
+    assert pool.x.shape == (len(pool.y), 1, 8, 16) and 0 <= pool.x.min() and pool.x.max() <= 1
+    base, novel = data.class_split(0)
+    assert not set(base) & set(novel) and len(base) + len(novel) == 100
+    assert set(np.unique(pool.y)) == set(novel)
+    assert {"view", *data.ISSUES} <= set(pool.annotations)
+    assert 0.05 < pool.annotations["blur"].mean() < 0.3            # mixed regime: 15 % each
+    assert not np.array_equal(pool.x, data.make_pool("novel", "mixed", seed=1, per_class=40).x)
+
+
+def test_pool_rebuilds_from_id(pool):
+    assert export.pool_hash(data.load(pool.id)) == export.pool_hash(pool)
+
+
+def test_nuisance_annotations_change_pixels():
+    clean = data.make_pool("novel", "clean", seed=0, per_class=10)
+    view = data.make_pool("novel", "viewpoint", seed=0, per_class=10)
+    assert (clean.annotations["view"] == 0).all() and (view.annotations["view"] > 0).any()
+    with pytest.raises(BadParameter, match="regime"):
+        data.make_pool("novel", "fog")
+
+
+# ------------------------------------------------------------------------------ tasks
+def test_samplers_respect_constraints(pool):
+    for sampler in (T.FixedSampler(5, 5, 10), T.MetaDatasetSampler(max_way=20, max_support=200)):
+        for task in T.sample_tasks(sampler, pool.y, 20, seed=0):
+            assert T.check_task(task, pool.y) == []
+    md = T.sample_tasks(T.MetaDatasetSampler(max_way=20), pool.y, 40, seed=1)
+    assert len({t.way for t in md}) > 3 and all(5 <= t.way <= 20 for t in md)
+    assert any(len(set(t.shots)) > 1 for t in md)                    # imbalanced shots
+    assert all(t.n_query == 10 for t in md)                           # min(10, 40 // 2)
+
+
+def test_query_filter_and_pool_exclude_queries(pool):
+    front = pool.annotations["view"] == 0
+    for task in T.sample_tasks(T.FixedSampler(5, 5, 10), pool.y, 10, seed=2, query_from=front):
+        assert front[list(task.query)].all()
+        for p in T.search_pool(task, pool.y):
+            assert not np.isin(p, task.query).any()
+
+
+def test_check_task_catches_violations(pool):
+    task = T.sample_tasks(T.FixedSampler(5, 2, 3), pool.y, 1, seed=0)[0]
+    leaked = task.with_support(task.support[:-1] + (task.query[0],))
+    assert any("query" in p for p in T.check_task(leaked, pool.y))
+    short = task.with_support(task.support[:-1])
+    assert any("expected 2" in p for p in T.check_task(short, pool.y))
+
+
+# ------------------------------------------------------------------------------ projection
+def bisection_projection(v, radius, iters=200):
+    """Independent solver: root of sum_i (|v_i| - lambda)_+ = radius by bisection (Eq. 11.6)."""
+    a = np.abs(v)
+    if a.sum() <= radius:
+        return v.copy(), 0.0
+    lo, hi = 0.0, a.max()
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if np.maximum(a - mid, 0).sum() > radius else (lo, mid)
+    lam = (lo + hi) / 2
+    return np.sign(v) * np.maximum(a - lam, 0), lam
+
+
+def test_l1_projection_kkt_and_bisection():
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(50, 30, generator=g, dtype=torch.float64) * torch.rand(50, 1, generator=g, dtype=torch.float64) * 3
+    radius = torch.rand(50, generator=g, dtype=torch.float64) * 10 + 0.1
+    w, lam = S.project_l1(v, radius)
+    for i in range(50):
+        ref, ref_lam = bisection_projection(v[i].numpy(), radius[i].item())
+        np.testing.assert_allclose(w[i].numpy(), ref, atol=1e-9)
+        assert abs(lam[i].item() - ref_lam) < 1e-9
+        wi, vi, li = w[i], v[i], lam[i]
+        assert wi.abs().sum() <= radius[i] + 1e-9                                    # feasible
+        on = wi != 0
+        torch.testing.assert_close(wi[on], vi[on] - torch.sign(vi[on]) * li)         # stationarity
+        assert (vi[~on].abs() <= li + 1e-12).all()                                   # subgradient
+        if li > 0:
+            assert abs(wi.abs().sum() - radius[i]) < 1e-9                           # complementary slackness
+        # no feasible point is closer than the projection
+        probe = torch.randn(200, 30, dtype=torch.float64)
+        probe = probe / probe.abs().sum(1, keepdim=True) * radius[i] * torch.rand(200, 1, dtype=torch.float64)
+        assert ((probe - vi).norm(dim=1) >= (wi - vi).norm() - 1e-9).all()
+
+
+def test_l1_projection_idempotent_and_masked():
+    v = torch.tensor([[0.2, -0.3, 0.1, 0.0], [3.0, 1.0, -2.0, 5.0]])
+    w, lam = S.project_l1(v, torch.tensor([1.0, 2.0]))
+    assert torch.equal(w[0], v[0]) and lam[0] == 0                                  # already inside
+    w2, _ = S.project_l1(w, torch.tensor([1.0, 2.0]))
+    torch.testing.assert_close(w2, w)
+    mask = torch.tensor([[True] * 4, [True, True, False, False]])
+    wm, _ = S.project_l1(v, torch.tensor([1.0, 2.0]), mask)
+    assert (wm[1, 2:] == 0).all() and abs(wm[1].abs().sum() - 2) < 1e-6
+
+
+def test_top_k_breaks_ties_deterministically():
+    w_bar = torch.tensor([[[0.0, 0.0, 0.0, 0.0, 1.0]]])
+    w_hat = torch.tensor([[[0.1, 0.3, 0.3, -1.0, 2.0]]])
+    chosen = S.top_k(w_bar, w_hat, torch.ones(1, 1, 5, dtype=torch.bool), torch.tensor([[3]]))
+    assert chosen[0, 0].tolist() == [False, True, True, False, True]                 # 4, then 1 and 2
+
+
+# ------------------------------------------------------------------------------ selection
+def test_closed_form_gradient_equals_autograd():
+    f, y = gaussian_world(1)
+    tasks = T.sample_tasks(T.MetaDatasetSampler(max_way=8, max_support=60), y, 3, seed=0)
+    *inp, _ = S.pool_tensors(tasks, f, y)
+    pool_x, pool_m = inp[0], inp[1]
+    w = torch.rand(pool_m.shape) * pool_m
+    wr = w.clone().requires_grad_(True)
+    (g_auto,) = torch.autograd.grad(S.query_loss(wr, pool_x, pool_m, *inp[3:]).sum(), wr)
+    loss, g = S.loss_and_grad(w, pool_x, pool_m, *inp[3:])
+    torch.testing.assert_close(loss, S.query_loss(w, pool_x, pool_m, *inp[3:]))
+    torch.testing.assert_close(g, g_auto, atol=1e-5, rtol=1e-4)
+
+
+def test_objective_is_monotone_over_ascent_steps():
+    f, y = gaussian_world(0)
+    tasks = T.sample_tasks(T.FixedSampler(5, 5, 5), y, 4, seed=0)
+    *inp, _ = S.pool_tensors(tasks, f, y)
+    up = np.array(S.fastdiffsel(*inp, alpha=0.01, steps=30, seed=0, track=True).trace)
+    down = np.array(S.fastdiffsel(*inp, alpha=0.01, steps=30, seed=0, maximize=False, track=True).trace)
+    # trace[0] is the random init, outside the l1 ball; from the first projected iterate on,
+    # projected gradient steps this small must move the objective one way only
+    assert np.all(np.diff(up[1:]) >= -1e-4) and up[-1] > 3 * up[0]
+    assert np.all(np.diff(down[1:]) <= 1e-4) and down[-1] < down[0] / 3
+
+
+@pytest.mark.parametrize("method,kw", [("fastdiffsel", dict(steps=1)), ("fastdiffsel", dict(steps=10)),
+                                       ("greedy", dict(rounds=3))])
+def test_selected_support_sets_satisfy_constraints(pool, method, kw):
+    feats = torch.as_tensor(pool.x.reshape(len(pool.y), -1))
+    for sampler in (T.FixedSampler(5, 5, 10), T.MetaDatasetSampler(max_way=12, max_support=150)):
+        tasks = T.sample_tasks(sampler, pool.y, 6, seed=3)
+        picked, _ = S.select_tasks(tasks, feats, pool.y, method, **kw)
+        for before, after in zip(tasks, picked):
+            assert T.check_task(after, pool.y) == []
+            assert after.query == before.query and after.classes == before.classes and after.shots == before.shots
+            assert not set(after.support) & set(before.query)
+
+
+def test_selection_makes_tasks_harder_and_easier():
+    f, y = gaussian_world(2, n_cls=10, per=40, spread=1.2)
+    tasks = T.sample_tasks(T.FixedSampler(5, 5, 10), y, 30, seed=0)
+    picked = {"random": tasks,
+              "hard": S.select_tasks(tasks, f, y, "fastdiffsel", steps=10)[0],
+              "greedy": S.select_tasks(tasks, f, y, "greedy")[0],
+              "easy": S.select_tasks(tasks, f, y, "fastdiffsel", steps=10, alpha=0.01, maximize=False)[0]}
+    loss = {k: S.support_loss(v, f, y).mean().item() for k, v in picked.items()}
+    acc = {k: L.accuracy(L.ProtoNet(), T.collate(v, f, y)).mean() for k, v in picked.items()}
+    assert loss["easy"] < loss["random"] / 2 and loss["hard"] > 2 * loss["random"] and loss["greedy"] > 2 * loss["random"]
+    assert acc["hard"] < acc["random"] - 10 and acc["greedy"] < acc["random"] - 10 and acc["easy"] > acc["random"]
+
+
+def test_alpha_grid_search_picks_the_extreme_loss():
+    f, y = gaussian_world(4)
+    tasks = T.sample_tasks(T.FixedSampler(5, 5, 5), y, 8, seed=1)
+    best, table = S.tune_alpha(tasks, f, y, alphas=(0.01, 1.0, 200.0), steps=3)
+    assert best == table.loc[table["loss"].idxmax(), "alpha"] and len(table) == 3
+
+
+# ------------------------------------------------------------------------------ learners
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # sklearn NearestCentroid, 1-shot classes
+def test_protonet_and_1nn_match_sklearn(pool):
+    from sklearn.neighbors import KNeighborsClassifier, NearestCentroid
+    feats = torch.as_tensor(pool.x.reshape(len(pool.y), -1), dtype=torch.float64)
+    tasks = T.sample_tasks(T.MetaDatasetSampler(max_way=15, max_support=120), pool.y, 25, seed=4)
+    batch = T.collate(tasks, feats, pool.y)
+    for ours, ref in [(L.ProtoNet(), NearestCentroid()), (L.NearestNeighbour(), KNeighborsClassifier(1))]:
+        mine = L.accuracy(ours, batch)
+        theirs = []
+        for t in tasks:
+            s, q = list(t.support), list(t.query)
+            theirs.append(100 * (ref.fit(feats[s].numpy(), pool.y[s]).predict(feats[q].numpy()) == pool.y[q]).mean())
+        assert abs(mine.mean() - np.mean(theirs)) < 0.5, type(ours).__name__
+        assert np.mean(np.abs(mine - theirs) < 1e-3) > 0.9                          # per task, ties aside
+
+
+def test_linear_head_learns_and_tasks_are_independent():
+    f, y = gaussian_world(3, spread=0.5)
+    tasks = T.sample_tasks(T.MetaDatasetSampler(max_way=8, max_support=80), y, 6, seed=0)
+    head = L.LinearHead(steps=60)
+    together = L.accuracy(head, T.collate(tasks, f, y))
+    alone = np.concatenate([L.accuracy(head, T.collate([t], f, y)) for t in tasks])
+    assert together.mean() > 90
+    np.testing.assert_allclose(together, alone, atol=1e-3)
+
+
+def test_mean_ci():
+    m, ci = L.mean_ci([50.0, 60.0, 70.0])
+    assert m == 60.0 and abs(ci - 1.96 * 10 / np.sqrt(3)) < 1e-9
+
+
+# ------------------------------------------------------------------------------ export
+def test_export_round_trip_reproduces_accuracy(tmp_path, pool):
+    feats = torch.as_tensor(pool.x.reshape(len(pool.y), -1))
+    tasks = T.sample_tasks(T.MetaDatasetSampler(max_way=10, max_support=100), pool.y, 8, seed=5)
+    hard, _ = S.select_tasks(tasks, feats, pool.y, "fastdiffsel", steps=3)
+    acc = L.accuracy(L.ProtoNet(), T.collate(hard, feats, pool.y))
+    path = export.save_tasks(tmp_path / "hard.json", hard, pool, {"method": "fastdiffsel", "steps": 3},
+                             {"pixels/proto": acc})
+    loaded, doc, rebuilt = export.load_tasks(path)                                   # pool rebuilt from its id
+    assert loaded == hard and doc["version"] == export.VERSION
+    again = L.accuracy(L.ProtoNet(), T.collate(loaded, torch.as_tensor(rebuilt.x.reshape(len(rebuilt.y), -1)),
+                                               rebuilt.y))
+    np.testing.assert_allclose(again, [r["accuracy"]["pixels/proto"] for r in doc["tasks"]], atol=1e-3)
+
+
+def test_export_rejects_unknown_versions_and_other_pools(tmp_path, pool):
+    task = T.sample_tasks(T.FixedSampler(5, 1, 1), pool.y, 1, seed=0)
+    path = export.save_tasks(tmp_path / "t.json", task, pool)
+    doc = json.loads(path.read_text())
+    (tmp_path / "future.json").write_text(json.dumps({**doc, "version": export.VERSION + 1}))
+    with pytest.raises(BadParameter, match="upgrade"):
+        export.load_tasks(tmp_path / "future.json", pool)
+    other = data.make_pool("novel", "mixed", seed=0, per_class=41)
+    with pytest.raises(BadParameter, match="differs"):
+        export.load_tasks(path, other)
+
+
+# ------------------------------------------------------------------------------ paper profile
+@pytest.mark.parametrize("loader,args,needle", [
+    (data.meta_dataset, ("omniglot",), "meta_dataset"),
+    (data.orbit, (), "orbit"),
+    (data.cure_or, (), "cure_or"),
+    (data.objectnet, (), "objectnet"),
+])
+def test_paper_loaders_name_the_download(tmp_path, loader, args, needle):
+    with pytest.raises(ResourceUnavailable) as err:
+        loader(*args, root=tmp_path)
+    msg = str(err.value)
+    assert "\n" not in msg and "download" in msg.lower() or "convert" in msg.lower()
+    assert f"data/{needle}" in msg
+
+
+def test_paper_backbone_offline_is_a_clear_error(monkeypatch):
+    from interplab.models import extractors as E
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ResourceUnavailable, match="data/backbones/resnet18.pt"):
+        E.load_backbone("resnet18")
+    with pytest.raises(BadParameter):
+        E.load_backbone("resnet9000")
