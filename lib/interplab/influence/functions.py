@@ -108,7 +108,7 @@ def group_param_changes(obj: Objective, theta, X, y, groups, solve: Callable, G=
     G: (n, P) per-sample gradients at theta (computed if None).
     """
     G = obj.sample_grads(theta, X, y) if G is None else G
-    mask = group_mask(groups, len(G))
+    mask = group_mask(groups, len(G)).to(G.device)
     t1, p = _theta1(G, mask, solve)
     t2 = (p / (1 - p))[:, None] * (t1 - solve(_group_hvps(obj, theta, X, y, mask, t1)))
     return -t1, -t1 + t2
@@ -125,7 +125,7 @@ def group_effects(obj: Objective, theta, X, y, groups, g_test, solve: Callable, 
     if order not in (1, 2):
         raise BadParameter(f"order={order}; group influence is implemented to order 1 or 2")
     G = obj.sample_grads(theta, X, y) if G is None else G
-    mask = group_mask(groups, len(G))
+    mask = group_mask(groups, len(G)).to(G.device)
     n = len(G)
     p = mask.sum(1).to(G.dtype) / n
     s = solve(g_test)
@@ -153,7 +153,7 @@ def group_effects_full(obj: Objective, theta, X, y, groups, x_test, y_test, solv
     x_test, y_test: one test point, batch of 1 (its loss without the decay term).
     """
     G = obj.sample_grads(theta, X, y) if G is None else G
-    mask = group_mask(groups, len(G))
+    mask = group_mask(groups, len(G)).to(G.device)
     g_test = obj.test_grad(theta, x_test, y_test)
     _, second = group_effects(obj, theta, X, y, mask, g_test, solve, G=G)
     t1, _ = _theta1(G, mask, solve)
@@ -183,7 +183,7 @@ def select_group(obj: Objective, theta, X, y, g_test, k: int, solve: Callable, G
     if order == 1:
         return start.sort().values
     p = k / n
-    w = torch.zeros(n, dtype=G.dtype)
+    w = torch.zeros(n, dtype=G.dtype, device=G.device)
     w[start] = 1.0
 
     def effect(w):

@@ -18,6 +18,7 @@ at theta* (anything looser measures optimiser noise, not influence; see section 
 - ``retrain_without``: leave-one-out / leave-group-out as weights 1 - mask.
 - ``loss_changes``: the measured effect l_t(theta_-U) - l_t(theta*).
 """
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -90,14 +91,16 @@ def retrain(obj: Objective, theta_star, X, y, weights, method: str = "bfgs", tol
     weights None means one fit with unit weights. See the module docstring for the methods.
     """
     check_choice("method", method, METHODS)
-    W = torch.ones(1, len(X), dtype=theta_star.dtype) if weights is None else weights.to(theta_star.dtype)
+    W = (torch.ones(1, len(X), dtype=theta_star.dtype, device=X.device) if weights is None
+         else weights.to(theta_star.dtype).to(X.device))
     Theta = theta_star.detach().expand(len(W), -1).clone()
     if method == "newton":
-        return _descend(obj, Theta, X, y, W, _NewtonStep(obj, X, y), tol, max_iter)
+        return _descend(obj, Theta, X, y, W, _NewtonStep(obj, X, y, len(W)), tol, max_iter)
     H = obj.hessian(theta_star, X, y) if hessian is None else hessian
     shared = positive_definite_solver(H, damping)
     if method == "bfgs":
-        return _descend(obj, Theta, X, y, W, _BFGSStep(shared, len(W), Theta.shape[1], Theta.dtype), tol, max_iter)
+        bfgs = _BFGSStep(shared, len(W), Theta.shape[1], Theta.dtype, Theta.device)
+        return _descend(obj, Theta, X, y, W, bfgs, tol, max_iter)
     if method == "chord":
         return _descend(obj, Theta, X, y, W, lambda live, Th, Wl, Gl: -shared(Gl), tol, max_iter)
     return _descend(obj, Theta, X, y, W, _NewtonCGStep(obj, X, y, shared), tol, max_iter)
@@ -107,7 +110,7 @@ def _descend(obj, Theta, X, y, W, step, tol, max_iter) -> FitResult:
     """Shared loop: direction from ``step``, Armijo backtracking per row, stop rows at tol."""
     loss_b = vmap(obj.loss, in_dims=(0, None, None, 0))
     grad_b = vmap(grad(obj.loss), in_dims=(0, None, None, 0))
-    Gr = grad_b(Theta, X, y, W)
+    Gr, F = grad_b(Theta, X, y, W), loss_b(Theta, X, y, W)
     gnorm = Gr.norm(dim=1)
     it = 0
     for it in range(1, max_iter + 1):
@@ -117,11 +120,11 @@ def _descend(obj, Theta, X, y, W, step, tol, max_iter) -> FitResult:
             break
         Th, Wl, Gl = Theta[live], W[live], Gr[live]
         D = step(live, Th, Wl, Gl)
-        new, t = _line_search(lambda T, rows: loss_b(T, X, y, Wl[rows]), Th, D, Gl)
+        new, t, f = _line_search(lambda T, rows: loss_b(T, X, y, Wl[rows]), Th, D, Gl, F[live])
         Gnew = grad_b(new, X, y, Wl)
         if hasattr(step, "update"):
             step.update(live, t, new - Th, Gnew - Gl)
-        Theta[live], Gr[live] = new, Gnew
+        Theta[live], Gr[live], F[live] = new, Gnew, f
         gnorm = Gr.norm(dim=1)
     return FitResult(Theta, gnorm, it, gnorm <= tol)
 
@@ -130,19 +133,17 @@ class _NewtonStep:
     """(H_j + mu_j s_j I) d = -g_j with each fit's exact Hessian; mu_j adapts like
     Levenberg-Marquardt: quartered after a full step, quadrupled after a cut one."""
 
-    def __init__(self, obj, X, y):
+    def __init__(self, obj, X, y, m):
         self.hess = vmap(lambda th, w: obj.hessian(th, X, y, w, chunk_size=None))
-        self.mu = None
+        self.mu = torch.zeros(m, dtype=X.dtype, device=X.device)
 
     def __call__(self, live, Th, Wl, Gl):
-        if self.mu is None:
-            self.mu = torch.zeros(int(live.max()) + 1, dtype=Th.dtype)
         Hs = self.hess(Th, Wl)
-        eye = torch.eye(Hs.shape[-1], dtype=Hs.dtype)
+        eye = torch.eye(Hs.shape[-1], dtype=Hs.dtype, device=Hs.device)
         scale = Hs.diagonal(dim1=1, dim2=2).abs().mean(1).clamp_min(1e-12)
         mu = self.mu[live].clone()
         D = -Gl.clone()  # curvature beyond repair falls back to steepest descent
-        todo = torch.arange(len(Hs))
+        todo = torch.arange(len(Hs), device=Hs.device)
         for _ in range(40):
             L, info = torch.linalg.cholesky_ex(Hs[todo] + (mu[todo] * scale[todo])[:, None, None] * eye)
             ok = info == 0
@@ -168,8 +169,8 @@ class _BFGSStep:
     update is skipped where the curvature condition s^T y > 0 fails (a non-convex stretch).
     """
 
-    def __init__(self, shared, m, P, dtype):
-        start = shared(torch.eye(P, dtype=dtype))
+    def __init__(self, shared, m, P, dtype, device):
+        start = shared(torch.eye(P, dtype=dtype, device=device))
         self.Binv = start.expand(m, P, P).clone()
 
     def __call__(self, live, Th, Wl, Gl):
@@ -218,30 +219,30 @@ def positive_definite_solver(H, damping: float = 0.0) -> CholeskySolver:
     raise NotPositiveDefinite("no damping up to 100 x mean |diag H| makes H positive definite; is H finite?")
 
 
-def _line_search(loss_rows, Th, D, Gr, shrink: float = 0.5, tries: int = 40):
+def _line_search(loss_rows, Th, D, Gr, f0, shrink: float = 0.5, tries: int = 40):
     """Backtracking (Armijo) per row from the full step; loss_rows(T, rows) -> (len(rows),).
 
-    Returns the new rows and the step each took (0 where none was accepted).
+    f0: current losses (m,). Returns the new rows, the step each took (0 where none was
+    accepted) and their losses.
     """
     m = len(Th)
-    everyone = torch.arange(m)
-    f0 = loss_rows(Th, everyone)
     slope = (Gr * D).sum(1)
     D = torch.where((slope < 0)[:, None], D, -Gr)  # not a descent direction: use the gradient
     slope = torch.where(slope < 0, slope, -(Gr * Gr).sum(1))
-    t = torch.ones(m, dtype=Th.dtype)
-    out = Th.clone()
-    todo = everyone
+    t = torch.ones(m, dtype=Th.dtype, device=Th.device)
+    out, f_out = Th.clone(), f0.clone()
+    todo = torch.arange(m, device=Th.device)
     for _ in range(tries):
         cand = Th[todo] + t[todo, None] * D[todo]
-        ok = loss_rows(cand, todo) <= f0[todo] + ARMIJO * t[todo] * slope[todo] + ROUNDOFF * f0[todo].abs()
-        out[todo[ok]] = cand[ok]
+        f = loss_rows(cand, todo)
+        ok = f <= f0[todo] + ARMIJO * t[todo] * slope[todo] + ROUNDOFF * f0[todo].abs()
+        out[todo[ok]], f_out[todo[ok]] = cand[ok], f[ok]
         todo = todo[~ok]
         if len(todo) == 0:
             break
         t[todo] *= shrink
     t[todo] = 0.0
-    return out, t
+    return out, t, f_out
 
 
 # -- leave-out studies -------------------------------------------------------------------
@@ -250,7 +251,7 @@ def retrain_without(obj: Objective, theta_star, X, y, groups, **kwargs) -> FitRe
 
     groups: list of index sequences or (m, n) bool mask. kwargs go to ``retrain``.
     """
-    mask = group_mask(groups, len(X))
+    mask = group_mask(groups, len(X)).to(X.device)
     return retrain(obj, theta_star, X, y, (~mask).to(theta_star.dtype), **kwargs)
 
 
@@ -266,14 +267,15 @@ def loss_changes(obj: Objective, theta_star, thetas, X_test, y_test) -> torch.Te
 class Optimum:
     """theta* of ``obj`` on (X, y) with what every influence computation reuses.
 
-    hessian (P, P) and grads (n, P) are computed on first use; ``solver(damping)`` factors
-    H + damping I once per damping value.
+    hessian (P, P) and grads (n, P) are computed on first use (their cost lands in ``seconds``);
+    ``solver(damping)`` factors H + damping I once per damping value.
     """
     obj: Objective
     theta: torch.Tensor
     X: torch.Tensor
     y: torch.Tensor
-    fit: FitResult
+    fit: FitResult | None = None
+    seconds: dict = field(default_factory=dict)  # how long the Hessian and the gradients took
     _cache: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -283,13 +285,17 @@ class Optimum:
     @property
     def hessian(self) -> torch.Tensor:
         if "H" not in self._cache:
+            t0 = time.perf_counter()
             self._cache["H"] = self.obj.hessian(self.theta, self.X, self.y)
+            self.seconds["hessian"] = time.perf_counter() - t0
         return self._cache["H"]
 
     @property
     def grads(self) -> torch.Tensor:
         if "G" not in self._cache:
+            t0 = time.perf_counter()
             self._cache["G"] = self.obj.sample_grads(self.theta, self.X, self.y)
+            self.seconds["grads"] = time.perf_counter() - t0
         return self._cache["G"]
 
     def solver(self, damping: float = 0.0) -> CholeskySolver:
@@ -312,14 +318,17 @@ class Optimum:
 
 
 def train(obj: Objective, X, y, theta0=None, tol: float = 1e-10, max_iter: int = 5000, polish: str = "bfgs",
-          polish_iter: int = 500, lbfgs_tol: float = 1e-5) -> Optimum:
+          polish_iter: int = 500, lbfgs_tol: float = 1e-5, warmup: int = 0, warmup_lr: float = 1e-2) -> Optimum:
     """Fit from theta0 (default: the module's initial parameters) to ||grad|| <= tol.
 
-    L-BFGS does the bulk until lbfgs_tol, then ``polish`` ("bfgs", "newton" or "newton-cg",
-    all using the exact Hessian) reaches tol. Check ``.fit.converged``: without weight decay
-    a separable problem has no minimiser and the fit stops at the iteration budget.
+    ``warmup`` full-batch Adam steps first (deep tanh nets start with a vanishing signal, and
+    L-BFGS with weight decay then slides into the trivial minimum near theta = 0); L-BFGS does
+    the bulk until lbfgs_tol; ``polish`` ("bfgs", "newton" or "newton-cg", all using the exact
+    Hessian) reaches tol. Check ``.fit.converged``.
     """
     theta0 = obj.params() if theta0 is None else theta0
+    if warmup:
+        theta0 = adam(obj, theta0, X, y, steps=warmup, lr=warmup_lr)[0]
     coarse = _lbfgs(obj, theta0, X, y, None, max(tol, lbfgs_tol), max_iter)
     if not bool(torch.isfinite(coarse.theta).all()):
         raise FloatingPointError("training diverged to non-finite parameters; add weight decay")
@@ -339,7 +348,8 @@ def adam(obj: Objective, theta0, X, y, weights=None, steps: int = 1000, lr: floa
     minimiser exists (no weight decay on separable data), to show what an unconverged model
     does (section 3.10.4), and by the paper profile for networks too large for BFGS.
     """
-    W = torch.ones(1, len(X), dtype=theta0.dtype) if weights is None else weights.to(theta0.dtype)
+    W = (torch.ones(1, len(X), dtype=theta0.dtype, device=X.device) if weights is None
+         else weights.to(theta0.dtype).to(X.device))
     Theta = theta0.detach().expand(len(W), -1).clone() if theta0.dim() == 1 else theta0.detach().clone()
     grad_b = vmap(grad(obj.loss), in_dims=(0, None, None, 0))
     m1, m2 = torch.zeros_like(Theta), torch.zeros_like(Theta)
@@ -348,7 +358,7 @@ def adam(obj: Objective, theta0, X, y, weights=None, steps: int = 1000, lr: floa
         if batch_size is None:
             Gr = grad_b(Theta, X, y, W)
         else:
-            idx = torch.randint(len(X), (batch_size,), generator=generator, device=X.device)
+            idx = torch.randint(len(X), (batch_size,), generator=generator).to(X.device)
             Gr = grad_b(Theta, X[idx], y[idx], W[:, idx] + 1e-12)  # + tiny: a batch of removed points has sum w = 0
         m1 = b1 * m1 + (1 - b1) * Gr
         m2 = b2 * m2 + (1 - b2) * Gr * Gr
@@ -371,7 +381,7 @@ def loo_study(opt: Optimum, x_test, y_test, k: int | None = None, idx=None, damp
     pred_all = loo_effects_from(opt.grads, s)  # (n,)
     if idx is None:
         idx = pred_all.abs().argsort(descending=True)[:k]
-    idx = torch.as_tensor(idx)
+    idx = torch.as_tensor(idx, device=opt.X.device)
     fit = opt.retrain_without([[int(i)] for i in idx], method=method, tol=tol, max_iter=max_iter, damping=damping)
     out = {"idx": idx, "pred": pred_all[idx], "pred_all": pred_all,
            "truth": loss_changes(opt.obj, opt.theta, fit.theta, x_test, y_test)[:, 0],
@@ -399,7 +409,7 @@ def group_study(opt: Optimum, groups, x_test, y_test, damping: float = 0.0, meth
     """
     from .functions import group_effects, group_effects_full
 
-    mask = group_mask(groups, opt.n)
+    mask = group_mask(groups, opt.n).to(opt.X.device)
     solve = opt.solver(damping)
     g_t = opt.test_grad(x_test, y_test)
     first, second = group_effects(opt.obj, opt.theta, opt.X, opt.y, mask, g_t, solve, G=opt.grads)

@@ -60,14 +60,17 @@ class CGResult:
 
 
 def conjugate_gradient(hvp: Callable, b: torch.Tensor, damping: float = 0.0, tol: float = 1e-10,
-                       maxiter: int | None = None, precondition: Callable | None = None) -> CGResult:
+                       maxiter: int | None = None, precondition: Callable | None = None,
+                       negative_curvature: str = "raise") -> CGResult:
     """Solve (H + damping I) x = b by (preconditioned) conjugate gradients on HVPs.
 
     hvp: rows (m, P) -> rows H v; each right-hand side runs its own CG (same iteration count,
         independent step sizes), so a batch costs one batched HVP per iteration.
     tol: stop when every relative residual is below tol. maxiter defaults to 10 P.
     precondition: optional rows -> rows approximation of (H + damping I)^-1, positive definite.
-    Raises ``NotPositiveDefinite`` on a direction of non-positive curvature.
+    negative_curvature: "raise" (``NotPositiveDefinite``) or "stop" (return the iterate reached
+        so far, as truncated-Newton methods do: the solve restricted to the Krylov space explored
+        before the first direction of non-positive curvature; ``converged`` is then False).
     """
     one = b.dim() == 1
     B = b.reshape(1, -1) if one else b
@@ -86,6 +89,8 @@ def conjugate_gradient(hvp: Callable, b: torch.Tensor, damping: float = 0.0, tol
         curv = (D * AD).sum(1)
         live = R.norm(dim=1) / bnorm > tol
         if bool((curv[live] <= 0).any()):
+            if negative_curvature == "stop":
+                break
             raise NotPositiveDefinite(f"conjugate gradient met non-positive curvature at iteration {it}; "
                                       f"H + {damping:g} I is indefinite: raise damping or add weight decay")
         alpha = torch.where(live, rz / curv.where(live, torch.ones_like(curv)), torch.zeros_like(rz))
@@ -122,8 +127,8 @@ def lissa(minibatch_hvp: Callable, b: torch.Tensor, n: int, damping: float = 0.0
     for r in range(repeats):
         V = B.clone()
         for j in range(1, depth + 1):
-            idx = (torch.arange(n) if batch_size is None
-                   else torch.randint(n, (batch_size,), generator=generator))
+            idx = (torch.arange(n, device=b.device) if batch_size is None
+                   else torch.randint(n, (batch_size,), generator=generator).to(b.device))
             V = B + V - (minibatch_hvp(idx, V) + damping * V) / scale
             vnorm = V.norm(dim=1).max()
             if not torch.isfinite(vnorm) or vnorm > 10 * (j + 1) * bnorm:
