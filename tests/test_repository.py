@@ -58,3 +58,20 @@ def test_model_libraries_import_together():
     import torchvision
     from transformers import CLIPModel  # noqa: F401
     assert torchvision.ops.nms is not None
+
+
+def test_readme_chapter_table_matches_committed_claims():
+    """The README's "tiny claims held" column must say what figures/tiny/<chapter>/claims.json says."""
+    import json
+    readme = (paths.ROOT / "README.md").read_text()
+    for nb in NOTEBOOKS:
+        claims = paths.FIGURES / "tiny" / nb.stem / "claims.json"
+        row = next((line for line in readme.splitlines() if f"notebooks/{nb.name}" in line and line.startswith("|")), None)
+        assert row is not None, f"README's chapter table has no row for {nb.name}"
+        if not claims.exists():
+            continue
+        rows = json.loads(claims.read_text())
+        for kind in ("hard", "soft"):
+            n = sum(r["kind"] == kind for r in rows)
+            held = sum(r["holds"] for r in rows if r["kind"] == kind)
+            assert f"{kind} {held}/{n}" in row, f"README row for {nb.stem} should say '{kind} {held}/{n}'"

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from torch.func import grad, vmap
+from torch.func import grad, grad_and_value, vmap
 
 from ..errors import check_choice
 from .functions import group_mask
@@ -108,9 +108,8 @@ def retrain(obj: Objective, theta_star, X, y, weights, method: str = "bfgs", tol
 
 def _descend(obj, Theta, X, y, W, step, tol, max_iter) -> FitResult:
     """Shared loop: direction from ``step``, Armijo backtracking per row, stop rows at tol."""
-    loss_b = vmap(obj.loss, in_dims=(0, None, None, 0))
-    grad_b = vmap(grad(obj.loss), in_dims=(0, None, None, 0))
-    Gr, F = grad_b(Theta, X, y, W), loss_b(Theta, X, y, W)
+    grad_value_b = vmap(grad_and_value(obj.loss), in_dims=(0, None, None, 0))
+    Gr, F = grad_value_b(Theta, X, y, W)
     gnorm = Gr.norm(dim=1)
     it = 0
     for it in range(1, max_iter + 1):
@@ -120,8 +119,7 @@ def _descend(obj, Theta, X, y, W, step, tol, max_iter) -> FitResult:
             break
         Th, Wl, Gl = Theta[live], W[live], Gr[live]
         D = step(live, Th, Wl, Gl)
-        new, t, f = _line_search(lambda T, rows: loss_b(T, X, y, Wl[rows]), Th, D, Gl, F[live])
-        Gnew = grad_b(new, X, y, Wl)
+        new, t, f, Gnew = _line_search(lambda T, rows: grad_value_b(T, X, y, Wl[rows]), Th, D, Gl, F[live])
         if hasattr(step, "update"):
             step.update(live, t, new - Th, Gnew - Gl)
         Theta[live], Gr[live], F[live] = new, Gnew, f
@@ -219,30 +217,31 @@ def positive_definite_solver(H, damping: float = 0.0) -> CholeskySolver:
     raise NotPositiveDefinite("no damping up to 100 x mean |diag H| makes H positive definite; is H finite?")
 
 
-def _line_search(loss_rows, Th, D, Gr, f0, shrink: float = 0.5, tries: int = 40):
-    """Backtracking (Armijo) per row from the full step; loss_rows(T, rows) -> (len(rows),).
+def _line_search(grad_value_rows, Th, D, Gr, f0, shrink: float = 0.5, tries: int = 40):
+    """Backtracking (Armijo) per row from the full step.
 
-    f0: current losses (m,). Returns the new rows, the step each took (0 where none was
-    accepted) and their losses.
+    grad_value_rows(T, rows) -> (gradients, losses) of those rows; f0: current losses (m,).
+    Gradients come with the losses so an accepted full step (the common case) costs one pass.
+    Returns the new rows, the step each took (0 where none was accepted), their losses and gradients.
     """
     m = len(Th)
     slope = (Gr * D).sum(1)
     D = torch.where((slope < 0)[:, None], D, -Gr)  # not a descent direction: use the gradient
     slope = torch.where(slope < 0, slope, -(Gr * Gr).sum(1))
     t = torch.ones(m, dtype=Th.dtype, device=Th.device)
-    out, f_out = Th.clone(), f0.clone()
+    out, f_out, g_out = Th.clone(), f0.clone(), Gr.clone()
     todo = torch.arange(m, device=Th.device)
     for _ in range(tries):
         cand = Th[todo] + t[todo, None] * D[todo]
-        f = loss_rows(cand, todo)
+        g, f = grad_value_rows(cand, todo)
         ok = f <= f0[todo] + ARMIJO * t[todo] * slope[todo] + ROUNDOFF * f0[todo].abs()
-        out[todo[ok]], f_out[todo[ok]] = cand[ok], f[ok]
+        out[todo[ok]], f_out[todo[ok]], g_out[todo[ok]] = cand[ok], f[ok], g[ok]
         todo = todo[~ok]
         if len(todo) == 0:
             break
         t[todo] *= shrink
     t[todo] = 0.0
-    return out, t, f_out
+    return out, t, f_out, g_out
 
 
 # -- leave-out studies -------------------------------------------------------------------
