@@ -223,3 +223,11 @@ def test_absent_torchvision_data_says_what_to_download(tmp_path):
         datasets.torchvision_dataset("mnist", root=tmp_path)
     with pytest.raises(ResourceUnavailable, match="CIFAR10"):
         datasets.torchvision_dataset("cifar10", root=tmp_path)
+
+
+def test_directional_grads_equal_sample_grads_times_vector():
+    opt, _ = logistic(n=100)
+    v = torch.randn(opt.obj.dim)
+    expected = opt.grads @ v
+    assert torch.allclose(opt.obj.directional_grads(opt.theta, opt.X, opt.y, v), expected, atol=1e-12)
+    assert torch.allclose(opt.obj.directional_grads(opt.theta, opt.X, opt.y, v, batch_size=32), expected, atol=1e-12)

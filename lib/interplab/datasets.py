@@ -57,10 +57,10 @@ def _split(X, y, n_train, seed, name, n_test=None, per_feature=True) -> Split:
 
 def gaussian_classes(n_train: int = 10_000, n_test: int = 1_000, d: int = 5, separation: float = 1.0,
                      seed: int = 0) -> Split:
-    """Two Gaussian classes in d dimensions (Fig 3.1): x ~ N(+-(separation/2) e_1 ... , I).
+    """Two Gaussian classes in d dimensions (Fig 3.1): x ~ N(+-(separation / 2) u, I), u a random unit vector.
 
-    The class means differ by ``separation`` along a random unit direction, so the Bayes error
-    is Phi(-separation / 2) (31 % at 1.0): plenty of misclassified test points to choose from.
+    The Bayes error is Phi(-separation / 2) (31 % at 1.0): plenty of misclassified test points
+    to choose from. Standardised afterwards like every split.
     """
     rng = np.random.default_rng(seed)
     n = n_train + n_test

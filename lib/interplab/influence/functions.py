@@ -72,9 +72,12 @@ def individual_influence(G: torch.Tensor, s_test: torch.Tensor) -> torch.Tensor:
     return -(G @ s_test)
 
 
-def loo_effects(G: torch.Tensor, s_test: torch.Tensor) -> torch.Tensor:
-    """Predicted change of the test loss when each training point is removed, (n,)."""
-    return (G @ s_test) / (len(G) - 1)
+def loo_effects(G: torch.Tensor, s_test: torch.Tensor, n: int | None = None) -> torch.Tensor:
+    """Predicted change of the test loss when each row's point is removed: g_i^T s_test / (n - 1).
+
+    G: (m, P) per-sample gradients (all n training points unless ``n`` is given); s_test: (P,).
+    """
+    return (G @ s_test) / ((len(G) if n is None else n) - 1)
 
 
 def loo_param_changes(g_removed: torch.Tensor, solve: Callable, n: int) -> torch.Tensor:

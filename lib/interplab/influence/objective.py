@@ -112,6 +112,17 @@ class Objective:
             return grad(lambda th: self.sample_losses(th, x[None], t[None])[0])(theta)
         return vmap(one, chunk_size=chunk_size)(X, y)
 
+    def directional_grads(self, theta, X, y, v, batch_size: int | None = None) -> torch.Tensor:
+        """g_i^T v for every sample, (N,): one forward-mode pass, no (N, P) matrix of gradients.
+
+        This is all first-order influence needs (v = H^-1 g_test), so it scales to networks
+        whose per-sample gradients would not fit in memory; batch_size bounds activations.
+        """
+        f = lambda th, Xb, yb: jvp(lambda t: self.sample_losses(t, Xb, yb), (th,), (v,))[1]  # noqa: E731
+        if batch_size is None:
+            return f(theta, X, y)
+        return torch.cat([f(theta, X[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(X), batch_size)])
+
     def test_grad(self, theta, X, y) -> torch.Tensor:
         """Gradient of the summed test losses (no decay term), (P,); X, y usually one point."""
         return grad(lambda th: self.data_losses(th, X, y).sum())(theta)

@@ -17,6 +17,9 @@ at theta* (anything looser measures optimiser noise, not influence; see section 
     "chord"      d = -H(theta*)^-1 grad every iteration; tiny perturbations only
 - ``retrain_without``: leave-one-out / leave-group-out as weights 1 - mask.
 - ``loss_changes``: the measured effect l_t(theta_-U) - l_t(theta*).
+- ``sgd`` / ``adam``: fixed budgets of first-order steps, for models with no minimiser (no weight
+  decay on separable data) or on purpose unconverged (section 3.10.4), as the dissertation retrains.
+- ``loo_study`` / ``group_study``: predictions next to the retrained truth, for the notebook.
 """
 import time
 from dataclasses import dataclass, field
@@ -25,9 +28,9 @@ import torch
 from torch.func import grad, grad_and_value, vmap
 
 from ..errors import check_choice
-from .functions import group_mask
+from .functions import group_effects, group_effects_full, group_mask, loo_effects
 from .objective import Objective
-from .solvers import CholeskySolver, NotPositiveDefinite, conjugate_gradient
+from .solvers import CholeskySolver, NotPositiveDefinite, conjugate_gradient, lissa
 
 METHODS = ("newton", "newton-cg", "bfgs", "chord")
 ARMIJO = 1e-4
@@ -337,32 +340,56 @@ def train(obj: Objective, X, y, theta0=None, tol: float = 1e-10, max_iter: int =
                                                      best.grad_norm <= tol))
 
 
-# -- budgeted training (unconverged on purpose, or too big for a second-order method) -------
+# -- budgeted training: a fixed number of first-order steps --------------------------------
+def sgd(obj: Objective, theta0, X, y, weights=None, steps: int = 100, lr: float = 0.02, momentum: float = 0.9,
+        batch_size: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``steps`` of heavy-ball gradient descent for every weighting at once: (P,) or (m, P) -> (m, P).
+
+    The dissertation's retraining ("from theta*, for a fraction of the training steps") where no
+    minimiser exists (no weight decay on separable data) or on purpose unconverged (section
+    3.10.4). The step is proportional to the gradient, so removing one point from a converged
+    model moves it by about its influence (Adam's normalised steps would move it by ~lr).
+    """
+    Theta, W, grads = _budget(obj, theta0, X, y, weights, batch_size, generator)
+    velocity = torch.zeros_like(Theta)
+    for _ in range(steps):
+        velocity = momentum * velocity + grads(Theta)
+        Theta = Theta - lr * velocity
+    return Theta
+
+
 def adam(obj: Objective, theta0, X, y, weights=None, steps: int = 1000, lr: float = 1e-2, batch_size: int | None = None,
          generator: torch.Generator | None = None) -> torch.Tensor:
-    """``steps`` Adam steps for every weighting at once: theta0 (P,) or (m, P) -> (m, P).
+    """``steps`` Adam steps for every weighting at once: (P,) or (m, P) -> (m, P).
 
-    Full batch when batch_size is None, else the same random minibatch for every row per step.
-    This is the dissertation's retraining protocol (a fixed budget from theta*), used where no
-    minimiser exists (no weight decay on separable data), to show what an unconverged model
-    does (section 3.10.4), and by the paper profile for networks too large for BFGS.
+    The warm-up of ``train``, the early-stopped model of section 3.10.4, and the paper profile's
+    training of networks too large for a second-order method (with minibatches).
     """
-    W = (torch.ones(1, len(X), dtype=theta0.dtype, device=X.device) if weights is None
-         else weights.to(theta0.dtype).to(X.device))
-    Theta = theta0.detach().expand(len(W), -1).clone() if theta0.dim() == 1 else theta0.detach().clone()
-    grad_b = vmap(grad(obj.loss), in_dims=(0, None, None, 0))
+    Theta, W, grads = _budget(obj, theta0, X, y, weights, batch_size, generator)
     m1, m2 = torch.zeros_like(Theta), torch.zeros_like(Theta)
     b1, b2, eps = 0.9, 0.999, 1e-8
     for t in range(1, steps + 1):
-        if batch_size is None:
-            Gr = grad_b(Theta, X, y, W)
-        else:
-            idx = torch.randint(len(X), (batch_size,), generator=generator).to(X.device)
-            Gr = grad_b(Theta, X[idx], y[idx], W[:, idx] + 1e-12)  # + tiny: a batch of removed points has sum w = 0
+        Gr = grads(Theta)
         m1 = b1 * m1 + (1 - b1) * Gr
         m2 = b2 * m2 + (1 - b2) * Gr * Gr
         Theta = Theta - lr * (m1 / (1 - b1 ** t)) / ((m2 / (1 - b2 ** t)).sqrt() + eps)
     return Theta
+
+
+def _budget(obj, theta0, X, y, weights, batch_size, generator):
+    """Rows of parameters (m, P), weights (m, n), and rows -> gradients on the full batch or a
+    random minibatch (the same for every row, drawn afresh at each call)."""
+    W = (torch.ones(1, len(X), dtype=theta0.dtype, device=X.device) if weights is None
+         else weights.to(theta0.dtype).to(X.device))
+    Theta = theta0.detach().expand(len(W), -1).clone() if theta0.dim() == 1 else theta0.detach().clone()
+    grad_b = vmap(grad(obj.loss), in_dims=(0, None, None, 0))
+
+    def grads(T):
+        if batch_size is None:
+            return grad_b(T, X, y, W)
+        idx = torch.randint(len(X), (batch_size,), generator=generator).to(X.device)
+        return grad_b(T, X[idx], y[idx], W[:, idx] + 1e-12)  # + tiny: a batch of removed points has sum w = 0
+    return Theta, W, grads
 
 
 # -- studies: estimates next to the truth ------------------------------------------------
@@ -377,7 +404,7 @@ def loo_study(opt: Optimum, x_test, y_test, k: int | None = None, idx=None, damp
     solve = opt.solver(damping)
     g_t = opt.test_grad(x_test, y_test)
     s = solve(g_t)
-    pred_all = loo_effects_from(opt.grads, s)  # (n,)
+    pred_all = loo_effects(opt.grads, s)  # (n,)
     if idx is None:
         idx = pred_all.abs().argsort(descending=True)[:k]
     idx = torch.as_tensor(idx, device=opt.X.device)
@@ -387,15 +414,9 @@ def loo_study(opt: Optimum, x_test, y_test, k: int | None = None, idx=None, damp
            "pred_norm": (solve(opt.grads[idx]) / (opt.n - 1)).norm(dim=1),
            "true_norm": (fit.theta - opt.theta).norm(dim=1), "converged": fit.converged}
     if lissa_kw is not None:
-        from .solvers import lissa
         mb = lambda rows, V: opt.obj.hvps(opt.theta, opt.X[rows], opt.y[rows], V)  # noqa: E731
-        out["lissa"] = loo_effects_from(opt.grads[idx], lissa(mb, g_t, opt.n, damping=damping, **lissa_kw), opt.n)
+        out["lissa"] = loo_effects(opt.grads[idx], lissa(mb, g_t, opt.n, damping=damping, **lissa_kw), opt.n)
     return out
-
-
-def loo_effects_from(G, s, n: int | None = None):
-    """g_i^T s / (n - 1) for the rows of G (n defaults to len(G))."""
-    return (G @ s) / ((len(G) if n is None else n) - 1)
 
 
 def group_study(opt: Optimum, groups, x_test, y_test, damping: float = 0.0, method: str = "newton-cg",
@@ -406,8 +427,6 @@ def group_study(opt: Optimum, groups, x_test, y_test, damping: float = 0.0, meth
     full (with the dropped third-order terms, ``group_effects_full``), koh (first order without
     1/(1-p), Koh et al. 2019), truth, p and converged.
     """
-    from .functions import group_effects, group_effects_full
-
     mask = group_mask(groups, opt.n).to(opt.X.device)
     solve = opt.solver(damping)
     g_t = opt.test_grad(x_test, y_test)

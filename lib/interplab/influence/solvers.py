@@ -133,8 +133,9 @@ def lissa(minibatch_hvp: Callable, b: torch.Tensor, n: int, damping: float = 0.0
             vnorm = V.norm(dim=1).max()
             if not torch.isfinite(vnorm) or vnorm > 10 * (j + 1) * bnorm:
                 raise LissaDiverged(
-                    f"LiSSA diverged at step {j} of repeat {r} (||v|| = {float(vnorm):.3g} vs ||b|| = {float(bnorm):.3g}); "
-                    f"raise scale (now {scale:g}) above the top Hessian eigenvalue, or raise damping (now {damping:g})")
+                    f"LiSSA diverged at step {j} of repeat {r} (||v|| = {float(vnorm):.3g}, "
+                    f"||b|| = {float(bnorm):.3g}); raise scale (now {scale:g}) above the top Hessian eigenvalue, "
+                    f"or raise damping (now {damping:g})")
         total += V / scale
     X = total / repeats
     return X[0] if one else X
