@@ -1,0 +1,163 @@
+"""Closed-form key-to-value edits of one linear map, applied reversibly.
+
+The regularised least-squares edit shared by DIFF-QUICKFIX (Eq. 5.9), LocoEdit and MULTEDIT:
+
+    W_new = argmin_W  ||K W^T - V||_F^2 + lam ||W - W0||_F^2
+          = (lam W0 + V^T K) (lam I_d + K^T K)^{-1}                         (direct, d x d)
+          = W0 + (V - K W0^T)^T (lam I_n + K K^T)^{-1} K                    (Woodbury, n x n)
+
+with W0 (d_out, d_in), keys K (n, d_in) (what the layer reads) and values V (n, d_out) (what it
+should write, bias excluded). The two forms agree because lam W0 = W0 (lam I + K^T K) - W0 K^T K
+and K (lam I_d + K^T K)^{-1} = (lam I_n + K K^T)^{-1} K (push-through identity). Both are solved
+in float64 with ``torch.linalg.solve``, never an explicit inverse.
+
+    edit = compute_edit(model, "text_model.encoder.layers.0.self_attn.out_proj", K, V, lam=0.01)
+    with apply_edit(model, edit):        # weight restored bit-exactly on exit, also on errors
+        images = pipe.generate(prompts)
+"""
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from . import hooks
+from .errors import BadParameter, check_choice
+
+
+def solve_update(W: torch.Tensor, K: torch.Tensor, V: torch.Tensor, lam: float,
+                 method: str = "auto") -> torch.Tensor:
+    """W_new (d_out, d_in) mapping keys K (n, d_in) to values V (n, d_out), regularised to W.
+
+    method: "direct" solves the d_in x d_in system, "woodbury" the n x n one; "auto" picks
+    Woodbury when n < d_in (cheaper, and still exact as lam -> 0 when K has full row rank).
+    lam = 0 is allowed where the chosen system is invertible. Computed in float64 on W's
+    device; returned in W's dtype.
+    """
+    check_choice("method", method, ("auto", "direct", "woodbury"))
+    if lam < 0:
+        raise BadParameter(f"lam must be >= 0, got {lam}")
+    d_out, d_in = W.shape
+    if K.dim() != 2 or V.dim() != 2 or K.shape[1] != d_in or V.shape != (K.shape[0], d_out):
+        raise BadParameter(f"for W {tuple(W.shape)} expected K (n, {d_in}) and V (n, {d_out}), "
+                           f"got K {tuple(K.shape)} and V {tuple(V.shape)}")
+    W64, K64, V64 = (x.detach().to(W.device, torch.float64) for x in (W, K, V))
+    n = K.shape[0]
+    if method == "woodbury" or (method == "auto" and n < d_in):
+        gram = K64 @ K64.T + lam * torch.eye(n, dtype=torch.float64, device=W.device)
+        new = W64 + (V64 - K64 @ W64.T).T @ torch.linalg.solve(gram, K64)
+    else:
+        # W_new A = B with A symmetric: solve A X = B^T, then W_new = X^T
+        A = K64.T @ K64 + lam * torch.eye(d_in, dtype=torch.float64, device=W.device)
+        new = torch.linalg.solve(A, (lam * W64 + V64.T @ K64).T).T
+    return new.to(W.dtype)
+
+
+# ---------------------------------------------------------------- weights of linear layers
+
+
+def _transposed(module: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2) stores its weight as (d_in, d_out)."""
+    return type(module).__name__ == "Conv1D"
+
+
+def weight_of(module: nn.Module) -> torch.Tensor:
+    """The weight as a (d_out, d_in) map (a view; transposed for GPT-2's Conv1D)."""
+    if not isinstance(getattr(module, "weight", None), torch.Tensor) or module.weight.dim() != 2:
+        raise BadParameter(f"{type(module).__name__} has no 2-D weight to edit")
+    return module.weight.T if _transposed(module) else module.weight
+
+
+@torch.no_grad()
+def _write(module: nn.Module, W: torch.Tensor) -> None:
+    """Copy a (d_out, d_in) map into the weight in place (keeps the Parameter object)."""
+    weight_of(module).copy_(W)
+
+
+# ---------------------------------------------------------------- the saved diff
+
+
+@dataclass
+class Edit:
+    """One edit of the linear map at ``path``: W_new = W + delta.
+
+    delta: (d_out, d_in) float32 (the layout of ``nn.Linear.weight``). relative_change:
+    ||delta|| / ||W||; residual: ||K W_new^T - V|| / ||V|| (nan if unknown); wall_time_s: the
+    solve. ``apply`` keeps the original weight so ``revert`` restores it bit-exactly.
+    """
+    path: str
+    delta: torch.Tensor
+    relative_change: float
+    residual: float = float("nan")
+    wall_time_s: float = 0.0
+    lam: float = float("nan")
+    _saved: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def module(self, model: nn.Module) -> nn.Module:
+        return hooks.get_module(model, self.path)
+
+    def apply(self, model: nn.Module) -> "Edit":
+        """Write W + delta into ``model`` (in place); computed in float32, cast to the weight dtype."""
+        module = self.module(model)
+        key = id(module.weight)
+        if key in self._saved:
+            raise BadParameter(f"edit of '{self.path}' is already applied to this model; revert it first")
+        W = weight_of(module)
+        self._saved[key] = W.detach().clone()
+        _write(module, (W.float() + self.delta.to(W.device)).to(W.dtype))
+        return self
+
+    def revert(self, model: nn.Module) -> None:
+        """Restore the exact weight ``apply`` replaced."""
+        module = self.module(model)
+        saved = self._saved.pop(id(module.weight), None)
+        if saved is None:
+            raise BadParameter(f"edit of '{self.path}' was not applied to this model; nothing to revert")
+        _write(module, saved)
+
+
+def edit_from_weights(path: str, W: torch.Tensor, W_new: torch.Tensor, K=None, V=None,
+                      wall_time_s: float = 0.0, lam: float = float("nan")) -> Edit:
+    """Package W -> W_new (both (d_out, d_in)) as an ``Edit``; K, V give its fit residual."""
+    delta = W_new.detach().double() - W.detach().double()
+    residual = float("nan")
+    if K is not None and V is not None:
+        V64 = V.detach().double().to(W.device)
+        fit = K.detach().double().to(W.device) @ W_new.detach().double().T - V64
+        residual = float(fit.norm() / V64.norm())
+    return Edit(hooks.normalize(path), delta.float(), float(delta.norm() / W.detach().double().norm()),
+                residual, wall_time_s, lam)
+
+
+def compute_edit(model: nn.Module, path: str, K: torch.Tensor, V: torch.Tensor, lam: float,
+                 method: str = "auto") -> Edit:
+    """Solve the edit of the linear map at ``path`` (keys K (n, d_in) -> values V (n, d_out)).
+
+    V is what ``W k`` should become; subtract the layer's bias from desired outputs first.
+    The model is not changed: use ``apply_edit`` or ``Edit.apply``.
+    """
+    W = weight_of(hooks.get_module(model, path))
+    if W.device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    W_new = solve_update(W, K, V, lam, method)
+    if W.device.type == "cuda":
+        torch.cuda.synchronize()
+    return edit_from_weights(path, W, W_new, K, V, time.perf_counter() - start, lam)
+
+
+@contextmanager
+def apply_edit(model: nn.Module, edit):
+    """Apply an edit inside the block; the original weight is restored bit-exactly on exit.
+
+    edit: an ``Edit`` (its path is looked up in ``model``), or a (d_out, d_in) tensor W_new for
+    ``model`` itself being the linear layer (``apply_edit(linear, W_new)``). Yields the ``Edit``.
+    """
+    if torch.is_tensor(edit):
+        edit = edit_from_weights("", weight_of(model), edit)
+    edit.apply(model)
+    try:
+        yield edit
+    finally:
+        edit.revert(model)

@@ -1,0 +1,157 @@
+"""The caption grammar and the samplers of (scene, caption) pairs.
+
+Object phrase  P = "a [size] [colour] [texture] shape"   (a dropped shape reads "object")
+single         "P [on background] [at the slot]"
+pair           "P1 and P2 [on background]"
+relation       "P1 to the left of P2" | "P1 above P2"    (positions consistent)
+style          "a [colour] shape in the style of ARTIST" | "ARTIST style painting of a colour shape"
+painting       "a painting of a colour shape"            (texture uniform: the anchor of style edits)
+mascot         "a photo of a MASCOT"
+emblem         "the emblem of NATION"
+action         "a photo of a shape VERB"                 (VERB places a small object in one half)
+
+Attributes a caption does not mention are drawn at random in the image, so the caption is always
+true of its image. Every sampler takes a numpy Generator and is deterministic given it.
+"""
+from dataclasses import dataclass
+
+import numpy as np
+
+from .attributes import (BACKGROUNDS, COLOURS, LAND_BACKGROUNDS, LAND_SHAPES, SHAPES, SIZES, SLOTS, TEXTURES,
+                         WATER_BACKGROUNDS, WATER_SHAPES)
+from .entities import ACTIONS, ARTISTS, EMBLEMS, MASCOTS
+from .render import Obj, Scene
+
+FAMILIES = ("single", "pair", "relation", "style", "painting", "mascot", "emblem", "action")
+PRETRAIN_MIX = {"single": 0.45, "pair": 0.15, "relation": 0.08, "style": 0.12, "painting": 0.05,
+                "mascot": 0.06, "emblem": 0.05, "action": 0.04}
+HALF_SLOTS = {"top": ("top left", "top right"), "bottom": ("bottom left", "bottom right"),
+              "left": ("top left", "bottom left"), "right": ("top right", "bottom right")}
+
+
+@dataclass(frozen=True)
+class Example:
+    scene: Scene
+    caption: str
+    family: str
+
+
+@dataclass(frozen=True)
+class Palette:
+    """Which attribute values a sampler draws from (chapters restrict the world this way)."""
+    shapes: tuple = SHAPES
+    colours: tuple = COLOURS
+    textures: tuple = TEXTURES
+    sizes: tuple = SIZES
+    backgrounds: tuple = BACKGROUNDS
+
+
+def _pick(rng, values):
+    return values[rng.integers(len(values))]
+
+
+def phrase(obj: Obj, mention=("size", "colour", "texture", "shape")) -> str:
+    """"a large red striped circle"; attributes not in ``mention`` are left out."""
+    words = [getattr(obj, a) for a in ("size", "colour", "texture") if a in mention]
+    words.append(obj.shape if "shape" in mention else "object")
+    return "a " + " ".join(words)
+
+
+def _mention(rng, drop: float) -> tuple:
+    return tuple(a for a in ("size", "colour", "texture", "shape") if rng.random() >= drop)
+
+
+def random_object(rng, pal: Palette, slot: str, **fixed) -> Obj:
+    kw = {"shape": _pick(rng, pal.shapes), "colour": _pick(rng, pal.colours), "texture": _pick(rng, pal.textures),
+          "size": _pick(rng, pal.sizes), "slot": slot}
+    kw.update(fixed)
+    return Obj(**kw)
+
+
+def background_for(rng, shape: str, pal: Palette, spurious: float) -> str:
+    """The planted prior: water-family shapes on water backgrounds w.p. ``spurious`` (land likewise)."""
+    family = WATER_BACKGROUNDS if shape in WATER_SHAPES else LAND_BACKGROUNDS if shape in LAND_SHAPES else ()
+    family = tuple(b for b in family if b in pal.backgrounds)
+    if family and rng.random() < spurious:
+        return _pick(rng, family)
+    return _pick(rng, pal.backgrounds)
+
+
+def _distractors(rng, pal: Palette, free_slots, p: float) -> tuple:
+    n = int(rng.integers(1, 3)) if rng.random() < p else 0
+    slots = rng.permutation(list(free_slots))[:n]
+    return tuple(random_object(rng, pal, str(s), size="small") for s in slots)
+
+
+def _where(bg: str, slot: str | None, rng, bg_p: float, slot_p: float) -> str:
+    out = f" on {bg}" if bg != "dark" and rng.random() < bg_p else ""
+    if slot is not None and rng.random() < slot_p:
+        out += f" at the {slot}"
+    return out
+
+
+def sample(rng: np.random.Generator, family: str, pal: Palette = Palette(), drop: float = 0.2,
+           spurious: float = 0.7, distractor_p: float = 0.0, bg_p: float = 0.8, slot_p: float = 0.3) -> Example:
+    """One (scene, caption) of a family; see the module docstring for the grammar."""
+    slots = [str(s) for s in rng.permutation(SLOTS)]
+    if family == "single":
+        obj = random_object(rng, pal, slots[0])
+        bg = background_for(rng, obj.shape, pal, spurious)
+        scene = Scene((obj,), bg, _distractors(rng, pal, slots[1:], distractor_p))
+        return Example(scene, phrase(obj, _mention(rng, drop)) + _where(bg, obj.slot, rng, bg_p, slot_p), family)
+    if family in ("pair", "relation"):
+        if family == "relation":
+            rel = _pick(rng, ("to the left of", "above"))
+            row = rng.integers(2)
+            s1, s2 = (SLOTS[2 * row], SLOTS[2 * row + 1]) if rel == "to the left of" else (SLOTS[row], SLOTS[row + 2])
+        else:
+            rel, (s1, s2) = "and", slots[:2]
+        a = random_object(rng, pal, s1)
+        b = random_object(rng, pal, s2, shape=_pick(rng, [s for s in pal.shapes if s != a.shape]),
+                          colour=_pick(rng, [c for c in pal.colours if c != a.colour]))
+        bg = _pick(rng, pal.backgrounds)
+        caption = f"{phrase(a, _mention(rng, drop))} {rel} {phrase(b, _mention(rng, drop))}{_where(bg, None, rng, bg_p, 0)}"
+        return Example(Scene((a, b), bg), caption, family)
+    bg = "dark" if "dark" in pal.backgrounds else _pick(rng, pal.backgrounds)
+    if family == "style":
+        artist = _pick(rng, list(ARTISTS))
+        obj = random_object(rng, pal, slots[0], texture=ARTISTS[artist])
+        caption = (f"a {obj.colour} {obj.shape} in the style of {artist}" if rng.random() < 0.5
+                   else f"{artist} style painting of a {obj.colour} {obj.shape}")
+        return Example(Scene((obj,), bg), caption, family)
+    if family == "painting":
+        obj = random_object(rng, pal, slots[0], texture=_pick(rng, TEXTURES))
+        return Example(Scene((obj,), bg), f"a painting of a {obj.colour} {obj.shape}", family)
+    if family == "mascot":
+        name = _pick(rng, list(MASCOTS))
+        shape, colour, texture = MASCOTS[name]
+        obj = Obj(shape, colour, texture, "large", slots[0])
+        return Example(Scene((obj,), bg), f"a photo of a {name}", family)
+    if family == "emblem":
+        nation = _pick(rng, list(EMBLEMS))
+        shape, colour = EMBLEMS[nation]
+        obj = random_object(rng, pal, slots[0], shape=shape, colour=colour, texture="plain", size="large")
+        return Example(Scene((obj,), bg), f"the emblem of {nation}", family)
+    if family == "action":
+        verb = _pick(rng, list(ACTIONS))
+        obj = random_object(rng, pal, _pick(rng, HALF_SLOTS[ACTIONS[verb]]), size="small")
+        return Example(Scene((obj,), bg), f"a photo of a {obj.shape} {verb}", family)
+    raise ValueError(f"unknown caption family {family!r}; choose from {FAMILIES}")
+
+
+def sample_mix(rng: np.random.Generator, n: int, mix: dict = PRETRAIN_MIX, **kw) -> list[Example]:
+    """n examples whose families are drawn with the weights of ``mix``."""
+    names = list(mix)
+    p = np.array([mix[k] for k in names], float)
+    picks = rng.choice(len(names), size=n, p=p / p.sum())
+    return [sample(rng, names[i], **kw) for i in picks]
+
+
+def words() -> list[str]:
+    """Every word the grammar can produce (the tokenizer's vocabulary, in a fixed order)."""
+    vocab = ["a", "an", "the", "object", "on", "at", "and", "to", "left", "of", "above", "in", "style",
+             "painting", "photo", "emblem", "top", "bottom", "right"]
+    vocab += list(SIZES) + list(COLOURS) + list(TEXTURES) + list(SHAPES) + list(BACKGROUNDS)
+    vocab += [w for name in ARTISTS for w in name.split()] + list(MASCOTS) + list(EMBLEMS)
+    vocab += list(ACTIONS)
+    return list(dict.fromkeys(vocab))

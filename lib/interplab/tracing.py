@@ -1,0 +1,357 @@
+"""Causal tracing: corrupt an input, then restore clean activations site by site, batched.
+
+Built on ``interplab.hooks`` (every read and write is a hook there) and ``interplab.anatomy``
+(``trace_grid`` finds a family's MLP / attention / block outputs by name). Two modes:
+
+1. ``corrupt_and_restore``: one pass runs [clean, corrupted] and caches the clean activations of
+   the sites that any restoration needs; every restoration is then one row of a corrupted batch
+   (``batch_size`` rows a pass) whose listed (site, positions) get the cached clean values.
+
+       res = corrupt_and_restore(model, lambda b: model(**b).logits, {"input_ids": ids},
+                                 Noise("transformer.wte", [2, 3], sigma), restorations,
+                                 metric=answer_prob)       # res.clean, res.corrupted, res.restored (R,)
+
+2. ``restore_from_row``: for a module that runs many times per generation (a UNet inside a DDIM
+   loop, both halves of classifier-free guidance), copy row ``src``'s output into target rows on
+   every call, so one batched sampling loop yields clean + corrupted + restored samples, each on
+   its own trajectory.
+
+Positions always index dim 1 of a site's first tensor (tokens of (B, T, d)), as in ``hooks``.
+Clean and corrupted inputs must have the same shape, so that positions align.
+"""
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from . import anatomy, hooks
+from .errors import BadParameter, check_choice
+
+# ---------------------------------------------------------------- subject spans and noise
+
+
+def _ids_list(ids) -> list:
+    ids = torch.as_tensor(ids)
+    ids = ids[0] if ids.dim() == 2 and ids.shape[0] == 1 else ids
+    if ids.dim() != 1:
+        raise BadParameter(f"expected one row of token ids, got shape {tuple(ids.shape)}")
+    return ids.tolist()
+
+
+def subject_positions(tokenizer, input_ids_row, span_text: str, occurrence: int = 0) -> list:
+    """Token positions of ``span_text`` in one prompt, found by matching token ids.
+
+    input_ids_row: (T,) or (1, T). Tries the span as tokenized alone, then with a leading space
+    (BPE vocabularies such as GPT-2's encode a word mid-sentence as " word"). ``occurrence``
+    picks among several matches (0 = first, -1 = last). Raises ``BadParameter`` naming the span
+    and the decoded prompt when the span is absent.
+    """
+    row = _ids_list(input_ids_row)
+    spans = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in (span_text, " " + span_text)]
+    for span in spans:
+        starts = [i for i in range(len(row) - len(span) + 1) if span and row[i:i + len(span)] == span]
+        if starts:
+            return list(range(starts[occurrence], starts[occurrence] + len(span)))
+    raise BadParameter(f"subject span {span_text!r} (token ids {spans[0]}) is not in the prompt "
+                       f"{tokenizer.decode(row)!r}; check the span's spelling and tokenization")
+
+
+def noise_scale(embedding, token_ids) -> float:
+    """sigma = std over all entries of the embedding vectors of ``token_ids`` (ROME's rule).
+
+    embedding: ``nn.Embedding`` or its weight (V, d). token_ids: any shape; repeats count.
+    """
+    weight = embedding.weight if isinstance(embedding, nn.Module) else embedding
+    ids = torch.as_tensor(token_ids, device=weight.device).reshape(-1)
+    return float(weight.detach()[ids].float().std())
+
+
+@dataclass(frozen=True)
+class Noise:
+    """Gaussian corruption: ``nu * sigma * eps`` added to a site (the token embedding's output).
+
+    eps (p, d) ~ N(0, I) depends only on ``seed`` and the shape, so every corrupted row of every
+    batch gets the same draw (paired design: one tensor per prompt and seed). ``at="input"`` of
+    the first block serves models run from ``inputs_embeds``, where the embedding never runs.
+    """
+    path: str
+    positions: Sequence[int]
+    sigma: float
+    nu: float = 3.0
+    seed: int = 0
+    at: str = "output"
+
+    def draw(self, width: int, dtype=torch.float32, device="cpu") -> torch.Tensor:
+        """The noise added at ``positions``, (p, width)."""
+        gen = torch.Generator().manual_seed(self.seed)  # CPU generator: same draw on every device
+        eps = torch.randn(len(self.positions), width, generator=gen, dtype=torch.float32)
+        return (self.nu * self.sigma * eps).to(dtype=dtype, device=device)
+
+    def apply(self, model: nn.Module, rows=None):
+        """Context manager adding the noise to ``rows`` (None = all) via ``hooks.add``."""
+        def delta(region):  # region (k, p, d): the drawn (p, d) broadcasts over rows
+            return self.draw(region.shape[-1], region.dtype, region.device)
+        return hooks.add(model, {self.path: delta}, at=self.at, batch=rows, positions=list(self.positions))
+
+
+@dataclass(frozen=True)
+class Substitute:
+    """Token-substitution corruption: ``ids`` replace the tokens at ``positions`` (same count)."""
+    positions: Sequence[int]
+    ids: Sequence[int]
+    key: str = "input_ids"  # where the ids live when inputs are a mapping
+
+    def apply(self, inputs):
+        if len(self.positions) != len(self.ids):
+            raise BadParameter(f"Substitute needs as many ids as positions, got {len(self.ids)} ids "
+                               f"for positions {list(self.positions)}")
+        ids = inputs[self.key] if isinstance(inputs, Mapping) else inputs
+        new = ids.clone()
+        new[:, list(self.positions)] = torch.as_tensor(list(self.ids), dtype=ids.dtype, device=ids.device)
+        return {**inputs, self.key: new} if isinstance(inputs, Mapping) else new
+
+
+# ---------------------------------------------------------------- batching inputs
+
+
+def _map(inputs, fn):
+    """Apply ``fn`` to the tensor (or every tensor value of a mapping) of a batch."""
+    if torch.is_tensor(inputs):
+        return fn(inputs)
+    if isinstance(inputs, Mapping):
+        return {k: fn(v) if torch.is_tensor(v) else v for k, v in inputs.items()}
+    raise BadParameter(f"inputs must be a tensor or a mapping of tensors, got {type(inputs).__name__}")
+
+
+def _repeat(inputs, k: int):
+    """k copies of a one-row batch (copies, not views: a model may write into its inputs)."""
+    def repeat(x):
+        if x.shape[0] != 1:
+            raise BadParameter(f"give one example (batch dim 1), got a tensor of shape {tuple(x.shape)}")
+        return x.repeat(k, *[1] * (x.dim() - 1))
+    return _map(inputs, repeat)
+
+
+def _cat(a, b):
+    if torch.is_tensor(a):
+        return torch.cat([a, b])
+    return {k: torch.cat([v, b[k]]) if torch.is_tensor(v) else v for k, v in a.items()}
+
+
+def _seq_len(inputs) -> int:
+    x = inputs if torch.is_tensor(inputs) else inputs.get("input_ids", next(
+        v for v in inputs.values() if torch.is_tensor(v)))
+    return x.shape[1]
+
+
+def _split_corruption(inputs, corruption):
+    """(corrupted inputs, [Noise]) from one spec, a list of specs, or the corrupted inputs themselves."""
+    specs = list(corruption) if isinstance(corruption, (list, tuple)) else [corruption]
+    corrupted, noises = inputs, []
+    for spec in specs:
+        if isinstance(spec, Noise):
+            noises.append(spec)
+        elif isinstance(spec, Substitute):
+            corrupted = spec.apply(corrupted)
+        else:  # the corrupted input itself (a tensor or mapping shaped like ``inputs``)
+            corrupted = spec
+    pairs = [(inputs, corrupted)] if torch.is_tensor(inputs) else [(v, corrupted[k]) for k, v in inputs.items()
+                                                                  if torch.is_tensor(v)]
+    if any(a.shape != b.shape for a, b in pairs):  # positions must mean the same token in both runs
+        raise BadParameter(f"corrupted inputs must have the clean inputs' shapes, got "
+                           f"{[tuple(b.shape) for _, b in pairs]} for {[tuple(a.shape) for a, _ in pairs]}")
+    return corrupted, noises
+
+
+# ---------------------------------------------------------------- the engine
+
+
+def _site(site) -> tuple:
+    """(normalised path, at) of a path string, an ``anatomy.Site`` or a (path, at) pair."""
+    path, at = (site, "output") if isinstance(site, str) else tuple(site)
+    return hooks.normalize(path), at
+
+
+@dataclass
+class TraceResult:
+    """Metric of the clean row (*), the corrupted row (*) and each restoration (R, *) or grid (L, P, *)."""
+    clean: torch.Tensor
+    corrupted: torch.Tensor
+    restored: torch.Tensor
+    labels: dict = field(default_factory=dict)  # e.g. layers, positions, kind, window
+
+    @property
+    def effect(self) -> torch.Tensor:
+        """Indirect effect: restored - corrupted, shaped like ``restored``."""
+        return self.restored - self.corrupted
+
+    @property
+    def normalized(self) -> torch.Tensor:
+        """(restored - corrupted) / (clean - corrupted): 0 = no recovery, 1 = full."""
+        return self.effect / (self.clean - self.corrupted)
+
+
+def _restore_fn(clean: torch.Tensor, wanted: list):
+    """fn for ``hooks.edit``: rows listed in ``wanted`` as (row, positions) get ``clean`` there.
+
+    One ``torch.where`` with a (B,) or (B, T) mask copies the values exactly, whatever mix of
+    position sets the rows of a batch restore.
+    """
+    def fn(h):
+        per_token = any(pos is not None for _, pos in wanted)
+        mask = torch.zeros(h.shape[:2] if per_token else h.shape[:1], dtype=torch.bool, device=h.device)
+        for row, pos in wanted:
+            if per_token:
+                mask[row, slice(None) if pos is None else torch.as_tensor(pos, device=h.device)] = True
+            else:
+                mask[row] = True
+        mask = mask.reshape(*mask.shape, *[1] * (h.dim() - mask.dim()))
+        return torch.where(mask, clean.to(h.device, h.dtype), h)
+    return fn
+
+
+@contextmanager
+def _restoring(model, chunk, cache):
+    """Restore the cached clean values for the restorations of one batch (row j = chunk[j])."""
+    by_site = {}
+    for row, restoration in enumerate(chunk):
+        for site, pos in restoration:
+            by_site.setdefault(_site(site), []).append((row, [pos] if isinstance(pos, int) else pos))
+    with ExitStack() as stack:
+        for (path, at), wanted in by_site.items():
+            stack.enter_context(hooks.edit(model, path, _restore_fn(cache[path, at], wanted), at=at))
+        yield
+
+
+def corrupt_and_restore(model: nn.Module, run: Callable, inputs, corruption, restorations: Sequence,
+                        metric: Callable, batch_size: int = 32) -> TraceResult:
+    """Score the clean input, the corrupted input and the corrupted input with each restoration.
+
+    inputs: one example, a tensor (1, T) or a mapping of such tensors (``model(**inputs)`` style).
+    run(batch) -> outputs of k rows. metric(outputs) -> (k, *) scores (e.g. answer probability).
+    corruption: ``Noise``, ``Substitute``, the corrupted inputs themselves, or a list of these.
+    restorations: R items, each a list of (site, positions) pairs; site = module path,
+        ``anatomy.Site`` or (path, at); positions = None (all), an int or a list of ints. A window
+        of layers is several pairs; ``[]`` restores nothing.
+    Passes: 1 for [clean, corrupted] (caching the needed sites of the clean row), then
+    ceil(R / batch_size) for the restorations. Returns ``TraceResult`` with ``restored`` (R, *).
+    """
+    corrupted, noises = _split_corruption(inputs, corruption)
+    sites = sorted({_site(s) for r in restorations for s, _ in r})
+    with torch.inference_mode():
+        with ExitStack() as stack:
+            traces = {at: stack.enter_context(hooks.trace(model, [p for p, a in sites if a == at], at=at))
+                      for at in {a for _, a in sites}}
+            for noise in noises:  # row 0 is clean, row 1 corrupted
+                stack.enter_context(noise.apply(model, rows=[1]))
+            base = metric(run(_cat(_repeat(inputs, 1), _repeat(corrupted, 1))))
+        cache = {(p, a): traces[a][p][:1] for p, a in sites}  # (1, T, ...) of the clean row
+        scores = []
+        for i in range(0, len(restorations), batch_size):
+            chunk = restorations[i:i + batch_size]
+            # noise is entered last, so it runs first on a shared site and restoring can overwrite it
+            with _restoring(model, chunk, cache), ExitStack() as stack:
+                for noise in noises:
+                    stack.enter_context(noise.apply(model))
+                scores.append(metric(run(_repeat(corrupted, len(chunk)))).detach().cpu())
+    base = base.detach().cpu()
+    restored = torch.cat(scores) if scores else base[:0]
+    return TraceResult(base[0], base[1], restored)
+
+
+# ---------------------------------------------------------------- layer x position grids
+
+KINDS = {"layer": "", "mlp": ".mlp", "attn": ".attn"}
+
+
+def window(layer: int, size: int, n_layers: int, align: str = "center") -> range:
+    """Layers restored together for ``layer``, clipped to [0, n_layers).
+
+    ``"center"`` (ROME, MultimodalCausalTrace): [layer - size//2, layer - size//2 + size).
+    ``"start"`` (LocoGen's windows): [layer, layer + size). Edge windows are shorter.
+    """
+    check_choice("align", align, ("center", "start"))
+    start = layer - size // 2 if align == "center" else layer
+    return range(max(0, start), min(n_layers, start + size))
+
+
+def layer_sites(model: nn.Module, kind: str = "mlp", tower: str = None, family: str = None) -> list:
+    """Hook sites of the ``kind`` ("layer" | "mlp" | "attn") output of every layer, in order."""
+    check_choice("kind", kind, tuple(KINDS))
+    prefix = f"{tower}." if tower else ""
+    return [anatomy.resolve(model, f"{prefix}layer[{i}]{KINDS[kind]}", family)
+            for i in range(anatomy.n_layers(model, tower, family))]
+
+
+def trace_grid(model: nn.Module, run: Callable, inputs, corruption, metric: Callable, kind: str = "mlp",
+               positions: Sequence = None, window_size: int = 1, align: str = "center", tower: str = None,
+               family: str = None, batch_size: int = 32) -> TraceResult:
+    """Restore ``kind`` outputs of a window of layers at one position (or group), for every pair.
+
+    positions: P entries, each an int or a list of ints restored jointly (e.g. every image
+    token); default every position 0..T-1. Cell (l, p) restores ``window(l, window_size, L,
+    align)`` at positions[p]. Returns ``TraceResult`` with ``restored`` (L, P, *) and labels.
+    """
+    sites = layer_sites(model, kind, tower, family)
+    n = len(sites)
+    positions = list(range(_seq_len(inputs))) if positions is None else list(positions)
+    restorations = [[(sites[j], pos) for j in window(layer, window_size, n, align)]
+                    for layer in range(n) for pos in positions]
+    res = corrupt_and_restore(model, run, inputs, corruption, restorations, metric, batch_size)
+    res.restored = res.restored.reshape(n, len(positions), *res.restored.shape[1:])
+    res.labels = dict(kind=kind, window=window_size, align=align, layers=list(range(n)),
+                      positions=positions, paths=[s.path for s in sites])
+    return res
+
+
+# ---------------------------------------------------------------- restore from a reference row
+
+
+def _row_pairs(batch: int, rows, src: int, cfg: bool, branches: str):
+    """(target rows, source rows) of the module batch for sample indices ``rows`` <- ``src``."""
+    if not cfg:
+        return list(rows), [src] * len(rows)
+    if batch % 2:
+        raise BadParameter(f"cfg=True expects a batch [uncond..., cond...] of even size, got {batch}")
+    n = batch // 2
+    offsets = {"both": (0, n), "cond": (n,), "uncond": (0,)}[branches]
+    return [o + r for o in offsets for r in rows], [o + src for o in offsets for _ in rows]
+
+
+@contextmanager
+def restore_from_row(model: nn.Module, plan: Mapping, src: int = 0, cfg: bool = False,
+                     restore_branches: str = "both", positions=None):
+    """On every call of each site's module, copy row ``src``'s output into that site's target rows.
+
+    plan: {site: target sample indices}; site = path, ``anatomy.Site`` or (path, at). Rows are
+    samples: with ``cfg=True`` the module batch is [uncond of samples 0..N-1, cond of samples
+    0..N-1] (diffusers' ``torch.cat([uncond, cond])``), and ``restore_branches`` picks which
+    half is restored: "both" (Eq. 5.5), "cond" or "uncond". positions: None (whole row) or the
+    dim-1 indices to copy. ``src`` itself is never edited, so it stays the clean reference.
+    """
+    check_choice("restore_branches", restore_branches, ("both", "cond", "uncond"))
+
+    def copier(rows):
+        def fn(h):
+            if max(rows) >= (h.shape[0] // 2 if cfg else h.shape[0]):
+                raise BadParameter(f"target rows {rows} out of range for a batch of {h.shape[0]} (cfg={cfg})")
+            tgt, srcs = (torch.as_tensor(x, device=h.device)
+                         for x in _row_pairs(h.shape[0], rows, src, cfg, restore_branches))
+            if positions is None:
+                return h.index_put((tgt,), h[srcs])
+            pos = torch.as_tensor(positions, device=h.device)
+            return h.index_put((tgt[:, None], pos[None]), h[srcs[:, None], pos[None]])
+        return fn
+
+    with ExitStack() as stack:
+        for site, rows in plan.items():
+            rows = [rows] if isinstance(rows, int) else list(rows)
+            if not rows:
+                continue
+            if src in rows:
+                raise BadParameter(f"row {src} is the reference row; it cannot also be a target")
+            path, at = _site(site)
+            stack.enter_context(hooks.edit(model, path, copier(rows), at=at))
+        yield

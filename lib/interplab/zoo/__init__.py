@@ -1,0 +1,13 @@
+"""The model zoo: tiny models trained on the toy world, shipped in data/zoo/NAME/ with a card.
+
+    store    checkpoint files, card.json (command, seed, steps, wall time, gates, sha256), verify
+    loop     the seeded, resumable training loop and EMA
+    oracle   the attribute oracle (the measuring instrument for generated images)
+    clip     the tiny CLIP (text tower conditions the text-to-image model)
+    t2i      the text-to-image diffusion model (the Stable Diffusion analogue)
+    vits     Chapter 7's tiny ViTs on ToyNet: vit (DeiT-toy), vit_ssl (SimCLR), swin (Swin-toy)
+
+Train one with ``python -m interplab.zoo train NAME``; load one with ``interplab.models.load(NAME)``.
+"""
+# zoo name -> the module of this package that trains and loads it (in training order: t2i needs clip)
+MODELS = {"oracle": "oracle", "clip": "clip", "t2i": "t2i", "vit": "vits", "vit_ssl": "vits", "swin": "vits"}

@@ -1,0 +1,165 @@
+"""The zoo's tiny CLIP: a transformers CLIPModel trained contrastively on toy-world captions.
+
+Text tower: causal, 6 layers x 64 wide, EOS pooling (the largest id, as in CLIP), padded with EOS
+like Stable Diffusion's prompts, so its token states can condition the text-to-image model the way
+CLIP-L conditions SD. Vision tower: 32 px, patch 4 (64 patches + CLS), 4 layers x 64 wide. Shared
+by the causal-tracing, LocoGen, MultimodalCausalTrace (vision tower), RepDecompose (alignment target)
+and compositionality chapters.
+"""
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import CLIPConfig, CLIPModel
+
+from .. import toyworld as tw
+from . import loop, store
+
+NAME = "clip"
+MAX_LENGTH = 24
+
+
+def config(vocab_size: int, eos_token_id: int) -> CLIPConfig:
+    text = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=256, num_hidden_layers=6,
+                num_attention_heads=4, max_position_embeddings=MAX_LENGTH, hidden_act="quick_gelu",
+                pad_token_id=eos_token_id, bos_token_id=2, eos_token_id=eos_token_id)
+    vision = dict(image_size=32, patch_size=4, num_channels=3, hidden_size=64, intermediate_size=256,
+                  num_hidden_layers=4, num_attention_heads=4, hidden_act="quick_gelu")
+    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=64)
+
+
+def pixel_values(images: torch.Tensor) -> torch.Tensor:
+    """[0, 1] images (N, 3, 32, 32) -> the [-1, 1] range the tiny CLIP was trained on."""
+    return images * 2 - 1
+
+
+def batch(rng: np.random.Generator, n: int, mix=tw.PRETRAIN_MIX, **kw):
+    """n (image, caption) pairs of the pre-training distribution: images (n, 3, 32, 32), captions."""
+    ex = tw.sample_mix(rng, n, mix, **kw)
+    images, _ = tw.render_batch([e.scene for e in ex], seed=int(rng.integers(2 ** 31)))
+    return torch.from_numpy(images), [e.caption for e in ex]
+
+
+def contrastive_loss(model: CLIPModel, images, ids, captions) -> torch.Tensor:
+    """Symmetric InfoNCE; identical captions in a batch are all positives for each other."""
+    out = model(input_ids=ids, pixel_values=pixel_values(images))
+    same = torch.tensor([[a == b for b in captions] for a in captions], dtype=torch.float32)
+    target = same / same.sum(1, keepdim=True)
+    return (F.cross_entropy(out.logits_per_image, target) + F.cross_entropy(out.logits_per_text, target)) / 2
+
+
+@torch.inference_mode()
+def embed_text(model: CLIPModel, tok, captions, batch_size: int = 512) -> torch.Tensor:
+    """Normalised text embeddings (N, 64)."""
+    outs = []
+    for i in range(0, len(captions), batch_size):
+        ids, _ = tw.encode(tok, captions[i:i + batch_size])
+        outs.append(F.normalize(_features(model.get_text_features(input_ids=ids)), dim=-1))
+    return torch.cat(outs)
+
+
+@torch.inference_mode()
+def embed_images(model: CLIPModel, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """Normalised image embeddings (N, 64) of [0, 1] images (N, 3, 32, 32)."""
+    return torch.cat([F.normalize(_features(model.get_image_features(pixel_values=pixel_values(images[i:i + batch_size]))), dim=-1)
+                      for i in range(0, len(images), batch_size)])
+
+
+def _features(out):
+    return out if torch.is_tensor(out) else out.pooler_output
+
+
+def zero_shot(model, tok, images, prompts: list[str]) -> torch.Tensor:
+    """Index of the best-matching prompt for each image, (N,)."""
+    return (embed_images(model, images) @ embed_text(model, tok, prompts).T).argmax(1)
+
+
+def attribute_accuracy(model, tok, n: int = 800, seed: int = 20_001) -> dict:
+    """Zero-shot accuracy per attribute on held-out single-object renders (random backgrounds).
+
+    Prompts: "a {colour} object", "a {shape}", "a {texture} object", "a {size} object",
+    "a object on {background}" (dark images are matched to "a object"), "a object at the {slot}".
+    """
+    rng = np.random.default_rng(seed)
+    scenes = [tw.sample(rng, "single", slot_p=0).scene for _ in range(n)]
+    images = torch.from_numpy(tw.render_batch(scenes, seed=seed)[0])
+    objs = [s.objects[0] for s in scenes]
+    families = {
+        "colour": ([f"a {c} object" for c in tw.COLOURS], [tw.COLOURS.index(o.colour) for o in objs]),
+        "shape": ([f"a {s}" for s in tw.SHAPES], [tw.SHAPES.index(o.shape) for o in objs]),
+        "texture": ([f"a {t} object" for t in tw.TEXTURES], [tw.TEXTURES.index(o.texture) for o in objs]),
+        "size": ([f"a {s} object" for s in tw.SIZES], [tw.SIZES.index(o.size) for o in objs]),
+        "background": (["a object" if b == "dark" else f"a object on {b}" for b in tw.BACKGROUNDS],
+                       [tw.BACKGROUNDS.index(s.background) for s in scenes]),
+        "slot": ([f"a object at the {s}" for s in tw.SLOTS], [tw.SLOTS.index(o.slot) for o in objs]),
+    }
+    return {k: float((zero_shot(model, tok, images, prompts) == torch.tensor(y)).float().mean())
+            for k, (prompts, y) in families.items()}
+
+
+def binding_scores(model, tok, n: int = 300, seed: int = 20_002) -> dict:
+    """Colour-swap test on two-object images (Chapter 9's premise, reported, not gated).
+
+    text: P(true caption beats the caption with the two colours swapped) (chance 0.5);
+    bag: P(true caption beats one with a colour absent from the image) (attributes, not binding).
+    """
+    rng = np.random.default_rng(seed)
+    pal = tw.Palette(shapes=tw.SHAPES[:6], colours=tw.COLOURS[:6])
+    true, swap, bag, scenes = [], [], [], []
+    for _ in range(n):
+        a, b = (tw.captions.random_object(rng, pal, s) for s in ("top left", "bottom right"))
+        if a.shape == b.shape or a.colour == b.colour:
+            continue
+        other = [c for c in pal.colours if c not in (a.colour, b.colour)][rng.integers(4)]
+        scenes.append(tw.Scene((a, b)))
+        true.append(f"a {a.colour} {a.shape} and a {b.colour} {b.shape}")
+        swap.append(f"a {b.colour} {a.shape} and a {a.colour} {b.shape}")
+        bag.append(f"a {other} {a.shape} and a {b.colour} {b.shape}")
+    img = embed_images(model, torch.from_numpy(tw.render_batch(scenes, seed=seed)[0]))
+    s = {k: (img * embed_text(model, tok, v)).sum(1) for k, v in (("true", true), ("swap", swap), ("bag", bag))}
+    return {"text": float((s["true"] > s["swap"]).float().mean()), "bag": float((s["true"] > s["bag"]).float().mean())}
+
+
+GATE = 0.9
+
+
+def measure(model, tok, n: int = 800, seed: int = 20_001) -> dict:
+    """The gate metrics under the card's names: {"zero_shot_<attribute>": value}."""
+    return {f"zero_shot_{k}": v for k, v in attribute_accuracy(model, tok, n, seed).items()}
+
+
+def train(steps: int = 2000, batch_size: int = 128, seed: int = 0, lr: float = 1e-3, ship: bool = True,
+          resume: bool = True, eval_n: int = 800) -> dict:
+    torch.manual_seed(seed)
+    tok = tw.clip_tokenizer(MAX_LENGTH)
+    model = CLIPModel(config(len(tok), tok.eos_token_id))
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
+
+    def step(rng, gen, i):
+        model.train()
+        images, captions = batch(rng, batch_size, distractor_p=0.3)
+        loss = contrastive_loss(model, images, tw.encode(tok, captions)[0], captions)
+        loss.backward()
+        return loss.detach()
+
+    run = loop.train(NAME, {"model": model}, opt, step, steps, seed, sched=sched, resume=resume)
+    model.eval()
+    gates = {k: store.gate(v, GATE) for k, v in measure(model, tok, n=eval_n).items()}
+    extra = {"binding": binding_scores(model, tok, n=max(eval_n // 2, 8)), "batch_size": batch_size,
+             "params": sum(p.numel() for p in model.parameters()), "final_loss": float(np.mean(run["losses"][-50:]))}
+    if ship:
+        d = store.zoo_dir(NAME)
+        model.save_pretrained(d)  # config.json + model.safetensors (fp32: 0.7 M parameters)
+        tok.save_pretrained(d)
+        store.write_card(NAME, seed=seed, steps=steps, wall_time_s=run["wall_time_s"],
+                         cpu_time_s=run["cpu_time_s"], gates=gates, extra=extra)
+        loop.finished(NAME)
+    return {"gates": gates, **extra, **run}
+
+
+def load():
+    """(CLIPModel in eval mode, tokenizer) after verifying the shipped files."""
+    from transformers import PreTrainedTokenizerFast
+    store.verify(NAME)
+    d = store.zoo_dir(NAME)
+    return CLIPModel.from_pretrained(d).eval(), PreTrainedTokenizerFast.from_pretrained(d)

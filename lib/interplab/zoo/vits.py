@@ -1,0 +1,253 @@
+"""The tiny vision transformers of Chapter 7 (RepDecompose), trained on ToyNet (ch07 spec 5.2).
+
+    vit      DeiT-toy: timm ViT (32 px, patch 4, 6 blocks x 64 wide, 4 heads; 65 tokens), supervised
+    vit_ssl  SSL-toy: the same ViT trained with SimCLR (NT-Xent), then a linear ToyNet head on frozen features
+    swin     Swin-toy: timm Swin (patch 2, window 4, stages 16 -> 32 -> 64 wide, grids 16 -> 8 -> 4)
+
+Every model reads [0, 1] images (N, 3, 32, 32) as they come from ``toyworld.toynet`` (no
+normalisation) and outputs ToyNet logits (N, 36) over ``toyworld.TOYNET_CLASSES``; its features
+z (N, 64) are ``model.forward_head(model.forward_features(x), pre_logits=True)``. One module
+trains three zoo names, so ``train`` and ``load`` take the name.
+"""
+import json
+
+import numpy as np
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import provenance
+from .. import toyworld as tw
+from ..errors import BadParameter
+from ..toyworld.attributes import BACKGROUNDS
+from ..toyworld.datasets import toynet_draw
+from . import loop, store
+
+NAMES = ("vit", "vit_ssl", "swin")
+NAME = None  # no single name: the CLI and models.load pass one of NAMES to train(name) / load(name)
+N_CLASSES = len(tw.TOYNET_CLASSES)
+VIT = ("vit_small_patch16_224", dict(img_size=32, patch_size=4, embed_dim=64, depth=6, num_heads=4,
+                                     num_classes=N_CLASSES, drop_path_rate=0.1))
+SWIN = ("swin_tiny_patch4_window7_224", dict(img_size=32, patch_size=2, window_size=4, embed_dim=16, depths=(2, 2, 2),
+                                             num_heads=(1, 2, 4), num_classes=N_CLASSES, drop_path_rate=0.1))
+ARCH = {"vit": VIT, "vit_ssl": VIT, "swin": SWIN}
+# shipped settings (measured budget: <= ~10 min each on the loaded 2-core machine, 1 thread)
+SETTINGS = {"vit": dict(steps=2000, batch_size=64, lr=1e-3),
+            "vit_ssl": dict(steps=1100, batch_size=64, lr=1e-3),
+            "swin": dict(steps=3000, batch_size=64, lr=2e-3)}
+GATES = {"vit": ("heldout_accuracy", 0.85), "swin": ("heldout_accuracy", 0.85),
+         "vit_ssl": ("linear_probe_accuracy", 0.7)}
+HELDOUT_SEED = 70_001  # fresh seed: never a training step's stream (those are [seed, step])
+PROBE_SEED = 70_002  # the linear heads' (SSL head, background probe) training images
+TAU = 0.2
+
+
+def _check(name: str) -> None:
+    if name not in NAMES:
+        raise BadParameter(f"unknown RepDecompose model {name!r}; choose from {NAMES}")
+
+
+def create(name: str, num_classes: int = N_CLASSES) -> nn.Module:
+    """A fresh (random) timm model of zoo model ``name``; pretrained weights are never fetched."""
+    _check(name)
+    arch, kw = ARCH[name]
+    return timm.create_model(arch, pretrained=False, **{**kw, "num_classes": num_classes})
+
+
+def features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Pre-logit features z (N, 64) of images (N, 3, 32, 32): the CLS token (ViT) or mean token (Swin)."""
+    return model.forward_head(model.forward_features(images), pre_logits=True)
+
+
+def views(images: torch.Tensor, gen: torch.Generator, zoom: tuple = (1.0, 1.0), shift_px: int = 2,
+          noise: float = 0.0) -> torch.Tensor:
+    """Random horizontal flip, zoom-in crop and +-shift_px translation of (N, 3, 32, 32) images.
+
+    Every ToyNet shape is left-right symmetric, so flips keep labels. Shifts are whole pixels and, at
+    zoom 1, resample exactly (no blur); borders replicate the background. ``noise``: max Gaussian sigma.
+    """
+    n = len(images)
+    s = 1 / (zoom[0] + (zoom[1] - zoom[0]) * torch.rand(n, generator=gen))  # crop side as a fraction of the image
+    flip = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)
+    room = 1 - s  # how far the crop centre may move and stay inside the image (normalised units)
+    t = (torch.rand(n, 2, generator=gen) * 2 - 1) * room[:, None]
+    t = t + torch.randint(-shift_px, shift_px + 1, (n, 2), generator=gen) * (2 / images.shape[-1])
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0], theta[:, 1, 1], theta[:, :, 2] = s * flip, s, t
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    out = F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    if noise:
+        out = out + torch.randn(out.shape, generator=gen) * torch.rand(n, 1, 1, 1, generator=gen) * noise
+    return out.clamp(0, 1)
+
+
+def _seed_global(gen: torch.Generator) -> None:
+    """Stochastic depth draws from torch's global RNG; seed it from the step's generator so resumes repeat."""
+    torch.manual_seed(int(torch.randint(2 ** 62, (1,), generator=gen)))
+
+
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, tau: float = TAU) -> torch.Tensor:
+    """SimCLR loss of two views' projections (N, d): each view must pick its partner among 2N - 1."""
+    z = F.normalize(torch.cat([z1, z2]), dim=1)
+    sim = z @ z.T / tau
+    sim.fill_diagonal_(float("-inf"))
+    n = len(z1)
+    target = torch.cat([torch.arange(n, 2 * n), torch.arange(n)])
+    return F.cross_entropy(sim, target)
+
+
+@torch.inference_mode()
+def embed(model: nn.Module, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+    """Features z (N, 64) in eval mode."""
+    model.eval()
+    return torch.cat([features(model, images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+    """Predicted ToyNet class (N,) in eval mode."""
+    model.eval()
+    return torch.cat([model(images[i:i + batch_size]).argmax(1) for i in range(0, len(images), batch_size)])
+
+
+def fit_linear(z: torch.Tensor, y: torch.Tensor, n_classes: int, l2: float = 1e-4, iters: int = 300) -> nn.Linear:
+    """Multinomial logistic regression on features z (N, d) -> a Linear(d, n_classes) on the raw features.
+
+    Fitted by L-BFGS on standardised features (well conditioned), then the standardisation is
+    folded into the weights so the head applies to z as the model produces it.
+    """
+    mu, sd = z.mean(0), z.std(0) + 1e-6
+    x = (z - mu) / sd
+    w = torch.zeros(n_classes, z.shape[1], requires_grad=True)
+    b = torch.zeros(n_classes, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=iters, history_size=20, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(x @ w.T + b, y) + l2 * (w ** 2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    head = nn.Linear(z.shape[1], n_classes)
+    with torch.no_grad():
+        head.weight.copy_(w / sd)
+        head.bias.copy_(b - (w / sd) @ mu)
+    return head
+
+
+def probe(z_train, y_train, z_test, y_test, n_classes: int) -> float:
+    """Held-out accuracy of a linear probe fitted on (z_train, y_train)."""
+    head = fit_linear(z_train, y_train, n_classes)
+    with torch.no_grad():
+        return float((head(z_test).argmax(1) == y_test).float().mean())
+
+
+def background_labels(scenes) -> torch.Tensor:
+    return torch.tensor([BACKGROUNDS.index(s.background) for s in scenes])
+
+
+def evaluate(model: nn.Module, probe_set, heldout) -> dict:
+    """Held-out ToyNet accuracy (and its shape / colour parts) and the background linear probe of z."""
+    x, y, scenes = heldout
+    pred = predict(model, x)
+    n_col = len(tw.COLOURS[:6])
+    px, _, pscenes = probe_set
+    bg = probe(embed(model, px), background_labels(pscenes), embed(model, x), background_labels(scenes),
+               len(BACKGROUNDS))
+    return {"heldout_accuracy": float((pred == y).float().mean()),
+            "heldout_shape_accuracy": float((pred // n_col == y // n_col).float().mean()),
+            "heldout_colour_accuracy": float((pred % n_col == y % n_col).float().mean()),
+            "background_probe_accuracy": bg}
+
+
+def _supervised(model, batch_size, label_smoothing: float = 0.1):
+    def step(rng, gen, i):
+        model.train()
+        _seed_global(gen)
+        images, labels, _ = toynet_draw(rng, batch_size)
+        loss = F.cross_entropy(model(views(images, gen)), labels, label_smoothing=label_smoothing)
+        loss.backward()
+        return loss.detach()
+    return step
+
+
+def _simclr(model, projector, batch_size):
+    def step(rng, gen, i):
+        model.train()
+        _seed_global(gen)
+        images, _, _ = toynet_draw(rng, batch_size)
+        # crop + flip + noise, no colour jitter: it would erase the colour feature (spec 5.2)
+        v1, v2 = (views(images, gen, zoom=(1.0, 1.6), noise=0.05) for _ in range(2))
+        loss = nt_xent(projector(features(model, v1)), projector(features(model, v2)))
+        loss.backward()
+        return loss.detach()
+    return step
+
+
+def train(name: str, steps: int | None = None, batch_size: int | None = None, seed: int = 0, lr: float | None = None,
+          ship: bool = True, resume: bool = True, n_probe: int = 12_000, n_heldout: int = 2000) -> dict:
+    """Train zoo model ``name`` (one of NAMES); defaults come from SETTINGS[name]."""
+    _check(name)
+    cfg = SETTINGS[name]
+    steps, batch_size, lr = (cfg[k] if v is None else v for k, v in
+                             (("steps", steps), ("batch_size", batch_size), ("lr", lr)))
+    torch.manual_seed(seed)
+    ssl = name == "vit_ssl"
+    model = create(name, num_classes=0 if ssl else N_CLASSES)
+    modules = {"model": model}
+    if ssl:
+        modules["projector"] = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
+        step = _simclr(model, modules["projector"], batch_size)
+    else:
+        step = _supervised(model, batch_size)
+    params = [p for m in modules.values() for p in m.parameters()]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    run = loop.train(name, modules, opt, step, steps, seed, sched=sched, resume=resume)
+
+    probe_set, heldout = tw.toynet(n_probe, PROBE_SEED), tw.toynet(n_heldout, HELDOUT_SEED, "val")
+    if ssl:  # DINO-style linear evaluation: a ToyNet head on frozen features becomes the model's head
+        head = fit_linear(embed(model, probe_set[0]), probe_set[1], N_CLASSES)
+        backbone, model = model, create(name)
+        model.load_state_dict({**backbone.state_dict(), **{f"head.{k}": v for k, v in head.state_dict().items()}})
+    metrics = evaluate(model, probe_set, heldout)
+    if ssl:
+        metrics["linear_probe_accuracy"] = metrics["heldout_accuracy"]
+    key, threshold = GATES[name]
+    gates = {key: store.gate(metrics[key], threshold)}
+    extra = {"batch_size": batch_size, "lr": lr, "params": sum(p.numel() for p in model.parameters()),
+             "final_loss": float(np.mean(run["losses"][-50:])), "metrics": {k: round(v, 4) for k, v in metrics.items()},
+             "heldout": f"toynet({n_heldout}, seed={HELDOUT_SEED}, split='val')"}
+    if ship:
+        d = store.zoo_dir(name)
+        d.mkdir(parents=True, exist_ok=True)
+        store.save_weights(d / "model.safetensors", model.state_dict(), half=True)
+        provenance.write_json(d / "config.json", config(name))
+        store.write_card(name, seed=seed, steps=steps, wall_time_s=run["wall_time_s"], gates=gates, extra=extra)
+        loop.finished(name)
+    return {"gates": gates, **extra, **run}
+
+
+def config(name: str) -> dict:
+    """What config.json records: enough to rebuild the module with timm.create_model."""
+    arch, kw = ARCH[name]
+    out = {"architecture": arch, "timm_kwargs": {**kw, "pretrained": False}, "classes": tw.TOYNET_CLASSES,
+           "input": "[0, 1] RGB (N, 3, 32, 32), no normalisation"}
+    if name == "vit_ssl":
+        out["training"] = (f"SimCLR NT-Xent (tau={TAU}) with num_classes=0, then head = linear probe on frozen "
+                           f"features (toynet(12000, seed={PROBE_SEED}))")
+    return out
+
+
+def load(name: str) -> nn.Module:
+    """The timm model of zoo model ``name`` in eval mode, after verifying its files against card.json."""
+    _check(name)
+    store.verify(name)
+    d = store.zoo_dir(name)
+    cfg = json.loads((d / "config.json").read_text())
+    kw = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg["timm_kwargs"].items()}
+    model = timm.create_model(cfg["architecture"], **kw)
+    model.load_state_dict(store.load_weights(d / "model.safetensors"))
+    return model.eval()

@@ -1,0 +1,110 @@
+"""interplab.editing: the closed-form key-to-value update and its reversible application.
+
+The update is checked against an independent least-squares solve of the same objective, and the
+application against bit-exact weight copies.
+"""
+import pytest
+import torch
+from torch import nn
+
+from interplab import editing
+from interplab.errors import BadParameter
+from interplab.models import tiny_random
+
+
+def _problem(n, d_in=16, d_out=10, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    W, K, V = (torch.randn(*shape, generator=gen, dtype=torch.float64)
+               for shape in ((d_out, d_in), (n, d_in), (n, d_out)))
+    return W, K, V
+
+
+def _lstsq(W, K, V, lam):
+    """argmin ||K X^T - V||^2 + lam ||X - W||^2 as one stacked least-squares problem."""
+    A = torch.cat([K, lam ** 0.5 * torch.eye(K.shape[1], dtype=K.dtype)])
+    B = torch.cat([V, lam ** 0.5 * W.T])
+    return torch.linalg.lstsq(A, B).solution.T
+
+
+@pytest.mark.parametrize("n", [4, 16, 40])
+def test_direct_and_woodbury_agree_and_solve_the_objective(n):
+    W, K, V = _problem(n)
+    direct = editing.solve_update(W, K, V, 0.3, method="direct")
+    woodbury = editing.solve_update(W, K, V, 0.3, method="woodbury")
+    assert direct.dtype == torch.float64
+    assert torch.allclose(direct, woodbury, atol=1e-8, rtol=0)
+    assert torch.allclose(direct, _lstsq(W, K, V, 0.3), atol=1e-8, rtol=0)
+    assert torch.equal(editing.solve_update(W, K, V, 0.3), woodbury if n < 16 else direct)
+
+
+def test_lam_to_zero_maps_keys_to_values_and_to_infinity_keeps_w():
+    W, K, V = _problem(6)
+    exact = editing.solve_update(W, K, V, 0.0)  # Woodbury: K K^T is invertible for n <= d_in
+    assert torch.allclose(K @ exact.T, V, atol=1e-9, rtol=0)
+    tiny = editing.solve_update(W, K, V, 1e-9, method="direct")
+    assert torch.allclose(K @ tiny.T, V, atol=1e-6, rtol=0)
+    for method in ("direct", "woodbury"):
+        huge = editing.solve_update(W, K, V, 1e12, method=method)
+        assert torch.allclose(huge, W, atol=1e-9, rtol=0)
+
+
+def test_float32_weights_are_solved_in_float64_and_cast_back():
+    W, K, V = _problem(5)
+    out = editing.solve_update(W.float(), K.float(), V.float(), 0.1)
+    assert out.dtype == torch.float32
+    assert torch.allclose(out.double(), editing.solve_update(W, K.float().double(), V.float().double(), 0.1)
+                          .float().double(), atol=1e-6)
+
+
+def test_bad_shapes_and_lam_are_named():
+    W, K, V = _problem(5)
+    with pytest.raises(BadParameter, match=r"expected K \(n, 16\) and V \(n, 10\)"):
+        editing.solve_update(W, K.T, V, 0.1)
+    with pytest.raises(BadParameter, match="lam must be >= 0"):
+        editing.solve_update(W, K, V, -1.0)
+
+
+def test_apply_edit_is_reversible_bit_exactly_also_on_errors():
+    torch.manual_seed(0)
+    lin = nn.Linear(16, 10)
+    before = lin.weight.detach().clone()
+    K, V = torch.randn(5, 16), torch.randn(5, 10)
+    W_new = editing.solve_update(lin.weight, K, V, 1e-6)
+    with editing.apply_edit(lin, W_new) as edit:
+        assert torch.allclose(lin.weight, W_new, atol=1e-6)
+        assert torch.allclose(lin(K) - lin.bias, V, atol=1e-3)   # the keys now write the values
+        assert edit.relative_change > 0
+    assert torch.equal(lin.weight, before)
+    with pytest.raises(RuntimeError, match="boom"):
+        with editing.apply_edit(lin, W_new):
+            raise RuntimeError("boom")
+    assert torch.equal(lin.weight, before)
+
+
+def test_compute_edit_reports_fit_and_applies_to_a_model_path():
+    model = tiny_random.llama()
+    path = "model.layers.0.mlp.down_proj"          # nn.Linear (32, 64)
+    before = model.model.layers[0].mlp.down_proj.weight.detach().clone()
+    K, V = torch.randn(3, 64), torch.randn(3, 32)
+    edit = editing.compute_edit(model, path, K, V, lam=1e-8)
+    assert edit.path == path and edit.delta.shape == (32, 64) and edit.wall_time_s >= 0
+    assert edit.residual < 1e-6 and edit.relative_change > 0
+    assert torch.equal(model.model.layers[0].mlp.down_proj.weight, before)  # solving changes nothing
+    edit.apply(model)
+    with pytest.raises(BadParameter, match="already applied"):
+        edit.apply(model)
+    assert torch.allclose(model.model.layers[0].mlp.down_proj(K), V, atol=1e-4)
+    edit.revert(model)
+    assert torch.equal(model.model.layers[0].mlp.down_proj.weight, before)
+    with pytest.raises(BadParameter, match="not applied"):
+        edit.revert(model)
+
+
+def test_gpt2_conv1d_weight_is_edited_in_its_transposed_layout():
+    model = tiny_random.gpt2()
+    path = "transformer.h.0.mlp.c_proj"             # Conv1D: weight stored (d_in=128, d_out=32)
+    module = model.transformer.h[0].mlp.c_proj
+    assert editing.weight_of(module).shape == (32, 128)
+    K, V = torch.randn(4, 128), torch.randn(4, 32)
+    with editing.apply_edit(model, editing.compute_edit(model, path, K, V, lam=1e-8)):
+        assert torch.allclose(module(K) - module.bias, V, atol=1e-4)

@@ -1,0 +1,146 @@
+"""The zoo: checkpoint integrity, resumable training, every training entry point for a few steps,
+and the shipped checkpoints' gates re-measured on fresh held-out renders."""
+import json
+
+import pytest
+import torch
+
+from interplab import models, paths
+from interplab import toyworld as tw
+from interplab.errors import BadParameter, ResourceUnavailable
+from interplab.zoo import MODELS, clip, loop, oracle, store, t2i
+
+
+@pytest.fixture
+def tmp_zoo(tmp_path, monkeypatch):
+    monkeypatch.setattr(paths, "DATA", tmp_path / "data")
+    monkeypatch.setattr(paths, "BUILD", tmp_path / "build")
+    return tmp_path
+
+
+def test_card_verifies_and_corruption_names_the_training_command(tmp_zoo):
+    d = store.zoo_dir("toy")
+    d.mkdir(parents=True)
+    store.save_weights(d / "model.safetensors", {"w": torch.ones(3)}, half=True)
+    card = store.write_card("toy", seed=0, steps=1, wall_time_s=0.5, gates={"acc": store.gate(0.99, 0.98)})
+    assert card["gates_pass"] and set(card["sha256"]) == {"model.safetensors"}
+    assert store.verify("toy")["name"] == "toy"
+    assert store.load_weights(d / "model.safetensors")["w"].dtype == torch.float32
+    (d / "model.safetensors").write_bytes(b"broken")
+    with pytest.raises(ResourceUnavailable, match=r"corrupt model.safetensors.*python -m interplab.zoo train toy"):
+        store.verify("toy")
+    with pytest.raises(ResourceUnavailable, match="python -m interplab.zoo train other"):
+        store.verify("other")
+
+
+def test_unknown_zoo_name_lists_the_zoo():
+    with pytest.raises(BadParameter, match="oracle"):
+        models.load("nonexistent")
+
+
+def _toy_training(name, steps, resume):
+    torch.manual_seed(0)
+    net = torch.nn.Linear(4, 1)
+    opt = torch.optim.Adam(net.parameters(), lr=0.1)
+
+    def step(rng, gen, i):
+        x = torch.from_numpy(rng.normal(size=(8, 4))).float() + torch.randn(8, 4, generator=gen)
+        loss = (net(x) - x.sum(1, keepdim=True)).pow(2).mean()
+        loss.backward()
+        return loss.detach()
+    loop.train(name, {"net": net}, opt, step, steps, seed=1, save_every=5, resume=resume)
+    return net.weight.detach().clone()
+
+
+def test_interrupted_training_resumes_to_the_same_weights(tmp_zoo):
+    straight = _toy_training("a", 12, resume=False)
+    _toy_training("b", 7, resume=False)  # leaves a state at step 5, as if killed at step 7
+    assert store.state_path("b").exists()
+    resumed = _toy_training("b", 12, resume=True)
+    assert torch.equal(straight, resumed)
+
+
+def test_ema_tracks_the_average():
+    net = torch.nn.Linear(2, 1, bias=False)
+    ema = loop.EMA(net, decay=0.5)
+    with torch.no_grad():
+        net.weight.fill_(1.0)
+    for i in range(200):
+        ema.update(net, i)
+    assert torch.allclose(ema.state_dict()["weight"], torch.ones(1, 2))
+
+
+# -- every training entry point runs for a few steps (nothing shipped) ---------------------------
+def test_oracle_trains(tmp_zoo):
+    out = oracle.train(steps=2, batch_size=8, ship=False, resume=False, eval_n=16)
+    assert set(out["gates"]) == {f"accuracy_{k}" for k in ("background", *oracle.HEADS)}
+    assert len(out["losses"]) == 2 and all(torch.isfinite(torch.tensor(out["losses"])))
+
+
+def test_clip_trains(tmp_zoo):
+    out = clip.train(steps=2, batch_size=8, ship=False, resume=False, eval_n=16)
+    assert "zero_shot_colour" in out["gates"] and 0 <= out["binding"]["text"] <= 1
+
+
+def test_t2i_trains_and_samples(tmp_zoo):
+    tok = tw.clip_tokenizer(clip.MAX_LENGTH)
+    text = clip.CLIPModel(clip.config(len(tok), tok.eos_token_id)).eval()
+    out = t2i.train(steps=2, batch_size=4, ship=False, resume=False, eval_n=4, oracle=oracle.Oracle().eval(),
+                    clip=(text, tok))
+    assert set(out["gates"]) == {"single_colour", "single_shape", "single_texture"}
+
+
+def test_t2i_latent_reshape_is_exact():
+    x = torch.rand(2, 3, 32, 32)
+    assert t2i.to_latent(x).shape == (2, 12, 16, 16)
+    assert torch.allclose(t2i.to_image(t2i.to_latent(x)), x, atol=1e-6)
+
+
+def test_t2i_has_sd_topology():
+    from diffusers import UNet2DConditionModel
+    unet = UNet2DConditionModel(**t2i.unet_config())
+    xattn = [n for n, _ in unet.named_modules() if n.endswith("attn2")]
+    assert len(xattn) == 10 and sum(n.startswith("down_blocks") for n in xattn) == 3
+    assert sum(n.startswith("mid_block") for n in xattn) == 1 and sum(n.startswith("up_blocks") for n in xattn) == 6
+
+
+# -- the shipped checkpoints: verified and their gates re-measured on fresh renders ------------------
+def shipped(name):
+    if not (store.zoo_dir(name) / "card.json").exists():
+        pytest.skip(f"{name} not shipped yet")
+    return json.loads((store.zoo_dir(name) / "card.json").read_text())
+
+
+def test_shipped_cards_pass_their_gates_and_files_verify():
+    for name in MODELS:
+        if (store.zoo_dir(name) / "card.json").exists():
+            card = store.verify(name)
+            assert card["gates_pass"], (name, card["gates"])
+            assert card["command"] == f"python -m interplab.zoo train {name}"
+
+
+def test_zoo_fits_its_size_budget():
+    total = sum(p.stat().st_size for p in (paths.DATA / "zoo").rglob("*") if p.is_file()) if (paths.DATA / "zoo").exists() else 0
+    assert total <= 40e6
+
+
+def test_shipped_oracle_gate_on_fresh_renders():
+    card = shipped("oracle")
+    acc = oracle.accuracy(models.load("oracle"), n=1500, seed=424_242)
+    for k, v in acc.items():
+        assert v >= card["gates"][f"accuracy_{k}"]["threshold"], (k, v)
+
+
+def test_shipped_clip_gate_on_fresh_renders():
+    card = shipped("clip")
+    model, tok = models.load("clip")
+    acc = clip.attribute_accuracy(model, tok, n=800, seed=424_243)
+    for k, v in acc.items():
+        assert v >= card["gates"][f"zero_shot_{k}"]["threshold"], (k, v)
+
+
+def test_shipped_t2i_gate_on_fresh_prompts():
+    card = shipped("t2i")
+    fid = t2i.fidelity(models.load("t2i"), models.load("oracle"), n=200, seed=424_244)
+    for k in ("single_colour", "single_shape", "single_texture"):
+        assert fid[k] >= card["gates"][k]["threshold"], (k, fid[k])

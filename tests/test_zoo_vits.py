@@ -1,0 +1,71 @@
+"""Chapter 7's tiny ViTs: ToyNet / ToyBirds data, a few training steps of each model, shipped checkpoints."""
+import numpy as np
+import pytest
+import torch
+
+from interplab import toyworld as tw
+from interplab.zoo import MODELS, store, vits
+
+
+def test_toynet_labels_match_scenes_and_are_deterministic():
+    x, y, scenes = tw.toynet(64, seed=3)
+    assert x.shape == (64, 3, 32, 32) and x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
+    assert y.dtype == torch.long and len(tw.TOYNET_CLASSES) == 36
+    for label, scene in zip(y.tolist(), scenes):
+        obj = scene.objects[0]
+        assert tw.TOYNET_CLASSES[label] == f"{obj.colour} {obj.shape}"
+        assert obj.texture in tw.TEXTURES[:3] and len(scene.distractors) <= 2
+    x2, y2, _ = tw.toynet(64, seed=3)
+    assert torch.equal(x, x2) and torch.equal(y, y2)
+    assert not torch.equal(x, tw.toynet(64, seed=3, split="val")[0])
+
+
+def test_toybirds_groups_follow_the_aligned_fraction():
+    x, y, g = tw.toybirds(200, seed=0, aligned=0.95)
+    assert x.shape == (200, 3, 32, 32) and torch.equal(y, g // 2)
+    assert torch.bincount(g, minlength=4).tolist() == [95, 5, 5, 95]
+    assert torch.bincount(tw.toybirds(100, seed=0, aligned=0.5)[2]).tolist() == [25] * 4
+
+
+def test_toybirds_background_family_is_the_group_parity():
+    x, _, g = tw.toybirds(60, seed=1, aligned=0.5)
+    water = x[:, 2].flatten(1).median(1).values > 0.3  # water and lake are blue, grass and forest are not
+    assert torch.equal(water.long(), g % 2)
+
+
+def test_registered_and_no_single_name():
+    assert all(MODELS[n] == "vits" for n in vits.NAMES)
+    assert getattr(vits, "NAME", None) not in vits.NAMES  # the CLI then calls train(name)
+
+
+@pytest.mark.parametrize("name", vits.NAMES)
+def test_trains_a_few_steps_and_outputs_shapes(name):
+    out = vits.train(name, steps=3, batch_size=8, ship=False, resume=False, n_probe=64, n_heldout=32)
+    assert len(out["losses"]) == 3 and all(np.isfinite(out["losses"]))
+    key, threshold = vits.GATES[name]
+    assert out["gates"][key]["threshold"] == threshold
+    model = vits.create(name).eval()
+    x = tw.toynet(4, seed=0)[0]
+    with torch.no_grad():
+        assert model(x).shape == (4, 36)
+        assert vits.features(model, x).shape == (4, 64)
+
+
+def test_views_keep_pixels_at_zoom_one():
+    x = tw.toynet(8, seed=0)[0]
+    v = vits.views(x, torch.Generator().manual_seed(0), shift_px=0)
+    for a, b in zip(x, v):
+        assert torch.equal(a, b) or torch.equal(a.flip(-1), b)
+
+
+@pytest.mark.parametrize("name", vits.NAMES)
+def test_shipped_checkpoint_meets_its_gate(name):
+    if not (store.zoo_dir(name) / "card.json").exists():
+        pytest.skip(f"no shipped checkpoint; `{store.train_command(name)}` builds it")
+    model = vits.load(name)
+    assert not model.training
+    x, y, _ = tw.toynet(300, seed=90_001, split="test")  # fresh: neither training nor the card's held-out set
+    acc = float((vits.predict(model, x) == y).float().mean())
+    key, threshold = vits.GATES[name]
+    assert acc >= threshold - 0.05, (name, key, acc)
+    assert (store.zoo_dir(name) / "model.safetensors").stat().st_size < 2_000_000
