@@ -10,7 +10,7 @@ export TOKENIZERS_PARALLELISM = false
 export MPLBACKEND = agg
 export HF_HUB_OFFLINE = 1
 
-.PHONY: figures test install clean
+.PHONY: figures test install zoo clean
 
 figures: $(VENV)/.installed
 	$(PY) -m interplab figures --profile tiny
@@ -21,6 +21,12 @@ test: $(VENV)/.installed
 	INTERPLAB_OUT_ROOT=build/nbval $(PY) -m pytest -q --nbval-lax --nbval-current-env --nbval-cell-timeout=1200 -p no:cacheprovider notebooks
 
 install: $(VENV)/.installed
+
+# Retrain every zoo model into data/zoo/ (resumes interrupted runs); the checkpoints are committed,
+# so nobody needs this to run the notebooks.
+ZOO := oracle clip t2i vit vit_ssl swin
+zoo: $(VENV)/.installed
+	for m in $(ZOO); do $(PY) -m interplab.zoo train $$m || exit 1; done
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

@@ -121,6 +121,68 @@ def test_l1_projection_idempotent_and_masked():
     assert (wm[1, 2:] == 0).all() and abs(wm[1].abs().sum() - 2) < 1e-6
 
 
+def bisection_box(v, k, iters=200):
+    """Independent solver: root of sum_i clip(v_i - lambda, 0, 1) = k by bisection."""
+    lo, hi = v.min() - 1, v.max()
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if np.clip(v - mid, 0, 1).sum() > k else (lo, mid)
+    return np.clip(v - (lo + hi) / 2, 0, 1)
+
+
+@pytest.mark.parametrize("root", ["few_ones", "breakpoints"])
+def test_box_projection_exact_both_roots(root):
+    g = np.random.default_rng(0)
+    for trial in range(300):
+        n = int(g.integers(2, 40))
+        v = g.normal(size=n) * g.uniform(0.01, 5) * (1000 if trial % 7 == 0 else 1)
+        v = v.round() if trial % 3 == 0 else v                                  # ties, v_i - 1 == v_j
+        k = int(g.integers(1, n + 1))
+        vt, kt = torch.tensor(v)[None], torch.tensor([float(k)], dtype=torch.float64)
+        lam = S._box_root_few_ones(vt, kt, k) if root == "few_ones" else S._box_root_breakpoints(vt, kt)
+        w = (vt - lam[:, None]).clamp(0, 1)[0].numpy()
+        np.testing.assert_allclose(w, bisection_box(v, k), atol=1e-8)
+        assert abs(w.sum() - k) < 1e-8 and w.min() >= 0 and w.max() <= 1
+        free = (w > 0) & (w < 1)                                                 # KKT: one multiplier
+        np.testing.assert_allclose(v[free] - w[free], lam.item(), atol=1e-8)
+        assert (v[w == 0] <= lam.item() + 1e-8).all() and (v[w == 1] >= lam.item() + 1 - 1e-8).all()
+
+
+def test_box_projection_long_rows_truncated_grid():
+    """Rows over 128 entries use only the entries above u_k - 1; still exact, at every spread."""
+    g = torch.Generator().manual_seed(3)
+    for scale in (0.05, 1.0, 100.0):
+        v = torch.randn(2, 6, 300, generator=g, dtype=torch.float64) * scale
+        mask = torch.rand(2, 6, 300, generator=g) > 0.1
+        k = torch.randint(1, 12, (2, 6), generator=g).to(torch.float64)
+        w, _ = S.project_box(v, k, mask)
+        vm = v.masked_fill(~mask, -torch.inf)
+        ref = (vm - S._box_root_breakpoints(vm, k).unsqueeze(-1)).clamp(0, 1)
+        torch.testing.assert_close(w, ref, atol=1e-9, rtol=0)
+        torch.testing.assert_close(w.sum(-1), k)
+
+
+def test_box_projection_masks_batches_and_is_idempotent():
+    g = torch.Generator().manual_seed(1)
+    v = torch.randn(3, 4, 30, generator=g, dtype=torch.float64) * 3
+    mask = torch.rand(3, 4, 30, generator=g) > 0.3
+    mask[0, 0] = False                                                         # a padded class slot
+    k = torch.randint(1, 8, (3, 4), generator=g).to(torch.float64)
+    k[0, 0] = 0
+    k[1, 1] = 20                                                               # > 16: the breakpoint root
+    w, _ = S.project_box(v, k, mask)
+    assert not w.isnan().any() and (w[~mask] == 0).all() and (w[0, 0] == 0).all()
+    torch.testing.assert_close(w.sum(-1), k)
+    for i, j in [(1, 1), (2, 3)]:
+        ref = bisection_box(v[i, j][mask[i, j]].numpy(), k[i, j].item())
+        np.testing.assert_allclose(w[i, j][mask[i, j]].numpy(), ref, atol=1e-8)
+    torch.testing.assert_close(S.project_box(w, k, mask)[0], w)                # already feasible
+    vertex = torch.zeros(1, 6, dtype=torch.float64)
+    vertex[0, [1, 4]] = 1
+    torch.testing.assert_close(S.project_box(vertex, torch.tensor([2.0], dtype=torch.float64))[0], vertex)
+    assert (S.project_box(v, torch.zeros(3, 4, dtype=torch.float64), mask)[0] == 0).all()
+
+
 def test_top_k_breaks_ties_deterministically():
     w_bar = torch.tensor([[[0.0, 0.0, 0.0, 0.0, 1.0]]])
     w_hat = torch.tensor([[[0.1, 0.3, 0.3, -1.0, 2.0]]])
@@ -154,7 +216,45 @@ def test_objective_is_monotone_over_ascent_steps():
     assert np.all(np.diff(down[1:]) <= 1e-4) and down[-1] < down[0] / 3
 
 
+def test_fast_rounding_equals_top_k_of_projected_weights():
+    """FastDiffSel rounds by w_hat alone: every projection is non-decreasing in w_hat per row."""
+    g = torch.Generator().manual_seed(2)
+    w_hat = torch.randn(4, 5, 3, 30, generator=g).round(decimals=1)            # many exact ties
+    mask = torch.rand(4, 5, 1, 30, generator=g) > 0.2
+    shots = torch.randint(1, 9, (4, 5, 1), generator=g)
+    shots[0, 4] = 0
+    k = shots.float()
+    for w_bar in (S.project_box(w_hat, k, mask)[0], S.project_l1(w_hat.clamp_min(0), k, mask)[0],
+                  S.project_l1(w_hat, k, mask)[0]):
+        m = mask.expand_as(w_hat)
+        assert torch.equal(S._largest(w_hat, mask, shots), S.top_k(w_bar, w_hat, m, shots.expand(4, 5, 3)))
+
+
+def test_box_and_l1_select_the_same_in_one_step_and_restarts_help():
+    f, y = gaussian_world(5, n_cls=10, per=40, spread=1.2)
+    tasks = T.sample_tasks(T.FixedSampler(5, 5, 10), y, 12, seed=0)
+    *inp, _ = S.pool_tensors(tasks, f, y)
+    one = [S.fastdiffsel(*inp, alpha=200.0, steps=1, relax=r).chosen for r in ("l1", "box")]
+    assert torch.equal(*one)                                                    # the dissertation's step
+    loss = {r: S.query_loss(S.fastdiffsel(*inp, alpha=1.0, steps=5, restarts=r).chosen.float(), *inp[:2], *inp[3:])
+            for r in (1, 8)}
+    assert loss[8].mean() > loss[1].mean()
+
+
+def test_best_iterate_never_loses_objective():
+    """best_iterate rounds the projected iterate with the largest L, so L(weights) >= the last's."""
+    f, y = gaussian_world(6, n_cls=10, per=40, spread=1.2)
+    tasks = T.sample_tasks(T.FixedSampler(5, 5, 10), y, 12, seed=1)
+    *inp, _ = S.pool_tensors(tasks, f, y)
+    for sign in (True, False):
+        sel = {b: S.fastdiffsel(*inp, alpha=10.0, steps=6, maximize=sign, best_iterate=b) for b in (True, False)}
+        lb, ll = (S.query_loss(sel[b].weights, *inp[:2], *inp[3:]) for b in (True, False))
+        assert ((lb - ll) * (1 if sign else -1) >= -1e-3).all() and not torch.equal(lb, ll)
+
+
 @pytest.mark.parametrize("method,kw", [("fastdiffsel", dict(steps=1)), ("fastdiffsel", dict(steps=10)),
+                                       ("fastdiffsel", dict(steps=5, alpha=1.0, restarts=4)),
+                                       ("fastdiffsel", dict(steps=5, relax="l1", restarts=3)),
                                        ("greedy", dict(rounds=3))])
 def test_selected_support_sets_satisfy_constraints(pool, method, kw):
     feats = torch.as_tensor(pool.x.reshape(len(pool.y), -1))

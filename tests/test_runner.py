@@ -90,3 +90,10 @@ def test_runner_input_errors(repo):
         Runner(root=repo).check_overrides("ch01_alpha", {"seed": "one"})
     with pytest.raises(BadParameter, match="expects bool"):
         Runner(root=repo).check_overrides("ch01_alpha", {"fail": 3})
+
+
+def test_out_root_redirects_the_runner(tmp_path, monkeypatch):
+    monkeypatch.setenv("INTERPLAB_OUT_ROOT", str(tmp_path / "scratch"))
+    assert Runner(root=tmp_path).figures == (tmp_path / "scratch").resolve()
+    monkeypatch.delenv("INTERPLAB_OUT_ROOT")
+    assert Runner(root=tmp_path).figures == tmp_path / "figures"
