@@ -90,6 +90,19 @@ def test_t2i_trains_and_samples(tmp_zoo):
     assert set(out["gates"]) == {"single_colour", "single_shape", "single_texture"}
 
 
+def test_t2i_ships_and_loads_with_its_text_encoder(tmp_zoo):
+    from diffusers import UNet2DConditionModel
+    tok = tw.clip_tokenizer(clip.MAX_LENGTH)
+    text = t2i.text_encoder_of(clip.CLIPModel(clip.config(len(tok), tok.eos_token_id)))
+    model = t2i.ToyDiffusion(UNet2DConditionModel(**t2i.unet_config()).eval(), text, tok)
+    card = t2i.ship_model(model, seed=0, steps=1, wall_time_s=1.0, gates={"g": store.gate(1.0, 0.8)})
+    assert {"unet.safetensors", "text_encoder/model.safetensors", "tokenizer/tokenizer.json"} <= set(card["sha256"])
+    back = models.load("t2i")
+    assert torch.allclose(back.encode(["a red circle"]), model.encode(["a red circle"]))
+    a, b = (m.generate(["a red circle"], seed=3, steps=2) for m in (model, back))
+    assert (a - b).abs().max() < 0.02  # the UNet ships in float16
+
+
 def test_t2i_latent_reshape_is_exact():
     x = torch.rand(2, 3, 32, 32)
     assert t2i.to_latent(x).shape == (2, 12, 16, 16)

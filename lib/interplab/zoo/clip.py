@@ -73,27 +73,39 @@ def zero_shot(model, tok, images, prompts: list[str]) -> torch.Tensor:
     return (embed_images(model, images) @ embed_text(model, tok, prompts).T).argmax(1)
 
 
-def attribute_accuracy(model, tok, n: int = 800, seed: int = 20_001) -> dict:
-    """Zero-shot accuracy per attribute on held-out single-object renders (random backgrounds).
+ATTRIBUTE_VALUES = {"colour": tw.COLOURS, "shape": tw.SHAPES, "texture": tw.TEXTURES, "size": tw.SIZES,
+                    "background": tw.BACKGROUNDS, "slot": tw.SLOTS}
 
-    Prompts: "a {colour} object", "a {shape}", "a {texture} object", "a {size} object",
-    "a object on {background}" (dark images are matched to "a object"), "a object at the {slot}".
+
+def full_caption(obj: tw.Obj, background: str) -> str:
+    """"a large red striped circle on water at the top left": every attribute named."""
+    return tw.phrase(obj) + (f" on {background}" if background != "dark" else "") + f" at the {obj.slot}"
+
+
+def attribute_accuracy(model, tok, n: int = 800, seed: int = 20_001) -> dict:
+    """Image-to-caption retrieval per attribute on held-out single-object renders (random backgrounds).
+
+    For each image the candidates are its full caption with the attribute set to each of its values
+    ("... red ...", "... green ...", ...), everything else true; the score is how often the true value
+    wins (chance 1/8 for colour, shape and texture, 1/2 size, 1/7 background, 1/4 slot).
     """
+    from dataclasses import replace
     rng = np.random.default_rng(seed)
     scenes = [tw.sample(rng, "single", slot_p=0).scene for _ in range(n)]
-    images = torch.from_numpy(tw.render_batch(scenes, seed=seed)[0])
-    objs = [s.objects[0] for s in scenes]
-    families = {
-        "colour": ([f"a {c} object" for c in tw.COLOURS], [tw.COLOURS.index(o.colour) for o in objs]),
-        "shape": ([f"a {s}" for s in tw.SHAPES], [tw.SHAPES.index(o.shape) for o in objs]),
-        "texture": ([f"a {t} object" for t in tw.TEXTURES], [tw.TEXTURES.index(o.texture) for o in objs]),
-        "size": ([f"a {s} object" for s in tw.SIZES], [tw.SIZES.index(o.size) for o in objs]),
-        "background": (["a object" if b == "dark" else f"a object on {b}" for b in tw.BACKGROUNDS],
-                       [tw.BACKGROUNDS.index(s.background) for s in scenes]),
-        "slot": ([f"a object at the {s}" for s in tw.SLOTS], [tw.SLOTS.index(o.slot) for o in objs]),
-    }
-    return {k: float((zero_shot(model, tok, images, prompts) == torch.tensor(y)).float().mean())
-            for k, (prompts, y) in families.items()}
+    img = embed_images(model, torch.from_numpy(tw.render_batch(scenes, seed=seed)[0]))
+    out = {}
+    for attr, values in ATTRIBUTE_VALUES.items():
+        captions, truth = [], []
+        for sc in scenes:
+            obj = sc.objects[0]
+            for v in values:
+                o, bg = (obj, v) if attr == "background" else (replace(obj, **{attr: v}), sc.background)
+                captions.append(full_caption(o, bg))
+            truth.append(values.index(sc.background if attr == "background" else getattr(obj, attr)))
+        txt = embed_text(model, tok, captions).view(n, len(values), -1)
+        pred = torch.einsum("nd,nvd->nv", img, txt).argmax(1)
+        out[attr] = float((pred == torch.tensor(truth)).float().mean())
+    return out
 
 
 def binding_scores(model, tok, n: int = 300, seed: int = 20_002) -> dict:
@@ -127,32 +139,86 @@ def measure(model, tok, n: int = 800, seed: int = 20_001) -> dict:
     return {f"zero_shot_{k}": v for k, v in attribute_accuracy(model, tok, n, seed).items()}
 
 
-def train(steps: int = 2000, batch_size: int = 128, seed: int = 0, lr: float = 1e-3, ship: bool = True,
-          resume: bool = True, eval_n: int = 800) -> dict:
-    torch.manual_seed(seed)
-    tok = tw.clip_tokenizer(MAX_LENGTH)
-    model = CLIPModel(config(len(tok), tok.eos_token_id))
+TWIN_ATTRIBUTES = ("shape", "texture", "slot", "size")
+
+
+def twin_pairs(rng: np.random.Generator, n_pairs: int, pal: tw.Palette = tw.Palette()) -> list[tw.Example]:
+    """Minimal pairs: two single-object scenes that differ in one of shape, texture, slot or size,
+    captioned identically except for that attribute (always mentioned).
+
+    Stage 2's hard negatives: the in-batch negatives of a contrastive loss almost never differ in
+    one attribute only, so the first stage learns the attributes that are cheap to see (colour,
+    background, size) and barely looks at shape, texture or place. Both scenes of a pair bind the
+    same attributes to one object, so this teaches attributes, not binding.
+    """
+    from dataclasses import replace
+    out = []
+    for _ in range(n_pairs):
+        attr = TWIN_ATTRIBUTES[rng.integers(len(TWIN_ATTRIBUTES))]
+        a = tw.captions.random_object(rng, pal, tw.SLOTS[rng.integers(4)])
+        values = {"shape": pal.shapes, "texture": pal.textures, "slot": tw.SLOTS, "size": pal.sizes}[attr]
+        b = replace(a, **{attr: [v for v in values if v != getattr(a, attr)][rng.integers(len(values) - 1)]})
+        bg = tw.captions.background_for(rng, a.shape, pal, spurious=0.7)
+        mention = {m for m in ("size", "colour", "texture", "shape") if rng.random() >= 0.2} | {attr}
+        where = f" on {bg}" if bg != "dark" and rng.random() < 0.8 else ""
+        say_slot = attr == "slot" or rng.random() < 0.3
+        for o in (a, b):
+            caption = tw.phrase(o, tuple(mention)) + where + (f" at the {o.slot}" if say_slot else "")
+            out.append(tw.Example(tw.Scene((o,), bg), caption, "twin"))
+    return out
+
+
+def _fit(name: str, model: CLIPModel, tok, steps: int, batch_size: int, seed: int, lr: float, twins: float,
+         resume: bool) -> dict:
+    """Contrastive training of both towers; a fraction ``twins`` of each batch is minimal pairs."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
+    n_pairs = int(batch_size * twins) // 2
 
     def step(rng, gen, i):
         model.train()
-        images, captions = batch(rng, batch_size, distractor_p=0.3)
+        if n_pairs:
+            ex = tw.sample_mix(rng, batch_size - 2 * n_pairs, distractor_p=0.3, slot_p=0.5) + twin_pairs(rng, n_pairs)
+            images = torch.from_numpy(tw.render_batch([e.scene for e in ex], seed=int(rng.integers(2 ** 31)))[0])
+            captions = [e.caption for e in ex]
+        else:
+            images, captions = batch(rng, batch_size, distractor_p=0.3)
         loss = contrastive_loss(model, images, tw.encode(tok, captions)[0], captions)
         loss.backward()
         return loss.detach()
 
-    run = loop.train(NAME, {"model": model}, opt, step, steps, seed, sched=sched, resume=resume)
+    return loop.train(name, {"model": model}, opt, step, steps, seed, sched=sched, resume=resume)
+
+
+def pretrain(name: str, steps: int = 3000, batch_size: int = 128, seed: int = 0, lr: float = 1e-3, twins: float = 0.25,
+             resume: bool = True):
+    """A CLIP trained by this recipe under another name (its resumable state is build/zoo/NAME):
+    the text-to-image model's text encoder is one. Returns (CLIPModel in eval mode, tokenizer, run)."""
+    torch.manual_seed(seed)
+    tok = tw.clip_tokenizer(MAX_LENGTH)
+    model = CLIPModel(config(len(tok), tok.eos_token_id))
+    run = _fit(name, model, tok, steps, batch_size, seed, lr, twins, resume)
+    return model.eval(), tok, run
+
+
+def train(steps: int = 6000, batch_size: int = 128, seed: int = 0, lr: float = 1e-3, twins: float = 0.5,
+          ship: bool = True, resume: bool = True, eval_n: int = 800) -> dict:
+    """Both towers on the pre-training mix (captions name the place half the time) plus minimal-pair
+    twins (a fraction ``twins`` of each batch), so that shape, texture, size and place must be seen."""
+    torch.manual_seed(seed)
+    tok = tw.clip_tokenizer(MAX_LENGTH)
+    model = CLIPModel(config(len(tok), tok.eos_token_id))
+    run = _fit(NAME, model, tok, steps, batch_size, seed, lr, twins, resume)
     model.eval()
     gates = {k: store.gate(v, GATE) for k, v in measure(model, tok, n=eval_n).items()}
-    extra = {"binding": binding_scores(model, tok, n=max(eval_n // 2, 8)), "batch_size": batch_size,
+    extra = {"binding": binding_scores(model, tok, n=max(eval_n // 2, 8)), "batch_size": batch_size, "twins": twins,
              "params": sum(p.numel() for p in model.parameters()), "final_loss": float(np.mean(run["losses"][-50:]))}
     if ship:
         d = store.zoo_dir(NAME)
-        model.save_pretrained(d)  # config.json + model.safetensors (fp32: 0.7 M parameters)
+        model.save_pretrained(d)  # config.json + model.safetensors (fp32: 0.5 M parameters)
         tok.save_pretrained(d)
-        store.write_card(NAME, seed=seed, steps=steps, wall_time_s=run["wall_time_s"],
-                         cpu_time_s=run["cpu_time_s"], gates=gates, extra=extra)
+        store.write_card(NAME, seed=seed, steps=steps, wall_time_s=run["wall_time_s"], cpu_time_s=run["cpu_time_s"],
+                         gates=gates, extra=extra)
         loop.finished(NAME)
     return {"gates": gates, **extra, **run}
 

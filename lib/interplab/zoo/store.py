@@ -42,12 +42,12 @@ def write_card(name: str, *, seed: int, steps: int, wall_time_s: float, gates: d
                command: str | None = None, cpu_time_s: float | None = None) -> dict:
     """Hash every file of the model's folder (except the card) into card.json; returns the card."""
     d = zoo_dir(name)
-    files = sorted(p for p in d.iterdir() if p.is_file() and p.name != "card.json")
+    files = sorted(p for p in d.rglob("*") if p.is_file() and p.name != "card.json")
     card = {"name": name, "command": command or train_command(name), "seed": seed, "steps": steps,
             "wall_time_s": round(wall_time_s, 1),
             "cpu_time_s": None if cpu_time_s is None else round(cpu_time_s, 1), "gates": gates,
             "gates_pass": all(g["holds"] for g in gates.values()),
-            "sha256": {p.name: provenance.sha256_file(p) for p in files},
+            "sha256": {p.relative_to(d).as_posix(): provenance.sha256_file(p) for p in files},
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "packages": {k: v for k, v in provenance.package_versions().items()
                          if k in ("python", "torch", "transformers", "diffusers", "timm")}}

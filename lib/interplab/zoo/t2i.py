@@ -17,6 +17,7 @@ from . import clip as zoo_clip
 from . import loop, store
 
 NAME = "t2i"
+TEXT_ENCODER = "t2i_text_encoder"  # the resumable state of its CLIP pre-training: build/zoo/t2i_text_encoder
 SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon")
 SAMPLER = dict(steps=10, guidance=4.0)  # what the chapters use (SD: 50 steps, guidance 7.5)
 # the training distribution: dark backgrounds, fewer relations than CLIP saw, more single objects
@@ -59,17 +60,19 @@ class ToyDiffusion:
     @torch.no_grad()
     def sample(self, cond: torch.Tensor, seed: int = 0, steps: int = SAMPLER["steps"],
                guidance: float = SAMPLER["guidance"], uncond: torch.Tensor | None = None,
-               batch_size: int = 256, progress: bool = False) -> torch.Tensor:
+               batch_size: int = 256, noise: torch.Tensor | None = None) -> torch.Tensor:
         """Images (N, 3, 32, 32) in [0, 1] for conditionings (N, 24, 64), DDIM with CFG.
 
         The initial noise of image i depends only on (seed, i), so two calls with the same seed
-        and different conditionings (clean vs edited) start from the same noise.
+        and different conditionings (clean vs edited) start from the same noise. ``noise`` (N or 1,
+        12, 16, 16) overrides it: one z_T shared by a clean, a corrupted and restored samples.
         """
         self.unet.eval()
         if uncond is None:
             uncond = self.encode([""])
-        gen = torch.Generator().manual_seed(seed)
-        noise = torch.randn(len(cond), 12, 16, 16, generator=gen).to(cond.device)
+        if noise is None:
+            noise = torch.randn(len(cond), 12, 16, 16, generator=torch.Generator().manual_seed(seed))
+        noise = noise.expand(len(cond), -1, -1, -1).to(cond.device)
         sched = DDIMScheduler(**SCHEDULE)
         sched.set_timesteps(steps)
         out = []
@@ -142,10 +145,19 @@ GATE = 0.8
 
 def train(steps: int = 3500, batch_size: int = 64, seed: int = 0, lr: float = 4e-4, ship: bool = True,
           resume: bool = True, eval_n: int = 400, oracle=None, clip=None) -> dict:
+    """First the text encoder: a CLIP trained contrastively by ``clip.pretrain`` (3000 steps, both
+    towers), whose text tower is then frozen and shipped with the UNet, as SD ships CLIP-L's; it does
+    not depend on the zoo's ``clip``, which may be retrained. Then the UNet on dark-background scenes.
+    Targets are noise-free renders: pixel noise in the data would leave the small-t denoising steps
+    nothing to learn but the noise itself."""
     from .oracle import load as load_oracle
     torch.manual_seed(seed)
-    clip_model, tok = clip or zoo_clip.load()
-    model = ToyDiffusion(UNet2DConditionModel(**unet_config()), clip_model.text_model.requires_grad_(False), tok)
+    text_run = None
+    if clip is None:
+        clip_model, tok, text_run = zoo_clip.pretrain(TEXT_ENCODER, seed=seed, resume=resume)
+    else:
+        clip_model, tok = clip
+    model = ToyDiffusion(UNet2DConditionModel(**unet_config()), text_encoder_of(clip_model).requires_grad_(False), tok)
     ema = loop.EMA(model.unet, decay=0.999)
     opt = torch.optim.AdamW(model.unet.parameters(), lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / 200))
@@ -154,7 +166,7 @@ def train(steps: int = 3500, batch_size: int = 64, seed: int = 0, lr: float = 4e
         model.unet.train()
         ex = tw.sample_mix(rng, batch_size, T2I_MIX, pal=DARK)
         captions = [e.caption if rng.random() >= 0.1 else "" for e in ex]  # caption dropout for CFG
-        images = torch.from_numpy(tw.render_batch([e.scene for e in ex], seed=int(rng.integers(2 ** 31)))[0])
+        images = torch.from_numpy(tw.render_batch([e.scene for e in ex], seed=int(rng.integers(2 ** 31)), noise=0.0)[0])
         loss = diffusion_loss(model, images, model.encode(captions), gen)
         loss.backward()
         ema.update(model.unet, i)
@@ -166,24 +178,43 @@ def train(steps: int = 3500, batch_size: int = 64, seed: int = 0, lr: float = 4e
     gates = {k: store.gate(v, GATE) for k, v in fid.items() if k.startswith("single_")}
     extra = {"pair_fidelity": {k: v for k, v in fid.items() if k.startswith("pair_")}, "sampler": SAMPLER,
              "schedule": SCHEDULE, "batch_size": batch_size, "params": sum(p.numel() for p in model.unet.parameters()),
-             "final_loss": float(np.mean(run["losses"][-100:])), "text_encoder": "clip (frozen)"}
+             "final_loss": float(np.mean(run["losses"][-100:])),
+             "text_encoder": "text tower of clip.pretrain (3000 steps, seed as this model), frozen"}
+    wall, cpu = run["wall_time_s"], run["cpu_time_s"]
+    if text_run is not None:
+        extra["text_encoder_training"] = {k: round(text_run[k], 1) for k in ("wall_time_s", "cpu_time_s")}
+        wall, cpu = wall + text_run["wall_time_s"], cpu + text_run["cpu_time_s"]
     if ship:
-        d = store.zoo_dir(NAME)
-        d.mkdir(parents=True, exist_ok=True)
-        store.save_weights(d / "unet.safetensors", model.unet.state_dict(), half=True)
-        store.provenance.write_json(d / "config.json", unet_config())
-        store.write_card(NAME, seed=seed, steps=steps, wall_time_s=run["wall_time_s"],
-                         cpu_time_s=run["cpu_time_s"], gates=gates, extra=extra)
+        ship_model(model, seed=seed, steps=steps, wall_time_s=wall, cpu_time_s=cpu, gates=gates, extra=extra)
         loop.finished(NAME)
+        loop.finished(TEXT_ENCODER)
     return {"gates": gates, **extra, **run}
 
 
+def text_encoder_of(clip_model):
+    """A stand-alone copy of the CLIPModel's text tower, a CLIPTextModel (an SD pipeline's text_encoder)."""
+    import copy
+    return copy.deepcopy(clip_model.text_model).eval()
+
+
+def ship_model(model: ToyDiffusion, **card) -> dict:
+    """data/zoo/t2i/: unet.safetensors (fp16) + config.json, text_encoder/, tokenizer/, card.json."""
+    d = store.zoo_dir(NAME)
+    d.mkdir(parents=True, exist_ok=True)
+    store.save_weights(d / "unet.safetensors", model.unet.state_dict(), half=True)
+    store.provenance.write_json(d / "config.json", unet_config())
+    model.text_model.save_pretrained(d / "text_encoder")
+    model.tokenizer.save_pretrained(d / "tokenizer")
+    return store.write_card(NAME, **card)
+
+
 def load() -> ToyDiffusion:
-    """The EMA UNet with the frozen tiny-CLIP text tower, after verifying both checkpoints."""
+    """The EMA UNet with its frozen CLIP text encoder and tokenizer, after verifying every file."""
     import json
+    from transformers import CLIPTextModel, PreTrainedTokenizerFast
     store.verify(NAME)
-    clip_model, tok = zoo_clip.load()
     d = store.zoo_dir(NAME)
     unet = UNet2DConditionModel(**json.loads((d / "config.json").read_text()))
     unet.load_state_dict(store.load_weights(d / "unet.safetensors"))
-    return ToyDiffusion(unet.eval(), clip_model.text_model.eval(), tok)
+    text = CLIPTextModel.from_pretrained(d / "text_encoder").eval()
+    return ToyDiffusion(unet.eval(), text, PreTrainedTokenizerFast.from_pretrained(d / "tokenizer"))
