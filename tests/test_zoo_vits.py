@@ -69,3 +69,12 @@ def test_shipped_checkpoint_meets_its_gate(name):
     key, threshold = vits.GATES[name]
     assert acc >= threshold - 0.05, (name, key, acc)
     assert (store.zoo_dir(name) / "model.safetensors").stat().st_size < 2_000_000
+
+
+@pytest.mark.parametrize("name", ["vit", "swin"])
+def test_folding_the_input_scaling_is_exact(name):
+    model = vits.create(name).eval()
+    x = tw.toynet(4, seed=1)[0]
+    with torch.no_grad():
+        before = model(vits.scaled(x))
+        assert torch.allclose(vits.fold_input_scaling(model)(x), before, atol=1e-4)

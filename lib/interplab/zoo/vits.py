@@ -32,10 +32,12 @@ VIT = ("vit_small_patch16_224", dict(img_size=32, patch_size=4, embed_dim=64, de
 SWIN = ("swin_tiny_patch4_window7_224", dict(img_size=32, patch_size=2, window_size=4, embed_dim=16, depths=(2, 2, 2),
                                              num_heads=(1, 2, 4), num_classes=N_CLASSES, drop_path_rate=0.1))
 ARCH = {"vit": VIT, "vit_ssl": VIT, "swin": SWIN}
-# shipped settings (measured budget: <= ~10 min each on the loaded 2-core machine, 1 thread)
-SETTINGS = {"vit": dict(steps=2000, batch_size=64, lr=1e-3),
+# shipped settings. Fresh renders every step (infinite data, +-2 px jitter built in) make crop
+# augmentation, label smoothing and weight decay unnecessary; equal-compute pilots showed they only
+# slow fitting, and a batch of 32 beat 64 at equal compute.
+SETTINGS = {"vit": dict(steps=10_000, batch_size=32, lr=1e-3),
             "vit_ssl": dict(steps=1100, batch_size=64, lr=1e-3),
-            "swin": dict(steps=3000, batch_size=64, lr=2e-3)}
+            "swin": dict(steps=6000, batch_size=32, lr=2e-3)}
 GATES = {"vit": ("heldout_accuracy", 0.85), "swin": ("heldout_accuracy", 0.85),
          "vit_ssl": ("linear_probe_accuracy", 0.7)}
 HELDOUT_SEED = 70_001  # fresh seed: never a training step's stream (those are [seed, step])
@@ -53,6 +55,24 @@ def create(name: str, num_classes: int = N_CLASSES) -> nn.Module:
     _check(name)
     arch, kw = ARCH[name]
     return timm.create_model(arch, pretrained=False, **{**kw, "num_classes": num_classes})
+
+
+def scaled(images: torch.Tensor) -> torch.Tensor:
+    """[0, 1] -> [-1, 1]: what the models see while training (zero-centred inputs fit faster)."""
+    return images * 2 - 1
+
+
+@torch.no_grad()
+def fold_input_scaling(model: nn.Module) -> nn.Module:
+    """Make a model trained on ``scaled`` images read [0, 1] images, exactly.
+
+    The patch embedding is a stride = kernel convolution without padding, so
+    conv(W, 2x - 1) + b = conv(2W, x) + (b - sum W) for every patch.
+    """
+    proj = model.patch_embed.proj
+    proj.bias -= proj.weight.sum((1, 2, 3))
+    proj.weight *= 2
+    return model
 
 
 def features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -162,12 +182,12 @@ def evaluate(model: nn.Module, probe_set, heldout) -> dict:
             "background_probe_accuracy": bg}
 
 
-def _supervised(model, batch_size, label_smoothing: float = 0.1):
+def _supervised(model, batch_size):
     def step(rng, gen, i):
         model.train()
         _seed_global(gen)
         images, labels, _ = toynet_draw(rng, batch_size)
-        loss = F.cross_entropy(model(views(images, gen)), labels, label_smoothing=label_smoothing)
+        loss = F.cross_entropy(model(scaled(images)), labels)
         loss.backward()
         return loss.detach()
     return step
@@ -179,7 +199,7 @@ def _simclr(model, projector, batch_size):
         _seed_global(gen)
         images, _, _ = toynet_draw(rng, batch_size)
         # crop + flip + noise, no colour jitter: it would erase the colour feature (spec 5.2)
-        v1, v2 = (views(images, gen, zoom=(1.0, 1.6), noise=0.05) for _ in range(2))
+        v1, v2 = (scaled(views(images, gen, zoom=(1.0, 1.6), noise=0.05)) for _ in range(2))
         loss = nt_xent(projector(features(model, v1)), projector(features(model, v2)))
         loss.backward()
         return loss.detach()
@@ -203,10 +223,11 @@ def train(name: str, steps: int | None = None, batch_size: int | None = None, se
     else:
         step = _supervised(model, batch_size)
     params = [p for m in modules.values() for p in m.parameters()]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     run = loop.train(name, modules, opt, step, steps, seed, sched=sched, resume=resume)
 
+    fold_input_scaling(model)  # from here on the model reads [0, 1] images
     probe_set, heldout = tw.toynet(n_probe, PROBE_SEED), tw.toynet(n_heldout, HELDOUT_SEED, "val")
     if ssl:  # DINO-style linear evaluation: a ToyNet head on frozen features becomes the model's head
         head = fit_linear(embed(model, probe_set[0]), probe_set[1], N_CLASSES)
@@ -251,3 +272,10 @@ def load(name: str) -> nn.Module:
     model = timm.create_model(cfg["architecture"], **kw)
     model.load_state_dict(store.load_weights(d / "model.safetensors"))
     return model.eval()
+
+
+def measure(name: str, model: nn.Module, n: int = 2000, seed: int = HELDOUT_SEED) -> dict:
+    """The gate metric under the card's name on n fresh ToyNet images: held-out accuracy of the shipped
+    model (for vit_ssl, whose shipped head is the linear probe, that is the linear-probe accuracy)."""
+    x, y, _ = tw.toynet(n, seed, "val")
+    return {GATES[name][0]: float((predict(model, x) == y).float().mean())}
