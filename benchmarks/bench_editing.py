@@ -37,6 +37,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 
 from interplab.editing import solve_update  # noqa: E402
+from timing import best_of  # noqa: E402  (benchmarks/timing.py, on sys.path when run as a script)
 
 OUT = Path(__file__).resolve().parent / "results" / "bench_editing.json"
 CASES = [("CLIP-L out_proj (SD text encoder)", 768, 768, (291, 730)),
@@ -50,18 +51,6 @@ def explicit_inverse(W, K, V, lam):
     W64, K64, V64 = (x.to(torch.float64) for x in (W, K, V))
     A = K64.T @ K64 + lam * torch.eye(W.shape[1], dtype=torch.float64)
     return ((lam * W64 + V64.T @ K64) @ torch.linalg.inv(A)).to(W.dtype)
-
-
-def best_of(fn, repeats):
-    """(last result, fastest wall seconds, fastest CPU seconds of this thread)."""
-    wall = cpu = float("inf")
-    out = None
-    for _ in range(repeats):
-        t0, c0 = time.perf_counter(), time.thread_time()
-        out = fn()
-        cpu = min(cpu, time.thread_time() - c0)
-        wall = min(wall, time.perf_counter() - t0)
-    return out, wall, cpu
 
 
 def gemm_gflops(size=1024, repeats=3):

@@ -39,28 +39,11 @@ from interplab import hooks, tracing  # noqa: E402
 from interplab import toyworld as tw  # noqa: E402
 from interplab.models import tiny_random  # noqa: E402
 from interplab.zoo import clip  # noqa: E402
+from timing import best_of  # noqa: E402  (benchmarks/timing.py, on sys.path when run as a script)
 
 OUT = Path(__file__).resolve().parent / "results" / "bench_tracing.json"
 SEQ = 16
 PROMPT = "a red striped circle and a blue square"
-
-
-def best_of(fn, repeats):
-    """(last result, (fastest wall seconds, fastest CPU seconds of this thread)) over ``repeats`` calls.
-
-    CPU time (``time.thread_time``; torch runs on this thread with one thread) is reported too
-    because on a shared machine a pass longer than a scheduler slice waits for the other
-    processes, which inflates wall time for the longer batched passes far more than for the loop's
-    short ones.
-    """
-    wall = cpu = float("inf")
-    out = None
-    for _ in range(repeats):
-        t0, c0 = time.perf_counter(), time.thread_time()
-        out = fn()
-        cpu = min(cpu, time.thread_time() - c0)
-        wall = min(wall, time.perf_counter() - t0)
-    return out, (wall, cpu)
 
 
 def loop_scores(model, run, ids, noise, restorations, metric):
@@ -94,10 +77,10 @@ def compare(name, model, run, ids, noise, metric, kind, window_size, repeats, ba
     restorations = [[(sites[j], pos) for j in tracing.window(layer, window_size, n_layers)]
                     for layer in range(n_layers) for pos in range(T)]
     with torch.inference_mode():
-        res, (t_batched, c_batched) = best_of(lambda: tracing.trace_grid(model, run, ids, noise, metric, kind=kind,
+        res, t_batched, c_batched = best_of(lambda: tracing.trace_grid(model, run, ids, noise, metric, kind=kind,
                                                             window_size=window_size, batch_size=batch_size),
                                  repeats)
-        (clean, corrupted, looped), (t_loop, c_loop) = best_of(
+        (clean, corrupted, looped), t_loop, c_loop = best_of(
             lambda: loop_scores(model, run, ids, noise, restorations, metric), repeats)
     batched = res.restored.reshape(-1)
     assert torch.allclose(batched, looped, rtol=1e-5, atol=1e-6), (name, (batched - looped).abs().max())

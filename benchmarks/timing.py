@@ -1,0 +1,19 @@
+"""Timing shared by the benchmark scripts."""
+import time
+
+
+def best_of(fn, repeats: int):
+    """(last result, fastest wall seconds, fastest CPU seconds of this thread) over ``repeats`` calls.
+
+    CPU time (``time.thread_time``; torch runs on this thread with one OpenMP thread) is reported
+    too: on a shared machine a pass longer than a scheduler slice waits for the other processes,
+    which inflates wall time for long batched passes far more than for a loop's short ones.
+    """
+    wall = cpu = float("inf")
+    out = None
+    for _ in range(repeats):
+        t0, c0 = time.perf_counter(), time.thread_time()
+        out = fn()
+        cpu = min(cpu, time.thread_time() - c0)
+        wall = min(wall, time.perf_counter() - t0)
+    return out, wall, cpu
