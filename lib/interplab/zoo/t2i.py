@@ -19,7 +19,7 @@ from . import loop, store
 NAME = "t2i"
 TEXT_ENCODER = "t2i_text_encoder"  # the resumable state of its CLIP pre-training: build/zoo/t2i_text_encoder
 SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon")
-SAMPLER = dict(steps=10, guidance=4.0)  # what the chapters use (SD: 50 steps, guidance 7.5)
+SAMPLER = dict(steps=10, guidance=4.0, eta=1.0)  # what the chapters use (SD: 50 steps, guidance 7.5, eta 0)
 # the training distribution: dark backgrounds, fewer relations than CLIP saw, more single objects
 T2I_MIX = {"single": 0.45, "pair": 0.12, "relation": 0.05, "style": 0.14, "painting": 0.05, "mascot": 0.08,
            "emblem": 0.06, "action": 0.05}
@@ -60,30 +60,38 @@ class ToyDiffusion:
     @torch.no_grad()
     def sample(self, cond: torch.Tensor, seed: int = 0, steps: int = SAMPLER["steps"],
                guidance: float = SAMPLER["guidance"], uncond: torch.Tensor | None = None,
-               batch_size: int = 256, noise: torch.Tensor | None = None) -> torch.Tensor:
+               batch_size: int = 256, noise: torch.Tensor | None = None, eta: float = SAMPLER["eta"]) -> torch.Tensor:
         """Images (N, 3, 32, 32) in [0, 1] for conditionings (N, 24, 64), DDIM with CFG.
 
-        The initial noise of image i depends only on (seed, i), so two calls with the same seed
-        and different conditionings (clean vs edited) start from the same noise. ``noise`` (N or 1,
-        12, 16, 16) overrides it: one z_T shared by a clean, a corrupted and restored samples.
+        ``eta`` = 1 is stochastic (ancestral-like) DDIM: each step adds fresh noise, which corrects
+        the epsilon errors that deterministic DDIM (eta = 0) accumulates into high-frequency noise in
+        this small model's samples. All noise of image i (start and every step) depends only on
+        (seed, i), so two calls with the same seed and different conditionings (clean vs edited)
+        share it. ``noise`` (N or 1, 12, 16, 16) overrides z_T; with one row, every image also shares
+        the step noise (a clean, a corrupted and restored samples of one caption).
         """
         self.unet.eval()
         if uncond is None:
             uncond = self.encode([""])
+        shared = noise is not None and len(noise) == 1
+        rows = 1 if shared else len(cond)
         if noise is None:
-            noise = torch.randn(len(cond), 12, 16, 16, generator=torch.Generator().manual_seed(seed))
+            noise = torch.randn(rows, 12, 16, 16, generator=torch.Generator().manual_seed(seed))
         noise = noise.expand(len(cond), -1, -1, -1).to(cond.device)
         sched = DDIMScheduler(**SCHEDULE)
         sched.set_timesteps(steps)
+        step_noise = [torch.randn(rows, 12, 16, 16, generator=torch.Generator().manual_seed(seed * 7919 + k + 1))
+                      .expand(len(cond), -1, -1, -1).to(cond.device) for k in range(len(sched.timesteps))] if eta else None
         out = []
         for i in range(0, len(cond), batch_size):
             c = cond[i:i + batch_size]
             u = uncond.expand(len(c), -1, -1) if len(uncond) == 1 else uncond[i:i + batch_size]
             x = noise[i:i + batch_size]
-            for t in sched.timesteps:
+            for k, t in enumerate(sched.timesteps):
                 eps = self.unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([u, c])).sample
                 e_u, e_c = eps.chunk(2)
-                x = sched.step(e_u + guidance * (e_c - e_u), t, x).prev_sample
+                z = step_noise[k][i:i + batch_size] if eta else None
+                x = sched.step(e_u + guidance * (e_c - e_u), t, x, eta=eta, variance_noise=z).prev_sample
             out.append(to_image(x))
         return torch.cat(out)
 
