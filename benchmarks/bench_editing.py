@@ -28,7 +28,6 @@ Writes benchmarks/results/bench_editing.json and prints a table.
 import argparse
 import json
 import os
-import platform
 import time
 from pathlib import Path
 
@@ -37,7 +36,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 
 from interplab.editing import solve_update  # noqa: E402
-from timing import best_of  # noqa: E402  (benchmarks/timing.py, on sys.path when run as a script)
+from timing import best_of, machine  # noqa: E402  (benchmarks/timing.py, on sys.path when run as a script)
 
 OUT = Path(__file__).resolve().parent / "results" / "bench_editing.json"
 CASES = [("CLIP-L out_proj (SD text encoder)", 768, 768, (291, 730)),
@@ -173,8 +172,7 @@ def main(argv=None):
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps({
         "benchmark": "solve_update (direct / Woodbury float64 solves) vs explicit inverse",
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-                   f"{torch.get_num_threads()} torch threads",
+        "machine": machine(),
         "torch": torch.__version__, "blas": "MKL" if torch.backends.mkl.is_available() else "other",
         "float64_gemm_gflops": {"per_wall_s": rate[0], "per_cpu_s": rate[1]}, "lam": args.lam,
         "dtype": "float32 in/out, float64 inside",

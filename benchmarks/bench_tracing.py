@@ -24,7 +24,6 @@ Writes benchmarks/results/bench_tracing.json and prints a table.
 import argparse
 import json
 import os
-import platform
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -39,7 +38,7 @@ from interplab import hooks, tracing  # noqa: E402
 from interplab import toyworld as tw  # noqa: E402
 from interplab.models import tiny_random  # noqa: E402
 from interplab.zoo import clip  # noqa: E402
-from timing import best_of  # noqa: E402  (benchmarks/timing.py, on sys.path when run as a script)
+from timing import best_of, machine  # noqa: E402  (benchmarks/timing.py, on sys.path when run as a script)
 
 OUT = Path(__file__).resolve().parent / "results" / "bench_tracing.json"
 SEQ = 16
@@ -162,8 +161,7 @@ def main(argv=None):
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps({
         "benchmark": "batched corrupt-and-restore vs one forward per restoration",
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-                   f"{torch.get_num_threads()} torch threads",
+        "machine": machine(),
         "torch": torch.__version__, "transformers": transformers.__version__,
         "batch_size": args.batch_size, "repeats": args.repeats,
         "timing": "best of repeats, inference_mode; *_s wall clock, *_cpu_s CPU time of the thread",

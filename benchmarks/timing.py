@@ -17,3 +17,12 @@ def best_of(fn, repeats: int):
         cpu = min(cpu, time.thread_time() - c0)
         wall = min(wall, time.perf_counter() - t0)
     return out, wall, cpu
+
+
+def machine() -> str:
+    """"x86_64, 2 cores, 1 torch threads": what every benchmark JSON records about where it ran."""
+    import os
+    import platform
+
+    import torch
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"

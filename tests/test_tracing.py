@@ -171,21 +171,6 @@ def _toy_diffusion():
     return t2i.ToyDiffusion(UNet2DConditionModel(**t2i.unet_config()).eval(), text.text_model, tok)
 
 
-def _sample(model, cond, steps=2, guidance=4.0):
-    """ToyDiffusion.sample's DDIM + CFG loop, but with one z_T shared by every sample (paired design)."""
-    from diffusers import DDIMScheduler
-    from interplab.zoo import t2i
-    sched = DDIMScheduler(**t2i.SCHEDULE)
-    sched.set_timesteps(steps)
-    x = torch.randn(1, 12, 16, 16, generator=torch.Generator().manual_seed(0)).repeat(len(cond), 1, 1, 1)
-    u = model.encode([""]).expand(len(cond), -1, -1)
-    for t in sched.timesteps:
-        eps = model.unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([u, cond])).sample
-        e_u, e_c = eps.chunk(2)
-        x = sched.step(e_u + guidance * (e_c - e_u), t, x).prev_sample
-    return x
-
-
 @pytest.mark.parametrize("branches", ["both", "cond"])
 def test_reference_row_sampling_on_toy_diffusion(branches):
     from interplab import anatomy
@@ -204,7 +189,7 @@ def test_reference_row_sampling_on_toy_diffusion(branches):
         plan = {path: [2] for path in every}
         plan[anatomy.items(model.unet, "xattn")[3]] = [2, 4]
         with tracing.restore_from_row(model.unet, plan, src=0, cfg=True, restore_branches=branches):
-            x = _sample(model, cond)
+            x = model.sample(cond, steps=2, noise=torch.randn(1, 12, 16, 16, generator=torch.Generator().manual_seed(0)))
     assert torch.equal(x[2], x[0])                          # every layer restored: the clean sample
     assert torch.equal(x[3], x[1])                          # nothing restored: the corrupted sample
     assert not torch.equal(x[0], x[1]) and not torch.equal(x[4], x[1]) and not torch.equal(x[4], x[0])

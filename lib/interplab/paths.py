@@ -16,14 +16,14 @@ BUILD = ROOT / "build"
 PROFILES = ("tiny", "paper")
 
 
-def figures_root() -> Path:
+def figures_root(root: Path = ROOT) -> Path:
     """Root under which ``<profile>/<chapter>/`` output folders go.
 
     ``INTERPLAB_OUT_ROOT`` redirects it (``make test`` points it into build/ so that
     executing notebooks under nbval never rewrites the committed figures).
     """
     env = os.environ.get("INTERPLAB_OUT_ROOT")
-    return Path(env).resolve() if env else FIGURES
+    return Path(env).resolve() if env else Path(root) / "figures"
 
 
 def chapter_dir(profile: str, chapter: str) -> Path:

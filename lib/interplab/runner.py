@@ -54,8 +54,7 @@ class Runner:
             raise UnknownProfile(f"profile={profile!r} is unknown; use one of {', '.join(paths.PROFILES)}")
         self.root, self.profile = Path(root), profile
         self.notebooks = self.root / "notebooks"
-        out_root = os.environ.get("INTERPLAB_OUT_ROOT")  # as paths.figures_root: scratch runs stay out of figures/
-        self.figures = Path(figures) if figures else Path(out_root).resolve() if out_root else self.root / "figures"
+        self.figures = Path(figures) if figures else paths.figures_root(self.root)
         self.build = self.root / "build"
 
     # -- discovery -----------------------------------------------------------------

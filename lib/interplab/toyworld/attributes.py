@@ -29,3 +29,4 @@ WATER_SHAPES = ("circle", "diamond", "star")
 LAND_SHAPES = ("square", "triangle", "cross")
 WATER_BACKGROUNDS = ("water", "lake")
 LAND_BACKGROUNDS = ("grass", "forest")
+SPURIOUS = 0.7  # P(family background | family shape) in every sampler unless a caller says otherwise

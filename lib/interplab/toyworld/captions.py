@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .attributes import (BACKGROUNDS, COLOURS, LAND_BACKGROUNDS, LAND_SHAPES, SHAPES, SIZES, SLOTS, TEXTURES,
-                         WATER_BACKGROUNDS, WATER_SHAPES)
+from .attributes import (BACKGROUNDS, COLOURS, LAND_BACKGROUNDS, LAND_SHAPES, SHAPES, SIZES, SLOTS, SPURIOUS,
+                         TEXTURES, WATER_BACKGROUNDS, WATER_SHAPES)
 from .entities import ACTIONS, ARTISTS, EMBLEMS, MASCOTS
 from .render import Obj, Scene
 
@@ -91,7 +91,7 @@ def _where(bg: str, slot: str | None, rng, bg_p: float, slot_p: float) -> str:
 
 
 def sample(rng: np.random.Generator, family: str, pal: Palette = Palette(), drop: float = 0.2,
-           spurious: float = 0.7, distractor_p: float = 0.0, bg_p: float = 0.8, slot_p: float = 0.3) -> Example:
+           spurious: float = SPURIOUS, distractor_p: float = 0.0, bg_p: float = 0.8, slot_p: float = 0.3) -> Example:
     """One (scene, caption) of a family; see the module docstring for the grammar."""
     slots = [str(s) for s in rng.permutation(SLOTS)]
     if family == "single":
