@@ -9,7 +9,7 @@ from torch import nn
 from interplab import anatomy, hooks
 from interplab.models import tiny_random
 
-BUILDERS = ["gpt2", "llama", "clip", "clip_text", "unet", "timm_vit", "timm_swin", "open_clip"]
+BUILDERS = ["gpt2", "llama", "phi3", "clip", "clip_text", "unet", "timm_vit", "timm_swin", "open_clip"]
 
 # Registered components a tiny model legitimately lacks (the projection lives in a wrapper class).
 ABSENT = {"clip_text": {"head"}, "clip": {"text_encoder.head", "vision_encoder.head"}}
@@ -50,7 +50,7 @@ def test_every_registered_component_resolves(models, name):
 
 
 @pytest.mark.parametrize("name,family,layers", [
-    ("gpt2", "gpt2", 2), ("llama", "llama", 2), ("clip_text", "clip_text", 2),
+    ("gpt2", "gpt2", 2), ("llama", "llama", 2), ("phi3", "phi3", 2), ("clip_text", "clip_text", 2),
     ("timm_vit", "timm_vit", 2), ("timm_swin", "timm_swin", 4)])
 def test_detection_and_layer_counts(models, name, family, layers):
     model = models[name]
@@ -84,6 +84,8 @@ def test_concrete_paths(models):
     assert anatomy.resolve(models["open_clip"], "vision_encoder.layer[1].attn.heads") == (
         "visual.transformer.resblocks.1.attn.out_proj", "input")
     assert anatomy.resolve(models["open_clip"], "text_encoder.final_norm").path == "ln_final"
+    assert anatomy.resolve(models["phi3"], "layer[1].attn.heads") == ("model.layers.1.self_attn.o_proj", "input")
+    assert anatomy.resolve(models["phi3"], "layer[0].attn.qkv").path == "model.layers.0.self_attn.qkv_proj"
     assert anatomy.resolve(models["open_clip"].visual, "layer[0].mlp.neurons") == (
         "transformer.resblocks.0.mlp.c_proj", "input")
 
@@ -124,6 +126,7 @@ def test_swin_layers_are_flattened_in_call_order(models):
 _INPUTS = {
     "gpt2": lambda m: m(torch.randint(3, 60, (2, 6))),
     "llama": lambda m: m(torch.randint(3, 60, (2, 6))),
+    "phi3": lambda m: m(torch.randint(3, 60, (2, 6))),
     "clip_text": lambda m: m(torch.randint(3, 60, (2, 6))),
     "timm_vit": lambda m: m(torch.randn(2, 3, 32, 32)),
     "timm_swin": lambda m: m(torch.randn(2, 3, 32, 32)),

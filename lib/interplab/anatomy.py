@@ -170,6 +170,16 @@ for _spec in [
             "embed": ("{root}.embed_tokens", "output"), "final_norm": ("{root}.norm", "output"),
             "head": ("lm_head", "output")},
            roots=("model", ""), model_types=("llama",)),
+    # Phi-3 fuses q, k, v into one projection (and gate, up into mlp.gate_up_proj); o_proj and
+    # down_proj are unfused, so the per-layer names mean what they mean for Llama.
+    Family("phi3", ("transformers:Phi3ForCausalLM", "transformers:Phi3Model"), "{root}.layers",
+           {"layer": children("{root}.layers")},
+           {**_layer_components("self_attn", "o_proj", "mlp", "down_proj",
+                                "input_layernorm", "post_attention_layernorm"),
+            "layer.attn.qkv": ("{layer}.self_attn.qkv_proj", "output"),
+            "embed": ("{root}.embed_tokens", "output"), "final_norm": ("{root}.norm", "output"),
+            "head": ("lm_head", "output")},
+           roots=("model", ""), model_types=("phi3",)),
     # transformers 5 made CLIPTextModel the tower itself (4.x wrapped a CLIPTextTransformer as
     # .text_model); the {root} probe covers both.
     Family("clip_text", ("transformers:CLIPTextModel", "transformers:CLIPTextModelWithProjection",

@@ -7,6 +7,7 @@ behave; the ``tiny`` profile's trained zoo has the same shapes.
 
     gpt2()       transformers GPT2LMHeadModel     2 layers, d=32, 4 heads, vocab 64
     llama()      transformers LlamaForCausalLM    2 layers, d=32, 4 heads (2 kv), vocab 64
+    phi3()       transformers Phi3ForCausalLM     2 layers, d=32, 4 heads (2 kv), fused qkv, vocab 64
     clip()       transformers CLIPModel           text+vision, width 64, 2 layers, image 32, patch 8
     clip_text()  transformers CLIPTextModel       the text tower of ``clip()``
     unet()       diffusers UNet2DConditionModel   channels (32, 64), cross_attention_dim 32, 16 px latents
@@ -44,6 +45,17 @@ def llama(n_layer: int = 2, seed: int = SEED):
                       bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD,
                       attn_implementation="eager")
     return _ready(LlamaForCausalLM(cfg))
+
+
+def phi3(n_layer: int = 2, seed: int = SEED):
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Phi3Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=n_layer,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                     original_max_position_embeddings=64, bos_token_id=BOS, eos_token_id=EOS,
+                     pad_token_id=PAD, attn_implementation="eager")
+    return _ready(Phi3ForCausalLM(cfg))
 
 
 def _clip_configs():

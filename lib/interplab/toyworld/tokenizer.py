@@ -10,13 +10,14 @@ from transformers import PreTrainedTokenizerFast
 SPECIALS = ("<pad>", "<unk>", "<bos>")
 
 
-def build_tokenizer(words, extra_specials=(), max_length: int = 24) -> PreTrainedTokenizerFast:
-    """Word-level tokenizer: "a red circle" -> [<bos>, a, red, circle, <eos>]."""
+def build_tokenizer(words, extra_specials=(), max_length: int = 24, add_eos: bool = True) -> PreTrainedTokenizerFast:
+    """Word-level tokenizer: "a red circle" -> [<bos>, a, red, circle, <eos>] (no <eos> with
+    ``add_eos=False``: a language model's prompt must end where the model continues)."""
     tokens = list(SPECIALS) + list(extra_specials) + [w for w in dict.fromkeys(words)] + ["<eos>"]
     vocab = {t: i for i, t in enumerate(tokens)}
     tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tk.post_processor = processors.TemplateProcessing(single="<bos> $A <eos>",
+    tk.post_processor = processors.TemplateProcessing(single="<bos> $A" + (" <eos>" if add_eos else ""),
                                                       special_tokens=[("<bos>", vocab["<bos>"]), ("<eos>", vocab["<eos>"])])
     return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>",
                                    pad_token="<pad>", model_max_length=max_length,

@@ -6,8 +6,10 @@
     clip     the tiny CLIP (text tower conditions the text-to-image model)
     t2i      the text-to-image diffusion model (the Stable Diffusion analogue)
     vits     Chapter 7's tiny ViTs on ToyNet: vit (DeiT-toy), vit_ssl (SimCLR), swin (Swin-toy)
+    qa_lm    Chapter 8's tiny Llama trained on the extractive-QA world (interplab.qaworld)
 
 Train one with ``python -m interplab.zoo train NAME``; load one with ``interplab.models.load(NAME)``.
 """
 # zoo name -> the module of this package that trains and loads it (in training order: t2i needs clip)
-MODELS = {"oracle": "oracle", "clip": "clip", "t2i": "t2i", "vit": "vits", "vit_ssl": "vits", "swin": "vits"}
+MODELS = {"oracle": "oracle", "clip": "clip", "t2i": "t2i", "vit": "vits", "vit_ssl": "vits", "swin": "vits",
+          "qa_lm": "qa_lm"}

@@ -1,0 +1,177 @@
+"""A transformers attention function that records chosen heads and up-weights chosen keys.
+
+Registered under ``NAME`` with ``transformers.AttentionInterface`` and, with it, the eager
+mask builder under the same name in ``masking_utils.AttentionMaskInterface``: in transformers
+5.x a model whose ``_attn_implementation`` has no registered mask function gets
+``attention_mask=None``, so causal masking would be silently lost.
+
+    with attention_plan(model, capture=[(3, 1)], upweight=[2, 3], beta=10, context=ctx,
+                        queries=T - 1) as plan:
+        model(ids)
+    plan[3, 1]          # (B, T_q, T_k) post-softmax weights of layer 3, head 1 (last call)
+
+Per call of a planned layer the function runs the model's own ``eager_attention_forward`` and
+keeps only the captured heads, so long prompts never hold every layer's weights. Up-weighting
+(spec 2.8 (i)) adds log(beta) to the pre-softmax score of a target key at chosen queries, i.e.
+multiplies that key's unnormalised weight by beta before normalisation. It is passed to eager
+attention as an extra additive mask term, so beta = 1 reproduces eager bit for bit. Targets:
+"argmax" (per head and query, the context key with the largest unmodified attention; one extra
+eager pass on that layer) or a bool key mask (B, T) (e.g. the answer slot).
+"""
+import math
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, eager_mask
+from transformers.models.llama.modeling_llama import eager_attention_forward as llama_eager
+
+from . import anatomy, hooks
+from .errors import BadParameter
+
+NAME = "interplab"
+_SLOT = "_interplab_plan"  # attribute set on planned attention modules: (plan, layer)
+
+
+def _eager(module):
+    """The eager attention of the module's own modeling file (Llama's when it has none)."""
+    return getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", llama_eager)
+
+
+def planned_attention(module, query, key, value, attention_mask, **kwargs):
+    """Eager attention, plus the plan of ``module`` if it has one. query (B, H, T_q, dh)."""
+    eager = _eager(module)
+    slot = getattr(module, _SLOT, None)
+    if slot is None:
+        return eager(module, query, key, value, attention_mask, **kwargs)
+    plan, layer = slot
+    if layer in plan.upweight:
+        bias = plan.bias(layer, module, query, key, value, attention_mask, kwargs)
+        attention_mask = bias if attention_mask is None else attention_mask + bias
+    out, weights = eager(module, query, key, value, attention_mask, **kwargs)
+    for h in plan.capture.get(layer, ()):
+        plan.captured.setdefault((layer, h), []).append(weights[:, h].detach().clone())
+    return out, weights
+
+
+def register(name: str = NAME, mask: bool = True) -> None:
+    """Register ``planned_attention`` (and, unless ``mask=False``, the eager mask) as ``name``."""
+    AttentionInterface.register(name, planned_attention)
+    if mask:
+        AttentionMaskInterface.register(name, eager_mask)
+
+
+register()
+
+
+def _fit(mask: torch.Tensor, length: int) -> torch.Tensor:
+    """A (B, T) bool mask over absolute positions, cut or False-padded to ``length``."""
+    mask = mask.bool()[:, :length]
+    return torch.nn.functional.pad(mask, (0, length - mask.shape[1]))
+
+
+@dataclass
+class AttentionPlan:
+    """What ``planned_attention`` does per layer; filled with captured weights as the model runs."""
+    capture: dict                  # layer -> [heads] whose weights are kept
+    upweight: dict                 # layer -> "argmax" | bool key mask (B, T)
+    beta: float = 10.0
+    context: torch.Tensor = None   # (B, T) bool: keys the "argmax" target is chosen among (None: all)
+    queries: object = None         # None (all) | int / (B,) first absolute query position | (B, T) bool
+    captured: dict = field(default_factory=dict)  # (l, h) -> [(B, T_q, T_k) per forward call]
+    targets: dict = field(default_factory=dict)   # l -> [(B, H, T_q) arg-max keys per call]
+
+    def __getitem__(self, layer_head) -> torch.Tensor:
+        """(B, T_q, T_k) weights of (layer, head) from the last forward call."""
+        if tuple(layer_head) not in self.captured:
+            raise BadParameter(f"no weights captured for {tuple(layer_head)}; captured: {sorted(self.captured)}")
+        return self.captured[tuple(layer_head)][-1]
+
+    def clear(self) -> None:
+        self.captured.clear()
+        self.targets.clear()
+
+    def _query_rows(self, batch: int, t_q: int, t_k: int, device) -> torch.Tensor:
+        """(B, T_q) bool: which queries get the bias. Query i sits at absolute t_k - t_q + i."""
+        pos = torch.arange(t_k - t_q, t_k, device=device)
+        if self.queries is None:
+            return torch.ones(batch, t_q, dtype=torch.bool, device=device)
+        q = torch.as_tensor(self.queries, device=device)
+        if q.dtype == torch.bool:
+            return _fit(q, t_k)[:, t_k - t_q:]
+        return pos[None, :] >= q.reshape(-1, 1)
+
+    def bias(self, layer, module, query, key, value, attention_mask, kwargs) -> torch.Tensor:
+        """(B, H or 1, T_q, T_k) additive score term: log(beta) at (query, target key) pairs."""
+        batch, _, t_q, _ = query.shape
+        t_k = key.shape[2]
+        rows = self._query_rows(batch, t_q, t_k, query.device)[:, None, :, None]  # (B, 1, T_q, 1)
+        target = self.upweight[layer]
+        if isinstance(target, str):
+            _, weights = _eager(module)(module, query, key, value, attention_mask, **kwargs)
+            ctx = (torch.ones(batch, t_k, dtype=torch.bool, device=query.device) if self.context is None
+                   else _fit(self.context.to(query.device), t_k))
+            top = weights.float().masked_fill(~ctx[:, None, None, :], -torch.inf).argmax(-1)  # (B, H, T_q)
+            self.targets.setdefault(layer, []).append(top)
+            hit = torch.nn.functional.one_hot(top, t_k).bool() & ctx.any(-1)[:, None, None, None]
+        else:
+            hit = _fit(target.to(query.device), t_k)[:, None, None, :]               # (B, 1, 1, T_k)
+        return (hit & rows).to(query.dtype) * math.log(self.beta)
+
+
+def _check_layer(layer, n_layers):
+    if not isinstance(layer, int) or not 0 <= layer < n_layers:
+        raise BadParameter(f"layer {layer!r} is out of range 0..{n_layers - 1}")
+
+
+@contextmanager
+def attention_plan(model, capture=(), upweight=None, beta: float = 10.0, context=None, queries=None,
+                   implementation: str = NAME):
+    """Run ``model`` with ``planned_attention`` inside the block; restore its implementation after.
+
+    capture: [(layer, head)] query heads whose post-softmax weights are kept (GQA: query heads).
+    upweight: None | layers (target "argmax") | {layer: "argmax" or bool key mask (B, T)}.
+    beta: factor on the target key's unnormalised weight (> 0). context: (B, T) bool keys among
+    which "argmax" picks (positions past T never qualify). queries: None (all) | int or (B,)
+    first absolute query position (covers every later generated step) | (B, T) bool mask.
+    Absolute positions assume an unpadded or right-padded prompt (no left padding, no sliding-
+    window cache). Yields the ``AttentionPlan``; its ``captured`` fills as the model runs.
+    """
+    if not model._can_set_attn_implementation():
+        raise anatomy.UnsupportedModel(f"{type(model).__name__} cannot switch attention implementation")
+    previous = model.config._attn_implementation
+    if previous == implementation:
+        raise BadParameter("attention_plan does not nest: the model already runs planned attention")
+    if not beta > 0:
+        raise BadParameter(f"beta must be > 0, got {beta}")
+    n_layers = anatomy.n_layers(model)
+    capture_by_layer = {}
+    for layer, head in capture:
+        _check_layer(layer, n_layers)
+        if not 0 <= head < anatomy.n_heads(model, layer):
+            raise BadParameter(f"head {head} is out of range 0..{anatomy.n_heads(model, layer) - 1} "
+                               f"of layer {layer}")
+        capture_by_layer.setdefault(layer, []).append(head)
+    if upweight is None:
+        upweight = {}
+    elif not isinstance(upweight, dict):
+        upweight = {layer: "argmax" for layer in upweight}
+    for layer, target in upweight.items():
+        _check_layer(layer, n_layers)
+        if isinstance(target, str) and target != "argmax":
+            raise BadParameter(f"upweight target {target!r} of layer {layer}: use 'argmax' or a bool key mask")
+    plan = AttentionPlan(capture_by_layer, upweight, beta, context, queries)
+    planned = {l: hooks.get_module(model, anatomy.resolve(model, f"layer[{l}].attn").path)
+               for l in set(capture_by_layer) | set(upweight)}
+    model.set_attn_implementation(implementation)
+    try:
+        for layer, module in planned.items():
+            setattr(module, _SLOT, (plan, layer))
+        yield plan
+    finally:
+        for module in planned.values():
+            if hasattr(module, _SLOT):
+                delattr(module, _SLOT)
+        model.set_attn_implementation(previous)

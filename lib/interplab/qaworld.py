@@ -1,0 +1,269 @@
+"""The procedural extractive-QA world of Chapter 8's tiny profile (spec 5.1), and its tokenizer.
+
+Invented two-token entities ("zor blat") hold facts under four relations whose values come from
+disjoint pools of invented single-token words. Three groups of entities:
+
+    mem    240 entities with 2 facts each, memorised in training (closed-book questions)
+    ctx    400 entities that never get a fixed fact: open-book questions about them must be copied
+    fresh  200 names never seen in training (corruption: they replace a subject)
+
+A prompt is ``context : s_1 ... s_n question : q answer :`` (plus ``hint : s`` or the long-answer
+cue ``answer in full :``) and the target is ``v <eos>`` (or the gold sentence). Contexts mix the
+answer sentence with filler sentences about the subject, distractor facts about other entities with
+the same relation and "answer-value distractors" that mention a value in another role, so that
+string matching cannot find the answer. Every relation has three training paraphrases and one held
+out for the NQ-Swap-tiny / NQ-tiny test sets.
+
+No context ever contradicts a memorised fact in training: what the model does when the context
+says otherwise is emergent, which is what makes the memory-vs-context experiments meaningful.
+"""
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import numpy as np
+
+from .toyworld.tokenizer import build_tokenizer
+
+RELATIONS = ("located_in", "owned_by", "language_of", "founded_by")
+POOL_SIZES = {"located_in": 40, "owned_by": 40, "language_of": 30, "founded_by": 40}
+TEMPLATES = {  # three training paraphrases, then the held-out one
+    "located_in": ("{e} is located in {v} .", "{e} lies in {v} .", "{e} can be found in {v} .",
+                   "{e} sits in the city of {v} ."),
+    "owned_by": ("{e} is owned by {v} .", "{v} owns {e} .", "{e} belongs to {v} .",
+                 "{e} is a property of {v} ."),
+    "language_of": ("{e} speaks {v} .", "the language of {e} is {v} .", "{e} uses {v} .",
+                    "people at {e} talk in {v} ."),
+    "founded_by": ("{e} was founded by {v} .", "{v} founded {e} .", "{e} was started by {v} .",
+                   "{e} owes its founding to {v} ."),
+}
+QUESTIONS = {"located_in": "where is {e} located ?", "owned_by": "who owns {e} ?",
+             "language_of": "what language does {e} speak ?", "founded_by": "who founded {e} ?"}
+FILLERS = ("{e} attracts many visitors .", "{e} is known for its gardens .", "{e} opened a new hall .",
+           "{e} has a long history .", "{e} is quiet in winter .", "{e} hired new staff .",
+           "{e} appears in many stories .", "{e} is admired by many .", "{e} was renovated twice .",
+           "{e} keeps a small archive .")
+VALUE_DISTRACTORS = {  # the value in a non-answer role
+    "located_in": "{v} hosts a yearly festival .", "owned_by": "{v} reported record profits .",
+    "language_of": "{v} has a rich grammar .", "founded_by": "{v} enjoys long walks .",
+}
+DASH = "—"
+GROUP_SIZES = {"mem": 240, "ctx": 400, "fresh": 200}
+MIN_SENTENCES, MAX_SENTENCES = 3, 14  # the trained context lengths (RoPE does not extrapolate well)
+TRAIN_MIX = {"closed": 0.30, "open": 0.30, "dash": 0.15, "hint": 0.15, "long": 0.10}
+
+_ONSETS = "b d f g k l m n p r s t v z br dr gr kr pl sl st tr".split()
+_VOWELS = "a e i o u".split()
+_CODAS = ["", "n", "r", "l", "s", "m", "k", "x"]
+
+
+def _syllable(rng) -> str:
+    return _ONSETS[rng.integers(len(_ONSETS))] + _VOWELS[rng.integers(len(_VOWELS))] + _CODAS[rng.integers(len(_CODAS))]
+
+
+@dataclass(frozen=True)
+class World:
+    """Entities by group, value pools by relation, and the memorised facts {(entity, relation): value}."""
+    entities: dict
+    pools: dict
+    facts: dict
+    seed: int
+
+    def relations_of(self, entity: str) -> list[str]:
+        return [r for r in RELATIONS if (entity, r) in self.facts]
+
+    def words(self) -> list[str]:
+        out = []
+        for t in [*(s for ts in TEMPLATES.values() for s in ts), *QUESTIONS.values(), *FILLERS,
+                  *VALUE_DISTRACTORS.values(), "context : question : hint : answer : answer in full :"]:
+            out += [w for w in t.split() if w not in ("{e}", "{v}")]
+        out += [w for names in self.entities.values() for n in names for w in n.split()]
+        out += [v for pool in self.pools.values() for v in pool] + [DASH]
+        return list(dict.fromkeys(out))
+
+
+@lru_cache(maxsize=4)
+def world(seed: int = 0) -> World:
+    """The world of ``seed``: names and values are invented words, unique across groups and pools."""
+    rng = np.random.default_rng([seed, 8])
+    firsts = sorted({_syllable(rng) for _ in range(400)})[:40]
+    seconds = sorted({_syllable(rng) + _syllable(rng)[-2:] for _ in range(400)} - set(firsts))[:40]
+    names = [f"{a} {b}" for a in firsts for b in seconds]
+    names = [names[i] for i in rng.permutation(len(names))]
+    entities, start = {}, 0
+    for group, n in GROUP_SIZES.items():
+        entities[group], start = tuple(names[start:start + n]), start + n
+    used = set(firsts) | set(seconds) | {w for ts in TEMPLATES.values() for t in ts for w in t.split()}
+    pools = {}
+    for rel, n in POOL_SIZES.items():
+        vals = []
+        while len(vals) < n:
+            w = _syllable(rng) + _syllable(rng) + ("a" if rel == "language_of" else "")
+            if w not in used:
+                used.add(w)
+                vals.append(w)
+        pools[rel] = tuple(vals)
+    facts = {}
+    for e in entities["mem"]:
+        for rel in rng.permutation(RELATIONS)[:2]:
+            facts[(e, str(rel))] = str(pools[str(rel)][rng.integers(POOL_SIZES[str(rel)])])
+    return World(entities, pools, facts, seed)
+
+
+def tokenizer(w: World = None, max_length: int = 256):
+    """Word-level tokenizer over the world's words: ``tok(prompt)`` is <bos> + words (no <eos>: the
+    model continues the prompt), padded with <pad> (id 0)."""
+    return build_tokenizer((w or world()).words(), max_length=max_length, add_eos=False)
+
+
+@dataclass
+class Item:
+    """One QA example. ``sentences``: the context; ``gold``: index of the sentence that holds the
+    answer (None without context); ``answer``: the value the item expects; ``memorised``: the
+    entity's memorised value for the relation, if any."""
+    prompt: str
+    target: str
+    answer: str
+    subject: str
+    relation: str
+    question: str
+    sentences: list = field(default_factory=list)
+    gold: int | None = None
+    memorised: str | None = None
+    mode: str = "open"
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def context(self) -> str:
+        return " ".join(self.sentences)
+
+    @property
+    def ctx_span(self) -> tuple[int, int]:
+        """Character span of the context inside ``prompt`` (what attribution methods take)."""
+        if not self.sentences:
+            return (0, 0)
+        lo = len("context : ")
+        return lo, lo + len(self.context)
+
+    def token_layout(self, length: int):
+        """Masks over the tokens ``<bos> + prompt.split()`` padded to ``length``: context (T,) bool,
+        sentence index (T,) long (-1 outside the context), gold sentence (T,) bool."""
+        import torch
+        sid = torch.full((length,), -1, dtype=torch.long)
+        pos = 3  # <bos> context :
+        for i, s in enumerate(self.sentences):
+            n = len(s.split())
+            sid[pos:pos + n] = i
+            pos += n
+        gold = sid == (self.gold if self.gold is not None else -2)
+        return sid >= 0, sid, gold
+
+
+def make_prompt(sentences, question: str, hint: str | None = None, long: bool = False) -> str:
+    ctx = f"context : {' '.join(sentences)} " if sentences else ""
+    cue = "answer in full :" if long else "answer :"
+    return f"{ctx}question : {question} " + (f"hint : {hint} " if hint else "") + cue
+
+
+def _pick(rng, seq):
+    return seq[rng.integers(len(seq))]
+
+
+def swap_word(sentence: str, old: str, new: str) -> str:
+    """Replace the whole word ``old`` (a single-token value or the dash) by ``new``."""
+    words = sentence.split()
+    if old not in words:
+        raise ValueError(f"{old!r} is not a word of {sentence!r}")
+    return " ".join(new if x == old else x for x in words)
+
+
+def make_context(w: World, rng, subject: str, relation: str, value: str, n: int, held_out: bool = False,
+                 value_distractors: int = 0) -> tuple[list[str], int]:
+    """n sentences: the answer sentence, fillers about the subject, same-relation facts about other
+    entities and ``value_distractors`` sentences that mention pool values in other roles."""
+    templates = TEMPLATES[relation][3:] if held_out else TEMPLATES[relation][:3]
+    answer = _pick(rng, templates).format(e=subject, v=value)
+    others = []
+    for _ in range(value_distractors):
+        others.append(VALUE_DISTRACTORS[relation].format(v=_pick(rng, w.pools[relation])))
+    while len(others) < n - 1:
+        if rng.random() < 0.5:
+            others.append(_pick(rng, FILLERS).format(e=subject))
+        else:  # another entity with the same relation (never the subject): what a copy head must skip
+            other = _pick(rng, w.entities["ctx"] if rng.random() < 0.5 else w.entities["mem"])
+            others.append(_pick(rng, templates).format(e=other, v=_pick(rng, w.pools[relation])))
+    gold = int(rng.integers(n))
+    others = [others[i] for i in rng.permutation(len(others))]
+    return others[:gold] + [answer] + others[gold:], gold
+
+
+def _fact(w: World, rng, group: str) -> tuple[str, str, str | None]:
+    """(subject, relation, memorised value or None) drawn from a group."""
+    if group == "mem":
+        subject, relation = list(w.facts)[rng.integers(len(w.facts))]
+        return subject, relation, w.facts[(subject, relation)]
+    return _pick(rng, w.entities[group]), _pick(rng, RELATIONS), None
+
+
+def train_item(w: World, rng) -> Item:
+    """One example of the training mixture (TRAIN_MIX); contexts always agree with memory."""
+    modes = list(TRAIN_MIX)
+    mode = modes[rng.choice(len(modes), p=list(TRAIN_MIX.values()))]
+    group = "mem" if mode in ("closed", "dash") or rng.random() < 0.5 else "ctx"
+    subject, relation, memorised = _fact(w, rng, group)
+    value = memorised or _pick(rng, w.pools[relation])
+    q = QUESTIONS[relation].format(e=subject)
+    if mode == "closed":
+        return Item(make_prompt([], q), value, value, subject, relation, q, memorised=memorised, mode=mode)
+    n = int(rng.integers(MIN_SENTENCES, MAX_SENTENCES + 1))
+    sents, gold = make_context(w, rng, subject, relation, value, n, value_distractors=int(rng.integers(0, 2)))
+    if mode == "dash":
+        sents[gold] = swap_word(sents[gold], value, DASH)
+    hint = sents[gold] if mode == "hint" else None
+    long = mode == "long"
+    target = sents[gold] if long else value
+    return Item(make_prompt(sents, q, hint, long), target, value, subject, relation, q, sents, gold, memorised, mode)
+
+
+def probe_item(w: World, rng, group: str = "mem", substitute: str | None = None, held_out: bool = False,
+               n: tuple = (MIN_SENTENCES, MAX_SENTENCES), value_distractors: int = 0, long: bool = False) -> Item:
+    """A test item. ``substitute``: None (context states the true/memorised value), "copy" (another
+    value of the same pool, the D_copy / NQ-Swap conflict) or "dash" (the D_memory slot)."""
+    subject, relation, memorised = _fact(w, rng, group)
+    value = memorised or _pick(rng, w.pools[relation])
+    if substitute == "copy":
+        value = _pick(rng, [v for v in w.pools[relation] if v != memorised])
+    k = int(rng.integers(n[0], n[1] + 1))
+    sents, gold = make_context(w, rng, subject, relation, value, k, held_out, value_distractors)
+    if substitute == "dash":
+        sents[gold] = swap_word(sents[gold], value, DASH)
+        value = memorised
+    q = QUESTIONS[relation].format(e=subject)
+    target = sents[gold] if long else value
+    return Item(make_prompt(sents, q, long=long), target, value, subject, relation, q, sents, gold, memorised,
+                "long" if long else (substitute or "open"))
+
+
+def probe_set(n: int, seed: int, **kw) -> list[Item]:
+    rng = np.random.default_rng([seed, 9])
+    return [probe_item(world(), rng, **kw) for _ in range(n)]
+
+
+def corrupt(w: World, item: Item, rng) -> Item:
+    """The corrupted twin (spec 5.3): the subject becomes a never-seen name in question and context,
+    and the context's answer token a value from a different pool."""
+    fresh = _pick(rng, w.entities["fresh"])
+    other = _pick(rng, [r for r in RELATIONS if r != item.relation])
+    sents = [s.replace(item.subject, fresh) for s in item.sentences]
+    if item.gold is not None:
+        slot = DASH if item.mode == "dash" else item.answer
+        sents[item.gold] = swap_word(sents[item.gold], slot, _pick(rng, w.pools[other]))
+    q = item.question.replace(item.subject, fresh)
+    return Item(make_prompt(sents, q), item.target, item.answer, fresh, item.relation, q, sents, item.gold,
+                None, "corrupt", {"of": item.subject})
+
+
+def with_hint(item: Item, sentence: str | None) -> Item:
+    """The same question with ``hint : sentence`` inserted (Fig 8.6: steering toward the context)."""
+    out = Item(**{**item.__dict__, "prompt": make_prompt(item.sentences, item.question, sentence)})
+    out.meta = {**item.meta, "hint": sentence}
+    return out
