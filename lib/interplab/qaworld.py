@@ -48,8 +48,13 @@ VALUE_DISTRACTORS = {  # the value in a non-answer role
 }
 DASH = "—"
 GROUP_SIZES = {"mem": 240, "ctx": 400, "fresh": 200}
-MIN_SENTENCES, MAX_SENTENCES = 3, 14  # the trained context lengths (RoPE does not extrapolate well)
-TRAIN_MIX = {"closed": 0.30, "open": 0.30, "dash": 0.15, "hint": 0.15, "long": 0.10}
+MIN_SENTENCES, MAX_SENTENCES = 3, 14  # test contexts; training also has 1-2 sentences (RoPE does not extrapolate)
+TRAIN_MIN_SENTENCES = 1
+# Copy-heavy: with the spec's 30/30/15/15/10 and half of the open items on memorised entities (which
+# memory answers too), a first run memorised 87 % of the facts by step 2000 but copied from a
+# 1-sentence context only 14 % of the time (from a hint, 67 %); see docs/qaworld.md.
+TRAIN_MIX = {"closed": 0.25, "open": 0.40, "dash": 0.15, "hint": 0.10, "long": 0.10}
+P_MEM_OPEN = 0.25  # open-book items (open, hint, long) about memorised entities; the rest must be copied
 
 _ONSETS = "b d f g k l m n p r s t v z br dr gr kr pl sl st tr".split()
 _VOWELS = "a e i o u".split()
@@ -190,6 +195,8 @@ def make_context(w: World, rng, subject: str, relation: str, value: str, n: int,
             others.append(_pick(rng, FILLERS).format(e=subject))
         else:  # another entity with the same relation (never the subject): what a copy head must skip
             other = _pick(rng, w.entities["ctx"] if rng.random() < 0.5 else w.entities["mem"])
+            if other == subject:
+                continue
             others.append(_pick(rng, templates).format(e=other, v=_pick(rng, w.pools[relation])))
     gold = int(rng.integers(n))
     others = [others[i] for i in rng.permutation(len(others))]
@@ -204,17 +211,18 @@ def _fact(w: World, rng, group: str) -> tuple[str, str, str | None]:
     return _pick(rng, w.entities[group]), _pick(rng, RELATIONS), None
 
 
-def train_item(w: World, rng) -> Item:
-    """One example of the training mixture (TRAIN_MIX); contexts always agree with memory."""
+def train_item(w: World, rng, max_sentences: int = MAX_SENTENCES) -> Item:
+    """One example of the training mixture (TRAIN_MIX); contexts always agree with memory and have
+    TRAIN_MIN_SENTENCES..``max_sentences`` sentences."""
     modes = list(TRAIN_MIX)
     mode = modes[rng.choice(len(modes), p=list(TRAIN_MIX.values()))]
-    group = "mem" if mode in ("closed", "dash") or rng.random() < 0.5 else "ctx"
+    group = "mem" if mode in ("closed", "dash") or rng.random() < P_MEM_OPEN else "ctx"
     subject, relation, memorised = _fact(w, rng, group)
     value = memorised or _pick(rng, w.pools[relation])
     q = QUESTIONS[relation].format(e=subject)
     if mode == "closed":
         return Item(make_prompt([], q), value, value, subject, relation, q, memorised=memorised, mode=mode)
-    n = int(rng.integers(MIN_SENTENCES, MAX_SENTENCES + 1))
+    n = int(rng.integers(TRAIN_MIN_SENTENCES, max_sentences + 1))
     sents, gold = make_context(w, rng, subject, relation, value, n, value_distractors=int(rng.integers(0, 2)))
     if mode == "dash":
         sents[gold] = swap_word(sents[gold], value, DASH)

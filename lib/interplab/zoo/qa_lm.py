@@ -126,9 +126,19 @@ def filtered_probes(model, tok, n: int, seed: int, substitute: str | None, group
     return {"items": items, "corrupt": bad, "answer_ids": answer_ids, "drawn": drawn, "kept": len(items)}
 
 
+def context_cap(step: int, curriculum: int) -> int:
+    """The longest training context at ``step``: grows linearly from 1 to 14 sentences over
+    ``curriculum`` steps (0: no curriculum)."""
+    if curriculum <= 0:
+        return qw.MAX_SENTENCES
+    grow = (qw.MAX_SENTENCES - qw.TRAIN_MIN_SENTENCES) * min(1.0, step / curriculum)
+    return qw.TRAIN_MIN_SENTENCES + 1 + int(grow)
+
+
 def train(steps: int = 5000, batch_size: int = 32, seed: int = 0, lr: float = 2e-3, ship: bool = True,
-          resume: bool = True, eval_n: int = 600) -> dict:
-    """AdamW with 200 warm-up steps and a cosine decay on the spec's training mixture."""
+          resume: bool = True, eval_n: int = 600, curriculum: int = 0) -> dict:
+    """AdamW with 200 warm-up steps and a cosine decay on the QA world's training mixture; with
+    ``curriculum`` > 0 the contexts start at 1-2 sentences and reach 14 at that step."""
     torch.manual_seed(seed)
     w = qw.world()
     tok = qw.tokenizer(w)
@@ -141,7 +151,8 @@ def train(steps: int = 5000, batch_size: int = 32, seed: int = 0, lr: float = 2e
 
     def step(rng, gen, i):
         model.train()
-        items = [qw.train_item(w, rng) for _ in range(batch_size)]
+        cap = context_cap(i, curriculum)
+        items = [qw.train_item(w, rng, cap) for _ in range(batch_size)]
         b = encode_batch(tok, [it.prompt for it in items], [it.target for it in items])
         logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), b["labels"][:, 1:].flatten())
@@ -155,7 +166,7 @@ def train(steps: int = 5000, batch_size: int = 32, seed: int = 0, lr: float = 2e
     gates = {k: store.gate(metrics[k], t) for k, t in GATES.items()}
     extra = {"metrics": {k: round(v, 4) for k, v in metrics.items()}, "batch_size": batch_size, "lr": lr,
              "params": sum(p.numel() for p in model.parameters()), "train_mix": qw.TRAIN_MIX,
-             "final_loss": float(np.mean(run["losses"][-50:])), "world_seed": w.seed}
+             "final_loss": float(np.mean(run["losses"][-50:])), "world_seed": w.seed, "curriculum": curriculum}
     if ship:
         d = store.zoo_dir(NAME)
         model.save_pretrained(d)
