@@ -19,6 +19,7 @@ attention as an extra additive mask term, so beta = 1 reproduces eager bit for b
 eager pass on that layer) or a bool key mask (B, T) (e.g. the answer slot).
 """
 import math
+import numbers
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -122,7 +123,7 @@ class AttentionPlan:
 
 
 def _check_layer(layer, n_layers):
-    if not isinstance(layer, int) or not 0 <= layer < n_layers:
+    if not isinstance(layer, numbers.Integral) or not 0 <= layer < n_layers:
         raise BadParameter(f"layer {layer!r} is out of range 0..{n_layers - 1}")
 
 
