@@ -136,9 +136,10 @@ def context_cap(step: int, curriculum: int) -> int:
 
 
 def train(steps: int = 5000, batch_size: int = 32, seed: int = 0, lr: float = 2e-3, ship: bool = True,
-          resume: bool = True, eval_n: int = 600, curriculum: int = 0) -> dict:
+          resume: bool = True, eval_n: int = 600, curriculum: int = 0, copy_first: int = 0) -> dict:
     """AdamW with 200 warm-up steps and a cosine decay on the QA world's training mixture; with
-    ``curriculum`` > 0 the contexts start at 1-2 sentences and reach 14 at that step."""
+    ``curriculum`` > 0 the contexts start at 1-2 sentences and reach 14 at that step; the first
+    ``copy_first`` steps see only open-book items about ctx entities (nothing to recall: copy)."""
     torch.manual_seed(seed)
     w = qw.world()
     tok = qw.tokenizer(w)
@@ -152,7 +153,10 @@ def train(steps: int = 5000, batch_size: int = 32, seed: int = 0, lr: float = 2e
     def step(rng, gen, i):
         model.train()
         cap = context_cap(i, curriculum)
-        items = [qw.train_item(w, rng, cap) for _ in range(batch_size)]
+        if i < copy_first:
+            items = [qw.probe_item(w, rng, "ctx", n=(qw.TRAIN_MIN_SENTENCES, cap)) for _ in range(batch_size)]
+        else:
+            items = [qw.train_item(w, rng, cap) for _ in range(batch_size)]
         b = encode_batch(tok, [it.prompt for it in items], [it.target for it in items])
         logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), b["labels"][:, 1:].flatten())
@@ -166,7 +170,8 @@ def train(steps: int = 5000, batch_size: int = 32, seed: int = 0, lr: float = 2e
     gates = {k: store.gate(metrics[k], t) for k, t in GATES.items()}
     extra = {"metrics": {k: round(v, 4) for k, v in metrics.items()}, "batch_size": batch_size, "lr": lr,
              "params": sum(p.numel() for p in model.parameters()), "train_mix": qw.TRAIN_MIX,
-             "final_loss": float(np.mean(run["losses"][-50:])), "world_seed": w.seed, "curriculum": curriculum}
+             "final_loss": float(np.mean(run["losses"][-50:])), "world_seed": w.seed, "curriculum": curriculum,
+             "copy_first": copy_first}
     if ship:
         d = store.zoo_dir(NAME)
         model.save_pretrained(d)
