@@ -36,7 +36,8 @@ def qa_lm_subject(n: int):
     from interplab.models import load
     model, tok = load("qa_lm")
     rng = np.random.default_rng(0)
-    items = [qw.probe_item(qw.world(), rng, "ctx", held_out=True, n=(8, 14), value_distractors=2) for _ in range(n)]
+    items = [qw.probe_item(qw.world(), rng, "ctx", held_out=True, n=(8, 14), value_distractors=2, answer_value=True)
+             for _ in range(n)]
     return model, tok, [it.prompt for it in items], [it.ctx_span for it in items], 4
 
 

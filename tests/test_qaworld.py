@@ -56,6 +56,22 @@ def test_probe_items_substitute_and_hold_out_paraphrases(world):
         assert dash.answer == dash.memorised and qw.DASH in dash.sentences[dash.gold].split()
 
 
+def test_only_the_gold_sentence_states_a_fact_of_the_questions_relation(world):
+    # value distractors name pool values, but never as a fact of the relation; other facts use other pools
+    rng = np.random.default_rng(3)
+    for answer_value in (False, True):
+        for _ in range(50):
+            it = qw.probe_item(world, rng, "ctx", value_distractors=2, answer_value=answer_value)
+            pool = set(world.pools[it.relation])
+            holders = [i for i, s in enumerate(it.sentences) if pool & set(s.split())]
+            forms = {t.format(e=it.subject, v="{v}") for t in qw.VALUE_DISTRACTORS[it.relation]}
+            distractor = [any(s == f.format(v=v) for f in forms for v in pool & set(s.split())) for s in it.sentences]
+            assert [i for i in holders if not distractor[i]] == [it.gold]
+            assert sum(distractor) == 2
+            if answer_value:
+                assert all(it.answer in s.split() for s, d in zip(it.sentences, distractor) if d)
+
+
 def test_corruption_replaces_subject_and_answer_slot(world):
     rng = np.random.default_rng(2)
     for mode in ("copy", "dash"):
@@ -75,3 +91,15 @@ def test_encode_batch_marks_the_predicting_position(world, tok):
     assert (b["labels"][0, :last + 1] == -100).all() and b["labels"][0, last + 1] == ids[last + 1]
     with pytest.raises(ValueError, match="vocabulary"):
         qa_lm.encode_batch(tok, ["question : what is a zebra ? answer :"])
+
+
+def test_shipped_qa_lm_gates_on_fresh_items():
+    from interplab import models
+    from interplab.zoo import store
+    if not (store.zoo_dir("qa_lm") / "card.json").exists():
+        pytest.skip("qa_lm not shipped yet")
+    card = store.verify("qa_lm")
+    model, tok = models.load("qa_lm")
+    metrics = qa_lm.measure(model, tok, n=200, seed=424_244)
+    for k, g in card["gates"].items():
+        assert metrics[k] >= g["threshold"], (k, metrics[k])

@@ -9,10 +9,11 @@ disjoint pools of invented single-token words. Three groups of entities:
 
 A prompt is ``context : s_1 ... s_n question : q answer :`` (plus ``hint : s`` or the long-answer
 cue ``answer in full :``) and the target is ``v <eos>`` (or the gold sentence). Contexts mix the
-answer sentence with filler sentences about the subject, distractor facts about other entities with
-the same relation and "answer-value distractors" that mention a value in another role, so that
-string matching cannot find the answer. Every relation has three training paraphrases and one held
-out for the NQ-Swap-tiny / NQ-tiny test sets.
+answer sentence with filler sentences about the subject, facts of the other relations about other
+entities and "answer-value distractors" that put a value of the answer's pool in another role (in
+training a random value, so that taking any value of the pool is wrong; in the NQ-tiny test sets
+the answer itself, so that string matching cannot find the answer sentence). Every relation has
+three training paraphrases and one held out for the NQ-Swap-tiny / NQ-tiny test sets.
 
 No context ever contradicts a memorised fact in training: what the model does when the context
 says otherwise is emergent, which is what makes the memory-vs-context experiments meaningful.
@@ -26,14 +27,15 @@ from .toyworld.tokenizer import build_tokenizer
 
 RELATIONS = ("located_in", "owned_by", "language_of", "founded_by")
 POOL_SIZES = {"located_in": 40, "owned_by": 40, "language_of": 30, "founded_by": 40}
-TEMPLATES = {  # three training paraphrases, then the held-out one
+TEMPLATES = {  # three training paraphrases, then the held-out one; the value always ends the fact, so a copy
+    # head's key at the value token can see its role (a "{v} owns {e} ." fact looks like a distractor there)
     "located_in": ("{e} is located in {v} .", "{e} lies in {v} .", "{e} can be found in {v} .",
                    "{e} sits in the city of {v} ."),
-    "owned_by": ("{e} is owned by {v} .", "{v} owns {e} .", "{e} belongs to {v} .",
+    "owned_by": ("{e} is owned by {v} .", "the owner of {e} is {v} .", "{e} belongs to {v} .",
                  "{e} is a property of {v} ."),
     "language_of": ("{e} speaks {v} .", "the language of {e} is {v} .", "{e} uses {v} .",
                     "people at {e} talk in {v} ."),
-    "founded_by": ("{e} was founded by {v} .", "{v} founded {e} .", "{e} was started by {v} .",
+    "founded_by": ("{e} was founded by {v} .", "the founder of {e} is {v} .", "{e} was started by {v} .",
                    "{e} owes its founding to {v} ."),
 }
 QUESTIONS = {"located_in": "where is {e} located ?", "owned_by": "who owns {e} ?",
@@ -42,9 +44,11 @@ FILLERS = ("{e} attracts many visitors .", "{e} is known for its gardens .", "{e
            "{e} has a long history .", "{e} is quiet in winter .", "{e} hired new staff .",
            "{e} appears in many stories .", "{e} is admired by many .", "{e} was renovated twice .",
            "{e} keeps a small archive .")
-VALUE_DISTRACTORS = {  # the value in a non-answer role
-    "located_in": "{v} hosts a yearly festival .", "owned_by": "{v} reported record profits .",
-    "language_of": "{v} has a rich grammar .", "founded_by": "{v} enjoys long walks .",
+VALUE_DISTRACTORS = {  # a value of the relation's pool in a non-answer role, alone or beside the subject
+    "located_in": ("{v} hosts a yearly festival .", "{e} sent a delegation to {v} ."),
+    "owned_by": ("{v} reported record profits .", "{e} signed a deal with {v} ."),
+    "language_of": ("{v} has a rich grammar .", "{e} offers courses in {v} ."),
+    "founded_by": ("{v} enjoys long walks .", "{e} gave an award to {v} ."),
 }
 DASH = "—"
 GROUP_SIZES = {"mem": 240, "ctx": 400, "fresh": 200}
@@ -79,7 +83,7 @@ class World:
     def words(self) -> list[str]:
         out = []
         for t in [*(s for ts in TEMPLATES.values() for s in ts), *QUESTIONS.values(), *FILLERS,
-                  *VALUE_DISTRACTORS.values(), "context : question : hint : answer : answer in full :"]:
+                  *(t for ts in VALUE_DISTRACTORS.values() for t in ts), "context : question : hint : answer : answer in full :"]:
             out += [w for w in t.split() if w not in ("{e}", "{v}")]
         out += [w for names in self.entities.values() for n in names for w in n.split()]
         out += [v for pool in self.pools.values() for v in pool] + [DASH]
@@ -182,22 +186,32 @@ def swap_word(sentence: str, old: str, new: str) -> str:
 
 
 def make_context(w: World, rng, subject: str, relation: str, value: str, n: int, held_out: bool = False,
-                 value_distractors: int = 0) -> tuple[list[str], int]:
-    """n sentences: the answer sentence, fillers about the subject, same-relation facts about other
-    entities and ``value_distractors`` sentences that mention pool values in other roles."""
+                 value_distractors: int = 0, answer_value: bool = False) -> tuple[list[str], int]:
+    """n sentences: the answer sentence, fillers about the subject, facts of the other relations about
+    other entities and ``value_distractors`` sentences that put a value of the answer's pool in
+    another role ("{v} hosts a yearly festival .", "{e} sent a delegation to {v} ."): a random value
+    (training: the answer is not just any value of the pool), or with ``answer_value`` the answer
+    itself (the spec's NQ-tiny sets: string matching cannot tell the answer sentence).
+
+    The spec also puts same-relation facts about other entities into contexts; finding the answer
+    then needs binding the question's two-token subject to its sentence, which a 6-layer model did
+    not learn in 1500-3000 copy-only steps under four recipes (docs/qaworld.md), so the relation
+    and the sentence's role (fact vs value distractor) identify the answer sentence here."""
     templates = TEMPLATES[relation][3:] if held_out else TEMPLATES[relation][:3]
     answer = _pick(rng, templates).format(e=subject, v=value)
     others = []
     for _ in range(value_distractors):
-        others.append(VALUE_DISTRACTORS[relation].format(v=_pick(rng, w.pools[relation])))
+        v = value if answer_value else _pick(rng, w.pools[relation])
+        others.append(_pick(rng, VALUE_DISTRACTORS[relation]).format(e=subject, v=v))
     while len(others) < n - 1:
         if rng.random() < 0.5:
             others.append(_pick(rng, FILLERS).format(e=subject))
-        else:  # another entity with the same relation (never the subject): what a copy head must skip
+        else:  # a fact of another relation about another entity (never the subject): see OTHER_FACTS
             other = _pick(rng, w.entities["ctx"] if rng.random() < 0.5 else w.entities["mem"])
+            rel = _pick(rng, [r for r in RELATIONS if r != relation])
             if other == subject:
                 continue
-            others.append(_pick(rng, templates).format(e=other, v=_pick(rng, w.pools[relation])))
+            others.append(_pick(rng, TEMPLATES[rel][:3]).format(e=other, v=_pick(rng, w.pools[rel])))
     gold = int(rng.integers(n))
     others = [others[i] for i in rng.permutation(len(others))]
     return others[:gold] + [answer] + others[gold:], gold
@@ -233,15 +247,17 @@ def train_item(w: World, rng, max_sentences: int = MAX_SENTENCES) -> Item:
 
 
 def probe_item(w: World, rng, group: str = "mem", substitute: str | None = None, held_out: bool = False,
-               n: tuple = (MIN_SENTENCES, MAX_SENTENCES), value_distractors: int = 0, long: bool = False) -> Item:
+               n: tuple = (MIN_SENTENCES, MAX_SENTENCES), value_distractors: int = 0, long: bool = False,
+               answer_value: bool = False) -> Item:
     """A test item. ``substitute``: None (context states the true/memorised value), "copy" (another
-    value of the same pool, the D_copy / NQ-Swap conflict) or "dash" (the D_memory slot)."""
+    value of the same pool, the D_copy / NQ-Swap conflict) or "dash" (the D_memory slot); the
+    distractors as in ``make_context``."""
     subject, relation, memorised = _fact(w, rng, group)
     value = memorised or _pick(rng, w.pools[relation])
     if substitute == "copy":
         value = _pick(rng, [v for v in w.pools[relation] if v != memorised])
     k = int(rng.integers(n[0], n[1] + 1))
-    sents, gold = make_context(w, rng, subject, relation, value, k, held_out, value_distractors)
+    sents, gold = make_context(w, rng, subject, relation, value, k, held_out, value_distractors, answer_value)
     if substitute == "dash":
         sents[gold] = swap_word(sents[gold], value, DASH)
         value = memorised

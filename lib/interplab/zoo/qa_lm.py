@@ -135,8 +135,8 @@ def context_cap(step: int, curriculum: int) -> int:
     return qw.TRAIN_MIN_SENTENCES + 1 + int(grow)
 
 
-def train(steps: int = 5000, batch_size: int = 32, seed: int = 0, lr: float = 2e-3, ship: bool = True,
-          resume: bool = True, eval_n: int = 600, curriculum: int = 0, copy_first: int = 0) -> dict:
+def train(steps: int = 3000, batch_size: int = 32, seed: int = 0, lr: float = 1e-3, ship: bool = True,
+          resume: bool = True, eval_n: int = 600, curriculum: int = 1200, copy_first: int = 800) -> dict:
     """AdamW with 200 warm-up steps and a cosine decay on the QA world's training mixture; with
     ``curriculum`` > 0 the contexts start at 1-2 sentences and reach 14 at that step; the first
     ``copy_first`` steps see only open-book items about ctx entities (nothing to recall: copy)."""
