@@ -82,8 +82,9 @@ class World:
 
     def words(self) -> list[str]:
         out = []
-        for t in [*(s for ts in TEMPLATES.values() for s in ts), *QUESTIONS.values(), *FILLERS,
-                  *(t for ts in VALUE_DISTRACTORS.values() for t in ts), "context : question : hint : answer : answer in full :"]:
+        sentences = [*(t for ts in TEMPLATES.values() for t in ts), *QUESTIONS.values(), *FILLERS,
+                     *(t for ts in VALUE_DISTRACTORS.values() for t in ts)]
+        for t in sentences + ["context : question : hint : answer : answer in full :"]:
             out += [w for w in t.split() if w not in ("{e}", "{v}")]
         out += [w for names in self.entities.values() for n in names for w in n.split()]
         out += [v for pool in self.pools.values() for v in pool] + [DASH]
@@ -206,11 +207,11 @@ def make_context(w: World, rng, subject: str, relation: str, value: str, n: int,
     while len(others) < n - 1:
         if rng.random() < 0.5:
             others.append(_pick(rng, FILLERS).format(e=subject))
-        else:  # a fact of another relation about another entity (never the subject): see OTHER_FACTS
+        else:  # a fact of another relation about another entity (never the subject): see the docstring
             other = _pick(rng, w.entities["ctx"] if rng.random() < 0.5 else w.entities["mem"])
-            rel = _pick(rng, [r for r in RELATIONS if r != relation])
             if other == subject:
                 continue
+            rel = _pick(rng, [r for r in RELATIONS if r != relation])
             others.append(_pick(rng, TEMPLATES[rel][:3]).format(e=other, v=_pick(rng, w.pools[rel])))
     gold = int(rng.integers(n))
     others = [others[i] for i in rng.permutation(len(others))]
