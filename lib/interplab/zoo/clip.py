@@ -131,12 +131,25 @@ def binding_scores(model, tok, n: int = 300, seed: int = 20_002) -> dict:
     return {"text": float((s["true"] > s["swap"]).float().mean()), "bag": float((s["true"] > s["bag"]).float().mean())}
 
 
-GATE = 0.9
+def toynet_zero_shot(model, tok, n: int = 1000, seed: int = 20_003) -> float:
+    """36-way zero-shot accuracy on ToyNet val images (backgrounds, distractors) with the prompts
+    "a {colour} {shape}" (ch07's zero-shot head)."""
+    images, labels, _ = tw.toynet(n, seed, split="val")
+    return float((zero_shot(model, tok, images, [f"a {c}" for c in tw.TOYNET_CLASSES]) == labels).float().mean())
+
+
+# The levels the chapter specs set for their CLIP: colour and shape >= 0.9 (ch09's premise gate),
+# background >= 0.9 and ToyNet zero-shot >= 0.7 (ch07). Texture, size and place are measured and
+# written in the card but not gated: no chapter asks the CLIP for them, and place is what a
+# contrastive CLIP learns last or never (docs/toyworld.md, "Why the CLIP is blind to place").
+GATES = {"zero_shot_colour": 0.9, "zero_shot_shape": 0.9, "zero_shot_background": 0.9, "zero_shot_toynet": 0.7}
 
 
 def measure(model, tok, n: int = 800, seed: int = 20_001) -> dict:
-    """The gate metrics under the card's names: {"zero_shot_<attribute>": value}."""
-    return {f"zero_shot_{k}": v for k, v in attribute_accuracy(model, tok, n, seed).items()}
+    """Every metric under the card's names: {"zero_shot_<attribute>": value, "zero_shot_toynet": value}."""
+    out = {f"zero_shot_{k}": v for k, v in attribute_accuracy(model, tok, n, seed).items()}
+    out["zero_shot_toynet"] = toynet_zero_shot(model, tok, n=max(n, 36), seed=seed + 2)
+    return out
 
 
 TWIN_ATTRIBUTES = ("shape", "texture", "slot", "size")
@@ -190,17 +203,6 @@ def _fit(name: str, model: CLIPModel, tok, steps: int, batch_size: int, seed: in
     return loop.train(name, {"model": model}, opt, step, steps, seed, sched=sched, resume=resume)
 
 
-def pretrain(name: str, steps: int = 3000, batch_size: int = 128, seed: int = 0, lr: float = 1e-3, twins: float = 0.25,
-             resume: bool = True):
-    """A CLIP trained by this recipe under another name (its resumable state is build/zoo/NAME):
-    the text-to-image model's text encoder is one. Returns (CLIPModel in eval mode, tokenizer, run)."""
-    torch.manual_seed(seed)
-    tok = tw.clip_tokenizer(MAX_LENGTH)
-    model = CLIPModel(config(len(tok), tok.eos_token_id))
-    run = _fit(name, model, tok, steps, batch_size, seed, lr, twins, resume)
-    return model.eval(), tok, run
-
-
 def train(steps: int = 6000, batch_size: int = 128, seed: int = 0, lr: float = 1e-3, twins: float = 0.5,
           ship: bool = True, resume: bool = True, eval_n: int = 800) -> dict:
     """Both towers on the pre-training mix (captions name the place half the time) plus minimal-pair
@@ -210,8 +212,10 @@ def train(steps: int = 6000, batch_size: int = 128, seed: int = 0, lr: float = 1
     model = CLIPModel(config(len(tok), tok.eos_token_id))
     run = _fit(NAME, model, tok, steps, batch_size, seed, lr, twins, resume)
     model.eval()
-    gates = {k: store.gate(v, GATE) for k, v in measure(model, tok, n=eval_n).items()}
-    extra = {"binding": binding_scores(model, tok, n=max(eval_n // 2, 8)), "batch_size": batch_size, "twins": twins,
+    metrics = measure(model, tok, n=eval_n)
+    gates = {k: store.gate(metrics[k], t) for k, t in GATES.items()}
+    extra = {"metrics": metrics, "binding": binding_scores(model, tok, n=max(eval_n // 2, 8)),
+             "batch_size": batch_size, "twins": twins,
              "params": sum(p.numel() for p in model.parameters()), "final_loss": float(np.mean(run["losses"][-50:]))}
     if ship:
         d = store.zoo_dir(NAME)
