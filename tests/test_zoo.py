@@ -52,10 +52,10 @@ def _toy_training(name, steps, resume):
     return net.weight.detach().clone()
 
 
-def test_interrupted_training_resumes_to_the_same_weights(tmp_zoo):
+def test_interrupted_or_extended_training_resumes_to_the_same_weights(tmp_zoo):
     straight = _toy_training("a", 12, resume=False)
-    _toy_training("b", 7, resume=False)  # leaves a state at step 5, as if killed at step 7
-    assert store.state_path("b").exists()
+    _toy_training("b", 7, resume=False)  # leaves its final state at step 7 (also saved at step 5)
+    assert torch.load(store.state_path("b"), weights_only=False)["step"] == 7
     resumed = _toy_training("b", 12, resume=True)
     assert torch.equal(straight, resumed)
 

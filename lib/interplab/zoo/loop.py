@@ -46,7 +46,7 @@ def train(name: str, modules: dict, opt: torch.optim.Optimizer, step_fn, steps: 
         losses.append(float(loss))
         if (step + 1) % log_every == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-log_every:]):.4f}")
-        if (step + 1) % save_every == 0 and step + 1 < steps:
+        if (step + 1) % save_every == 0 or step + 1 == steps:  # the last one lets a run be extended
             store.save_state(name, step=step + 1, elapsed=elapsed + time.perf_counter() - t0,
                              cpu=cpu + time.process_time() - c0, losses=losses,
                              modules={k: m.state_dict() for k, m in modules.items()}, opt=opt.state_dict(),
