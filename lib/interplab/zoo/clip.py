@@ -207,7 +207,7 @@ def _fit(name: str, model: CLIPModel, tok, steps: int, batch_size: int, seed: in
     return loop.train(name, {"model": model}, opt, step, steps, seed, sched=sched, resume=resume)
 
 
-def train(steps: int = 6000, batch_size: int = 128, seed: int = 0, lr: float = 1e-3, twins: float = 0.5,
+def train(steps: int = 8000, batch_size: int = 128, seed: int = 0, lr: float = 1e-3, twins: float = 0.5,
           ship: bool = True, resume: bool = True, eval_n: int = 800) -> dict:
     """Both towers on the pre-training mix (captions name the place half the time) plus minimal-pair
     twins (a fraction ``twins`` of each batch), so that shape, texture, size and place must be seen."""
