@@ -26,8 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .decomposition import Contributions, _layer_row, ablate
+from .decomposition import Contributions, ablate
 from .errors import BadParameter, check_choice
+from .influence.metrics import spearman
 
 INIT_STD = 0.02                         # [ref impl] initialisation of every W_i
 REGULARISERS = ("ref", "dissertation")
@@ -396,10 +397,7 @@ def _score_table(x) -> np.ndarray:
 
 def _spearman_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Spearman (average ranks for ties) of each row pair of two (R, n) tables; nan where one is constant."""
-    from scipy import stats
-
-    return np.array([stats.spearmanr(x, y).statistic if x.std() > 0 and y.std() > 0 else np.nan
-                     for x, y in zip(a, b)])
+    return np.array([spearman(x, y) for x, y in zip(a, b)])
 
 
 def _check_tables(scores, gt) -> tuple:
@@ -492,7 +490,7 @@ def token_heatmap(contrib: Contributions, layer: int, head: int, direction: torc
     """
     if contrib.tokens is None:
         raise BadParameter("token_heatmap needs decompose(..., tokens=True)")
-    row = _layer_row(contrib, layer)
+    row = contrib.row(layer)
     if not 0 <= head < contrib.n_heads[row]:
         raise BadParameter(f"head {head} is out of range: layer[{contrib.layers[row]}] has heads "
                            f"0..{contrib.n_heads[row] - 1}")

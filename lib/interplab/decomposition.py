@@ -127,6 +127,15 @@ class Contributions:
         ``layer[i].attn``; with tokens also ``layer[i].attn.head[h].token[t]``."""
         return _sum_selected(self, _select(self, [name]))
 
+    def row(self, layer: int) -> int:
+        """Row of ``layer[layer]`` (a forward index, negative from the end) in the (N, L, ...) tensors."""
+        n_layers = self.layers[-1] + 1
+        index = layer + n_layers if layer < 0 else layer
+        if index not in self.layers:
+            raise KeyError(f"layer[{layer}] is not decomposed: this decomposition covers layers "
+                           f"{self.layers[0]}..{self.layers[-1]} (earlier layers are part of 'embed')")
+        return index - self.layers[0]
+
     def stack(self, names: list = None) -> torch.Tensor:
         """(K, N, d): the named contributions (default: ``names()``) stacked."""
         return torch.stack([self[n] for n in (self.names() if names is None else names)])
@@ -145,16 +154,6 @@ _NAME = re.compile(r"^layer\[(?P<layer>-?\d+)\](?:\.(?P<part>attn|mlp)"
                    r"(?:\.(?:(?P<bias>bias)|head\[(?P<head>\d+)\](?:\.token\[(?P<token>\d+)\])?))?)?$")
 
 
-def _layer_row(contrib, layer: int) -> int:
-    """Row of ``layer`` (a forward index, negative from the end) in the (N, L, ...) tensors."""
-    n_layers = contrib.layers[-1] + 1
-    index = layer + n_layers if layer < 0 else layer
-    if index not in contrib.layers:
-        raise KeyError(f"layer[{layer}] is not decomposed: this decomposition covers layers "
-                       f"{contrib.layers[0]}..{contrib.layers[-1]} (earlier layers are part of 'embed')")
-    return index - contrib.layers[0]
-
-
 def _select(contrib, names) -> dict:
     """Boolean masks (embed, bias, heads (L, H), attn_bias (L,), mlps (L,), tokens (L, H, T))."""
     L, H = contrib.heads.shape[1:3]
@@ -170,7 +169,7 @@ def _select(contrib, names) -> dict:
         if match is None:
             raise KeyError(f"no component {name!r}; use embed, bias, layer[i], layer[i].attn, "
                            f"layer[i].attn.head[h], layer[i].attn.bias, layer[i].mlp")
-        row = _layer_row(contrib, int(match["layer"]))
+        row = contrib.row(int(match["layer"]))
         part, head = match["part"], match["head"]
         if part in (None, "mlp"):
             m["mlps"][row] = True

@@ -163,7 +163,8 @@ def train(steps: int = 5000, batch_size: int = 64, seed: int = 0, lr: float = 4e
     text_source = "given"
     if clip is None:
         clip = zoo_clip.load()
-        text_source = f"text tower of the zoo's clip (model.safetensors sha256 {store.read_card('clip')['sha256']['model.safetensors']})"
+        sha = store.read_card(zoo_clip.NAME)["sha256"]["model.safetensors"]
+        text_source = f"text tower of the zoo's clip (model.safetensors sha256 {sha})"
     clip_model, tok = clip
     model = ToyDiffusion(UNet2DConditionModel(**unet_config()), text_encoder_of(clip_model).requires_grad_(False), tok)
     ema = loop.EMA(model.unet, decay=0.999)
