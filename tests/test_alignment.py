@@ -281,6 +281,42 @@ def test_mask_auroc():
         al.mask_auroc(heat[:2], masks)
 
 
+def test_class_token_map_is_the_logit_through_patch_tokens(vit):
+    model, c = vit
+    w = model.head.weight.detach()[torch.arange(40) % 10]                    # (N, d): one class per image
+    heat = al.class_token_map(c, w)
+    assert heat.shape == (40, 4, 4)
+    per_head = sum(al.token_heatmap(c, layer, h, w[0]) for layer in (0, 1) for h in range(3))
+    assert torch.allclose(heat[0], per_head[0], atol=1e-4)
+    with pytest.raises(BadParameter, match=r"weights \(40, 7\) must be \(N=40, d=192\)"):
+        al.class_token_map(c, torch.zeros(40, 7))
+
+
+# ------------------------------------------------------------------ retrieval (Figs 7.3, 7.4)
+
+
+def test_gap_components_pick_the_feature_specific_ones():
+    scores = np.array([[0.9, 0.8], [0.5, 0.0], [0.2, 0.9], [0.6, 0.1]])   # gaps for feature 0: .1 .5 -.7 .5
+    assert sorted(al.gap_components(scores, 0, 2).tolist()) == [1, 3]
+    assert al.gap_components(scores, 1, 1).tolist() == [2]
+    with pytest.raises(BadParameter, match="k=5 must be between 1 and the number of components 4"):
+        al.gap_components(scores, 0, 5)
+
+
+def test_text_and_image_retrieval_follow_the_planted_component():
+    gen = torch.Generator().manual_seed(3)
+    C = torch.randn(3, 50, 4, generator=gen) * 0.1
+    y = torch.tensor([1.0, 0, 0, 0])
+    C[1, 7, 0] = 5.0                                                       # image 7 is extreme in component 1 only
+    top = al.text_retrieval(C, [[0], [1, 2]], y, k=3)
+    assert top.shape == (2, 3) and top[1, 0] == 7 and 7 not in top[0].tolist()
+    C[2, 11] = C[2, 4]                                                      # images 4, 11 twins in component 2
+    assert al.image_retrieval(C, [2], 4, k=1).tolist() == [11]
+    assert 4 not in al.image_retrieval(C, [0, 1, 2], 4, k=49).tolist()    # the reference is never retrieved
+    with pytest.raises(BadParameter, match=r"direction \(3,\) must be \(d_clip=4,\)"):
+        al.text_retrieval(C, [[0]], torch.ones(3))
+
+
 # ------------------------------------------------------------------ bad input
 
 

@@ -261,3 +261,14 @@ def test_shipped_zoo_models_decompose_exactly(name):
     if name == "vit":
         assert c.tokens.shape[1:4] == (6, 4, 65)
         assert torch.allclose(c.tokens.sum(3), c.heads, rtol=0, atol=ATOL)
+
+
+def test_paper_encoders_build_offline_and_decompose():
+    from interplab.models import vit_encoders
+
+    assert set(vit_encoders.ENCODERS) == {"deit", "dino", "dinov2", "swin", "maxvit", "clip"}
+    model = vit_encoders.build("deit", img_size=32)                          # DeiT-B/16, random weights, 2x2 patches
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    c = decompose(model, x, start=-5)                                         # the paper's range: blocks 7-11
+    assert len(c.layers) == 5 and c.heads.shape[1:3] == (5, 12)
+    assert torch.allclose(c.total(), c.z, atol=1e-4)

@@ -18,6 +18,11 @@ def test_toynet_labels_match_scenes_and_are_deterministic():
     x2, y2, _ = tw.toynet(64, seed=3)
     assert torch.equal(x, x2) and torch.equal(y, y2)
     assert not torch.equal(x, tw.toynet(64, seed=3, split="val")[0])
+    xm, ym, _, masks = tw.toynet(64, seed=3, masks=True)                     # same images, plus the object masks
+    assert torch.equal(xm, x) and masks.shape == (64, 32, 32) and masks.dtype == torch.bool
+    assert (masks.flatten(1).sum(1) > 0).all()
+    inside = xm.permute(0, 2, 3, 1)[masks]                                   # object pixels: one of 6 colours
+    assert inside.shape[1] == 3 and (inside.max(1).values > 0.2).float().mean() > 0.9
 
 
 def test_toybirds_groups_follow_the_aligned_fraction():

@@ -392,7 +392,7 @@ def gt_scores(C: torch.Tensor, z_ref: torch.Tensor, Y: torch.Tensor, similarity:
 
 
 def _score_table(x) -> np.ndarray:
-    return np.asarray(torch.as_tensor(x).detach().cpu(), dtype=np.float64)
+    return np.array(x.detach().cpu() if torch.is_tensor(x) else x, dtype=np.float64)
 
 
 def _spearman_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -533,3 +533,71 @@ def mask_auroc(heat: torch.Tensor, masks, average: str = "image") -> float:
     if not scores:
         raise BadParameter("every mask is all object or all background; AUROC is undefined")
     return float(np.mean(scores))
+
+
+# ===================================================================== retrieval (spec 2.7, 2.8)
+
+
+def gap_components(scores, feature: int, k: int) -> torch.Tensor:
+    """Indices (k,) of the components most specific to one feature (Fig. 7.4's selection).
+
+    scores (K, P): Algorithm 5 scores of K components for P features; the gap of component i is
+    scores[i, feature] - max over the other features of scores[i, p']; the k largest gaps win.
+    """
+    s = torch.as_tensor(_score_table(scores))
+    if s.dim() != 2 or not 0 <= feature < s.shape[1] or s.shape[1] < 2:
+        raise BadParameter(f"scores {_shape(s)} must be (K, P >= 2) and feature an index below P; got {feature}")
+    if not 1 <= k <= len(s):
+        raise BadParameter(f"k={k} must be between 1 and the number of components {len(s)}")
+    others = torch.cat([s[:, :feature], s[:, feature + 1:]], 1).max(1).values
+    return (s[:, feature] - others).topk(k).indices
+
+
+@torch.no_grad()
+def text_retrieval(C: torch.Tensor, groups: list, direction: torch.Tensor, k: int = 10) -> torch.Tensor:
+    """Top-k images (G, k) per group of components by <sum_{i in group} C_i(x), direction> (Fig. 7.3).
+
+    C (K, N, d_clip): aligned contributions; groups: G lists of component indices (the figure: three
+    consecutive components in score order); direction (d_clip,): a text embedding.
+    """
+    _check_dims("C", C, 3, "(K, N, d_clip)")
+    if direction.shape != C.shape[2:]:
+        raise BadParameter(f"direction {_shape(direction)} must be (d_clip={C.shape[2]},)")
+    scores = torch.stack([C[list(g)].sum(0) @ direction.to(C) for g in groups])     # (G, N)
+    return scores.topk(k, dim=1).indices
+
+
+@torch.no_grad()
+def image_retrieval(C: torch.Tensor, components, reference: int, k: int = 10) -> torch.Tensor:
+    """Top-k images (k,) most similar to image ``reference`` in the chosen components (Fig. 7.4).
+
+    C (K, N, d): contributions in model space (alignment only chooses ``components``); similarity
+    cos(sum_{i in components} C_i(x), same for x_ref); the reference itself is excluded.
+    """
+    _check_dims("C", C, 3, "(K, N, d)")
+    if not 0 <= reference < C.shape[1]:
+        raise BadParameter(f"reference={reference} is not an image index below N={C.shape[1]}")
+    part = C[list(torch.as_tensor(components).view(-1).tolist())].sum(0)          # (N, d)
+    sim = F.cosine_similarity(part, part[reference][None], dim=-1)
+    sim[reference] = -math.inf
+    return sim.topk(k).indices
+
+
+@torch.no_grad()
+def class_token_map(contrib: Contributions, weights: torch.Tensor, grid: Optional[tuple] = None) -> torch.Tensor:
+    """(N, gh, gw): every decomposed head's direct contribution through each patch token, read along
+    one direction per image and summed over layers and heads (zero-shot segmentation, spec E7.1).
+
+    weights (N, d): e.g. the rows of the classifier for each image's target class, so the map is
+    the token decomposition of that class logit (without the constant terms).
+    """
+    if contrib.tokens is None:
+        raise BadParameter("class_token_map needs decompose(..., tokens=True)")
+    if weights.shape != (len(contrib.z), contrib.tokens.shape[-1]):
+        raise BadParameter(f"weights {_shape(weights)} must be (N={len(contrib.z)}, d={contrib.tokens.shape[-1]})")
+    n_tokens = contrib.n_tokens[-1]
+    if any(t != n_tokens for t in contrib.n_tokens):
+        raise BadParameter(f"layers have different token counts {contrib.n_tokens}; map one stage at a time")
+    gh, gw = _grid(n_tokens, grid)
+    patches = contrib.tokens[:, :, :, n_tokens - gh * gw:n_tokens].sum((1, 2))     # (N, gh * gw, d)
+    return torch.einsum("ntd,nd->nt", patches, weights.to(patches)).view(-1, gh, gw)

