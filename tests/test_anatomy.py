@@ -114,6 +114,30 @@ def test_unet_cross_attention_order_is_call_order(models):
     assert _call_order(unet, self_attn, run) == self_attn
 
 
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_sd_unet_has_the_70_traced_layers_of_chapter_5_in_call_order(version):
+    from interplab.models.diffusion import random_sd
+    unet, _ = random_sd(version, width=32, text_layers=1)
+    layers = anatomy.items(unet, "layer")
+    kinds = [p.rpartition(".")[2] for p in layers]
+    assert len(layers) == 70 and kinds.count("attn2") == 16 and sum("resnets" in p for p in layers) == 22
+    xattn = [p for p in layers if p.endswith("attn2")]
+    assert xattn == anatomy.items(unet, "xattn") and xattn == sorted(xattn)  # part II's list: sorted names
+    run = lambda: unet(torch.randn(1, 4, 16, 16), 3, encoder_hidden_states=torch.randn(1, 3, unet.config.cross_attention_dim))
+    assert _call_order(unet, layers, run) == layers  # forward order, not registration order
+    assert [anatomy.unet_layer_label(layers[i]) for i in (0, 1, 26, 28, 69)] == [
+        "down-0-resnet-0", "down-0-self-attn-0", "mid-resnet-0", "mid-cross-attn-0", "up-3-ff-2"]
+    assert layers[35:38] == [f"up_blocks.1.attentions.0.transformer_blocks.0.{x}" for x in ("attn1", "attn2", "ff")]
+
+
+def test_zoo_t2i_unet_has_44_traced_layers_and_10_cross_attentions():
+    from diffusers import UNet2DConditionModel
+    from interplab.zoo import t2i
+    unet = UNet2DConditionModel(**t2i.unet_config())
+    layers = anatomy.items(unet, "layer")
+    assert len(layers) == 44 and anatomy.n_xattn(unet) == 10 and sum("resnets" in p for p in layers) == 14
+
+
 def test_swin_layers_are_flattened_in_call_order(models):
     swin = models["timm_swin"]
     layers = anatomy.items(swin)
@@ -245,8 +269,8 @@ def test_errors_name_valid_values(models):
         anatomy.n_layers(clip)
     with pytest.raises(anatomy.UnknownComponent, match=r"head 4 is out of range .* heads 0..3"):
         anatomy.head_slice(gpt2, 0, 4)
-    with pytest.raises(anatomy.UnknownComponent, match="family unet has no layer"):
-        anatomy.n_layers(unet)
+    with pytest.raises(anatomy.UnknownComponent, match="family unet has no stage"):
+        anatomy.items(unet, "stage")
     with pytest.raises(anatomy.UnsupportedModel, match="no anatomy for Linear; known families: gpt2, llama"):
         anatomy.resolve(nn.Linear(2, 2), "layer[0]")
     with pytest.raises(anatomy.UnknownComponent, match="'head' of family clip_text is not in this model"):

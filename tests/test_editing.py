@@ -108,3 +108,46 @@ def test_gpt2_conv1d_weight_is_edited_in_its_transposed_layout():
     K, V = torch.randn(4, 128), torch.randn(4, 32)
     with editing.apply_edit(model, editing.compute_edit(model, path, K, V, lam=1e-8)):
         assert torch.allclose(module(K) - module.bias, V, atol=1e-4)
+
+
+def _toy_text():
+    from interplab import toyworld as tw
+    from interplab.zoo import clip
+    torch.manual_seed(0)
+    tok = tw.clip_tokenizer(clip.MAX_LENGTH)
+    return clip.CLIPModel(clip.config(len(tok), tok.eos_token_id)).text_model.eval(), tok
+
+
+def test_positions_from_last_token_cover_the_subject_and_every_eos_after_it():
+    eos = 9
+    ids = torch.tensor([[1, 5, 6, eos, eos, eos], [1, 5, eos, eos, eos, eos]])
+    assert editing.positions_from_last_token(ids, eos) == [[2, 3, 4, 5], [1, 2, 3, 4, 5]]
+    with pytest.raises(BadParameter, match="no EOS"):
+        editing.positions_from_last_token(torch.tensor([[1, 5, 6]]), eos)
+
+
+@pytest.mark.parametrize("bias_mode", ["exact", "as_released"])
+def test_quickfix_edit_makes_the_concept_read_like_its_replacement(bias_mode):
+    from interplab import hooks
+    from interplab import toyworld as tw
+    text, tok = _toy_text()
+    path = "encoder.layers.0.self_attn.out_proj"
+    key_ids, _ = tw.encode(tok, ["a photo of a blorp", "a blorp"])
+    value_ids, _ = tw.encode(tok, ["a photo of a star", "a large red star"])  # 2nd: longer, P_v padded
+    run = lambda ids: text(input_ids=ids)
+    K, V = editing.quickfix_rows(text, path, run, key_ids, value_ids, tok.eos_token_id, bias_mode)
+    pk = editing.positions_from_last_token(key_ids, tok.eos_token_id)
+    pv = editing.positions_from_last_token(value_ids, tok.eos_token_id)
+    assert len(pv[0]) == len(pk[0]) and len(pv[1]) < len(pk[1])
+    assert K.shape == (len(pk[0]) + len(pk[1]), 64) and V.shape == K.shape
+    bias = hooks.get_module(text, path).bias.detach()
+    with torch.no_grad(), hooks.trace(text, [path]) as before:
+        run(value_ids)
+    value_out = torch.cat([before[path][0, pv[0]], before[path][1, (pv[1] + [key_ids.shape[1] - 1] * 99)[:len(pk[1])]]])
+    assert torch.allclose(V, value_out - (bias if bias_mode == "exact" else 0), atol=1e-5)
+    n = len(pk[0])  # one pair: 20 rows of width 64, so lam -> 0 fits them exactly
+    edit = editing.compute_edit(text, path, K[:n], V[:n], lam=1e-6)
+    with editing.apply_edit(text, edit), torch.no_grad(), hooks.trace(text, [path]) as after:
+        run(key_ids)
+    assert edit.residual < 1e-4
+    assert torch.allclose(after[path][0, pk[0]] - bias, V[:n], atol=1e-3)  # exact: the value's output; released: + b

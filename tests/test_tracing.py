@@ -198,3 +198,52 @@ def test_reference_row_sampling_on_toy_diffusion(branches):
 def test_corrupted_inputs_of_another_length_are_refused(gpt2):
     with pytest.raises(BadParameter, match="clean inputs' shapes"):
         tracing.corrupt_and_restore(gpt2, _last_logits(gpt2), _ids(), _ids()[:, :5], [[]], _identity)
+
+
+def _corrupted_caption(model, prompt="a red striped circle", span="red striped"):
+    ids, _ = tw.encode(model.tokenizer, [prompt])
+    subject = tracing.subject_positions(model.tokenizer, ids[0], span)
+    emb = model.text_model.embeddings.token_embedding
+    return ids, subject, tracing.Noise("embeddings.token_embedding", subject, tracing.noise_scale(emb, ids[0, subject]))
+
+
+def test_text_states_restored_everywhere_give_clean_and_before_the_subject_do_nothing():
+    from interplab import anatomy
+    model = _toy_diffusion()
+    ids, subject, noise = _corrupted_caption(model)
+    sites = [s for kind in ("attn", "mlp") for s in tracing.layer_sites(model.text_model, kind)]
+    before = [p for p in range(ids.shape[1]) if p < subject[0]]
+    embed = anatomy.resolve(model.text_model, "embed")
+    conds = tracing.trace_text_states(model.text_model, ids, noise,
+                                      [[(s, None) for s in sites], [], [(sites[0], before)],
+                                       [(anatomy.resolve(model.text_model, "layer[0].attn"), [subject[-1]])],
+                                       [(embed, None)]])
+    clean, corrupted, modules, nothing, causal_past, one, embedding = conds
+    assert torch.allclose(embedding, clean, atol=1e-5) and torch.equal(nothing, corrupted)
+    # every attention and MLP output restored: the noise still rides the residual stream at the subject
+    rest = [p for p in range(ids.shape[1]) if p not in subject]
+    assert torch.allclose(modules[rest], clean[rest], atol=1e-5) and not torch.allclose(modules[subject], clean[subject])
+    assert torch.equal(causal_past, corrupted)           # causal mask: earlier positions never saw the noise
+    assert torch.equal(clean[:subject[0]], corrupted[:subject[0]]) and not torch.allclose(one, corrupted)
+
+
+def test_unet_layer_tracing_batches_equal_one_layer_at_a_time():
+    from interplab import anatomy
+    model = _toy_diffusion()
+    ids, _, noise = _corrupted_caption(model)
+    clean, corrupted = tracing.trace_text_states(model.text_model, ids, noise)[:, None]
+    layers = anatomy.items(model.unet, "layer")
+    picks = [layers[i] for i in (0, 1, 2, 12, 43)]
+    batched = tracing.trace_unet_layers(model, clean, corrupted, picks, steps=2, batch_size=3)
+    alone = [tracing.trace_unet_layers(model, clean, corrupted, [p], steps=2) for p in picks]
+    assert batched.shape == (2 + len(picks), 3, 32, 32)
+    base = tracing.sample_rows(model, torch.cat([clean, corrupted]), steps=2)
+    assert torch.allclose(batched[:2], base, atol=1e-5)
+    for j, images in enumerate(alone):
+        assert torch.allclose(batched[2 + j], images[2], atol=1e-5)
+
+
+def test_restoration_score_is_the_fraction_of_damage_undone():
+    r = tracing.restoration_score(torch.tensor([1.0, 0.5]), torch.tensor([0.2, 0.5]),
+                                  torch.tensor([[0.6, 1.0, 0.2], [0.9, 0.5, 0.1]]))
+    assert torch.allclose(r[0], torch.tensor([0.5, 1.0, 0.0], dtype=torch.float64)) and r[1].isnan().all()

@@ -26,9 +26,10 @@ Per-layer names shared by every transformer family (``i`` in ``0..n_layers-1``):
     layer[i].norm1/norm2  the norms before attention / MLP
 ``self_attn`` is accepted for ``attn`` (HF spelling). Global names: ``embed``, ``final_norm``,
 ``head`` and a few family-specific ones; ``names(model)`` lists every name that resolves.
-UNets index attentions instead of layers: ``xattn[i]`` (cross-attention, ``attn2``) and
-``self_attn[i]`` (``attn1``), each with ``.to_q .to_k .to_v .out .heads``, plus ``down[i]``,
-``mid``, ``up[i]``. Swin adds ``stage[i]``.
+UNets index ``xattn[i]`` (cross-attention, ``attn2``) and ``self_attn[i]`` (``attn1``), each
+with ``.to_q .to_k .to_v .out .heads``, plus ``down[i]``, ``mid``, ``up[i]``; their ``layer[i]``
+are the units of UNet causal tracing: every resnet and every transformer block's attn1, attn2
+and ff in forward order (70 for SD-v1, labels from ``unet_layer_label``). Swin adds ``stage[i]``.
 """
 import re
 from dataclasses import dataclass, field
@@ -123,6 +124,43 @@ def _unet_attention(leaf: str) -> Callable:
     return items
 
 
+def _unet_block_layers(block: nn.Module, path: str) -> list:
+    """One UNet block's traced layers in forward order: resnet i, then transformer block i's
+    attn1, attn2, ff (the mid block runs resnet 0, then (attention i, resnet i + 1) pairs)."""
+    resnets = [f"{path}.resnets.{i}" for i in range(len(block.resnets))]
+    attentions = getattr(block, "attentions", None) or []
+    transformers = [[f"{path}.attentions.{i}.transformer_blocks.{j}.{leaf}"
+                     for j in range(len(a.transformer_blocks)) for leaf in ("attn1", "attn2", "ff")]
+                    for i, a in enumerate(attentions)]
+    if path.endswith("mid_block"):
+        return resnets[:1] + [p for t, r in zip(transformers, resnets[1:]) for p in t + [r]]
+    return [p for i, r in enumerate(resnets) for p in [r] + (transformers[i] if i < len(transformers) else [])]
+
+
+def _unet_layers(model, root) -> list:
+    """Every ResnetBlock2D and every transformer block's attn1 / attn2 / ff of a UNet, in forward
+    order: the 70 "layers" that the dissertation's UNet causal tracing restores one at a time (SD-v1)."""
+    found = []
+    for name in ("down_blocks", "mid_block", "up_blocks"):
+        module = getattr(model, name, None)
+        if module is None:
+            continue
+        blocks = [(f"{name}.{i}", b) for i, b in enumerate(module)] if name != "mid_block" else [(name, module)]
+        for path, block in blocks:
+            found += [_join(root, p) for p in _unet_block_layers(block, path)]
+    return found
+
+
+def unet_layer_label(path: str) -> str:
+    """Display label of a traced UNet layer, diffusers' 0-based indices: ``down_blocks.0.attentions.1
+    .transformer_blocks.0.attn1`` -> ``down-0-self-attn-1``; ``mid_block.resnets.1`` -> ``mid-resnet-1``."""
+    parts = path.split(".")
+    where = "mid" if parts[0] == "mid_block" else f"{parts[0].split('_')[0]}-{parts[1]}"
+    rest = parts[1:] if parts[0] == "mid_block" else parts[2:]
+    kind = {"attn1": "self-attn", "attn2": "cross-attn", "ff": "ff"}.get(rest[-1], "resnet")
+    return f"{where}-{kind}-{rest[1]}"
+
+
 def _layer_components(attn, attn_out, mlp, mlp_out, norm1, norm2) -> dict:
     """The shared per-layer names; arguments are module names inside one block."""
     return {
@@ -205,8 +243,8 @@ for _spec in [
     # to_v read the text embeddings (what DiffQuickFix edits). self_attn[i] is attn1 of the same block.
     Family("unet", ("diffusers:UNet2DConditionModel",), "down_blocks",
            {"xattn": _unet_attention("attn2"), "self_attn": _unet_attention("attn1"),
-            "down": children("down_blocks"), "up": children("up_blocks")},
-           {**_attention_components("xattn"), **_attention_components("self_attn"),
+            "down": children("down_blocks"), "up": children("up_blocks"), "layer": _unet_layers},
+           {**_attention_components("xattn"), **_attention_components("self_attn"), "layer": ("{layer}", "output"),
             "down": ("{down}", "output"), "up": ("{up}", "output"), "mid": ("mid_block", "output"),
             "conv_in": ("conv_in", "output"), "conv_out": ("conv_out", "output"),
             "time_embedding": ("time_embedding", "output")},

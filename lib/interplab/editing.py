@@ -147,6 +147,52 @@ def compute_edit(model: nn.Module, path: str, K: torch.Tensor, V: torch.Tensor, 
     return edit_from_weights(path, W, W_new, K, V, time.perf_counter() - start, lam)
 
 
+# ---------------------------------------------------------------- keys and values read from a model
+
+
+def positions_from_last_token(ids: torch.Tensor, eos_id: int) -> list:
+    """Per row of ids (N, T): [p, p + 1, ..., T - 1] with p the token before the first EOS (the
+    last subject token when the subject ends the prompt), i.e. it and every EOS / padding after it."""
+    out = []
+    for row in ids.tolist():
+        if eos_id not in row[1:]:
+            raise BadParameter(f"no EOS (id {eos_id}) after position 0 in token ids {row}")
+        p = row.index(eos_id, 1) - 1
+        out.append(list(range(p, len(row))))
+    return out
+
+
+def read_inputs(model: nn.Module, path: str, run, inputs, positions: list) -> torch.Tensor:
+    """Rows (n, d_in) of what the linear map at ``path`` reads: row i's ``positions[i]`` of its input
+    (N, T, d_in) during ``run(inputs)``, concatenated in order."""
+    with torch.no_grad(), hooks.trace(model, [path], at="input") as seen:
+        run(inputs)
+    h = seen[path]
+    return torch.cat([h[i, list(pos)] for i, pos in enumerate(positions)])
+
+
+def quickfix_rows(model: nn.Module, path: str, run, key_ids: torch.Tensor, value_ids: torch.Tensor,
+                  eos_id: int, bias_mode: str = "exact") -> tuple:
+    """Keys K (n, d_in) and values V (n, d_out) of DIFF-QUICKFIX (Eq. 5.8) for prompt pairs.
+
+    key_ids, value_ids (N, T): prompts naming the concept (c_k) and its replacement (c_v). Key
+    positions of pair i: the last subject token of c_k and every EOS / padding after it; value
+    positions the same for c_v, cut to as many (or padded with T - 1). k = input of the linear map
+    at ``path`` (e.g. text layer 0's ``self_attn.out_proj``) for c_k; v = W' (its input for c_v):
+    the output without the bias (``bias_mode="exact"``) or with it (``"as_released"``, the release's
+    choice, which leaves the edited layer writing v + 2b).
+    """
+    check_choice("bias_mode", bias_mode, ("exact", "as_released"))
+    pk = positions_from_last_token(key_ids, eos_id)
+    pv = [(p + [key_ids.shape[1] - 1] * len(k))[:len(k)] for k, p in zip(pk, positions_from_last_token(value_ids, eos_id))]
+    K = read_inputs(model, path, run, key_ids, pk)
+    module = hooks.get_module(model, path)
+    V = read_inputs(model, path, run, value_ids, pv) @ weight_of(module).detach().T
+    if bias_mode == "as_released" and getattr(module, "bias", None) is not None:
+        V = V + module.bias.detach()
+    return K, V
+
+
 @contextmanager
 def apply_edit(model: nn.Module, edit):
     """Apply an edit inside the block; the original weight is restored bit-exactly on exit.

@@ -355,3 +355,59 @@ def restore_from_row(model: nn.Module, plan: Mapping, src: int = 0, cfg: bool = 
             path, at = _site(site)
             stack.enter_context(hooks.edit(model, path, copier(rows), at=at))
         yield
+
+
+# ---------------------------------------------------------------- text-to-image pipelines (Chapter 5)
+
+
+def trace_text_states(text_model: nn.Module, input_ids: torch.Tensor, corruption, restorations: Sequence = (),
+                      batch_size: int = 32) -> torch.Tensor:
+    """Conditionings (2 + R, T, d): the clean and corrupted text-encoder outputs, then one per restoration.
+
+    input_ids (1, T); corruption a ``Noise`` on the token embedding (or any ``corrupt_and_restore``
+    corruption); restorations as in ``corrupt_and_restore``, e.g. ``[[(site, [p])]]`` restores one
+    (module, position) state. The UNet then renders each row (Eq. 5.7): see ``sample_rows``.
+    """
+    def hidden(h):
+        return h.last_hidden_state if hasattr(h, "last_hidden_state") else h
+    res = corrupt_and_restore(text_model, lambda ids: text_model(input_ids=ids), input_ids, corruption,
+                              list(restorations), hidden, batch_size)
+    return torch.cat([res.clean[None], res.corrupted[None], res.restored])
+
+
+def sample_rows(pipe, conds: torch.Tensor, seed: int = 0, batch_size: int = 64, **sampler) -> torch.Tensor:
+    """Images (N, 3, H, W) of conditionings (N, T, d) that all ride one noise draw (z_T and step noise)."""
+    noise = pipe._noise(1, seed)
+    return torch.cat([pipe.sample(conds[i:i + batch_size], seed=seed, noise=noise, batch_size=batch_size, **sampler)
+                      for i in range(0, len(conds), batch_size)])
+
+
+def trace_unet_layers(pipe, clean: torch.Tensor, corrupted: torch.Tensor, layers: Sequence[str], seed: int = 0,
+                      batch_size: int = 16, restore_branches: str = "both", **sampler) -> torch.Tensor:
+    """Images (2 + L, 3, H, W): clean, corrupted, then the corrupted caption with UNet layer j restored.
+
+    clean, corrupted: conditionings (1, T, d). Each batch runs [clean, corrupted, restored...]
+    through one sampling loop; at every UNet call layer j's output in sample 2 + j is overwritten
+    by the clean sample's (both CFG halves unless ``restore_branches`` says otherwise, Eq. 5.5).
+    Every sample keeps its own latent trajectory and all share one noise draw, so the clean row
+    is recomputed per batch (identical each time). ``batch_size`` layers per sampling loop.
+    """
+    noise, out = pipe._noise(1, seed), []
+    for i in range(0, len(layers), batch_size):
+        chunk = list(layers[i:i + batch_size])
+        conds = torch.cat([clean, corrupted.expand(1 + len(chunk), -1, -1)])
+        plan = {layer: [2 + j] for j, layer in enumerate(chunk)}
+        with restore_from_row(pipe.unet, plan, src=0, cfg=True, restore_branches=restore_branches):
+            images = pipe.sample(conds, seed=seed, noise=noise, batch_size=len(conds), **sampler)
+        out.append(images if not out else images[2:])
+    return torch.cat(out)
+
+
+def restoration_score(clean, corrupted, restored, eps: float = 1e-9):
+    """R = (restored - corrupted) / (clean - corrupted), the fraction of the corruption's damage a
+    restoration undoes. clean, corrupted (...) and restored (..., L): scores averaged over captions.
+    nan where the corruption did no damage."""
+    corrupted = torch.as_tensor(corrupted, dtype=torch.float64)[..., None]
+    gap = torch.as_tensor(clean, dtype=torch.float64)[..., None] - corrupted
+    r = (torch.as_tensor(restored, dtype=torch.float64) - corrupted) / gap
+    return torch.where(gap.abs() > eps, r, torch.full_like(r, float("nan")))

@@ -10,9 +10,10 @@ No VAE (a deviation from SD): the "latent" is the image itself, reshaped exactly
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from diffusers import DDPMScheduler, UNet2DConditionModel
 
 from .. import toyworld as tw
+from ..models.diffusion import Text2Image
 from . import clip as zoo_clip
 from . import loop, store
 
@@ -43,59 +44,22 @@ def to_image(latents: torch.Tensor) -> torch.Tensor:
     return ((F.pixel_shuffle(latents, 2) + 1) / 2).clamp(0, 1)
 
 
-class ToyDiffusion:
-    """UNet + frozen text tower + tokenizer + schedulers; ``encode`` then ``sample``."""
+class ToyDiffusion(Text2Image):
+    """UNet + frozen text tower + tokenizer; the "latent" is the pixel-unshuffled image."""
+    latent_shape = (12, 16, 16)
+    schedule = SCHEDULE
+    sampler = SAMPLER  # eta = 1 (stochastic DDIM): deterministic DDIM left this small model's
+    # samples full of high-frequency noise; fresh noise each step corrects the accumulated eps errors
 
     def __init__(self, unet: UNet2DConditionModel, text_model, tokenizer):
-        self.unet, self.text_model, self.tokenizer = unet, text_model, tokenizer
+        super().__init__(unet, text_model, tokenizer)
         self.train_scheduler = DDPMScheduler(**SCHEDULE)
 
-    @torch.no_grad()  # not inference_mode: training saves these states for backward
-    def encode(self, prompts) -> torch.Tensor:
-        """Token states of the frozen text tower, (N, 24, 64): the cross-attention keys/values' input."""
-        ids, _ = tw.encode(self.tokenizer, list(prompts))
-        return self.text_model(input_ids=ids.to(self.unet.device)).last_hidden_state
+    def tokenize(self, prompts) -> torch.Tensor:
+        return tw.encode(self.tokenizer, list(prompts))[0]
 
-    @torch.no_grad()
-    def sample(self, cond: torch.Tensor, seed: int = 0, steps: int = SAMPLER["steps"],
-               guidance: float = SAMPLER["guidance"], uncond: torch.Tensor | None = None,
-               batch_size: int = 256, noise: torch.Tensor | None = None, eta: float = SAMPLER["eta"]) -> torch.Tensor:
-        """Images (N, 3, 32, 32) in [0, 1] for conditionings (N, 24, 64), DDIM with CFG.
-
-        ``eta`` = 1 is stochastic (ancestral-like) DDIM: each step adds fresh noise, which corrects
-        the epsilon errors that deterministic DDIM (eta = 0) accumulates into high-frequency noise in
-        this small model's samples. All noise of image i (start and every step) depends only on
-        (seed, i), so two calls with the same seed and different conditionings (clean vs edited)
-        share it. ``noise`` (N or 1, 12, 16, 16) overrides z_T; with one row, every image also shares
-        the step noise (a clean, a corrupted and restored samples of one caption).
-        """
-        self.unet.eval()
-        if uncond is None:
-            uncond = self.encode([""])
-        shared = noise is not None and len(noise) == 1
-        rows = 1 if shared else len(cond)
-        if noise is None:
-            noise = torch.randn(rows, 12, 16, 16, generator=torch.Generator().manual_seed(seed))
-        noise = noise.expand(len(cond), -1, -1, -1).to(cond.device)
-        sched = DDIMScheduler(**SCHEDULE)
-        sched.set_timesteps(steps)
-        step_noise = [torch.randn(rows, 12, 16, 16, generator=torch.Generator().manual_seed(seed * 7919 + k + 1))
-                      .expand(len(cond), -1, -1, -1).to(cond.device) for k in range(len(sched.timesteps))] if eta else None
-        out = []
-        for i in range(0, len(cond), batch_size):
-            c = cond[i:i + batch_size]
-            u = uncond.expand(len(c), -1, -1) if len(uncond) == 1 else uncond[i:i + batch_size]
-            x = noise[i:i + batch_size]
-            for k, t in enumerate(sched.timesteps):
-                eps = self.unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([u, c])).sample
-                e_u, e_c = eps.chunk(2)
-                z = step_noise[k][i:i + batch_size] if eta else None
-                x = sched.step(e_u + guidance * (e_c - e_u), t, x, eta=eta, variance_noise=z).prev_sample
-            out.append(to_image(x))
-        return torch.cat(out)
-
-    def generate(self, prompts, seed: int = 0, **kw) -> torch.Tensor:
-        return self.sample(self.encode(prompts), seed=seed, **kw)
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return to_image(latents)
 
 
 def diffusion_loss(model: ToyDiffusion, images, cond, gen: torch.Generator) -> torch.Tensor:

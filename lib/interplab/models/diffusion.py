@@ -1,0 +1,182 @@
+"""Text-to-image pipelines behind one small interface, so tracing and editing code runs on both
+the zoo's toy model and Stable Diffusion:
+
+    pipe.encode(prompts)            -> conditioning (N, T, d): the text encoder's last_hidden_state
+    pipe.sample(cond, seed, noise=) -> images (N, 3, H, W) in [0, 1], DDIM with classifier-free guidance
+    pipe.unet, pipe.text_model, pipe.tokenizer
+
+``Text2Image`` holds the sampling loop; ``zoo.t2i.ToyDiffusion`` (pixel-unshuffle "latents") and
+``StableDiffusion`` (VAE latents, paper profile) only say how latents become images. The
+unconditional conditioning is ``encode([""])``, never corrupted, restored or edited.
+
+Paper-profile architectures are written here as facts (``SD_UNET``, ``SD_TEXT``) so tests can build
+them with random weights offline; ``StableDiffusion.from_pretrained`` loads real weights by hub id.
+"""
+from __future__ import annotations
+
+import torch
+from diffusers import DDIMScheduler
+
+from ..errors import resource_unavailable
+
+
+class Text2Image:
+    """A UNet conditioned through cross-attention on a frozen text encoder's token states.
+
+    Subclasses set ``latent_shape`` (C, h, w), ``schedule`` (DDIM kwargs), ``sampler`` defaults
+    and ``decode`` (latents -> [0, 1] images).
+    """
+    latent_shape: tuple
+    schedule: dict
+    sampler = dict(steps=50, guidance=7.5, eta=0.0)
+
+    def __init__(self, unet, text_model, tokenizer):
+        self.unet, self.text_model, self.tokenizer = unet, text_model, tokenizer
+
+    @property
+    def device(self):
+        return self.unet.device
+
+    def tokenize(self, prompts) -> torch.Tensor:
+        """Token ids (N, T), padded to the encoder's context length."""
+        return self.tokenizer(list(prompts), padding="max_length", truncation=True,
+                              max_length=self.tokenizer.model_max_length, return_tensors="pt").input_ids
+
+    @torch.no_grad()  # not inference_mode: training and fine-tuning reuse these states
+    def encode(self, prompts) -> torch.Tensor:
+        """Token states of the frozen text encoder, (N, T, d): what cross-attention reads."""
+        return self.text_model(input_ids=self.tokenize(prompts).to(self.text_model.device)).last_hidden_state
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _noise(self, rows: int, seed: int) -> torch.Tensor:
+        return torch.randn(rows, *self.latent_shape, generator=torch.Generator().manual_seed(seed))
+
+    @torch.no_grad()
+    def sample(self, cond: torch.Tensor, seed: int = 0, steps: int = None, guidance: float = None,
+               uncond: torch.Tensor | None = None, batch_size: int = 256, noise: torch.Tensor | None = None,
+               eta: float = None) -> torch.Tensor:
+        """Images (N, 3, H, W) in [0, 1] for conditionings (N, T, d): DDIM with CFG
+        ``eps_u + guidance (eps_c - eps_u)`` (diffusers' form; Eq. 5.3's alpha = guidance - 1).
+
+        Every UNet call sees the batch [uncond of rows..., cond of rows...], the order
+        ``tracing.restore_from_row(cfg=True)`` assumes. All noise of image i (z_T and, for eta > 0,
+        every step's) depends only on (seed, i), so two calls with the same seed and different
+        conditionings (clean vs edited) share it. ``noise`` (N or 1, *latent_shape) overrides z_T;
+        with one row every image also shares the step noise (clean, corrupted and restored samples
+        of one caption ride the same noise, each on its own trajectory).
+        """
+        steps = self.sampler["steps"] if steps is None else steps
+        guidance = self.sampler["guidance"] if guidance is None else guidance
+        eta = self.sampler["eta"] if eta is None else eta
+        self.unet.eval()
+        if uncond is None:
+            uncond = self.encode([""])
+        shared = noise is not None and len(noise) == 1
+        rows = 1 if shared else len(cond)
+        if noise is None:
+            noise = self._noise(rows, seed)
+        dtype = self.unet.dtype
+        noise = noise.expand(len(cond), *self.latent_shape).to(self.device, dtype)
+        sched = DDIMScheduler(**self.schedule)
+        sched.set_timesteps(steps)
+        step_noise = [self._noise(rows, seed * 7919 + k + 1).expand(len(cond), *self.latent_shape)
+                      for k in range(len(sched.timesteps))] if eta else None
+        cond, uncond = cond.to(self.device, dtype), uncond.to(self.device, dtype)
+        out = []
+        for i in range(0, len(cond), batch_size):
+            c = cond[i:i + batch_size]
+            u = uncond.expand(len(c), -1, -1) if len(uncond) == 1 else uncond[i:i + batch_size]
+            x = noise[i:i + batch_size]
+            for k, t in enumerate(sched.timesteps):
+                eps = self.unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([u, c])).sample
+                e_u, e_c = eps.chunk(2)
+                z = step_noise[k][i:i + batch_size].to(x) if eta else None
+                x = sched.step(e_u + guidance * (e_c - e_u), t, x, eta=eta, variance_noise=z).prev_sample
+            out.append(self.decode(x).float().cpu())
+        return torch.cat(out)
+
+    def generate(self, prompts, seed: int = 0, **kw) -> torch.Tensor:
+        """Images (N, 3, H, W) for prompts; see ``sample``."""
+        return self.sample(self.encode(prompts), seed=seed, **kw)
+
+
+# ---------------------------------------------------------------- Stable Diffusion (paper profile)
+
+# Facts from the released configs (CompVis/stable-diffusion-v1-4, stabilityai/stable-diffusion-2-1).
+SD_UNET = {
+    "v1": dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+               block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+               down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+               up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, norm_num_groups=32),
+    "v2": dict(sample_size=96, in_channels=4, out_channels=4, layers_per_block=2,
+               block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=1024,
+               attention_head_dim=(5, 10, 20, 20), use_linear_projection=True,
+               down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+               up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, norm_num_groups=32),
+}
+SD_TEXT = {  # v1: CLIP ViT-L/14's text tower; v2: OpenCLIP ViT-H/14's, cut at its penultimate block
+    "v1": dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+               num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768),
+    "v2": dict(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
+               num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu", projection_dim=512),
+}
+SD_IDS = {"v1": "CompVis/stable-diffusion-v1-4", "v2": "stabilityai/stable-diffusion-2-1"}
+SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                   clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+
+
+def sd_unet_config(version: str = "v1", width: int | None = None) -> dict:
+    """SD's UNet config; ``width`` scales block_out_channels to (w, 2w, 4w, 4w) for tests (same topology)."""
+    cfg = dict(SD_UNET[version])
+    if width is not None:
+        cfg["block_out_channels"] = (width, 2 * width, 4 * width, 4 * width)
+        if version == "v2":  # head_dim 64 at full width -> keep whole heads at reduced width
+            cfg["attention_head_dim"] = (2, 4, 8, 8)
+    return cfg
+
+
+def random_sd(version: str = "v1", width: int = 32, text_layers: int | None = None, seed: int = 0):
+    """SD's UNet (channels scaled to ``width``) and text encoder (real width, ``text_layers`` deep),
+    random weights: the module paths and counts of the real models, built offline."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**sd_unet_config(version, width)).eval()
+    text_cfg = dict(SD_TEXT[version])
+    if text_layers is not None:
+        text_cfg["num_hidden_layers"] = text_layers
+    return unet, CLIPTextModel(CLIPTextConfig(**text_cfg)).eval()
+
+
+class StableDiffusion(Text2Image):
+    """SD v1.x / v2.x: UNet + VAE + CLIP text encoder, loaded by hub id; images 512 (v2: 768) px."""
+    schedule = SD_SCHEDULE
+    sampler = dict(steps=50, guidance=7.5, eta=0.0)
+
+    def __init__(self, unet, text_model, tokenizer, vae):
+        super().__init__(unet, text_model, tokenizer)
+        self.vae = vae
+        self.latent_shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+
+    def decode(self, latents):
+        x = self.vae.decode(latents / self.vae.config.scaling_factor).sample
+        return ((x.float() + 1) / 2).clamp(0, 1)
+
+    @classmethod
+    def from_pretrained(cls, model_id: str = SD_IDS["v1"], device="cuda", dtype=torch.float16):
+        """The UNet and VAE in ``dtype``; the text encoder in float32 (corruption noise and closed-form
+        edits want full precision). Offline without the weights: ``ResourceUnavailable``."""
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+        try:
+            unet = UNet2DConditionModel.from_pretrained(model_id, subfolder="unet", torch_dtype=dtype)
+            vae = AutoencoderKL.from_pretrained(model_id, subfolder="vae", torch_dtype=dtype)
+            text = CLIPTextModel.from_pretrained(model_id, subfolder="text_encoder", torch_dtype=torch.float32)
+            tok = CLIPTokenizer.from_pretrained(model_id, subfolder="tokenizer")
+        except (OSError, ValueError) as err:
+            raise resource_unavailable(f"model `{model_id}` ({type(err).__name__})",
+                                       f"run `huggingface-cli download {model_id}` on a machine with hub access "
+                                       "(accept the licence first) and set HF_HOME") from None
+        return cls(unet.to(device).eval(), text.to(device).eval(), tok, vae.to(device).eval())
