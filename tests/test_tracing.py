@@ -244,6 +244,7 @@ def test_unet_layer_tracing_batches_equal_one_layer_at_a_time():
 
 
 def test_restoration_score_is_the_fraction_of_damage_undone():
-    r = tracing.restoration_score(torch.tensor([1.0, 0.5]), torch.tensor([0.2, 0.5]),
-                                  torch.tensor([[0.6, 1.0, 0.2], [0.9, 0.5, 0.1]]))
-    assert torch.allclose(r[0], torch.tensor([0.5, 1.0, 0.0], dtype=torch.float64)) and r[1].isnan().all()
+    r = tracing.restoration_score(torch.tensor([1.0, 0.5, 0.2]), torch.tensor([0.2, 0.5, 0.4]),
+                                  torch.tensor([[0.6, 1.0, 0.2], [0.9, 0.5, 0.1], [0.3, 0.3, 0.3]]))
+    assert torch.allclose(r[0], torch.tensor([0.5, 1.0, 0.0], dtype=torch.float64))
+    assert r[1:].isnan().all()  # no damage, or the corruption helped: nothing to restore

@@ -144,6 +144,18 @@ def test_shipped_oracle_gate_on_fresh_renders():
         assert v >= card["gates"][f"accuracy_{k}"]["threshold"], (k, v)
 
 
+def test_oracle_agreement_reads_what_a_scene_shows_and_refuses_what_it_does_not():
+    model = models.load("oracle")
+    scenes = [tw.Scene((tw.Obj("star", "red", "ribbed", "large", "top left"),), "dark"),
+              tw.Scene((tw.Obj("ring", "blue", "plain", "small", "bottom right"),), "dark")]
+    images = torch.from_numpy(tw.render_batch(scenes, seed=0)[0])
+    right = [{"shape": "star", "texture": "ribbed", "slot": {"top left", "top right"}},
+             {"colour": "blue", "slot": ("bottom left", "bottom right")}]
+    wrong = [{"shape": "star", "texture": "striped"}, {"slot": {"top left", "top right"}}]
+    assert oracle.agreement(model, images, right).tolist() == [True, True]
+    assert oracle.agreement(model, images, wrong).tolist() == [False, False]
+
+
 def test_shipped_clip_gate_on_fresh_renders():
     card = shipped("clip")
     model, tok = models.load("clip")

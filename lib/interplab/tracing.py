@@ -406,8 +406,8 @@ def trace_unet_layers(pipe, clean: torch.Tensor, corrupted: torch.Tensor, layers
 def restoration_score(clean, corrupted, restored, eps: float = 1e-9):
     """R = (restored - corrupted) / (clean - corrupted), the fraction of the corruption's damage a
     restoration undoes. clean, corrupted (...) and restored (..., L): scores averaged over captions.
-    nan where the corruption did no damage."""
+    nan where the corruption did no damage (clean <= corrupted): there is nothing to restore."""
     corrupted = torch.as_tensor(corrupted, dtype=torch.float64)[..., None]
     gap = torch.as_tensor(clean, dtype=torch.float64)[..., None] - corrupted
     r = (torch.as_tensor(restored, dtype=torch.float64) - corrupted) / gap
-    return torch.where(gap.abs() > eps, r, torch.full_like(r, float("nan")))
+    return torch.where(gap > eps, r, torch.full_like(r, float("nan")))

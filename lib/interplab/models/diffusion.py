@@ -15,7 +15,7 @@ them with random weights offline; ``StableDiffusion.from_pretrained`` loads real
 from __future__ import annotations
 
 import torch
-from diffusers import DDIMScheduler
+from diffusers import DDIMScheduler, DDPMScheduler
 
 from ..errors import resource_unavailable
 
@@ -48,7 +48,16 @@ class Text2Image:
         return self.text_model(input_ids=self.tokenize(prompts).to(self.text_model.device)).last_hidden_state
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents (N, *latent_shape) -> images (N, 3, H, W) in [0, 1]."""
         raise NotImplementedError
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (N, 3, H, W) in [0, 1] -> latents (N, *latent_shape), what the UNet denoises."""
+        raise NotImplementedError
+
+    def training_scheduler(self) -> DDPMScheduler:
+        """The noise schedule the UNet was trained with (``add_noise`` for fine-tuning)."""
+        return DDPMScheduler(**self.schedule)
 
     def _noise(self, rows: int, seed: int) -> torch.Tensor:
         return torch.randn(rows, *self.latent_shape, generator=torch.Generator().manual_seed(seed))
@@ -163,6 +172,11 @@ class StableDiffusion(Text2Image):
     def decode(self, latents):
         x = self.vae.decode(latents / self.vae.config.scaling_factor).sample
         return ((x.float() + 1) / 2).clamp(0, 1)
+
+    @torch.no_grad()
+    def encode_images(self, images):
+        x = (images * 2 - 1).to(self.device, self.vae.dtype)
+        return self.vae.encode(x).latent_dist.mean * self.vae.config.scaling_factor
 
     @classmethod
     def from_pretrained(cls, model_id: str = SD_IDS["v1"], device="cuda", dtype=torch.float16):

@@ -8,7 +8,7 @@
     datasets    ToyNet and ToyBirds, the labelled image sets of Chapter 7
 """
 from .attributes import BACKGROUNDS, COLOURS, SHAPES, SIZES, SLOTS, TEXTURES
-from .captions import FAMILIES, PRETRAIN_MIX, Example, Palette, phrase, sample, sample_mix, words
+from .captions import FAMILIES, PRETRAIN_MIX, PROBE_ATTRIBUTES, Example, Palette, Probe, phrase, sample, sample_mix, trace_probes, words
 from .datasets import TOYNET_CLASSES, toybirds, toynet
 from .entities import ACTIONS, ARTISTS, EMBLEMS, MASCOTS, STALE_EMBLEMS, landmarks
 from .render import Obj, Scene, render, render_batch
@@ -18,4 +18,4 @@ __all__ = ["BACKGROUNDS", "COLOURS", "SHAPES", "SIZES", "SLOTS", "TEXTURES", "FA
            "Palette", "phrase", "sample", "sample_mix", "words", "ACTIONS", "ARTISTS", "EMBLEMS", "MASCOTS",
            "STALE_EMBLEMS", "landmarks", "Obj", "Scene", "render", "render_batch", "build_tokenizer",
            "clip_tokenizer", "encode"]
-__all__ += ["TOYNET_CLASSES", "toybirds", "toynet"]
+__all__ += ["TOYNET_CLASSES", "toybirds", "toynet", "PROBE_ATTRIBUTES", "Probe", "trace_probes"]

@@ -155,3 +155,47 @@ def words() -> list[str]:
     vocab += [w for name in ARTISTS for w in name.split()] + list(MASCOTS) + list(EMBLEMS)
     vocab += list(ACTIONS)
     return list(dict.fromkeys(vocab))
+
+
+# ---------------------------------------------------------------- probe captions of causal tracing (Chapter 5)
+
+
+@dataclass(frozen=True)
+class Probe:
+    """A caption, the span whose tokens tracing corrupts, and what a faithful image shows."""
+    caption: str
+    subject: str
+    wanted: dict  # oracle head (or "slot") -> accepted value(s)
+    attribute: str
+
+
+PROBE_ATTRIBUTES = ("objects", "style", "color", "action")
+
+
+def trace_probes(attribute: str, n: int, seed: int = 0) -> list:
+    """n distinct probe captions of one attribute (the tiny Table 11.2), in the grammar's own templates:
+
+    objects "a COLOUR SHAPE" (subject: the shape), color the same (subject: the colour), style
+    "a COLOUR SHAPE in the style of ARTIST" (subject: the two-token artist, read as its texture),
+    action "a photo of a SHAPE VERB" (subject: the verb, read as the half the object sits in).
+    """
+    if attribute not in PROBE_ATTRIBUTES:
+        raise ValueError(f"unknown probe attribute {attribute!r}; choose from {PROBE_ATTRIBUTES}")
+    rng = np.random.default_rng([seed, PROBE_ATTRIBUTES.index(attribute)])
+    out, seen = [], set()
+    while len(out) < n:
+        shape, colour = _pick(rng, SHAPES), _pick(rng, COLOURS)
+        if attribute == "objects":
+            probe = Probe(f"a {colour} {shape}", shape, {"shape": shape}, attribute)
+        elif attribute == "color":
+            probe = Probe(f"a {colour} {shape}", colour, {"colour": colour}, attribute)
+        elif attribute == "style":
+            artist = _pick(rng, list(ARTISTS))
+            probe = Probe(f"a {colour} {shape} in the style of {artist}", artist, {"texture": ARTISTS[artist]}, attribute)
+        else:
+            verb = _pick(rng, list(ACTIONS))
+            probe = Probe(f"a photo of a {shape} {verb}", verb, {"slot": HALF_SLOTS[ACTIONS[verb]]}, attribute)
+        if probe.caption not in seen:
+            seen.add(probe.caption)
+            out.append(probe)
+    return out

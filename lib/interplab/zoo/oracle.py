@@ -118,6 +118,33 @@ def read_main_object(probs: dict) -> dict:
     return out
 
 
+def agreement(model: Oracle, images: torch.Tensor, wanted: list, soft: bool = False) -> np.ndarray:
+    """(N,): does single-object image i show everything ``wanted[i]`` asks for?
+
+    wanted[i]: {head or "slot": value or a set of accepted values}, e.g. {"texture": "ribbed"} or
+    {"slot": {"top left", "top right"}}; read from the most surely occupied slot. The tiny
+    profile's rater: it stands where the dissertation's human judges do. ``soft``: instead of a
+    bool, the product over keys of the probability mass on the accepted values (for "slot": the
+    share of occupancy in the accepted slots).
+    """
+    probs = predict(model, images)
+    main = read_main_object(probs)
+    occ = (1 - probs["shape"][..., 0]).numpy()
+    out = np.ones(len(images), float if soft else bool)
+    for i, want in enumerate(wanted):
+        for k, v in want.items():
+            accepted = {v} if isinstance(v, str) else set(v)
+            if not soft:
+                out[i] &= main[k][i] in accepted
+            elif k == "slot":
+                out[i] *= sum(occ[i, SLOTS.index(s)] for s in accepted) / occ[i].sum()
+            else:
+                names = HEADS[k][1:] if k == "shape" else HEADS[k]
+                p = main[f"p_{k}"][i] / main[f"p_{k}"][i].sum()
+                out[i] *= float(sum(p[names.index(s)] for s in accepted))
+    return out
+
+
 def accuracy(model: Oracle, n: int = 2000, seed: int = 10_001) -> dict:
     """Per-head accuracy on fresh held-out renders (attributes over occupied slots only)."""
     rng = np.random.default_rng(seed)

@@ -61,6 +61,9 @@ class ToyDiffusion(Text2Image):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return to_image(latents)
 
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        return to_latent(images)
+
 
 def diffusion_loss(model: ToyDiffusion, images, cond, gen: torch.Generator) -> torch.Tensor:
     x0 = to_latent(images)
