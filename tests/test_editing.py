@@ -151,3 +151,14 @@ def test_quickfix_edit_makes_the_concept_read_like_its_replacement(bias_mode):
         run(key_ids)
     assert edit.residual < 1e-4
     assert torch.allclose(after[path][0, pk[0]] - bias, V[:n], atol=1e-3)  # exact: the value's output; released: + b
+
+
+def test_quickfix_counts_the_releases_291_key_rows_with_the_real_clip_tokenizer():
+    # CLIP's BPE vocabulary ships in the open_clip wheel: no download. The release prints
+    # "Length of Keys: 291" for the four "van gogh" prompts of DIFF-QUICKFIX on SD-v1.4's tokenizer.
+    from open_clip.tokenizer import SimpleTokenizer, tokenize
+    assert SimpleTokenizer().encode("van gogh") == [2451, 19697]
+    ids = tokenize(["van gogh", "A photo of van gogh", "An image of van gogh", "A picture of van gogh"])
+    positions = editing.positions_from_last_token(ids, eos_id=49407)
+    assert [ids[i, p[0]].item() for i, p in enumerate(positions)] == [19697] * 4  # "gogh": the last subject token
+    assert [len(p) for p in positions] == [75, 72, 72, 72] and sum(map(len, positions)) == 291

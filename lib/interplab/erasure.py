@@ -88,6 +88,6 @@ def erase(pipe, method: str, concept: str, anchor: str = "", steps: int = 100, l
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     weights = {p: hooks.get_module(student, p).weight.detach().clone() for p in paths}
     return Erasure(weights, time.perf_counter() - start, losses)
