@@ -194,3 +194,64 @@ class StableDiffusion(Text2Image):
                                        f"run `huggingface-cli download {model_id}` on a machine with hub access "
                                        "(accept the licence first) and set HF_HOME") from None
         return cls(unet.to(device).eval(), text.to(device).eval(), tok, vae.to(device).eval())
+
+
+def clip_bpe_tokenizer(max_length: int = 77):
+    """SD-v1's tokenizer (CLIP's BPE) built offline from the vocabulary inside the open_clip wheel: the
+    same ids as ``CLIPTokenizer.from_pretrained("openai/clip-vit-large-patch14")`` (BOS 49406, EOS 49407,
+    padded with EOS), for tests and offline checks of the paper profile's tokenization."""
+    import json
+    import tempfile
+
+    from open_clip.tokenizer import SimpleTokenizer
+    from transformers import CLIPTokenizer
+    bpe = SimpleTokenizer()
+    rename = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
+    vocab = {rename.get(k, k): v for k, v in bpe.encoder.items()}
+    merges = [" ".join(pair) for pair, _ in sorted(bpe.bpe_ranks.items(), key=lambda kv: kv[1])]
+    with tempfile.TemporaryDirectory() as d:
+        with open(f"{d}/vocab.json", "w") as f:
+            json.dump(vocab, f)
+        with open(f"{d}/merges.txt", "w") as f:
+            f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+        return CLIPTokenizer(f"{d}/vocab.json", f"{d}/merges.txt", pad_token="<|endoftext|>", model_max_length=max_length)
+
+
+class ClipScore:
+    """CLIP-Score S(x, text) = cos(E_img(x), E_txt(text)), raw (no x100, no clipping), as §5.2.5 uses it.
+
+    Built from two functions returning unit-norm embeddings (N, d); ``from_pretrained`` loads the
+    paper's evaluator, CLIP ViT-L/14-336 (never the text encoder an edit changes).
+    """
+
+    def __init__(self, embed_images, embed_texts):
+        self.embed_images, self.embed_texts = embed_images, embed_texts
+
+    def __call__(self, images: torch.Tensor, texts) -> torch.Tensor:
+        """(N,) scores of images (N, 3, H, W) in [0, 1] against N texts."""
+        return (self.embed_images(images) * self.embed_texts(list(texts))).sum(-1).float().cpu()
+
+    @classmethod
+    def from_pretrained(cls, model_id: str = "openai/clip-vit-large-patch14-336", device="cuda"):
+        from transformers import CLIPModel, CLIPProcessor
+        try:
+            model = CLIPModel.from_pretrained(model_id).to(device).eval()
+            proc = CLIPProcessor.from_pretrained(model_id)
+        except (OSError, ValueError) as err:
+            raise resource_unavailable(f"CLIP-Score evaluator `{model_id}` ({type(err).__name__})",
+                                       f"run `huggingface-cli download {model_id}` on a machine with hub access") from None
+
+        def unit(x):
+            x = x if torch.is_tensor(x) else x.pooler_output
+            return torch.nn.functional.normalize(x, dim=-1)
+
+        @torch.inference_mode()
+        def images(x):
+            pixels = proc(images=list(x.float().cpu()), return_tensors="pt", do_rescale=False).pixel_values
+            return unit(model.get_image_features(pixel_values=pixels.to(device)))
+
+        @torch.inference_mode()
+        def texts(t):
+            ids = proc(text=t, return_tensors="pt", padding=True, truncation=True).to(device)
+            return unit(model.get_text_features(**ids))
+        return cls(images, texts)
