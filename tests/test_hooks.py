@@ -354,3 +354,20 @@ def test_bad_paths_name_the_deepest_prefix(models):
     with pytest.raises(KeyError, match="never ran"):
         t["transformer.h[0]"]
     assert _no_hooks(model)
+
+
+def test_token_contributions_sum_to_the_attention_output_and_respect_causality():
+    from interplab import attention
+    text = tiny_random.clip_text()
+    layer = text.text_model.encoder.layers[0] if hasattr(text, "text_model") else text.encoder.layers[0]
+    ids = torch.randint(3, tiny_random.VOCAB, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), hooks.trace(text, ["encoder.layers.0.layer_norm1", "encoder.layers.0.self_attn"]) as seen:
+        text(input_ids=ids)
+    with torch.no_grad():
+        terms = attention.token_contributions(layer.self_attn, seen["encoder.layers.0.layer_norm1"])
+    assert terms.shape == (2, 7, 7, 64)
+    out = terms.sum(2) + layer.self_attn.out_proj.bias
+    assert torch.allclose(out, seen["encoder.layers.0.self_attn"], atol=1e-5)   # the sanity identity of §9.2.3
+    cont = terms.norm(dim=-1)
+    i, j = torch.tril_indices(7, 7)
+    assert (cont.triu(1) == 0).all() and (cont[:, i, j] > 0).all()            # j > i never writes into i

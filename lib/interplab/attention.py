@@ -176,3 +176,38 @@ def attention_plan(model, capture=(), upweight=None, beta: float = 10.0, context
             if hasattr(module, _SLOT):
                 delattr(module, _SLOT)
         model.set_attn_implementation(previous)
+
+
+# ---------------------------------------------------------------- per-token contributions (Chapter 9, §9.2.3)
+
+
+def token_contributions(attn: torch.nn.Module, x: torch.Tensor, causal: bool = True,
+                        mask: torch.Tensor | None = None) -> torch.Tensor:
+    """What each source token j writes into each target token i through one attention module.
+
+    attn: a module with ``q_proj``, ``k_proj``, ``v_proj``, ``out_proj`` (``nn.Linear``) and
+    ``num_heads`` (transformers' CLIPAttention); x (B, T, d): its input (the output of the
+    layer's pre-attention norm). Returns terms (B, T_i, T_j, d) with
+    ``terms[b, i, j] = sum_h a^h_ij (x_j W_v^h + b_v^h) W_o^hT``; summed over j plus
+    ``out_proj.bias`` they give the module's output at i. The bias belongs to no token and is
+    left out. ``mask`` (B, T) marks valid keys (False = padding), combined with the causal mask.
+    ``cont_ij = terms.norm(dim=-1)`` is the dissertation's attention contribution.
+    """
+    B, T, d = x.shape
+    h = attn.num_heads
+    dh = d // h
+
+    def heads(t):  # (B, T, d) -> (B, h, T, dh)
+        return t.view(B, T, h, dh).transpose(1, 2)
+    q, k, v = heads(attn.q_proj(x)), heads(attn.k_proj(x)), heads(attn.v_proj(x))
+    scores = (q @ k.transpose(-1, -2)) * dh ** -0.5                   # (B, h, T_i, T_j)
+    allowed = torch.ones(T, T, dtype=torch.bool, device=x.device)
+    if causal:
+        allowed = allowed.tril()
+    allowed = allowed.expand(B, 1, T, T)
+    if mask is not None:
+        allowed = allowed & mask.bool()[:, None, None, :]
+    probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)  # (B, h, T_i, T_j)
+    W_o = attn.out_proj.weight.view(d, h, dh)                         # (d_out, h, dh)
+    written = torch.einsum("bhjc,ohc->bhjo", v, W_o)                  # (B, h, T_j, d): head h's write of token j
+    return torch.einsum("bhij,bhjo->bijo", probs, written)

@@ -65,7 +65,7 @@ class Text2Image:
     @torch.no_grad()
     def sample(self, cond: torch.Tensor, seed: int = 0, steps: int = None, guidance: float = None,
                uncond: torch.Tensor | None = None, batch_size: int = 256, noise: torch.Tensor | None = None,
-               eta: float = None) -> torch.Tensor:
+               eta: float = None, switch: tuple | None = None) -> torch.Tensor:
         """Images (N, 3, H, W) in [0, 1] for conditionings (N, T, d): DDIM with CFG
         ``eps_u + guidance (eps_c - eps_u)`` (diffusers' form; Eq. 5.3's alpha = guidance - 1).
 
@@ -74,7 +74,8 @@ class Text2Image:
         every step's) depends only on (seed, i), so two calls with the same seed and different
         conditionings (clean vs edited) share it. ``noise`` (N or 1, *latent_shape) overrides z_T;
         with one row every image also shares the step noise (clean, corrupted and restored samples
-        of one caption ride the same noise, each on its own trajectory).
+        of one caption ride the same noise, each on its own trajectory). ``switch = (tau, late)``:
+        below timestep tau condition on ``late`` (N, T, d) instead (SWITCH-OFF, §9.2.5).
         """
         steps = self.sampler["steps"] if steps is None else steps
         guidance = self.sampler["guidance"] if guidance is None else guidance
@@ -93,13 +94,16 @@ class Text2Image:
         step_noise = [self._noise(rows, seed * 7919 + k + 1).expand(len(cond), *self.latent_shape)
                       for k in range(len(sched.timesteps))] if eta else None
         cond, uncond = cond.to(self.device, dtype), uncond.to(self.device, dtype)
+        tau, late = switch if switch is not None else (-1, None)
+        late = late.to(self.device, dtype) if late is not None else None
         out = []
         for i in range(0, len(cond), batch_size):
             c = cond[i:i + batch_size]
             u = uncond.expand(len(c), -1, -1) if len(uncond) == 1 else uncond[i:i + batch_size]
             x = noise[i:i + batch_size]
             for k, t in enumerate(sched.timesteps):
-                eps = self.unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([u, c])).sample
+                c_t = late[i:i + batch_size] if late is not None and t < tau else c
+                eps = self.unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([u, c_t])).sample
                 e_u, e_c = eps.chunk(2)
                 z = step_noise[k][i:i + batch_size].to(x) if eta else None
                 x = sched.step(e_u + guidance * (e_c - e_u), t, x, eta=eta, variance_noise=z).prev_sample

@@ -1,0 +1,75 @@
+"""Acting on a text-to-image model's conditioning: scoring captions with it, and reshaping it
+(Chapter 9).
+
+    diffusion_score(pipe, images, conds)   Eq. 9.1: d(x, c) = E_{t, eps} ||pred(z_t, t, c) - target||^2,
+                                           the same (t, eps) draws for every caption (paired estimator)
+    WindowProjection(d, s)                 CLP (s = 0) / WiCLP: c'_i = W^T [c_{i-s}; ...; c_{i+s}] + b,
+                                           initialised at the identity
+    switch_off(...)                        a conditioning that is projected at noisy steps (t >= tau) only
+
+``pipe`` is any ``models.diffusion.Text2Image`` (the zoo's toy model or Stable Diffusion).
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import BadParameter
+
+
+@torch.no_grad()
+def diffusion_score(pipe, images: torch.Tensor, conds: torch.Tensor, n: int = 50, seed: int = 0,
+                    batch_size: int = 256) -> torch.Tensor:
+    """d (N, C): denoising error of each image (N, 3, H, W) under each conditioning (C, T, d).
+
+    Lower is a better match (Eq. 9.2 picks argmin_c). Timesteps are a stratified grid of ``n``
+    points over [0, T) shuffled per image by ``seed``; the noise draws are shared by every
+    caption of an image. The target is what the UNet predicts (epsilon or v).
+    """
+    sched = pipe.training_scheduler()
+    x0 = pipe.encode_images(images.to(pipe.device))
+    N, C = len(x0), len(conds)
+    gen = torch.Generator().manual_seed(seed)
+    T = sched.config.num_train_timesteps
+    grid = (torch.arange(n) * T) // n + torch.randint(0, max(1, T // n), (n,), generator=gen)
+    out = torch.zeros(N, C)
+    for i in range(N):
+        eps = torch.randn(n, *x0.shape[1:], generator=gen).to(x0)
+        t = grid.to(x0.device)
+        zt = sched.add_noise(x0[i:i + 1].expand(n, *x0.shape[1:]), eps, t)
+        target = sched.get_velocity(x0[i:i + 1].expand_as(eps), eps, t) \
+            if sched.config.prediction_type == "v_prediction" else eps
+        for c in range(C):
+            cond = conds[c:c + 1].expand(n, -1, -1).to(x0)
+            pred = torch.cat([pipe.unet(zt[k:k + batch_size], t[k:k + batch_size],
+                                        encoder_hidden_states=cond[k:k + batch_size]).sample
+                              for k in range(0, n, batch_size)])
+            out[i, c] = F.mse_loss(pred, target).item()
+    return out
+
+
+class WindowProjection(nn.Module):
+    """WiCLP: each token's new embedding is a linear map of itself and its ``s`` neighbours on each
+    side (zero-padded at the ends); ``s = 0`` is CLP. Starts at the identity (centre block I, others
+    0, bias 0), so an untrained projection leaves generation unchanged bit for bit."""
+
+    def __init__(self, d: int, s: int = 1):
+        super().__init__()
+        if s < 0:
+            raise BadParameter(f"window half-width s must be >= 0, got {s}")
+        self.s = s
+        self.linear = nn.Linear((2 * s + 1) * d, d)
+        with torch.no_grad():
+            self.linear.weight.zero_()
+            self.linear.weight[:, s * d:(s + 1) * d] = torch.eye(d)
+            self.linear.bias.zero_()
+
+    def window(self, c: torch.Tensor) -> torch.Tensor:
+        """(N, T, d) -> (N, T, (2s + 1) d): token i's neighbours i - s .. i + s, concatenated in order."""
+        T = c.shape[1]
+        padded = F.pad(c, (0, 0, self.s, self.s))
+        return torch.cat([padded[:, k:k + T] for k in range(2 * self.s + 1)], dim=-1)
+
+    def forward(self, c: torch.Tensor) -> torch.Tensor:
+        if self.s == 0:  # the identity init must be exact: skip the concatenation
+            return self.linear(c)
+        return self.linear(self.window(c))
