@@ -50,3 +50,26 @@ def test_diffusion_score_shares_its_draws_across_captions_and_is_deterministic()
     d = conditioning.diffusion_score(pipe, images, conds, n=4)
     assert d.shape == (2, 3) and torch.equal(d[:, 0], d[:, 2])           # same draws: identical captions tie
     assert torch.equal(d, conditioning.diffusion_score(pipe, images, conds, n=4))
+
+
+def test_sds_gradient_reaches_the_student_and_not_the_teacher():
+    pipe = _toy()
+    for p in pipe.unet.parameters():
+        p.requires_grad_(False)
+    head = torch.nn.Linear(64, 12 * 16 * 16)           # h_w: an image embedding -> a "latent image"
+    emb = torch.randn(2, 64, requires_grad=True)       # stands for the CLIP image embedding f_phi(x)
+    z = head(emb).view(2, 12, 16, 16)
+    loss = conditioning.sds_loss(pipe, z, pipe.encode(["a red circle", "a blue star"]), torch.Generator().manual_seed(0))
+    loss.backward()
+    assert head.weight.grad is not None and head.weight.grad.abs().sum() > 0 and emb.grad.abs().sum() > 0
+    assert all(p.grad is None for p in pipe.unet.parameters())
+
+
+def test_predicted_noise_recovers_eps_from_the_exact_v():
+    from interplab.zoo import t2i
+    sched = _toy().training_scheduler()
+    x0, eps, t = torch.randn(3, 12, 4, 4), torch.randn(3, 12, 4, 4), torch.tensor([5, 500, 990])
+    zt = sched.add_noise(x0, eps, t)
+    v = sched.get_velocity(x0, eps, t)
+    assert t2i.SCHEDULE["prediction_type"] == "v_prediction"
+    assert torch.allclose(conditioning.predicted_noise(sched, v, zt, t), eps, atol=1e-4)

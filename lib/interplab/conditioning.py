@@ -1,8 +1,10 @@
 """Acting on a text-to-image model's conditioning: scoring captions with it, and reshaping it
 (Chapter 9).
 
-    diffusion_score(pipe, images, conds)   Eq. 9.1: d(x, c) = E_{t, eps} ||pred(z_t, t, c) - target||^2,
+    diffusion_score(pipe, images, conds)   Eq. 9.1: d(x, c) = E_{t, eps} ||eps_theta(z_t, t, c) - eps||^2,
                                            the same (t, eps) draws for every caption (paired estimator)
+    sds_loss(pipe, z, cond, gen)           Eq. 9.3: the same error for a "latent image" z that a student
+                                           produced, differentiable in z (the UNet stays frozen)
     WindowProjection(d, s)                 CLP (s = 0) / WiCLP: c'_i = W^T [c_{i-s}; ...; c_{i+s}] + b,
                                            initialised at the identity
     switch_off(...)                        a conditioning that is projected at noisy steps (t >= tau) only
@@ -16,6 +18,28 @@ from torch import nn
 from .errors import BadParameter
 
 
+def predicted_noise(sched, out: torch.Tensor, zt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The UNet's output as a noise prediction: itself for epsilon models; for v-prediction
+    eps = sqrt(abar_t) v + sqrt(1 - abar_t) z_t. The dissertation's errors are in eps."""
+    if sched.config.prediction_type == "epsilon":
+        return out
+    if sched.config.prediction_type != "v_prediction":
+        raise BadParameter(f"prediction_type {sched.config.prediction_type!r} is not supported")
+    abar = sched.alphas_cumprod.to(zt.device)[t].view(-1, *[1] * (zt.dim() - 1)).to(zt.dtype)
+    return abar.sqrt() * out + (1 - abar).sqrt() * zt
+
+
+def sds_loss(pipe, z: torch.Tensor, cond: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """||eps_theta(z_t, t, c) - eps||^2 averaged over the batch, t ~ U{0..T-1}: z (N, *latent_shape)
+    from the student (gradients flow through the frozen UNet into z), cond (N, T, d)."""
+    sched = pipe.training_scheduler()
+    t = torch.randint(0, sched.config.num_train_timesteps, (len(z),), generator=gen).to(z.device)
+    eps = torch.randn(z.shape, generator=gen).to(z)
+    zt = sched.add_noise(z, eps, t)
+    out = pipe.unet(zt, t, encoder_hidden_states=cond.to(z)).sample
+    return F.mse_loss(predicted_noise(sched, out, zt, t), eps)
+
+
 @torch.no_grad()
 def diffusion_score(pipe, images: torch.Tensor, conds: torch.Tensor, n: int = 50, seed: int = 0,
                     batch_size: int = 256) -> torch.Tensor:
@@ -23,7 +47,7 @@ def diffusion_score(pipe, images: torch.Tensor, conds: torch.Tensor, n: int = 50
 
     Lower is a better match (Eq. 9.2 picks argmin_c). Timesteps are a stratified grid of ``n``
     points over [0, T) shuffled per image by ``seed``; the noise draws are shared by every
-    caption of an image. The target is what the UNet predicts (epsilon or v).
+    caption of an image. Errors are in noise space whatever the UNet predicts.
     """
     sched = pipe.training_scheduler()
     x0 = pipe.encode_images(images.to(pipe.device))
@@ -36,14 +60,12 @@ def diffusion_score(pipe, images: torch.Tensor, conds: torch.Tensor, n: int = 50
         eps = torch.randn(n, *x0.shape[1:], generator=gen).to(x0)
         t = grid.to(x0.device)
         zt = sched.add_noise(x0[i:i + 1].expand(n, *x0.shape[1:]), eps, t)
-        target = sched.get_velocity(x0[i:i + 1].expand_as(eps), eps, t) \
-            if sched.config.prediction_type == "v_prediction" else eps
         for c in range(C):
             cond = conds[c:c + 1].expand(n, -1, -1).to(x0)
             pred = torch.cat([pipe.unet(zt[k:k + batch_size], t[k:k + batch_size],
                                         encoder_hidden_states=cond[k:k + batch_size]).sample
                               for k in range(0, n, batch_size)])
-            out[i, c] = F.mse_loss(pred, target).item()
+            out[i, c] = F.mse_loss(predicted_noise(sched, pred, zt, t), eps).item()
     return out
 
 
