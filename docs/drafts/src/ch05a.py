@@ -28,6 +28,7 @@ seed = 0
 device = "auto"
 out_dir = None
 model_id = "CompVis/stable-diffusion-v1-4"   # paper profile
+text_encoder_source = "pipeline"   # paper: "pipeline" (SD's own CLIP-L/14 text tower) or "clip-l-336" (the release)
 attributes = ["objects", "style", "color", "action"]
 n_prompts_per_attribute = 4   # probe captions traced per attribute (UNet and text encoder)
 n_validation = 2              # further captions per attribute that calibrate the CLIP-Score threshold
@@ -61,7 +62,8 @@ from interplab.zoo import store
 from interplab.zoo import t2i as zt
 
 ch = interplab.start("ch05a_causal_tracing", profile=profile, seed=seed, device=device, out_dir=out_dir,
-                     params=dict(model_id=model_id, attributes=attributes, n_prompts_per_attribute=n_prompts_per_attribute,
+                     params=dict(model_id=model_id, text_encoder_source=text_encoder_source, attributes=attributes,
+                                 n_prompts_per_attribute=n_prompts_per_attribute,
                                  n_validation=n_validation, num_inference_steps=num_inference_steps,
                                  guidance_scale=guidance_scale, noise_mult=noise_mult, edit_lambda=edit_lambda,
                                  bias_mode=bias_mode, n_edit_prompts=n_edit_prompts, run_baselines=run_baselines,
@@ -73,6 +75,12 @@ if ch.tiny:
 else:
     pipe = StableDiffusion.from_pretrained(model_id, device=ch.device)  # ResourceUnavailable offline
     clip_score = ClipScore.from_pretrained(device=ch.device)            # CLIP ViT-L/14-336, as the release
+    if text_encoder_source == "clip-l-336":
+        # The dissertation calls the edited encoder "CLIP-ViT-L/336px"; the release notebook swaps the text tower of
+        # openai/clip-vit-large-patch14-336 into the pipeline before editing. SD-v1.4 was trained with the
+        # ViT-L/14 (224 px) tower, so the default edits the pipeline's own encoder; this option reproduces the release.
+        from transformers import CLIPTextModel
+        pipe.text_model = CLIPTextModel.from_pretrained("openai/clip-vit-large-patch14-336").to(ch.device).eval()
 text = pipe.text_model
 EMBED = ("text_model." if hasattr(text, "text_model") else "") + "embeddings.token_embedding"
 sampler = {k: v for k, v in dict(steps=num_inference_steps, guidance=guidance_scale).items() if v is not None}
