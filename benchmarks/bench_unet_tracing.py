@@ -43,7 +43,7 @@ def pipeline():
 
 
 def looped(pipe, clean, corrupted, layers, seed, steps):
-    noise = pipe._noise(1, seed)
+    noise = pipe.draw_noise(1, seed)
     corrupted_image = pipe.sample(corrupted, seed=seed, noise=noise, steps=steps)
     out = []
     for layer in layers:

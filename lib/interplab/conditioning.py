@@ -7,7 +7,8 @@
                                            produced, differentiable in z (the UNet stays frozen)
     WindowProjection(d, s)                 CLP (s = 0) / WiCLP: c'_i = W^T [c_{i-s}; ...; c_{i+s}] + b,
                                            initialised at the identity
-    switch_off(...)                        a conditioning that is projected at noisy steps (t >= tau) only
+    SWITCH-OFF                             ``pipe.sample(c, switch=(tau, c_late))``: the projected conditioning
+                                           at noisy steps (t >= tau) only
 
 ``pipe`` is any ``models.diffusion.Text2Image`` (the zoo's toy model or Stable Diffusion).
 """
@@ -60,12 +61,14 @@ def diffusion_score(pipe, images: torch.Tensor, conds: torch.Tensor, n: int = 50
         eps = torch.randn(n, *x0.shape[1:], generator=gen).to(x0)
         t = grid.to(x0.device)
         zt = sched.add_noise(x0[i:i + 1].expand(n, *x0.shape[1:]), eps, t)
-        for c in range(C):
-            cond = conds[c:c + 1].expand(n, -1, -1).to(x0)
-            pred = torch.cat([pipe.unet(zt[k:k + batch_size], t[k:k + batch_size],
-                                        encoder_hidden_states=cond[k:k + batch_size]).sample
-                              for k in range(0, n, batch_size)])
-            out[i, c] = F.mse_loss(predicted_noise(sched, pred, zt, t), eps).item()
+        # every caption against the same n draws, all in one batch of C x n rows
+        z_all, t_all, eps_all = zt.repeat(C, 1, 1, 1), t.repeat(C), eps.repeat(C, 1, 1, 1)
+        cond = conds.to(x0).repeat_interleave(n, dim=0)
+        pred = torch.cat([pipe.unet(z_all[k:k + batch_size], t_all[k:k + batch_size],
+                                    encoder_hidden_states=cond[k:k + batch_size]).sample
+                          for k in range(0, C * n, batch_size)])
+        err = (predicted_noise(sched, pred, z_all, t_all) - eps_all) ** 2
+        out[i] = err.view(C, -1).mean(1).cpu()
     return out
 
 

@@ -185,9 +185,13 @@ def quickfix_rows(model: nn.Module, path: str, run, key_ids: torch.Tensor, value
     check_choice("bias_mode", bias_mode, ("exact", "as_released"))
     pk = positions_from_last_token(key_ids, eos_id)
     pv = [(p + [key_ids.shape[1] - 1] * len(k))[:len(k)] for k, p in zip(pk, positions_from_last_token(value_ids, eos_id))]
-    K = read_inputs(model, path, run, key_ids, pk)
+    if key_ids.shape[1] != value_ids.shape[1]:
+        raise BadParameter(f"key and value prompts must be padded to one length, got {key_ids.shape[1]} "
+                           f"and {value_ids.shape[1]}")
+    rows = read_inputs(model, path, run, torch.cat([key_ids, value_ids]), pk + pv)  # one forward pass
+    n_k = sum(map(len, pk))
     module = hooks.get_module(model, path)
-    V = read_inputs(model, path, run, value_ids, pv) @ weight_of(module).detach().T
+    K, V = rows[:n_k], rows[n_k:] @ weight_of(module).detach().T
     if bias_mode == "as_released" and getattr(module, "bias", None) is not None:
         V = V + module.bias.detach()
     return K, V

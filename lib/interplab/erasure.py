@@ -6,7 +6,8 @@ the parameter group of ESD-x and of Concept-Ablation's default, against a frozen
     ESD-x (Gandikota et al. 2023):  eps(x_t, c) -> eps*(x_t, "") - eta (eps*(x_t, c) - eps*(x_t, ""))
     Concept-Ablation, model-based (Kumari et al. 2023):  eps(x_t, c) -> eps*(x_t, c_anchor)
 
-where eps* is the frozen UNet and x_t noises images the model itself generated (of the concept for
+where eps* is the frozen UNet (its own parameterisation: for a v-prediction UNet the same linear
+targets in v), and x_t noises images the model itself generated (of the concept for
 ESD, of the anchor for Concept-Ablation). ``erase`` returns the trained weights as a reversible
 ``Erasure`` with its wall time, so it can be compared with a closed-form edit's.
 """
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from . import anatomy, hooks
-from .errors import check_choice
+from .errors import BadParameter, check_choice
 
 
 @dataclass
@@ -55,6 +56,8 @@ def erase(pipe, method: str, concept: str, anchor: str = "", steps: int = 100, l
     The wall time covers generating the training images and the optimisation.
     """
     check_choice("method", method, ("esd_x", "concept_ablation"))
+    if method == "concept_ablation" and not anchor:
+        raise BadParameter("concept_ablation needs an anchor prompt (e.g. 'painting' for a style)")
     start = time.perf_counter()
     source = concept if method == "esd_x" else anchor
     gen = torch.Generator().manual_seed(seed)
@@ -74,13 +77,13 @@ def erase(pipe, method: str, concept: str, anchor: str = "", steps: int = 100, l
     losses = []
     for _ in range(steps):
         idx = torch.randint(0, len(x0), (batch_size,), generator=gen)
-        noise = torch.randn(x0[idx].shape, generator=gen)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=gen)
+        noise = torch.randn(x0[idx].shape, generator=gen).to(x0)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=gen).to(x0.device)
         xt = scheduler.add_noise(x0[idx], noise, t)
         with torch.no_grad():
-            if method == "esd_x":
-                e_u = frozen(xt, t, encoder_hidden_states=u.expand(batch_size, -1, -1)).sample
-                e_c = frozen(xt, t, encoder_hidden_states=c.expand(batch_size, -1, -1)).sample
+            if method == "esd_x":  # both frozen branches in one pass, [uncond, cond] as in CFG
+                e_u, e_c = frozen(torch.cat([xt, xt]), torch.cat([t, t]), encoder_hidden_states=torch.cat(
+                    [u.expand(batch_size, -1, -1), c.expand(batch_size, -1, -1)])).sample.chunk(2)
                 target = e_u - eta * (e_c - e_u)
             else:
                 target = frozen(xt, t, encoder_hidden_states=a.expand(batch_size, -1, -1)).sample

@@ -6,7 +6,7 @@
 
 The tiny profile's counterparts come from the toy world (``toyworld.trace_probes``). Evaluation
 prompts of the edits are authored here from the concept names (the Concept-Ablation prompt files
-are not bundled): each is flagged ``reconstructed``.
+are not bundled): ``EVAL_PROMPTS_RECONSTRUCTED`` says so to every caller that reports them.
 """
 import numpy as np
 
@@ -72,6 +72,7 @@ EDIT_CONCEPTS = {
     "object": [("snoopy", "dog"), ("r2d2", "robot"), ("nemo", "fish"), ("grumpy cat", "cat")],
     "fact": [("the President of the United States", "Joe Biden"), ("the British Monarch", "King Charles")],
 }
+EVAL_PROMPTS_RECONSTRUCTED = True  # edit_eval_prompts are authored here, not Concept-Ablation's files
 EDIT_TEMPLATES = ("{x}", "A photo of {x}", "An image of {x}", "A picture of {x}")  # the release's augmentation
 FACT_STALE = {"the President of the United States": "Donald Trump", "the British Monarch": "Queen Elizabeth"}
 

@@ -377,7 +377,7 @@ def trace_text_states(text_model: nn.Module, input_ids: torch.Tensor, corruption
 
 def sample_rows(pipe, conds: torch.Tensor, seed: int = 0, batch_size: int = 64, **sampler) -> torch.Tensor:
     """Images (N, 3, H, W) of conditionings (N, T, d) that all ride one noise draw (z_T and step noise)."""
-    noise = pipe._noise(1, seed)
+    noise = pipe.draw_noise(1, seed)
     return torch.cat([pipe.sample(conds[i:i + batch_size], seed=seed, noise=noise, batch_size=batch_size, **sampler)
                       for i in range(0, len(conds), batch_size)])
 
@@ -392,7 +392,7 @@ def trace_unet_layers(pipe, clean: torch.Tensor, corrupted: torch.Tensor, layers
     Every sample keeps its own latent trajectory and all share one noise draw, so the clean row
     is recomputed per batch (identical each time). ``batch_size`` layers per sampling loop.
     """
-    noise, out = pipe._noise(1, seed), []
+    noise, out = pipe.draw_noise(1, seed), []
     for i in range(0, len(layers), batch_size):
         chunk = list(layers[i:i + batch_size])
         conds = torch.cat([clean, corrupted.expand(1 + len(chunk), -1, -1)])

@@ -59,7 +59,8 @@ class Text2Image:
         """The noise schedule the UNet was trained with (``add_noise`` for fine-tuning)."""
         return DDPMScheduler(**self.schedule)
 
-    def _noise(self, rows: int, seed: int) -> torch.Tensor:
+    def draw_noise(self, rows: int, seed: int) -> torch.Tensor:
+        """z_T (rows, *latent_shape) from a seed: what ``sample(noise=...)`` takes."""
         return torch.randn(rows, *self.latent_shape, generator=torch.Generator().manual_seed(seed))
 
     @torch.no_grad()
@@ -86,12 +87,12 @@ class Text2Image:
         shared = noise is not None and len(noise) == 1
         rows = 1 if shared else len(cond)
         if noise is None:
-            noise = self._noise(rows, seed)
+            noise = self.draw_noise(rows, seed)
         dtype = self.unet.dtype
         noise = noise.expand(len(cond), *self.latent_shape).to(self.device, dtype)
         sched = DDIMScheduler(**self.schedule)
         sched.set_timesteps(steps)
-        step_noise = [self._noise(rows, seed * 7919 + k + 1).expand(len(cond), *self.latent_shape)
+        step_noise = [self.draw_noise(rows, seed * 7919 + k + 1).expand(len(cond), *self.latent_shape)
                       for k in range(len(sched.timesteps))] if eta else None
         cond, uncond = cond.to(self.device, dtype), uncond.to(self.device, dtype)
         tau, late = switch if switch is not None else (-1, None)

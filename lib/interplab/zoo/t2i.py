@@ -10,7 +10,7 @@ No VAE (a deviation from SD): the "latent" is the image itself, reshaped exactly
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler, UNet2DConditionModel
+from diffusers import UNet2DConditionModel
 
 from .. import toyworld as tw
 from ..models.diffusion import Text2Image
@@ -56,7 +56,7 @@ class ToyDiffusion(Text2Image):
 
     def __init__(self, unet: UNet2DConditionModel, text_model, tokenizer):
         super().__init__(unet, text_model, tokenizer)
-        self.train_scheduler = DDPMScheduler(**SCHEDULE)
+        self.train_scheduler = self.training_scheduler()
 
     def tokenize(self, prompts) -> torch.Tensor:
         return tw.encode(self.tokenizer, list(prompts))[0]
