@@ -6,13 +6,12 @@ from interplab import conditioning
 
 
 def _toy():
-    from diffusers import UNet2DConditionModel
     from interplab import toyworld as tw
     from interplab.zoo import clip, t2i
     torch.manual_seed(0)
     tok = tw.clip_tokenizer(clip.MAX_LENGTH)
     text = clip.CLIPModel(clip.config(len(tok), tok.eos_token_id)).eval().text_model
-    return t2i.ToyDiffusion(UNet2DConditionModel(**t2i.unet_config()).eval(), text, tok)
+    return t2i.untrained(text, tok)
 
 
 @pytest.mark.parametrize("s", [0, 1, 2])
@@ -56,9 +55,9 @@ def test_sds_gradient_reaches_the_student_and_not_the_teacher():
     pipe = _toy()
     for p in pipe.unet.parameters():
         p.requires_grad_(False)
-    head = torch.nn.Linear(64, 12 * 16 * 16)           # h_w: an image embedding -> a "latent image"
+    head = torch.nn.Linear(64, 8 * 8 * 8)              # h_w: an image embedding -> a latent
     emb = torch.randn(2, 64, requires_grad=True)       # stands for the CLIP image embedding f_phi(x)
-    z = head(emb).view(2, 12, 16, 16)
+    z = head(emb).view(2, *pipe.latent_shape)
     loss = conditioning.sds_loss(pipe, z, pipe.encode(["a red circle", "a blue star"]), torch.Generator().manual_seed(0))
     loss.backward()
     assert head.weight.grad is not None and head.weight.grad.abs().sum() > 0 and emb.grad.abs().sum() > 0

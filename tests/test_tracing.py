@@ -163,12 +163,11 @@ def test_restore_from_row_copies_the_source_row_in_cfg_halves():
 
 
 def _toy_diffusion():
-    from diffusers import UNet2DConditionModel
     from interplab.zoo import clip, t2i
     torch.manual_seed(0)
     tok = tw.clip_tokenizer(clip.MAX_LENGTH)
     text = clip.CLIPModel(clip.config(len(tok), tok.eos_token_id)).eval()
-    return t2i.ToyDiffusion(UNet2DConditionModel(**t2i.unet_config()).eval(), text.text_model, tok)
+    return t2i.untrained(text.text_model, tok)
 
 
 @pytest.mark.parametrize("branches", ["both", "cond"])
@@ -189,7 +188,7 @@ def test_reference_row_sampling_on_toy_diffusion(branches):
         plan = {path: [2] for path in every}
         plan[anatomy.items(model.unet, "xattn")[3]] = [2, 4]
         with tracing.restore_from_row(model.unet, plan, src=0, cfg=True, restore_branches=branches):
-            x = model.sample(cond, steps=2, noise=torch.randn(1, 12, 16, 16, generator=torch.Generator().manual_seed(0)))
+            x = model.sample(cond, steps=2, noise=model.draw_noise(1, 0))
     assert torch.equal(x[2], x[0])                          # every layer restored: the clean sample
     assert torch.equal(x[3], x[1])                          # nothing restored: the corrupted sample
     assert not torch.equal(x[0], x[1]) and not torch.equal(x[4], x[1]) and not torch.equal(x[4], x[0])

@@ -82,31 +82,47 @@ def test_clip_trains(tmp_zoo):
     assert "zero_shot_colour" in out["gates"] and 0 <= out["binding"]["text"] <= 1
 
 
-def test_t2i_trains_and_samples(tmp_zoo):
+def _t2i_train(**kw):
     tok = tw.clip_tokenizer(clip.MAX_LENGTH)
     text = clip.CLIPModel(clip.config(len(tok), tok.eos_token_id)).eval()
-    out = t2i.train(steps=2, batch_size=4, ship=False, resume=False, eval_n=4, oracle=oracle.Oracle().eval(),
-                    clip=(text, tok))
-    assert set(out["gates"]) == {"single_colour", "single_shape", "single_texture"}
+    return t2i.train(steps=2, vae_steps=2, batch_size=4, ship=False, resume=False, eval_n=4,
+                     oracle=oracle.Oracle().eval(), clip=(text, tok), **kw)
+
+
+def test_t2i_trains_both_stages_and_samples(tmp_zoo, monkeypatch):
+    monkeypatch.setattr(t2i, "VAE_GATE", 0.0)
+    out = _t2i_train()
+    assert set(out["gates"]) == {f"{s}_{k}" for s in ("vae", "single") for k in ("colour", "shape", "texture")}
+    assert set(out["pair_fidelity"]) == {"pair_colour", "pair_shape", "pair_texture"}
+
+
+def test_t2i_stops_after_a_vae_that_loses_the_attributes(tmp_zoo):
+    out = _t2i_train()  # two VAE steps: the oracle cannot read its reconstructions
+    assert set(out["gates"]) == {"vae_colour", "vae_shape", "vae_texture"}
+    assert not all(g["holds"] for g in out["gates"].values())
+    assert store.state_path(t2i.VAE_STATE).exists() and not store.state_path(t2i.NAME).exists()
 
 
 def test_t2i_ships_and_loads_with_its_text_encoder(tmp_zoo):
-    from diffusers import UNet2DConditionModel
     tok = tw.clip_tokenizer(clip.MAX_LENGTH)
     text = t2i.text_encoder_of(clip.CLIPModel(clip.config(len(tok), tok.eos_token_id)))
-    model = t2i.ToyDiffusion(UNet2DConditionModel(**t2i.unet_config()).eval(), text, tok)
+    model = t2i.untrained(text, tok)
     card = t2i.ship_model(model, seed=0, steps=1, wall_time_s=1.0, gates={"g": store.gate(1.0, 0.8)})
-    assert {"unet.safetensors", "text_encoder/model.safetensors", "tokenizer/tokenizer.json"} <= set(card["sha256"])
+    assert {"unet.safetensors", "vae.safetensors", "text_encoder/model.safetensors", "tokenizer/tokenizer.json"} <= set(card["sha256"])
     back = models.load("t2i")
     assert torch.allclose(back.encode(["a red circle"]), model.encode(["a red circle"]))
     a, b = (m.generate(["a red circle"], seed=3, steps=2) for m in (model, back))
-    assert (a - b).abs().max() < 0.02  # the UNet ships in float16
+    assert (a - b).abs().max() < 0.02  # the UNet and VAE ship in float16
+    assert back.vae.config.scaling_factor == model.vae.config.scaling_factor
 
 
-def test_t2i_latent_reshape_is_exact():
+def test_t2i_vae_maps_images_to_latents_and_back():
+    model = t2i.untrained(None, None)
     x = torch.rand(2, 3, 32, 32)
-    assert t2i.to_latent(x).shape == (2, 12, 16, 16)
-    assert torch.allclose(t2i.to_image(t2i.to_latent(x)), x, atol=1e-6)
+    z = model.encode_images(x)
+    assert z.shape == (2, *model.latent_shape) == (2, 8, 8, 8)
+    img = model.decode(z)
+    assert img.shape == x.shape and img.min() >= 0 and img.max() <= 1
 
 
 def test_t2i_has_sd_topology():
@@ -173,16 +189,15 @@ def test_shipped_t2i_gate_on_fresh_prompts():
 
 
 def test_t2i_sampling_is_paired_by_seed_and_shared_noise():
-    from diffusers import UNet2DConditionModel
     tok = tw.clip_tokenizer(clip.MAX_LENGTH)
     text = t2i.text_encoder_of(clip.CLIPModel(clip.config(len(tok), tok.eos_token_id)))
-    model = t2i.ToyDiffusion(UNet2DConditionModel(**t2i.unet_config()).eval(), text, tok)
+    model = t2i.untrained(text, tok)
     cond = model.encode(["a red circle", "a blue square"])
     a = model.sample(cond, seed=1, steps=3)
     assert torch.equal(a, model.sample(cond, seed=1, steps=3))          # deterministic given the seed
     # image i's noise depends on (seed, i) only (batch size changes the float rounding, not the noise)
     assert torch.allclose(a[:1], model.sample(cond[:1], seed=1, steps=3), atol=1e-4)
-    z = torch.randn(1, 12, 16, 16)
+    z = model.draw_noise(1, 7)
     same = model.sample(cond[:1].expand(2, -1, -1), steps=3, noise=z)   # one z_T and one step noise for all rows
     assert torch.equal(same[0], same[1])
     assert not torch.equal(model.sample(cond, seed=1, steps=3, eta=0.0), a)

@@ -7,11 +7,17 @@ _orig = M.load
 def load(name):
     if name != "t2i":
         return _orig(name)
-    st = store.load_state("t2i")
+    import numpy as np
+    from diffusers import AutoencoderKL
+    st, vs = store.load_state("t2i"), store.load_state(t2i.VAE_STATE)
+    vae = AutoencoderKL(**t2i.vae_config()); vae.load_state_dict(vs["modules"]["vae"]); vae.eval()
+    with torch.no_grad():
+        z = vae.encode(t2i.render(np.random.default_rng(99), 512)[1] * 2 - 1).latent_dist.mean
+    vae.register_to_config(scaling_factor=float(1 / z.std()))
     clip_model, tok = zc.load()
     unet = UNet2DConditionModel(**t2i.unet_config()); unet.load_state_dict(st["modules"]["ema"])
     print("dev: t2i state at step", st["step"])
-    return t2i.ToyDiffusion(unet.eval(), t2i.text_encoder_of(clip_model), tok)
+    return t2i.ToyDiffusion(unet.eval(), t2i.text_encoder_of(clip_model), tok, vae)
 M.load = load
 store.read_card = lambda name, _r=store.read_card: {"gates": {}} if name == "t2i" else _r(name)
 src = open("build/ch05a/ch05a.py").read()

@@ -5,8 +5,8 @@ the zoo's toy model and Stable Diffusion:
     pipe.sample(cond, seed, noise=) -> images (N, 3, H, W) in [0, 1], DDIM with classifier-free guidance
     pipe.unet, pipe.text_model, pipe.tokenizer
 
-``Text2Image`` holds the sampling loop; ``zoo.t2i.ToyDiffusion`` (pixel-unshuffle "latents") and
-``StableDiffusion`` (VAE latents, paper profile) only say how latents become images. The
+``Text2Image`` holds the sampling loop; ``StableDiffusion`` (VAE latents, paper profile) says how
+latents become images, and ``zoo.t2i.ToyDiffusion`` is the same pipeline at toy size. The
 unconditional conditioning is ``encode([""])``, never corrupted, restored or edited.
 
 Paper-profile architectures are written here as facts (``SD_UNET``, ``SD_TEXT``) so tests can build

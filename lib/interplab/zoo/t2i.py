@@ -1,27 +1,32 @@
-"""The zoo's text-to-image model: a diffusers UNet2DConditionModel conditioned on the frozen tiny
-CLIP text tower's token states through cross-attention, as Stable Diffusion is on CLIP-L.
+"""The zoo's text-to-image model: Stable Diffusion in miniature. A diffusers ``AutoencoderKL``
+(32 x 32 x 3 <-> 8 x 8 x 8; SD-v1: factor 8, 4 channels) and a ``UNet2DConditionModel`` on its
+latents, conditioned through cross-attention on the tiny CLIP text tower's token states, as SD-v1
+is on CLIP-L's (here the tower is fine-tuned with the UNet; see ``train``). The UNet keeps SD-v1's four-level topology (8/4/2/1 here, 64/32/16/8 in SD) with
+cross-attention in the first three levels: 3 down + 1 mid + 6 up = 10 cross-attention layers, the
+search space of LocoGen. Trained in two stages, the VAE on reconstruction then the UNet with
+v-prediction and 10 % caption dropout (for classifier-free guidance); sampled with DDIM.
 
-No VAE (a deviation from SD): the "latent" is the image itself, reshaped exactly and invertibly by
-``pixel_unshuffle`` from 32 x 32 x 3 to 16 x 16 x 12, so the UNet keeps SD-v1's four-level topology
-(16/8/4/2 here, 64/32/16/8 in SD) with cross-attention in the first three levels: 3 down + 1 mid +
-6 up = 10 cross-attention layers, the search space of LocoGen. Trained with v-prediction and
-10 % caption dropout (for classifier-free guidance); sampled with DDIM.
+Why a VAE: the textures (period 3-4 px, phase-locked to the object) were the one attribute a pixel-space
+UNet of this size could not draw. Its samples carried speckle inside the silhouette (texture read back
+0.27-0.30 after 4000-6500 steps, colour and shape 0.8-0.97), while a small VAE decodes a texture from
+a code that is constant over the object, which the UNet does learn to place: the reason SD diffuses latents.
 """
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import UNet2DConditionModel
+from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from .. import toyworld as tw
-from ..models.diffusion import Text2Image
+from ..models.diffusion import StableDiffusion
 from . import clip as zoo_clip
 from . import loop, store
 
 NAME = "t2i"
+VAE_STATE = "t2i_vae"  # the resumable state of stage 1 (build/zoo/t2i_vae/)
 # v-prediction (Salimans & Ho 2022): with epsilon prediction the x0 estimate at high t divides the
-# eps error by sqrt(alpha_bar) (0.16 at t = 900), and this small model's samples from pure noise stayed
-# speckled (background 0.35 instead of 0.06) while its one-step denoising of real images was good
-SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction")
+# eps error by sqrt(alpha_bar) (0.16 at t = 900), and small models' samples from pure noise stay noisy
+SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction",
+                clip_sample=False)  # unit-variance latents: clipping x0 to [-1, 1] would cut them
 SAMPLER = dict(steps=10, guidance=4.0, eta=1.0)  # what the chapters use (SD: 50 steps, guidance 7.5, eta 0)
 # the training distribution: dark backgrounds, fewer relations than CLIP saw, more single objects
 T2I_MIX = {"single": 0.45, "pair": 0.12, "relation": 0.05, "style": 0.14, "painting": 0.05, "mascot": 0.08,
@@ -29,59 +34,91 @@ T2I_MIX = {"single": 0.45, "pair": 0.12, "relation": 0.05, "style": 0.14, "paint
 DARK = tw.Palette(backgrounds=("dark",))
 
 
+def vae_config() -> dict:
+    return dict(in_channels=3, out_channels=3, latent_channels=8, sample_size=32, layers_per_block=1,
+                down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                block_out_channels=(16, 32, 64), norm_num_groups=8)
+
+
 def unet_config() -> dict:
-    return dict(sample_size=16, in_channels=12, out_channels=12,
+    return dict(sample_size=8, in_channels=8, out_channels=8,
                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-                block_out_channels=(32, 64, 64, 64), layers_per_block=1, cross_attention_dim=64,
+                block_out_channels=(64, 128, 128, 128), layers_per_block=1, cross_attention_dim=64,
                 # diffusers reads attention_head_dim as the number of heads; 2 trains 35 % faster than 8 on CPU
                 attention_head_dim=2, norm_num_groups=8)
 
 
-def to_latent(images: torch.Tensor) -> torch.Tensor:
-    """[0, 1] images (N, 3, 32, 32) -> UNet space (N, 12, 16, 16) in [-1, 1]."""
-    return F.pixel_unshuffle(images * 2 - 1, 2)
-
-
-def to_image(latents: torch.Tensor) -> torch.Tensor:
-    return ((F.pixel_shuffle(latents, 2) + 1) / 2).clamp(0, 1)
-
-
-class ToyDiffusion(Text2Image):
-    """UNet + frozen text tower + tokenizer; the "latent" is the pixel-unshuffled image."""
-    latent_shape = (12, 16, 16)
+class ToyDiffusion(StableDiffusion):
+    """VAE + UNet + frozen text tower + the toy world's tokenizer."""
     schedule = SCHEDULE
-    sampler = SAMPLER  # eta = 1 (stochastic DDIM): deterministic DDIM left this small model's
-    # samples full of high-frequency noise; fresh noise each step corrects the accumulated eps errors
+    sampler = SAMPLER  # eta = 1 (stochastic DDIM): fresh noise each step corrects a small model's errors
 
-    def __init__(self, unet: UNet2DConditionModel, text_model, tokenizer):
-        super().__init__(unet, text_model, tokenizer)
+    def __init__(self, unet: UNet2DConditionModel, text_model, tokenizer, vae: AutoencoderKL):
+        super().__init__(unet, text_model, tokenizer, vae)
         self.train_scheduler = self.training_scheduler()
 
     def tokenize(self, prompts) -> torch.Tensor:
         return tw.encode(self.tokenizer, list(prompts))[0]
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return to_image(latents)
 
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        return to_latent(images)
+def untrained(text_model, tokenizer, seed: int = 0) -> ToyDiffusion:
+    """The architecture with random UNet and VAE weights around a given text tower (tests, timing)."""
+    torch.manual_seed(seed)
+    return ToyDiffusion(UNet2DConditionModel(**unet_config()).eval(), text_model, tokenizer,
+                        AutoencoderKL(**vae_config()).eval())
+
+
+def vae_loss(vae: AutoencoderKL, images: torch.Tensor, gen: torch.Generator, kl_weight: float = 1e-6) -> torch.Tensor:
+    """L1 + L2 reconstruction of a latent sample, plus SD's small KL pull towards N(0, I)."""
+    x = images * 2 - 1
+    post = vae.encode(x).latent_dist
+    rec = vae.decode(post.sample(generator=gen)).sample
+    return (rec - x).abs().mean() + ((rec - x) ** 2).mean() + kl_weight * post.kl().mean()
 
 
 def diffusion_loss(model: ToyDiffusion, images, cond, gen: torch.Generator) -> torch.Tensor:
-    x0 = to_latent(images)
-    noise = torch.randn(x0.shape, generator=gen)
-    t = torch.randint(0, SCHEDULE["num_train_timesteps"], (len(x0),), generator=gen)
-    xt = model.train_scheduler.add_noise(x0, noise, t)
-    target = model.train_scheduler.get_velocity(x0, noise, t) if SCHEDULE["prediction_type"] == "v_prediction" else noise
-    return F.mse_loss(model.unet(xt, t, encoder_hidden_states=cond).sample, target)
+    """v-prediction MSE on a latent sample of each image (the VAE frozen)."""
+    with torch.no_grad():
+        z0 = model.vae.encode(images * 2 - 1).latent_dist.sample(generator=gen) * model.vae.config.scaling_factor
+    noise = torch.randn(z0.shape, generator=gen)
+    t = torch.randint(0, SCHEDULE["num_train_timesteps"], (len(z0),), generator=gen)
+    zt = model.train_scheduler.add_noise(z0, noise, t)
+    target = model.train_scheduler.get_velocity(z0, noise, t) if SCHEDULE["prediction_type"] == "v_prediction" else noise
+    return F.mse_loss(model.unet(zt, t, encoder_hidden_states=cond).sample, target)
 
 
-# -- the gate: does the oracle see what the prompt asked for? ----------------------------------
+def render(rng: np.random.Generator, n: int) -> tuple[list, torch.Tensor]:
+    """n training examples of T2I_MIX and their noise-free renders (n, 3, 32, 32): pixel noise in the
+    data would leave the small-t denoising steps nothing to learn but the noise itself."""
+    ex = tw.sample_mix(rng, n, T2I_MIX, pal=DARK)
+    return ex, torch.from_numpy(tw.render_batch([e.scene for e in ex], seed=int(rng.integers(2 ** 31)), noise=0.0)[0])
+
+
+# -- the gates: does the oracle see what the prompt asked for? ---------------------------------
+ATTRIBUTES = ("colour", "shape", "texture")
+
+
 def single_object_prompts(n: int, seed: int) -> tuple[list[str], list[tw.Obj]]:
     rng = np.random.default_rng(seed)
     objs = [tw.captions.random_object(rng, DARK, "top left") for _ in range(n)]
     return [f"a {o.colour} {o.texture} {o.shape}" for o in objs], objs
+
+
+def read_back(oracle, images: torch.Tensor, objs) -> dict:
+    """Fraction of images (N, 3, 32, 32) whose main object the oracle reads as objs[i]'s colour, shape, texture."""
+    from .oracle import predict, read_main_object
+    main = read_main_object(predict(oracle, images))
+    return {k: float(np.mean([getattr(o, k) == main[k][i] for i, o in enumerate(objs)])) for k in ATTRIBUTES}
+
+
+@torch.no_grad()
+def reconstruction(vae: AutoencoderKL, oracle, n: int = 300, seed: int = 777) -> dict:
+    """The VAE's gate: the oracle reads colour, shape and texture back from decode(encode(render))."""
+    _, objs = single_object_prompts(n, seed)
+    x = torch.from_numpy(tw.render_batch([tw.Scene((o,), "dark") for o in objs], seed=seed, noise=0.0)[0])
+    rec = ((vae.decode(vae.encode(x * 2 - 1).latent_dist.mean).sample + 1) / 2).clamp(0, 1)
+    return read_back(oracle, rec, objs)
 
 
 def fidelity(model: ToyDiffusion, oracle, n: int = 400, seed: int = 30_001, **kw) -> dict:
@@ -90,11 +127,9 @@ def fidelity(model: ToyDiffusion, oracle, n: int = 400, seed: int = 30_001, **kw
     Single-object prompts "a {colour} {texture} {shape}" (size and place unprompted), and two-object
     prompts "P1 and P2" (each phrase matched to the slot most likely to hold its shape).
     """
-    from .oracle import predict, read_main_object
+    from .oracle import HEADS, predict
     prompts, objs = single_object_prompts(n, seed)
-    main = read_main_object(predict(oracle, model.generate(prompts, seed=seed, **kw)))
-    out = {f"single_{k}": float(np.mean([getattr(o, k) == main[k][i] for i, o in enumerate(objs)]))
-           for k in ("colour", "shape", "texture")}
+    out = {f"single_{k}": v for k, v in read_back(oracle, model.generate(prompts, seed=seed, **kw), objs).items()}
     rng = np.random.default_rng(seed + 1)
     pairs = []
     for _ in range(n // 4):
@@ -105,12 +140,10 @@ def fidelity(model: ToyDiffusion, oracle, n: int = 400, seed: int = 30_001, **kw
     probs = predict(oracle, model.generate([f"{tw.phrase(a, ('colour', 'texture', 'shape'))} and "
                                             f"{tw.phrase(b, ('colour', 'texture', 'shape'))}" for a, b in pairs],
                                            seed=seed + 1, **kw))
-    hits = {k: [] for k in ("colour", "shape", "texture")}
-    from .oracle import HEADS
+    hits = {k: [] for k in ATTRIBUTES}
     for i, pair in enumerate(pairs):
         for o in pair:
-            p_shape = probs["shape"][i, :, HEADS["shape"].index(o.shape)]
-            j = int(p_shape.argmax())
+            j = int(probs["shape"][i, :, HEADS["shape"].index(o.shape)].argmax())
             hits["shape"].append(bool(probs["shape"][i, j].argmax() == HEADS["shape"].index(o.shape)))
             for k in ("colour", "texture"):
                 hits[k].append(bool(probs[k][i, j].argmax() == HEADS[k].index(getattr(o, k))))
@@ -119,29 +152,60 @@ def fidelity(model: ToyDiffusion, oracle, n: int = 400, seed: int = 30_001, **kw
 
 
 GATE = 0.8
-
-
+VAE_GATE = 0.95
 DECAY_FROM = 0.62  # fraction of the run at constant lr; then a cosine to 5 %
 
 
-def lr_factor(step: int, steps: int) -> float:
-    """Warm-up over 200 steps, constant, then a cosine decay over the last 38 % of the run: the fine
-    detail (textures) sharpens when the lr falls. A run extended to ``steps`` from a state saved
-    before DECAY_FROM * steps has followed exactly this schedule."""
-    start = DECAY_FROM * steps
+def lr_factor(step: int, steps: int, warmup: int = 200, decay_from: float = DECAY_FROM) -> float:
+    """Warm-up over ``warmup`` steps, constant, then a cosine decay to 5 % over the last
+    1 - ``decay_from`` of the run: the fine detail sharpens when the lr falls. A run extended to
+    ``steps`` from a state saved before decay_from * steps has followed exactly this schedule."""
+    start = decay_from * steps
     decay = 1.0 if step < start else 0.05 + 0.95 * 0.5 * (1 + float(np.cos(np.pi * (step - start) / (steps - start))))
-    return min(1.0, (step + 1) / 200) * decay
+    return min(1.0, (step + 1) / warmup) * decay
 
 
-def train(steps: int = 6500, batch_size: int = 64, seed: int = 0, lr: float = 4e-4, ship: bool = True,
-          resume: bool = True, eval_n: int = 400, oracle=None, clip=None) -> dict:
-    """The UNet on dark-background scenes, conditioned on the frozen text tower of the zoo's shipped
-    ``clip`` (``clip``: a (CLIPModel, tokenizer) pair to use instead). The text tower is copied into
-    this model's files, as an SD pipeline ships CLIP-L's, so retraining ``clip`` later does not change
-    this model; the card records the sha256 of the CLIP it was trained on. Targets are noise-free
-    renders: pixel noise in the data would leave the small-t denoising steps nothing to learn but the
-    noise itself."""
+def train_vae(steps: int = 5000, batch_size: int = 32, seed: int = 0, lr: float = 1e-3, resume: bool = True):
+    """Stage 1: the VAE on T2I_MIX renders; its scaling factor makes the latents unit-variance (SD's 0.18215)."""
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(**vae_config())
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_factor(i, steps, warmup=100, decay_from=0.0))
+
+    def step(rng, gen, i):
+        vae.train()
+        loss = vae_loss(vae, render(rng, batch_size)[1], gen)
+        loss.backward()
+        return loss.detach()
+
+    run = loop.train(VAE_STATE, {"vae": vae}, opt, step, steps, seed, sched=sched, resume=resume)
+    vae.eval().requires_grad_(False)
+    with torch.no_grad():
+        z = vae.encode(render(np.random.default_rng(seed + 99), 512)[1] * 2 - 1).latent_dist.mean
+    vae.register_to_config(scaling_factor=float(1 / z.std()))
+    return vae, run
+
+
+def train(steps: int = 3500, batch_size: int = 64, seed: int = 0, lr: float = 4e-4, text_lr: float = 4e-5,
+          ship: bool = True, resume: bool = True, eval_n: int = 400, vae_steps: int = 5000, oracle=None, clip=None) -> dict:
+    """Stage 1 (``train_vae``), then stage 2: the UNet on VAE latents of dark-background scenes,
+    conditioned on the text tower of the zoo's shipped ``clip`` (``clip``: a (CLIPModel, tokenizer)
+    pair to use instead), fine-tuned with the UNet at ``text_lr`` (0: frozen, as SD-v1's CLIP-L).
+
+    Why not frozen: the zoo's CLIP tells textures apart only weakly (its texture retrieval is
+    0.77-0.80), and its token states show it: "dotted" vs "plain" at cosine 0.91 in the last layer,
+    "ribbed" vs "slanted" 0.93, "gridded" vs "ringed" 0.94. A UNet on the frozen tower (4500 steps) drew
+    colour 0.99 and shape 0.96 but texture 0.52, confusing exactly those pairs (dotted read as plain in
+    40 of 44 samples). The tuned tower is copied into this model's files, as an SD pipeline ships its
+    text encoder, so retraining ``clip`` later does not change this model; the card records the sha256
+    of the CLIP it started from."""
     from .oracle import load as load_oracle
+    oracle = oracle or load_oracle()
+    vae, vae_run = train_vae(vae_steps, seed=seed, resume=resume)
+    recon = reconstruction(vae, oracle)
+    vae_gates = {f"vae_{k}": store.gate(v, VAE_GATE) for k, v in recon.items()}
+    if not all(g["holds"] for g in vae_gates.values()):  # a UNet on latents that lose the textures is wasted
+        return {"gates": vae_gates, **vae_run}
     torch.manual_seed(seed)
     text_source = "given"
     if clip is None:
@@ -149,34 +213,47 @@ def train(steps: int = 6500, batch_size: int = 64, seed: int = 0, lr: float = 4e
         sha = store.read_card(zoo_clip.NAME)["sha256"]["model.safetensors"]
         text_source = f"text tower of the zoo's clip (model.safetensors sha256 {sha})"
     clip_model, tok = clip
-    model = ToyDiffusion(UNet2DConditionModel(**unet_config()), text_encoder_of(clip_model).requires_grad_(False), tok)
-    ema = loop.EMA(model.unet, decay=0.999)
-    opt = torch.optim.AdamW(model.unet.parameters(), lr=lr, weight_decay=0.01)
+    model = ToyDiffusion(UNet2DConditionModel(**unet_config()), text_encoder_of(clip_model).requires_grad_(text_lr > 0), tok, vae)
+    ema, ema_text = loop.EMA(model.unet, decay=0.999), loop.EMA(model.text_model, decay=0.999)
+    groups = [{"params": list(model.unet.parameters()), "lr": lr}]
+    if text_lr > 0:
+        groups.append({"params": list(model.text_model.parameters()), "lr": text_lr})
+    opt = torch.optim.AdamW(groups, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_factor(i, steps))
 
     def step(rng, gen, i):
         model.unet.train()
-        ex = tw.sample_mix(rng, batch_size, T2I_MIX, pal=DARK)
+        ex, images = render(rng, batch_size)
         captions = [e.caption if rng.random() >= 0.1 else "" for e in ex]  # caption dropout for CFG
-        images = torch.from_numpy(tw.render_batch([e.scene for e in ex], seed=int(rng.integers(2 ** 31)), noise=0.0)[0])
-        loss = diffusion_loss(model, images, model.encode(captions), gen)
+        with torch.set_grad_enabled(text_lr > 0):
+            cond = model.text_model(input_ids=model.tokenize(captions)).last_hidden_state
+        loss = diffusion_loss(model, images, cond, gen)
         loss.backward()
         ema.update(model.unet, i)
+        ema_text.update(model.text_model, i)
         return loss.detach()
 
-    run = loop.train(NAME, {"unet": model.unet, "ema": ema}, opt, step, steps, seed, sched=sched, resume=resume)
+    modules = {"unet": model.unet, "ema": ema, "text": model.text_model, "ema_text": ema_text}
+    run = loop.train(NAME, modules, opt, step, steps, seed, sched=sched, resume=resume)
     model.unet.load_state_dict(ema.state_dict())
-    fid = fidelity(model, oracle or load_oracle(), n=eval_n)
-    gates = {k: store.gate(v, GATE) for k, v in fid.items() if k.startswith("single_")}
+    model.text_model.load_state_dict(ema_text.state_dict())
+    model.text_model.requires_grad_(False)
+    fid = fidelity(model, oracle, n=eval_n)
+    gates = dict(vae_gates)
+    gates.update({k: store.gate(v, GATE) for k, v in fid.items() if k.startswith("single_")})
     extra = {"pair_fidelity": {k: v for k, v in fid.items() if k.startswith("pair_")}, "sampler": SAMPLER,
-             "schedule": SCHEDULE, "batch_size": batch_size, "params": sum(p.numel() for p in model.unet.parameters()),
-             "final_loss": float(np.mean(run["losses"][-100:])), "text_encoder": text_source + ", frozen"}
+             "schedule": SCHEDULE, "batch_size": batch_size, "vae_steps": vae_steps,
+             "params": {"unet": sum(p.numel() for p in model.unet.parameters()),
+                        "vae": sum(p.numel() for p in vae.parameters())},
+             "final_loss": {"unet": float(np.mean(run["losses"][-100:])), "vae": float(np.mean(vae_run["losses"][-100:]))},
+             "text_encoder": text_source + (f", fine-tuned at lr {text_lr} (EMA)" if text_lr > 0 else ", frozen")}
+    wall, cpu = vae_run["wall_time_s"] + run["wall_time_s"], vae_run["cpu_time_s"] + run["cpu_time_s"]
     if ship:
-        ship_model(model, seed=seed, steps=steps, wall_time_s=run["wall_time_s"], cpu_time_s=run["cpu_time_s"],
-                   gates=gates, extra=extra)
+        ship_model(model, seed=seed, steps=steps, wall_time_s=wall, cpu_time_s=cpu, gates=gates, extra=extra)
     if ship and all(g["holds"] for g in gates.values()):
         loop.finished(NAME)  # a run that misses its gates keeps its state: ``--steps`` more extends it
-    return {"gates": gates, **extra, **run}
+        loop.finished(VAE_STATE)
+    return {"gates": gates, **extra, **run, "wall_time_s": wall, "cpu_time_s": cpu}
 
 
 def text_encoder_of(clip_model):
@@ -186,23 +263,28 @@ def text_encoder_of(clip_model):
 
 
 def ship_model(model: ToyDiffusion, **card) -> dict:
-    """data/zoo/t2i/: unet.safetensors (fp16) + config.json, text_encoder/, tokenizer/, card.json."""
+    """data/zoo/t2i/: unet.safetensors + config.json, vae.safetensors + vae_config.json (fp16),
+    text_encoder/, tokenizer/, card.json."""
     d = store.zoo_dir(NAME)
     d.mkdir(parents=True, exist_ok=True)
     store.save_weights(d / "unet.safetensors", model.unet.state_dict(), half=True)
     store.provenance.write_json(d / "config.json", unet_config())
+    store.save_weights(d / "vae.safetensors", model.vae.state_dict(), half=True)
+    store.provenance.write_json(d / "vae_config.json", {**vae_config(), "scaling_factor": model.vae.config.scaling_factor})
     model.text_model.save_pretrained(d / "text_encoder")
     model.tokenizer.save_pretrained(d / "tokenizer")
     return store.write_card(NAME, **card)
 
 
 def load() -> ToyDiffusion:
-    """The EMA UNet with its frozen CLIP text encoder and tokenizer, after verifying every file."""
+    """The EMA UNet, the VAE, the frozen CLIP text encoder and the tokenizer, after verifying every file."""
     import json
     from transformers import CLIPTextModel, PreTrainedTokenizerFast
     store.verify(NAME)
     d = store.zoo_dir(NAME)
     unet = UNet2DConditionModel(**json.loads((d / "config.json").read_text()))
     unet.load_state_dict(store.load_weights(d / "unet.safetensors"))
+    vae = AutoencoderKL(**json.loads((d / "vae_config.json").read_text()))
+    vae.load_state_dict(store.load_weights(d / "vae.safetensors"))
     text = CLIPTextModel.from_pretrained(d / "text_encoder").eval()
-    return ToyDiffusion(unet.eval(), text, PreTrainedTokenizerFast.from_pretrained(d / "tokenizer"))
+    return ToyDiffusion(unet.eval(), text, PreTrainedTokenizerFast.from_pretrained(d / "tokenizer"), vae.eval())
