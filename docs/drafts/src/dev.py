@@ -17,7 +17,10 @@ def load(name):
     clip_model, tok = zc.load()
     unet = UNet2DConditionModel(**t2i.unet_config()); unet.load_state_dict(st["modules"]["ema"])
     print("dev: t2i state at step", st["step"])
-    return t2i.ToyDiffusion(unet.eval(), t2i.text_encoder_of(clip_model), tok, vae)
+    text = t2i.text_encoder_of(clip_model)
+    if "ema_text" in st["modules"]:
+        text.load_state_dict(st["modules"]["ema_text"])
+    return t2i.ToyDiffusion(unet.eval(), text, tok, vae)
 M.load = load
 store.read_card = lambda name, _r=store.read_card: {"gates": {}} if name == "t2i" else _r(name)
 src = open("build/ch05a/ch05a.py").read()
