@@ -2,6 +2,7 @@
 and the shipped checkpoints' gates re-measured on fresh held-out renders."""
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -210,3 +211,19 @@ def test_t2i_lr_schedule_warms_up_holds_then_decays_and_extends_exactly():
     assert t2i.lr_factor(4000, 6500) == 1.0 and t2i.lr_factor(6499, 6500) == pytest.approx(0.05, abs=1e-4)
     # the shipped run's first 4000 steps ran with warm-up + constant lr, which is this schedule up to 0.62 x 6500
     assert all(t2i.lr_factor(i, 6500) == min(1.0, (i + 1) / 200) for i in range(0, 4030, 37))
+
+
+def test_t2i_timesteps_cover_the_schedule_tilted_to_high_noise():
+    t = t2i.training_timesteps(20_000, torch.Generator().manual_seed(0))
+    assert t.min() >= 0 and t.max() == t2i.SCHEDULE["num_train_timesteps"] - 1
+    assert (t >= 500).float().mean().item() == pytest.approx(1 - 0.5 ** (1 / t2i.T_SHIFT), abs=0.01)
+
+
+def test_t2i_unet_renders_sit_at_their_slot_centres():
+    a = t2i.render(np.random.default_rng(4), 6, jitter=t2i.UNET_JITTER)
+    b = t2i.render(np.random.default_rng(4), 6, jitter=t2i.UNET_JITTER)
+    assert torch.equal(a[1], b[1])
+    # with no jitter an object's render depends on its slot alone, not on the seed of the draw
+    scene = tw.Scene((tw.Obj("circle", "red", "ribbed"),), "dark")
+    x = [tw.render_batch([scene], seed=s, noise=0.0, jitter=t2i.UNET_JITTER)[0] for s in (1, 2)]
+    assert np.array_equal(*x)
