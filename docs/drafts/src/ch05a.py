@@ -16,7 +16,8 @@
 # forward order).
 #
 # **`tiny` profile.** The zoo's text-to-image model (`t2i`: a diffusers `UNet2DConditionModel` with SD-v1's
-# four-level topology, 44 traced layers, 10 cross-attentions, on the frozen text tower of the zoo's CLIP) draws
+# four-level topology, 44 traced layers, 10 cross-attentions, on its own copy of the zoo's CLIP text tower,
+# fine-tuned with the UNet as docs/toyworld.md explains) draws
 # 32×32 scenes; "style" is texture named by invented two-token artists ("kel varo" = ribbed), mascots are
 # invented objects, emblems are invented facts (docs/toyworld.md). The zoo's attribute oracle plays the human
 # rater; the zoo's CLIP (never edited) gives the tiny CLIP-Score. **`paper`** runs Stable Diffusion v1.4 with
