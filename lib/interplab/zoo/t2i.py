@@ -101,8 +101,8 @@ def training_timesteps(n: int, gen: torch.Generator) -> torch.Tensor:
 # The UNet's renders put each object at its slot's centre. With the world's +-1 px jitter a texture's
 # phase against the VAE's 4 px latent grid varies, so its latent code does too: the mean latent of 32
 # jittered renders of one object decodes to the right colour (1.0) and shape (0.99) but the right
-# texture only 0.67 of the time (0.98 without jitter). At high noise the UNet predicts such a mean, and
-# textures came out faint (fidelity <= 0.61).
+# texture only 0.67-0.72 of the time (0.98 without jitter; docs/drafts/src/t2i_latents.py). At high
+# noise the UNet predicts such a mean, and textures came out faint (fidelity <= 0.61; without: 0.94).
 UNET_JITTER = 0.0
 
 
