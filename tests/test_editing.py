@@ -162,3 +162,18 @@ def test_quickfix_counts_the_releases_291_key_rows_with_the_real_clip_tokenizer(
     positions = editing.positions_from_last_token(ids, eos_id=49407)
     assert [ids[i, p[0]].item() for i, p in enumerate(positions)] == [19697] * 4  # "gogh": the last subject token
     assert [len(p) for p in positions] == [75, 72, 72, 72] and sum(map(len, positions)) == 291
+
+
+def test_quickfix_subject_rows_are_the_first_of_the_release_rows():
+    from interplab import toyworld as tw
+    text, tok = _toy_text()
+    path = "encoder.layers.0.self_attn.out_proj"
+    key_ids, _ = tw.encode(tok, ["a photo of a blorp", "a blorp"])
+    value_ids, _ = tw.encode(tok, ["a photo of a star", "a large red star"])
+    run = lambda ids: text(input_ids=ids)
+    K, V = editing.quickfix_rows(text, path, run, key_ids, value_ids, tok.eos_token_id)
+    Ks, Vs = editing.quickfix_rows(text, path, run, key_ids, value_ids, tok.eos_token_id, positions="subject")
+    first = [0, len(editing.positions_from_last_token(key_ids, tok.eos_token_id)[0])]
+    assert Ks.shape == (2, 64) and torch.allclose(Ks, K[first], atol=1e-5) and torch.allclose(Vs, V[first], atol=1e-5)
+    with pytest.raises(BadParameter, match="positions"):
+        editing.quickfix_rows(text, path, run, key_ids, value_ids, tok.eos_token_id, positions="all")

@@ -172,19 +172,25 @@ def read_inputs(model: nn.Module, path: str, run, inputs, positions: list) -> to
 
 
 def quickfix_rows(model: nn.Module, path: str, run, key_ids: torch.Tensor, value_ids: torch.Tensor,
-                  eos_id: int, bias_mode: str = "exact") -> tuple:
+                  eos_id: int, bias_mode: str = "exact", positions: str = "subject_and_after") -> tuple:
     """Keys K (n, d_in) and values V (n, d_out) of DIFF-QUICKFIX (Eq. 5.8) for prompt pairs.
 
     key_ids, value_ids (N, T): prompts naming the concept (c_k) and its replacement (c_v). Key
-    positions of pair i: the last subject token of c_k and every EOS / padding after it; value
-    positions the same for c_v, cut to as many (or padded with T - 1). k = input of the linear map
+    positions of pair i (``positions="subject_and_after"``, the release's rows): the last subject token
+    of c_k and every EOS / padding after it; value positions the same for c_v, cut to as many (or
+    padded with T - 1). ``positions="subject"``: the last subject token alone, one row per pair, as
+    Eq. 5.8 is written; with a narrow layer the release's rows can outnumber its width, and then even a
+    small lambda rewrites the whole map. k = input of the linear map
     at ``path`` (e.g. text layer 0's ``self_attn.out_proj``) for c_k; v = W' (its input for c_v):
     the output without the bias (``bias_mode="exact"``) or with it (``"as_released"``, the release's
     choice, which leaves the edited layer writing v + 2b).
     """
     check_choice("bias_mode", bias_mode, ("exact", "as_released"))
+    check_choice("positions", positions, ("subject_and_after", "subject"))
     pk = positions_from_last_token(key_ids, eos_id)
     pv = [(p + [key_ids.shape[1] - 1] * len(k))[:len(k)] for k, p in zip(pk, positions_from_last_token(value_ids, eos_id))]
+    if positions == "subject":
+        pk, pv = [p[:1] for p in pk], [p[:1] for p in pv]
     if key_ids.shape[1] != value_ids.shape[1]:
         raise BadParameter(f"key and value prompts must be padded to one length, got {key_ids.shape[1]} "
                            f"and {value_ids.shape[1]}")

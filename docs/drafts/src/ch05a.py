@@ -37,6 +37,7 @@ num_inference_steps = None    # None: the model's sampler (tiny: 10 stochastic-D
 guidance_scale = None         # None: tiny 4.0, SD 7.5 (diffusers form; Eq. 5.3's alpha = w - 1)
 noise_mult = 3.0              # nu: noise = nu * sigma * N(0, I) on the subject's token embeddings
 edit_lambda = 0.01            # DIFF-QUICKFIX's regulariser (Eq. 5.9)
+key_positions = "subject_and_after"  # DIFF-QUICKFIX rows: "subject_and_after" (release) or "subject" (Eq. 5.8)
 bias_mode = "exact"           # "exact": v = W' k_v (Eq. 5.8); "as_released": v includes the bias
 n_edit_prompts = 8            # evaluation prompts per edited concept
 run_baselines = True          # the two fine-tuning erasers of Fig 5.4b
@@ -427,7 +428,8 @@ def rows(concepts, layer):
     for c in concepts:
         k_ids = pipe.tokenize([t.format(x=c.name) for t in TEMPLATES]).to(text.device)
         v_ids = pipe.tokenize([t.format(x=c.replacement) for t in TEMPLATES]).to(text.device)
-        k, v = editing.quickfix_rows(text, path, lambda i: text(input_ids=i), k_ids, v_ids, eos_id, bias_mode)
+        k, v = editing.quickfix_rows(text, path, lambda i: text(input_ids=i), k_ids, v_ids, eos_id, bias_mode,
+                                       key_positions)
         K.append(k)
         V.append(v)
     return path, torch.cat(K), torch.cat(V)
