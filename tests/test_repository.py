@@ -75,3 +75,14 @@ def test_readme_chapter_table_matches_committed_claims():
             n = sum(r["kind"] == kind for r in rows)
             held = sum(r["holds"] for r in rows if r["kind"] == kind)
             assert f"{kind} {held}/{n}" in row, f"README row for {nb.stem} should say '{kind} {held}/{n}'"
+
+
+def test_no_tracked_file_is_over_10_mb():
+    # the house rule; zoo weights over the limit are sharded by interplab.zoo.store.save_weights
+    import subprocess
+    if not (paths.ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=paths.ROOT, capture_output=True, check=True).stdout
+    big = [f for f in files.decode().split("\0") if f and (paths.ROOT / f).is_file()
+           and (paths.ROOT / f).stat().st_size > 10 * 2 ** 20]
+    assert not big, f"tracked files over 10 MB: {big}"

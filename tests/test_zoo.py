@@ -19,6 +19,20 @@ def tmp_zoo(tmp_path, monkeypatch):
     return tmp_path
 
 
+def test_large_weights_are_sharded_and_read_back_whole(tmp_zoo):
+    d = store.zoo_dir("toy")
+    d.mkdir(parents=True)
+    state = {f"w{i}": torch.randn(256, generator=torch.Generator().manual_seed(i)) for i in range(5)}
+    files = store.save_weights(d / "unet.safetensors", state, half=True, max_bytes=1100)  # 512 B per tensor
+    assert [p.name for p in files] == [f"unet-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    assert not (d / "unet.safetensors").exists() and store.shard_paths(d / "unet.safetensors") == files
+    back = store.load_weights(d / "unet.safetensors")
+    assert list(back) == list(state) and all(torch.equal(back[k], state[k].half().float()) for k in state)
+    assert store.save_weights(d / "unet.safetensors", state) == [d / "unet.safetensors"]  # stale shards go
+    assert store.shard_paths(d / "unet.safetensors") == []
+    assert torch.equal(store.load_weights(d / "unet.safetensors")["w4"], state["w4"])
+
+
 def test_card_verifies_and_corruption_names_the_training_command(tmp_zoo):
     d = store.zoo_dir("toy")
     d.mkdir(parents=True)
@@ -109,7 +123,10 @@ def test_t2i_ships_and_loads_with_its_text_encoder(tmp_zoo):
     text = t2i.text_encoder_of(clip.CLIPModel(clip.config(len(tok), tok.eos_token_id)))
     model = t2i.untrained(text, tok)
     card = t2i.ship_model(model, seed=0, steps=1, wall_time_s=1.0, gates={"g": store.gate(1.0, 0.8)})
-    assert {"unet.safetensors", "vae.safetensors", "text_encoder/model.safetensors", "tokenizer/tokenizer.json"} <= set(card["sha256"])
+    assert {"vae.safetensors", "text_encoder/model.safetensors", "tokenizer/tokenizer.json"} <= set(card["sha256"])
+    unet_files = store.shard_paths(store.zoo_dir("t2i") / "unet.safetensors")  # 17 MB in float16: sharded
+    assert len(unet_files) >= 2 and {p.name for p in unet_files} <= set(card["sha256"])
+    assert all(p.stat().st_size <= store.MAX_FILE_BYTES + 2 ** 16 for p in unet_files)  # + the header
     back = models.load("t2i")
     assert torch.allclose(back.encode(["a red circle"]), model.encode(["a red circle"]))
     a, b = (m.generate(["a red circle"], seed=3, steps=2) for m in (model, back))

@@ -27,15 +27,44 @@ def missing(name: str, why: str) -> ResourceUnavailable:
     return ResourceUnavailable(f"zoo model {name!r} {why}; rebuild it with `{train_command(name)}`")
 
 
-def save_weights(path: Path, state: dict, half: bool = False) -> None:
-    """safetensors of a state dict; ``half`` stores floating tensors as float16 (the 40 MB budget)."""
+MAX_FILE_BYTES = 8 * 2 ** 20  # the repository tracks no file over 10 MB: larger state dicts are sharded
+
+
+def shard_paths(path: Path) -> list[Path]:
+    """The shards ``STEM-00001-of-0000N.safetensors`` that stand for ``path``, in order (none: not sharded)."""
+    return sorted(path.parent.glob(f"{path.stem}-?????-of-?????{path.suffix}"))
+
+
+def save_weights(path: Path, state: dict, half: bool = False, max_bytes: int = MAX_FILE_BYTES) -> list[Path]:
+    """safetensors of a state dict; ``half`` stores floating tensors as float16 (the 40 MB budget).
+    Over ``max_bytes`` the tensors go, in order, into shards named as ``shard_paths`` reads them.
+    Returns the files written."""
     tensors = {k: (v.half() if half and v.is_floating_point() else v).detach().contiguous().cpu()
                for k, v in state.items()}
-    provenance.atomic_write(path, lambda tmp: save_file(tensors, tmp))
+    shards, size = [{}], 0
+    for k, v in tensors.items():
+        n = v.numel() * v.element_size()
+        if shards[-1] and size + n > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k], size = v, size + n
+    for old in shard_paths(path) + [path]:
+        old.unlink(missing_ok=True)
+    if len(shards) > 1:
+        out = [path.with_name(f"{path.stem}-{i + 1:05d}-of-{len(shards):05d}{path.suffix}") for i in range(len(shards))]
+    else:
+        out = [path]
+    for p, part in zip(out, shards):
+        provenance.atomic_write(p, lambda tmp, part=part: save_file(part, tmp))
+    return out
 
 
 def load_weights(path: Path) -> dict:
-    return {k: v.float() if v.is_floating_point() else v for k, v in load_file(path).items()}
+    """A state dict in float32 from ``path`` or from its shards."""
+    state = {}
+    for p in shard_paths(path) or [path]:
+        state.update(load_file(p))
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
 
 
 def write_card(name: str, *, seed: int, steps: int, wall_time_s: float, gates: dict, extra: dict | None = None,

@@ -283,7 +283,8 @@ def text_encoder_of(clip_model):
 
 
 def ship_model(model: ToyDiffusion, **card) -> dict:
-    """data/zoo/t2i/: unet.safetensors + config.json, vae.safetensors + vae_config.json (fp16),
+    """data/zoo/t2i/: the UNet (unet-0000i-of-0000n.safetensors shards, see ``store.save_weights``) +
+    config.json, vae.safetensors + vae_config.json (fp16),
     text_encoder/, tokenizer/, card.json."""
     d = store.zoo_dir(NAME)
     d.mkdir(parents=True, exist_ok=True)
