@@ -237,9 +237,6 @@ def test_t2i_timesteps_cover_the_schedule_tilted_to_high_noise():
 
 
 def test_t2i_unet_renders_sit_at_their_slot_centres():
-    a = t2i.render(np.random.default_rng(4), 6, jitter=t2i.UNET_JITTER)
-    b = t2i.render(np.random.default_rng(4), 6, jitter=t2i.UNET_JITTER)
-    assert torch.equal(a[1], b[1])
     # with no jitter an object's render depends on its slot alone, not on the seed of the draw
     scene = tw.Scene((tw.Obj("circle", "red", "ribbed"),), "dark")
     x = [tw.render_batch([scene], seed=s, noise=0.0, jitter=t2i.UNET_JITTER)[0] for s in (1, 2)]

@@ -429,7 +429,7 @@ def rows(concepts, layer):
         k_ids = pipe.tokenize([t.format(x=c.name) for t in TEMPLATES]).to(text.device)
         v_ids = pipe.tokenize([t.format(x=c.replacement) for t in TEMPLATES]).to(text.device)
         k, v = editing.quickfix_rows(text, path, lambda i: text(input_ids=i), k_ids, v_ids, eos_id, bias_mode,
-                                       key_positions)
+                                       positions=key_positions)
         K.append(k)
         V.append(v)
     return path, torch.cat(K), torch.cat(V)

@@ -28,8 +28,9 @@ for attr, values in (("colour", tw.COLOURS), ("texture", tw.TEXTURES), ("shape",
            for o in base]
     print(f"swap {attr:8s}: mean |dz|^2 per image {float(((latents(alt) - z0) ** 2).sum((1, 2, 3)).mean()):.1f}")
 for jitter in (1.0, 0.0):
-    means = torch.stack([latents([o] * 32, seed=i, jitter=jitter).mean(0) for i, o in enumerate(base[:96])])
+    n = 32 if jitter else 1  # without jitter (and noise) the 32 renders would be one image
+    means = torch.stack([latents([o] * n, seed=i, jitter=jitter).mean(0) for i, o in enumerate(base[:96])])
     rec = ((vae.decode(means / vae.config.scaling_factor).sample + 1) / 2).clamp(0, 1)
     main = read_main_object(predict(oracle, rec))
-    print(f"mean latent over 32 renders, jitter {jitter}: oracle reads",
+    print(f"mean latent over {n} render(s), jitter {jitter}: oracle reads",
           {k: round(float(np.mean([getattr(o, k) == main[k][i] for i, o in enumerate(base[:96])])), 3) for k in t2i.ATTRIBUTES})

@@ -216,7 +216,8 @@ def train(steps: int = 4000, batch_size: int = 64, seed: int = 0, lr: float = 4e
     "ribbed" vs "slanted" 0.93, "gridded" vs "ringed" 0.94. A UNet on the frozen tower (4500 steps) drew
     colour 0.99 and shape 0.96 but texture 0.52, confusing exactly those pairs (dotted read as plain in
     40 of 44 samples); tuned at 0.1x the UNet's lr the tower hardly moved (texture 0.46), at the UNet's
-    lr (with ``training_timesteps``) texture reached 0.61. The tuned tower is copied into this model's files, as an SD pipeline ships its
+    lr (with ``training_timesteps``) texture reached 0.61, and 0.94 once the renders lost their jitter
+    (``UNET_JITTER``). The tuned tower is copied into this model's files, as an SD pipeline ships its
     text encoder, so retraining ``clip`` later does not change this model; the card records the sha256
     of the CLIP it started from."""
     from .oracle import load as load_oracle
