@@ -181,8 +181,9 @@ def quickfix_rows(model: nn.Module, path: str, run, key_ids: torch.Tensor, value
     padded with T - 1). ``positions="subject"``: the last subject token alone, one row per pair, as
     Eq. 5.8 is written; with a narrow layer the release's rows can outnumber its width, and then even a
     small lambda rewrites the whole map. k = input of the linear map at ``path`` (e.g. text layer 0's
-    ``self_attn.out_proj``) for c_k; v = W' (its input for c_v): the output without the bias (``bias_mode="exact"``) or with it (``"as_released"``, the release's
-    choice, which leaves the edited layer writing v + 2b).
+    ``self_attn.out_proj``) for c_k; v = W' (its input for c_v): the output without the bias
+    (``bias_mode="exact"``) or with it (``"as_released"``, the release's choice, which leaves the
+    edited layer writing v + 2b).
     """
     check_choice("bias_mode", bias_mode, ("exact", "as_released"))
     check_choice("positions", positions, ("subject_and_after", "subject"))
