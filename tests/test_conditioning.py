@@ -72,3 +72,101 @@ def test_predicted_noise_recovers_eps_from_the_exact_v():
     v = sched.get_velocity(x0, eps, t)
     assert t2i.SCHEDULE["prediction_type"] == "v_prediction"
     assert torch.allclose(conditioning.predicted_noise(sched, v, zt, t), eps, atol=1e-4)
+
+
+# ---------------------------------------------------------------- LocoGen and neuron editing (Chapter 5, part II)
+
+
+def test_altered_cross_attention_identity_noop_and_every_layer_equals_generating_from_the_other_prompt():
+    pipe = _toy()
+    cond, alt = pipe.encode(["a red striped circle"]), pipe.encode(["a blue dotted heart"])
+    every = {i: [0] for i in range(10)}
+    with torch.no_grad():
+        base = pipe.sample(cond, seed=0, steps=3)
+        with conditioning.altered_cross_attention(pipe.unet, every, cond):     # c' = c: nothing changes
+            assert torch.equal(pipe.sample(cond, seed=0, steps=3), base)
+        with conditioning.altered_cross_attention(pipe.unet, every, alt):      # m = M: generation from T'
+            swapped = pipe.sample(cond, seed=0, steps=3)
+        assert torch.allclose(swapped, pipe.sample(alt, seed=0, steps=3), atol=1e-6)
+        with conditioning.altered_cross_attention(pipe.unet, {4: [0]}, alt):   # one layer: a third image
+            one = pipe.sample(cond, seed=0, steps=3)
+    assert not torch.allclose(one, base) and not torch.allclose(one, swapped)
+
+
+def test_altered_cross_attention_touches_only_the_conditional_rows_it_names():
+    pipe = _toy()
+    path = conditioning._xattn_path(pipe.unet, 3)
+    assert path == "mid_block.attentions.0.transformer_blocks.0.attn2"
+    x = pipe.encode(["a red circle", "a blue star", "a green heart"])
+    batch = torch.cat([pipe.encode([""]).expand(3, -1, -1), x])              # [uncond x 3, cond x 3]
+    alt = torch.randn(3, *x.shape[1:])
+    from interplab import hooks
+    with torch.no_grad(), conditioning.altered_cross_attention(pipe.unet, {3: [1]}, alt), \
+            hooks.trace(pipe.unet, [path], at="input:encoder_hidden_states") as seen:
+        pipe.unet(torch.randn(6, *pipe.latent_shape), 500, encoder_hidden_states=batch)
+    got = seen[path]
+    assert torch.equal(got[4], alt[1])                                      # cond row of sample 1
+    keep = [0, 1, 2, 3, 5]
+    assert torch.equal(got[keep], batch[keep])                              # uncond half and other samples
+    with pytest.raises(Exception, match="out of range"):
+        conditioning._xattn_path(pipe.unet, 10)
+
+
+def test_adjacent_windows_include_the_last_and_never_clip():
+    w = conditioning.adjacent_windows(10, 3)
+    assert len(w) == 8 and w[0] == [0, 1, 2] and w[-1] == [7, 8, 9]
+    assert conditioning.adjacent_windows(4, 4) == [[0, 1, 2, 3]]
+    with pytest.raises(Exception, match="window size"):
+        conditioning.adjacent_windows(4, 5)
+
+
+def test_sample_windows_rows_are_clean_all_altered_and_one_per_window():
+    pipe = _toy()
+    cond, alt = pipe.encode(["a red striped circle"]), pipe.encode(["a blue dotted heart"])
+    windows = [[0, 1], [8, 9], list(range(10))]
+    with torch.no_grad():
+        imgs = conditioning.sample_windows(pipe, cond, alt, windows, seed=3, steps=3)
+        noise = pipe.draw_noise(1, 3)
+        clean = pipe.sample(cond, seed=3, steps=3, noise=noise)
+        other = pipe.sample(alt, seed=3, steps=3, noise=noise)
+    assert imgs.shape == (5, 3, 32, 32)
+    assert torch.allclose(imgs[0], clean[0], atol=1e-5) and torch.allclose(imgs[1], other[0], atol=1e-5)
+    assert torch.allclose(imgs[4], imgs[1], atol=1e-6)                      # the window of every layer
+    assert not torch.allclose(imgs[2], imgs[0], atol=1e-3)
+
+
+def test_select_window_takes_the_smallest_m_that_meets_the_threshold():
+    scores = {1: [0.9, 0.5, 0.9], 2: [0.9, 0.15]}                           # clean 1.0, all-altered 0.0
+    assert conditioning.select_window(scores, 1.0, 0.0) == dict(m=2, j=1, change=0.85, full_change=1.0, met=True)
+    low = conditioning.select_window({1: [0.9, 0.5, 0.9]}, 1.0, 0.0)
+    assert low["met"] is False and low["j"] == 1 and low["change"] == 0.5
+    fact = conditioning.select_window({1: [0.1, 0.95]}, 0.0, 1.0, lower_is_success=False)
+    assert fact["j"] == 1 and fact["met"] and abs(fact["change"] - 0.95) < 1e-12
+
+
+def test_neuron_zscores_match_a_numpy_reference_with_population_std():
+    import numpy as np
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(7, 5, generator=gen) + 1, torch.randn(4, 5, generator=gen)
+    an, bn = a.double().numpy(), b.double().numpy()
+    ref = (an.mean(0) - bn.mean(0)) / np.sqrt(an.std(0) ** 2 / 7 + bn.std(0) ** 2 / 4)   # np.std: ddof=0
+    assert np.allclose(conditioning.neuron_zscores(a, b).numpy(), ref, rtol=1e-5)
+
+
+def test_ablated_neurons_set_only_the_chosen_coordinates_of_the_conditional_rows():
+    lin = torch.nn.Linear(4, 6)
+    model = torch.nn.Sequential(lin)
+    x = torch.randn(4, 3, 4)                                                # [uncond x 2, cond x 2], T = 3
+    with torch.no_grad():
+        base = model(x)
+        with conditioning.ablated_neurons(model, {"0": [1, 4]}):
+            zero = model(x)
+        means = {"0": torch.arange(6.0)}
+        with conditioning.ablated_neurons(model, {"0": [2]}, value=means, rows=[1]):
+            mean = model(x)
+    changed = (zero != base)
+    assert changed[:2].sum() == 0 and torch.equal(zero[2:, :, [1, 4]], torch.zeros(2, 3, 2))
+    assert torch.equal(zero[2:][..., [0, 2, 3, 5]], base[2:][..., [0, 2, 3, 5]])
+    assert torch.equal(mean[3, :, 2], torch.full((3,), 2.0))
+    assert torch.equal(mean[:3], base[:3])                                 # other rows untouched
+    assert torch.equal(mean[3][..., [0, 1, 3, 4, 5]], base[3][..., [0, 1, 3, 4, 5]])

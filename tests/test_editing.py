@@ -177,3 +177,54 @@ def test_quickfix_subject_rows_are_the_first_of_the_release_rows():
     assert Ks.shape == (2, 64) and torch.allclose(Ks, K[first], atol=1e-5) and torch.allclose(Vs, V[first], atol=1e-5)
     with pytest.raises(BadParameter, match="positions"):
         editing.quickfix_rows(text, path, run, key_ids, value_ids, tok.eos_token_id, positions="all")
+
+
+def test_locoedit_maps_the_concept_to_its_target_in_to_k_and_to_v_and_nothing_else():
+    from interplab import anatomy
+    from interplab.models.diffusion import random_sd
+    unet, text = random_sd("v1", width=32, text_layers=2)
+    layers = anatomy.items(unet, "xattn")[6:8]
+    gen = torch.Generator().manual_seed(0)
+    keys, targets, other = (torch.randn(n, 768, generator=gen) for n in (1, 1, 8))
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    edits = editing.locoedit(unet, layers, keys, targets, lam=0.01)
+    assert [e.path for e in edits] == [f"{p}.{q}" for p in layers for q in ("to_k", "to_v")]
+    with editing.apply_edit(unet, edits):
+        changed = {k for k, v in unet.state_dict().items() if not torch.equal(v, before[k])}
+        assert changed == {f"{e.path}.weight" for e in edits}              # to_k and to_v of the window only
+        for e in edits:
+            proj = unet.get_submodule(e.path)
+            W0 = before[f"{e.path}.weight"]
+            want = targets @ W0.T
+            assert ((proj(keys) - want).norm() / want.norm()) < 1e-3     # c^o is read as c^t was
+            # a direction orthogonal to the key is read as before (the identity term dominates there)
+            ortho = other - (other @ keys.T) / (keys @ keys.T) * keys
+            assert torch.allclose(proj(ortho), ortho @ W0.T, atol=1e-3, rtol=1e-3)
+    assert all(torch.equal(v, before[k]) for k, v in unet.state_dict().items())   # reverted bit-exactly
+
+
+def test_locoedit_equals_the_ridge_formula():
+    model = nn.Module()
+    model.attn = nn.Module()
+    model.attn.to_k, model.attn.to_v = nn.Linear(12, 6, bias=False), nn.Linear(12, 6, bias=False)
+    gen = torch.Generator().manual_seed(1)
+    X_o, X_t = torch.randn(4, 12, generator=gen), torch.randn(4, 12, generator=gen)
+    for edit in editing.locoedit(model, ["attn"], X_o, X_t, lam=0.5):
+        W0 = model.get_submodule(edit.path).weight.detach().double()
+        Xo, Xt = X_o.double(), X_t.double()
+        # W^T = (X_o^T X_o + lam I)^-1 (X_o^T X_t W0^T + lam W0^T)   (the spec's corrected closed form)
+        ridge = torch.linalg.solve(Xo.T @ Xo + 0.5 * torch.eye(12, dtype=torch.float64), Xo.T @ Xt @ W0.T + 0.5 * W0.T).T
+        assert torch.allclose(W0 + edit.delta.double(), ridge, atol=1e-5)
+
+
+def test_last_token_states_read_the_token_before_the_first_eos():
+    from interplab import toyworld as tw
+    from interplab.zoo import clip
+    tok = tw.clip_tokenizer(clip.MAX_LENGTH)
+    model = clip.CLIPModel(clip.config(len(tok), tok.eos_token_id)).eval().text_model
+    ids = torch.tensor(tok(["a red circle", "a photo of a blorp"], padding="max_length",
+                           max_length=clip.MAX_LENGTH)["input_ids"])
+    got = editing.last_token_states(model, ids, tok.eos_token_id)
+    with torch.no_grad():
+        h = model(input_ids=ids).last_hidden_state
+    assert torch.equal(got[0], h[0, 3]) and torch.equal(got[1], h[1, 5])   # "circle", "blorp" (after <bos>)

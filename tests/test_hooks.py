@@ -371,3 +371,20 @@ def test_token_contributions_sum_to_the_attention_output_and_respect_causality()
     cont = terms.norm(dim=-1)
     i, j = torch.tril_indices(7, 7)
     assert (cont.triu(1) == 0).all() and (cont[:, i, j] > 0).all()            # j > i never writes into i
+
+
+def test_a_named_keyword_input_is_its_own_site():
+    class Cross(nn.Module):
+        def forward(self, x, context=None):
+            return x + context.sum(-1, keepdim=True)
+    model = nn.Sequential(Cross())
+    x, ctx = torch.zeros(2, 3), torch.ones(2, 4)
+    with hooks.trace(model, ["0"], at="input:context") as seen:
+        model[0](x, context=ctx)
+    assert torch.equal(seen["0"], ctx)
+    with hooks.edit(model, "0", lambda c: 2 * c, at="input:context"):
+        assert torch.equal(model[0](x, context=ctx), torch.full((2, 3), 8.0))
+    with pytest.raises(BadParameter, match="keyword argument 'context'"), hooks.trace(model, ["0"], at="input:context"):
+        model[0](x, ctx)                                         # passed positionally: not a keyword
+    with pytest.raises(BadParameter, match="only inputs are named"), hooks.trace(model, ["0"], at="output:context"):
+        pass

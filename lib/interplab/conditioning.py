@@ -1,5 +1,5 @@
-"""Acting on a text-to-image model's conditioning: scoring captions with it, and reshaping it
-(Chapter 9).
+"""Acting on a text-to-image model's conditioning: scoring captions with it, reshaping it
+(Chapter 9), and feeding a different one to chosen cross-attention layers (Chapter 5, part II).
 
     diffusion_score(pipe, images, conds)   Eq. 9.1: d(x, c) = E_{t, eps} ||eps_theta(z_t, t, c) - eps||^2,
                                            the same (t, eps) draws for every caption (paired estimator)
@@ -10,12 +10,24 @@
     SWITCH-OFF                             ``pipe.sample(c, switch=(tau, c_late))``: the projected conditioning
                                            at noisy steps (t >= tau) only
 
+    altered_cross_attention(unet, plan, alt)   LocoGen's altered model (§5.8.1): the cross-attention
+                                           layers of ``plan`` read ``alt`` in the conditional rows
+    sample_windows(pipe, cond, alt, windows)   Alg. 2's images for one prompt pair, every window in
+                                           one sampling loop
+    neuron_zscores / ablated_neurons       §5.10: rank the outputs of ``to_k`` / ``to_v`` by how
+                                           much a concept moves them, and silence the top ones
+
 ``pipe`` is any ``models.diffusion.Text2Image`` (the zoo's toy model or Stable Diffusion).
 """
+from collections.abc import Mapping, Sequence
+from contextlib import ExitStack, contextmanager
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import anatomy, hooks
 from .errors import BadParameter
 
 
@@ -98,3 +110,145 @@ class WindowProjection(nn.Module):
         if self.s == 0:  # the identity init must be exact: skip the concatenation
             return self.linear(c)
         return self.linear(self.window(c))
+
+
+# ---------------------------------------------------------------- LocoGen: altered inputs per layer (§5.8)
+
+
+def _xattn_path(unet, layer) -> str:
+    """A cross-attention module's path from its index in forward order (or the path itself)."""
+    if isinstance(layer, str):
+        return layer
+    paths = anatomy.items(unet, "xattn")
+    if not 0 <= layer < len(paths):
+        raise BadParameter(f"cross-attention index {layer} out of range: the UNet has {len(paths)}")
+    return paths[layer]
+
+
+def _cond_rows(h: torch.Tensor, rows, cfg: bool) -> torch.Tensor:
+    """Batch indices of sample ``rows`` in the conditional half ([uncond..., cond...]) or the batch."""
+    n = h.shape[0] // 2 if cfg else h.shape[0]
+    if cfg and h.shape[0] % 2:
+        raise BadParameter(f"cfg=True expects a batch [uncond..., cond...] of even size, got {h.shape[0]}")
+    if max(rows) >= n:
+        raise BadParameter(f"sample rows {list(rows)} out of range for {n} samples (cfg={cfg})")
+    return torch.as_tensor(list(rows), device=h.device) + (n if cfg else 0)
+
+
+@contextmanager
+def altered_cross_attention(unet: nn.Module, plan: Mapping, alt: torch.Tensor, cfg: bool = True):
+    """LocoGen's altered model: on every UNet call, the cross-attention layers of ``plan`` read
+    ``alt`` instead of their own text conditioning, in the sample rows ``plan`` names.
+
+    plan: {cross-attention index (forward order, ``anatomy.items(unet, "xattn")``) or path: sample
+    rows}. alt (N, T, d): the alternative conditioning c' = TE(T') of each sample row (or (1, T, d)
+    for all). With ``cfg`` the module batch is [uncond..., cond...] and only the conditional half
+    is altered, as the release does; queries and every other layer are untouched. The swap happens
+    at the attention's ``encoder_hidden_states``, so keys and values both see c' through whatever
+    the layer applies to it (biases included).
+    """
+    def swap(rows):
+        def fn(h):
+            idx = _cond_rows(h, rows, cfg)
+            src = alt.to(h.device, h.dtype)
+            src = src.expand(len(idx), -1, -1) if len(src) == 1 else src[idx - (h.shape[0] // 2 if cfg else 0)]
+            return h.index_put((idx,), src)
+        return fn
+
+    with ExitStack() as stack:
+        for layer, rows in plan.items():
+            rows = [rows] if isinstance(rows, int) else list(rows)
+            if rows:
+                stack.enter_context(hooks.edit(unet, _xattn_path(unet, layer), swap(rows),
+                                               at="input:encoder_hidden_states"))
+        yield
+
+
+def adjacent_windows(n_layers: int, m: int) -> list:
+    """All n_layers - m + 1 windows of m adjacent layers (Alg. 2 as the prose states it; the last
+    window is included and none is clipped)."""
+    if not 1 <= m <= n_layers:
+        raise BadParameter(f"window size m must be in 1..{n_layers}, got {m}")
+    return [list(range(j, j + m)) for j in range(n_layers - m + 1)]
+
+
+def sample_windows(pipe, cond: torch.Tensor, alt: torch.Tensor, windows: Sequence, seed: int = 0,
+                   **sampler) -> torch.Tensor:
+    """Images (2 + W, 3, H, W) of one prompt pair (Alg. 2): the clean image of T, the image whose
+    every cross-attention layer reads T' (= generating from T'), then one per window of layers
+    reading T'. cond, alt (1, T, d): TE(T), TE(T'). One sampling loop; all rows share one noise
+    draw, so differences between rows are the windows' alone."""
+    n_x = anatomy.n_xattn(pipe.unet)
+    plan = {i: [1] for i in range(n_x)}
+    for w, layers in enumerate(windows):
+        for i in layers:
+            plan[i] = plan[i] + [2 + w]
+    rows = 2 + len(windows)
+    with altered_cross_attention(pipe.unet, plan, alt):
+        return pipe.sample(cond.expand(rows, -1, -1), seed=seed, noise=pipe.draw_noise(1, seed),
+                           batch_size=rows, **sampler)
+
+
+def select_window(scores: Mapping, clean: float, altered: float, threshold: float = 0.8,
+                  lower_is_success: bool = True) -> dict:
+    """LocoGen's choice of (m, j): the smallest m whose best window moves the score by at least
+    ``threshold`` x (clean - altered) (the all-layer change), its best j otherwise the best overall.
+
+    scores: {m: (M - m + 1,) mean score per window start}; clean / altered: the score with no layer /
+    every layer reading T'. ``lower_is_success``: removal (style, objects); False for facts, where
+    the score of the updated fact should rise. Returns m, j, the window's change and whether it met
+    the threshold.
+    """
+    sign = 1.0 if lower_is_success else -1.0
+    full = sign * (clean - altered)
+    best = None
+    for m in sorted(scores):
+        a = np.asarray(scores[m], float)
+        j = int(np.argmin(sign * a))
+        change = sign * (clean - a[j])
+        found = dict(m=m, j=j, change=float(change), full_change=float(full),
+                     met=bool(full > 0 and change >= threshold * full))
+        if found["met"]:
+            return found
+        if best is None or change > best["change"]:
+            best = found
+    return best
+
+
+# ---------------------------------------------------------------- neurons of the text projections (§5.10)
+
+
+def neuron_zscores(with_concept: torch.Tensor, without: torch.Tensor) -> torch.Tensor:
+    """(d',) Welch-type statistic per output coordinate, population std (the release's):
+    (mean_a - mean_b) / sqrt(std_a^2 / N1 + std_b^2 / N2). with_concept (N1, d'), without (N2, d'):
+    activations of ``to_k`` / ``to_v`` for prompts with and without the concept."""
+    a, b = with_concept.double(), without.double()
+    se = (a.var(0, unbiased=False) / len(a) + b.var(0, unbiased=False) / len(b)).sqrt()
+    return ((a.mean(0) - b.mean(0)) / se.clamp_min(1e-12)).float()
+
+
+@contextmanager
+def ablated_neurons(unet: nn.Module, plan: Mapping, value=0.0, cfg: bool = True, rows=None):
+    """Set chosen output coordinates of linear maps (``to_k`` / ``to_v`` of cross-attention layers)
+    on every call, at every token position, in the conditional rows only (``cfg``).
+
+    plan: {path: coordinate indices}; value: a number (0: the text's "dropout") or {path: (d',)}
+    replacement values (the release's mean over prompts without the concept). rows: sample rows
+    to touch (None: all).
+    """
+    def silence(path, idx):
+        def fn(h):
+            n = h.shape[0] // 2 if cfg else h.shape[0]
+            batch = _cond_rows(h, range(n) if rows is None else rows, cfg)
+            fill = value[path] if isinstance(value, Mapping) else torch.full((h.shape[-1],), float(value))
+            fill = fill.to(h.device, h.dtype)[idx]
+            picked = h[batch]  # (rows, T, d'): a copy
+            picked[..., idx.to(h.device)] = fill
+            return h.index_put((batch,), picked)
+        return fn
+
+    with ExitStack() as stack:
+        for path, idx in plan.items():
+            idx = torch.as_tensor(idx, dtype=torch.long)
+            stack.enter_context(hooks.edit(unet, path, silence(path, idx)))
+        yield

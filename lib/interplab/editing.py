@@ -203,17 +203,50 @@ def quickfix_rows(model: nn.Module, path: str, run, key_ids: torch.Tensor, value
     return K, V
 
 
+def last_token_states(text_model: nn.Module, ids: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """(N, d): the text encoder's final states at the token before the first EOS of each row of
+    ids (N, T), i.e. the last subject token of prompts that end with their subject."""
+    last = [p[0] for p in positions_from_last_token(ids, eos_id)]
+    with torch.no_grad():
+        h = text_model(input_ids=ids.to(text_model.device)).last_hidden_state
+    return h[torch.arange(len(ids)), last]
+
+
+def locoedit(unet: nn.Module, layers, keys: torch.Tensor, targets: torch.Tensor, lam: float = 0.01,
+             projections=("to_k", "to_v")) -> list:
+    """LocoEdit (§5.9.1): edits of the key and value projections of cross-attention ``layers``
+    (module paths) so that text states ``keys`` (n, d) are read as ``targets`` (n, d) are.
+
+    keys: final text states at the last subject token of prompts naming the concept; targets: the
+    same for prompts of what should replace it. Per projection W: min ||K W^T - T W_0^T||^2 +
+    lam ||W - W_0||^2, DIFF-QUICKFIX's solve with values v = W_0 t. Returns the ``Edit``s
+    (apply them together with ``apply_edit(unet, edits)``)."""
+    edits = []
+    for layer in layers:
+        for proj in projections:
+            path = f"{layer}.{proj}"
+            W = weight_of(hooks.get_module(unet, path)).detach()
+            edits.append(compute_edit(unet, path, keys, targets.to(W) @ W.T, lam))
+    return edits
+
+
 @contextmanager
 def apply_edit(model: nn.Module, edit):
-    """Apply an edit inside the block; the original weight is restored bit-exactly on exit.
+    """Apply an edit (or a list of edits) inside the block; original weights are restored
+    bit-exactly on exit.
 
-    edit: an ``Edit`` (its path is looked up in ``model``), or a (d_out, d_in) tensor W_new for
-    ``model`` itself being the linear layer (``apply_edit(linear, W_new)``). Yields the ``Edit``.
+    edit: an ``Edit`` (its path is looked up in ``model``), a list of them, or a (d_out, d_in)
+    tensor W_new for ``model`` itself being the linear layer (``apply_edit(linear, W_new)``).
+    Yields what was applied.
     """
     if torch.is_tensor(edit):
         edit = edit_from_weights("", weight_of(model), edit)
-    edit.apply(model)
+    edits = list(edit) if isinstance(edit, (list, tuple)) else [edit]
+    applied = []
     try:
+        for e in edits:
+            applied.append(e.apply(model))
         yield edit
     finally:
-        edit.revert(model)
+        for e in reversed(applied):
+            e.revert(model)

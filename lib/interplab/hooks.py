@@ -19,8 +19,9 @@ What is read or written is the *first tensor* of a site:
   which may also return caches or attention weights), else the first tensor value of a
   ``ModelOutput`` / dict. The rest of the structure passes through untouched.
 - input: the first positional tensor argument, else the ``hidden_states`` keyword, else the
-  first tensor keyword (diffusers calls many blocks with keywords only). Other arguments pass
-  through untouched. For ``nn.MultiheadAttention`` this is the *query* only: key and value
+  first tensor keyword (diffusers calls many blocks with keywords only). ``at="input:NAME"``
+  picks the keyword argument NAME instead, e.g. a cross-attention's ``encoder_hidden_states``
+  (the text it reads). Other arguments pass through untouched. For ``nn.MultiheadAttention`` this is the *query* only: key and value
   keep their values, so to change what a self-attention layer reads, edit the norm before it.
 
 Composition. Contexts nest freely. On one module, every edit runs before every trace, so a
@@ -132,8 +133,14 @@ def _split_output(out, where):
     raise BadParameter(f"{where} has no tensor to hook (got {type(out).__name__})")
 
 
-def _split_input(args, kwargs, where):
-    """(first input tensor, rebuild) where ``rebuild(new)`` returns new ``(args, kwargs)``."""
+def _split_input(args, kwargs, where, name=None):
+    """(first input tensor, or keyword ``name``'s, rebuild) where ``rebuild(new)`` returns new
+    ``(args, kwargs)``."""
+    if name is not None:
+        if not torch.is_tensor(kwargs.get(name)):
+            raise BadParameter(f"{where} was called without a tensor keyword argument {name!r} "
+                               f"(keywords: {sorted(kwargs)})")
+        return kwargs[name], lambda new: (args, {**kwargs, name: new})
     for i, value in enumerate(args):
         if torch.is_tensor(value):
             return value, lambda new: (args[:i] + (new,) + args[i + 1:], kwargs)
@@ -157,9 +164,9 @@ def _output_hook(fn, where):
     return hook
 
 
-def _input_hook(fn, where):
+def _input_hook(fn, where, name=None):
     def hook(module, args, kwargs):
-        tensor, rebuild = _split_input(args, kwargs, where)
+        tensor, rebuild = _split_input(args, kwargs, where, name)
         new = fn(tensor)
         return None if new is None else rebuild(new)
     return hook
@@ -216,15 +223,18 @@ def _mha_out_proj_hook(fn, at):
 
 def _attach(model, path, at, fn, first):
     """Register ``fn`` at a site; ``first`` puts it ahead of the hooks already there."""
+    at, _, name = at.partition(":")
     check_choice("at", at, AT)
+    if name and at != "input":
+        raise BadParameter(f"only inputs are named (at='input:NAME'), got at={at + ':' + name!r}")
     module = get_module(model, path)
     where = f"'{normalize(path)}' ({type(module).__name__})"
     mha = _mha_parent(model, path)
-    if mha is not None:
+    if mha is not None and not name:
         return mha.register_forward_hook(_mha_out_proj_hook(fn, at), with_kwargs=True, prepend=first)
     if at == "output":
         return module.register_forward_hook(_output_hook(fn, where), with_kwargs=True, prepend=first)
-    return module.register_forward_pre_hook(_input_hook(fn, where), with_kwargs=True, prepend=first)
+    return module.register_forward_pre_hook(_input_hook(fn, where, name or None), with_kwargs=True, prepend=first)
 
 
 # -------------------------------------------------------------------- reading
