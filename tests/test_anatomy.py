@@ -130,6 +130,37 @@ def test_sd_unet_has_the_70_traced_layers_of_chapter_5_in_call_order(version):
     assert layers[35:38] == [f"up_blocks.1.attentions.0.transformer_blocks.0.{x}" for x in ("attn1", "attn2", "ff")]
 
 
+def test_sdxl_unet_has_70_cross_attentions_at_the_indices_the_dissertation_names():
+    from diffusers import UNet2DConditionModel
+    from interplab.models.diffusion import sd_unet_config
+    unet = UNet2DConditionModel(**sd_unet_config("xl", 32)).eval()
+    xattn, layers = anatomy.items(unet, "xattn"), anatomy.items(unet, "layer")
+    assert len(xattn) == 70 and len(layers) == 17 + 70 * 3 and xattn == sorted(xattn)
+    assert xattn[45] == "up_blocks.0.attentions.1.transformer_blocks.1.attn2"      # style / facts (m = 3: 45-47)
+    assert xattn[15] == "down_blocks.2.attentions.1.transformer_blocks.1.attn2"    # objects (m = 5: 15-19)
+    assert xattn[24] == "mid_block.attentions.0.transformer_blocks.0.attn2" and xattn[64].startswith("up_blocks.1.")
+    text = torch.randn(1, 3, 2048)
+    added = dict(text_embeds=torch.randn(1, 1280), time_ids=torch.randn(1, 6))
+    run = lambda: unet(torch.randn(1, 4, 8, 8), 3, encoder_hidden_states=text, added_cond_kwargs=added)
+    assert _call_order(unet, xattn, run) == xattn
+    assert anatomy.unet_layer_label(xattn[15]) == "down-2-cross-attn-1.1"
+
+
+def test_if_unet_has_22_joint_attentions_that_read_the_text():
+    from diffusers import UNet2DConditionModel
+    from interplab.models.diffusion import sd_unet_config
+    unet = UNet2DConditionModel(**sd_unet_config("if", 32)).eval()
+    xattn, layers = anatomy.items(unet, "xattn"), anatomy.items(unet, "layer")
+    assert len(xattn) == 22 and xattn == sorted(xattn)                              # down 3 x 3, mid 1, up 3 x 4
+    assert all(unet.get_submodule(p).add_k_proj is not None for p in xattn)
+    assert xattn[0] == "down_blocks.1.attentions.0" and xattn[9] == "mid_block.attentions.0"
+    run = lambda: unet(torch.randn(1, 3, 16, 16), 3, encoder_hidden_states=torch.randn(1, 5, unet.config.encoder_hid_dim))
+    assert _call_order(unet, xattn, run) == xattn
+    assert _call_order(unet, layers, run) == layers                                 # resnets, attentions, resamplers
+    assert "down_blocks.0.downsamplers.0" in layers and anatomy.unet_layer_label("down_blocks.0.downsamplers.0") == "down-0-downsampler"
+    assert anatomy.resolve(unet, "xattn[9].to_k").path == "mid_block.attentions.0.to_k"
+
+
 def test_zoo_t2i_unet_has_44_traced_layers_and_10_cross_attentions():
     from diffusers import UNet2DConditionModel
     from interplab.zoo import t2i

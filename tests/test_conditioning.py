@@ -170,3 +170,43 @@ def test_ablated_neurons_set_only_the_chosen_coordinates_of_the_conditional_rows
     assert torch.equal(mean[3, :, 2], torch.full((3,), 2.0))
     assert torch.equal(mean[:3], base[:3])                                 # other rows untouched
     assert torch.equal(mean[3][..., [0, 1, 3, 4, 5]], base[3][..., [0, 1, 3, 4, 5]])
+
+
+def test_altered_cross_attention_projects_the_alternative_text_of_an_if_unet():
+    from diffusers import UNet2DConditionModel
+    from interplab.models.diffusion import sd_unet_config
+    unet = UNet2DConditionModel(**sd_unet_config("if", 32)).eval()
+    gen = torch.Generator().manual_seed(0)
+    x, c, c2 = (torch.randn(*s, generator=gen) for s in ((2, 3, 16, 16), (2, 4, 64), (2, 4, 64)))
+    every = {i: [0] for i in range(22)}
+    with torch.no_grad():
+        base = unet(x, 5, encoder_hidden_states=c).sample
+        with conditioning.altered_cross_attention(unet, every, c[1:]):   # raw T5-width states, projected inside
+            same = unet(x, 5, encoder_hidden_states=c).sample
+        with conditioning.altered_cross_attention(unet, every, c2[1:]):
+            altered = unet(x, 5, encoder_hidden_states=c).sample
+        other = unet(x, 5, encoder_hidden_states=c2).sample
+    assert torch.allclose(same, base, atol=1e-6)                           # c' = c: nothing changes
+    assert torch.equal(altered[0], base[0])                                # the uncond row is untouched
+    # every attention reads T', yet the text-time embedding still pools T: not the same as generating from T'
+    assert not torch.allclose(altered[1], base[1], atol=1e-4) and not torch.allclose(altered[1], other[1], atol=1e-4)
+
+
+def test_the_pre_hook_equals_the_releases_to_k_to_v_output_hook_on_sd_v1():
+    from interplab import anatomy, hooks
+    from interplab.models.diffusion import random_sd
+    unet, _ = random_sd("v1", width=32, text_layers=1)
+    gen = torch.Generator().manual_seed(0)
+    x, c, c2 = (torch.randn(*s, generator=gen) for s in ((2, 4, 16, 16), (2, 5, 768), (1, 5, 768)))
+    layer = anatomy.items(unet, "xattn")[7]
+    attn = unet.get_submodule(layer)
+
+    def release_hook(proj):   # the release: overwrite output[1] (the cond row) with emb @ W^T
+        return lambda h: h.index_put((torch.tensor([1]),), proj(c2))
+    with torch.no_grad():
+        with conditioning.altered_cross_attention(unet, {7: [0]}, c2):
+            ours = unet(x, 5, encoder_hidden_states=c).sample
+        with hooks.edit(unet, f"{layer}.to_k", release_hook(attn.to_k)), \
+                hooks.edit(unet, f"{layer}.to_v", release_hook(attn.to_v)):
+            theirs = unet(x, 5, encoder_hidden_states=c).sample
+    assert torch.allclose(ours, theirs, atol=1e-5)

@@ -106,35 +106,51 @@ def _swin_blocks(model, root):
             for s, stage in stages._modules.items() for b in stage.blocks._modules]
 
 
+def _joint_cross_attention(module: nn.Module) -> bool:
+    """DeepFloyd IF's attention: one ``Attention`` whose keys are its own tokens and the text's
+    (``add_k_proj`` / ``add_v_proj``), sitting directly in a block's ``attentions``."""
+    return getattr(module, "add_k_proj", None) is not None
+
+
 def _unet_attention(leaf: str) -> Callable:
-    """Lister of a UNet's ``attn1`` / ``attn2`` modules in forward order.
+    """Lister of a UNet's ``attn1`` / ``attn2`` modules in forward order; for ``attn2``, also IF's
+    joint self/cross ``Attention`` modules (they read the text too).
 
     ``named_modules`` lists ``up_blocks`` before ``mid_block`` (registration order), but the
     forward runs down, mid, up; within a block it is registration order.
     """
+    def wanted(name, sub):
+        if sub is None:
+            return False
+        return name.rpartition(".")[2] == leaf or (leaf == "attn2" and _joint_cross_attention(sub))
+
     def items(model, root):
         found = []
         for block in ("down_blocks", "mid_block", "up_blocks"):
             module = getattr(model, block, None)
             if module is None:
                 continue
-            found += [_join(root, block, name) for name, sub in module.named_modules()
-                      if name.rpartition(".")[2] == leaf and sub is not None]
+            found += [_join(root, block, name) for name, sub in module.named_modules() if wanted(name, sub)]
         return found
     return items
 
 
 def _unet_block_layers(block: nn.Module, path: str) -> list:
     """One UNet block's traced layers in forward order: resnet i, then transformer block i's
-    attn1, attn2, ff (the mid block runs resnet 0, then (attention i, resnet i + 1) pairs)."""
+    attn1, attn2, ff (IF: its joint ``Attention`` i), then a resampling resnet if the block has one
+    (IF's down/up blocks resample with a ResnetBlock2D; SD's Downsample2D / Upsample2D are not
+    layers). The mid block runs resnet 0, then (attention i, resnet i + 1) pairs."""
     resnets = [f"{path}.resnets.{i}" for i in range(len(block.resnets))]
     attentions = getattr(block, "attentions", None) or []
-    transformers = [[f"{path}.attentions.{i}.transformer_blocks.{j}.{leaf}"
+    transformers = [[f"{path}.attentions.{i}"] if _joint_cross_attention(a) else
+                    [f"{path}.attentions.{i}.transformer_blocks.{j}.{leaf}"
                      for j in range(len(a.transformer_blocks)) for leaf in ("attn1", "attn2", "ff")]
                     for i, a in enumerate(attentions)]
     if path.endswith("mid_block"):
         return resnets[:1] + [p for t, r in zip(transformers, resnets[1:]) for p in t + [r]]
-    return [p for i, r in enumerate(resnets) for p in [r] + (transformers[i] if i < len(transformers) else [])]
+    resample = [f"{path}.{kind}.{i}" for kind in ("downsamplers", "upsamplers")
+                for i, m in enumerate(getattr(block, kind, None) or []) if type(m).__name__ == "ResnetBlock2D"]
+    return [p for i, r in enumerate(resnets) for p in [r] + (transformers[i] if i < len(transformers) else [])] + resample
 
 
 def _unet_layers(model, root) -> list:
@@ -153,12 +169,19 @@ def _unet_layers(model, root) -> list:
 
 def unet_layer_label(path: str) -> str:
     """Display label of a traced UNet layer, diffusers' 0-based indices: ``down_blocks.0.attentions.1
-    .transformer_blocks.0.attn1`` -> ``down-0-self-attn-1``; ``mid_block.resnets.1`` -> ``mid-resnet-1``."""
+    .transformer_blocks.0.attn1`` -> ``down-0-self-attn-1``; ``mid_block.resnets.1`` -> ``mid-resnet-1``;
+    SD-XL's deeper transformer blocks add ``.j`` (``down-2-cross-attn-1.3``), IF's joint attention
+    reads ``down-1-attn-0`` and its resampling resnets ``down-0-downsampler``."""
     parts = path.split(".")
     where = "mid" if parts[0] == "mid_block" else f"{parts[0].split('_')[0]}-{parts[1]}"
     rest = parts[1:] if parts[0] == "mid_block" else parts[2:]
+    if rest[0] in ("downsamplers", "upsamplers"):
+        return f"{where}-{rest[0][:-1]}"
+    if rest[0] == "attentions" and len(rest) == 2:  # IF: one attention for self and text
+        return f"{where}-attn-{rest[1]}"
     kind = {"attn1": "self-attn", "attn2": "cross-attn", "ff": "ff"}.get(rest[-1], "resnet")
-    return f"{where}-{kind}-{rest[1]}"
+    depth = f".{rest[3]}" if len(rest) > 3 and rest[2] == "transformer_blocks" and rest[3] != "0" else ""
+    return f"{where}-{kind}-{rest[1]}{depth}"
 
 
 def _layer_components(attn, attn_out, mlp, mlp_out, norm1, norm2) -> dict:

@@ -145,8 +145,15 @@ def altered_cross_attention(unet: nn.Module, plan: Mapping, alt: torch.Tensor, c
     for all). With ``cfg`` the module batch is [uncond..., cond...] and only the conditional half
     is altered, as the release does; queries and every other layer are untouched. The swap happens
     at the attention's ``encoder_hidden_states``, so keys and values both see c' through whatever
-    the layer applies to it (biases included).
+    the layer applies to it (biases, IF's ``norm_cross``). A UNet that projects the text before its
+    blocks (IF's ``encoder_hid_proj``) gets c' projected the same way; what it reads elsewhere (IF's
+    and SD-XL's text-time embeddings) stays that of T.
     """
+    proj = getattr(unet, "encoder_hid_proj", None)
+    if proj is not None:
+        with torch.no_grad():
+            alt = proj(alt.to(next(proj.parameters())))
+
     def swap(rows):
         def fn(h):
             idx = _cond_rows(h, rows, cfg)

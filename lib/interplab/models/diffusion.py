@@ -129,6 +129,24 @@ SD_UNET = {
                attention_head_dim=(5, 10, 20, 20), use_linear_projection=True,
                down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
                up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, norm_num_groups=32),
+    # stabilityai/stable-diffusion-xl-base-1.0: 70 cross-attentions (transformer depth 1, 2, 10 per level)
+    "xl": dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+               block_out_channels=(320, 640, 1280), cross_attention_dim=2048, attention_head_dim=(5, 10, 20),
+               transformer_layers_per_block=(1, 2, 10), use_linear_projection=True,
+               down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+               up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+               addition_embed_type="text_time", addition_time_embed_dim=256,
+               projection_class_embeddings_input_dim=2816, norm_num_groups=32),
+    # DeepFloyd IF stage I: the *structure* (block types, 3 layers per block, attention at the three
+    # lower resolutions, T5 states through encoder_hid_proj, text-time embedding, scale-shift norms);
+    # the real widths are read from the hub config at load time, these are placeholders.
+    "if": dict(sample_size=64, in_channels=3, out_channels=6, layers_per_block=3,
+               block_out_channels=(320, 640, 960, 1280), cross_attention_dim=1280, attention_head_dim=64,
+               encoder_hid_dim=4096, addition_embed_type="text", addition_embed_type_num_heads=64,
+               cross_attention_norm="group_norm", resnet_time_scale_shift="scale_shift", act_fn="gelu",
+               down_block_types=("ResnetDownsampleBlock2D",) + ("SimpleCrossAttnDownBlock2D",) * 3,
+               mid_block_type="UNetMidBlock2DSimpleCrossAttn",
+               up_block_types=("SimpleCrossAttnUpBlock2D",) * 3 + ("ResnetUpsampleBlock2D",), norm_num_groups=32),
 }
 SD_TEXT = {  # v1: CLIP ViT-L/14's text tower; v2: OpenCLIP ViT-H/14's, cut at its penultimate block
     "v1": dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
@@ -142,12 +160,18 @@ SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
 
 
 def sd_unet_config(version: str = "v1", width: int | None = None) -> dict:
-    """SD's UNet config; ``width`` scales block_out_channels to (w, 2w, 4w, 4w) for tests (same topology)."""
+    """The UNet config of SD v1 / v2 / XL or IF stage I (``version`` "v1", "v2", "xl", "if");
+    ``width`` scales block_out_channels to (w, 2w, 4w, 4w) for tests (same topology)."""
     cfg = dict(SD_UNET[version])
     if width is not None:
-        cfg["block_out_channels"] = (width, 2 * width, 4 * width, 4 * width)
+        cfg["block_out_channels"] = (width, 2 * width, 4 * width, 4 * width)[:len(cfg["block_out_channels"])]
         if version == "v2":  # head_dim 64 at full width -> keep whole heads at reduced width
             cfg["attention_head_dim"] = (2, 4, 8, 8)
+        if version == "xl":
+            cfg["attention_head_dim"] = (1, 2, 4)
+        if version == "if":  # narrow text and time widths too, so a test model stays small
+            cfg.update(attention_head_dim=width // 2, cross_attention_dim=4 * width, encoder_hid_dim=2 * width,
+                       addition_embed_type_num_heads=2)
     return cfg
 
 
