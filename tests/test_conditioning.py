@@ -201,12 +201,12 @@ def test_the_pre_hook_equals_the_releases_to_k_to_v_output_hook_on_sd_v1():
     layer = anatomy.items(unet, "xattn")[7]
     attn = unet.get_submodule(layer)
 
-    def release_hook(proj):   # the release: overwrite output[1] (the cond row) with emb @ W^T
-        return lambda h: h.index_put((torch.tensor([1]),), proj(c2))
+    def release_hook(projected):   # the release: overwrite output[1] (the cond row) with emb @ W^T
+        return lambda h: h.index_put((torch.tensor([1]),), projected)
     with torch.no_grad():
+        k2, v2 = attn.to_k(c2), attn.to_v(c2)
         with conditioning.altered_cross_attention(unet, {7: [0]}, c2):
             ours = unet(x, 5, encoder_hidden_states=c).sample
-        with hooks.edit(unet, f"{layer}.to_k", release_hook(attn.to_k)), \
-                hooks.edit(unet, f"{layer}.to_v", release_hook(attn.to_v)):
+        with hooks.edit(unet, f"{layer}.to_k", release_hook(k2)), hooks.edit(unet, f"{layer}.to_v", release_hook(v2)):
             theirs = unet(x, 5, encoder_hidden_states=c).sample
     assert torch.allclose(ours, theirs, atol=1e-5)
