@@ -210,3 +210,43 @@ def test_the_pre_hook_equals_the_releases_to_k_to_v_output_hook_on_sd_v1():
         with hooks.edit(unet, f"{layer}.to_k", release_hook(k2)), hooks.edit(unet, f"{layer}.to_v", release_hook(v2)):
             theirs = unet(x, 5, encoder_hidden_states=c).sample
     assert torch.allclose(ours, theirs, atol=1e-5)
+
+
+def test_fit_conditioning_trains_only_the_conditioning_or_the_projection():
+    pipe = _toy()
+    cond = pipe.encode(["a red circle and a blue square", "a green heart"])
+    latents = torch.randn(2, 3, *pipe.latent_shape)                      # 3 "renders" per prompt
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    c_star, losses = conditioning.fit_conditioning(pipe, cond, latents, steps=3, batch_size=4, progress=False)
+    assert c_star.shape == cond.shape and not torch.equal(c_star, cond) and len(losses) == 3
+    proj = conditioning.WindowProjection(cond.shape[-1], 1)
+    trained, _ = conditioning.fit_conditioning(pipe, cond, latents, transform=proj, steps=2, batch_size=4, progress=False)
+    assert trained is proj and not torch.equal(proj.linear.bias, torch.zeros_like(proj.linear.bias))
+    assert all(torch.equal(v, before[k]) for k, v in pipe.unet.state_dict().items())      # the UNet never moves
+    assert all(p.requires_grad for p in pipe.unet.parameters())                          # and is unfrozen after
+
+
+def test_sds_clip_trains_layer_norms_and_h_w_only_and_its_sds_gradient_reaches_the_image_tower():
+    from interplab import distillation
+    from interplab import toyworld as tw
+    from interplab.zoo import clip
+    pipe = _toy()
+    tok = tw.clip_tokenizer(clip.MAX_LENGTH)
+    teacher_clip = clip.CLIPModel(clip.config(len(tok), tok.eos_token_id)).eval()
+    student = distillation.SdsClip(teacher_clip, pipe.latent_shape)
+    assert torch.equal(student.h_w.weight, torch.zeros_like(student.h_w.weight))
+    trainable = {id(p) for p in student.trainable()}
+    assert trainable == {id(p) for p in distillation.layer_norms(student.clip)} | {id(p) for p in student.h_w.parameters()}
+    frozen_before = {k: v.clone() for k, v in student.clip.state_dict().items() if "norm" not in k}
+    original = {k: v.clone() for k, v in teacher_clip.state_dict().items()}
+    unet_before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    gen = torch.Generator().manual_seed(0)
+
+    def batches(rng):
+        return torch.rand(4, 3, 32, 32, generator=gen), ["a red circle", "a blue square", "a red circle", "a cyan star"]
+    losses = distillation.finetune(student, lambda c: tw.encode(tok, c)[0], pipe, batches, lam=1.0, steps=2, progress=False)
+    assert len(losses) == 2 and losses[0][1] > 0
+    assert not torch.equal(student.h_w.weight, torch.zeros_like(student.h_w.weight))      # L_SDS reached h_w
+    assert all(torch.equal(v, frozen_before[k]) for k, v in student.clip.state_dict().items() if k in frozen_before)
+    assert all(torch.equal(v, unet_before[k]) for k, v in pipe.unet.state_dict().items())
+    assert all(torch.equal(v, original[k]) for k, v in teacher_clip.state_dict().items())  # the student is a copy

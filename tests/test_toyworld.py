@@ -110,3 +110,28 @@ def test_render_batch_shapes():
     images, masks = tw.render_batch([tw.sample(rng, "pair").scene for _ in range(5)], seed=0)
     assert images.shape == (5, 3, 32, 32) and images.dtype == np.float32 and len(masks[0]) == 2
     assert torch.from_numpy(images).min() >= 0 and images.max() <= 1
+
+
+def test_binding_benchmarks_pair_each_caption_with_the_one_image_it_is_true_of():
+    from interplab.toyworld import binding
+    w = binding.winoground(6, seed=3)
+    assert w["images"].shape == (6, 2, 3, 32, 32) and w["kind"][:3] == ["object", "relation", "both"]
+    for (c0, c1), k in zip(w["captions"], w["kind"]):
+        assert c0 != c1 and sorted(c0.split()) == sorted(c1.split())        # same words, bound differently
+    assert torch.equal(w["images"], binding.winoground(6, seed=3)["images"])  # deterministic
+    a = binding.aro(4, seed=1, kind="attribution")
+    assert a["images"].shape == (4, 3, 32, 32) and all(t != f and sorted(t.split()) == sorted(f.split())
+                                                       for t, f in zip(a["true"], a["false"]))
+    S = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[2.0, 3.0], [0.0, 4.0]]])   # item 0 right, item 1 text-wrong
+    assert binding.winoground_scores(S) == {"text": 0.5, "image": 1.0, "group": 0.5}
+
+
+def test_composition_prompts_keep_train_and_test_combinations_apart():
+    from interplab.toyworld import captions
+    train = set(captions.composition_combos("colour", "train"))
+    test = set(captions.composition_combos("colour", "test"))
+    assert not train & test and len(train | test) == len(tw.COLOURS) * len(tw.SHAPES)
+    for caption, scene, phrases in tw.composition_prompts("colour", "test", 10, seed=0):
+        assert {(p["colour"], p["shape"]) for p in phrases} <= test
+        assert caption == f"a {phrases[0]['colour']} {phrases[0]['shape']} and a {phrases[1]['colour']} {phrases[1]['shape']}"
+        assert {(o.colour, o.shape) for o in scene.objects} == {(p["colour"], p["shape"]) for p in phrases}

@@ -5,6 +5,8 @@
                                            the same (t, eps) draws for every caption (paired estimator)
     sds_loss(pipe, z, cond, gen)           Eq. 9.3: the same error for a "latent image" z that a student
                                            produced, differentiable in z (the UNet stays frozen)
+    fit_conditioning(pipe, conds, latents) that error of real renders minimised over c itself
+                                           (c*, §9.2.5) or over a CLP / WiCLP module
     WindowProjection(d, s)                 CLP (s = 0) / WiCLP: c'_i = W^T [c_{i-s}; ...; c_{i+s}] + b,
                                            initialised at the identity
     SWITCH-OFF                             ``pipe.sample(c, switch=(tau, c_late))``: the projected conditioning
@@ -82,6 +84,49 @@ def diffusion_score(pipe, images: torch.Tensor, conds: torch.Tensor, n: int = 50
         err = (predicted_noise(sched, pred, z_all, t_all) - eps_all) ** 2
         out[i] = err.view(C, -1).mean(1).cpu()
     return out
+
+
+def fit_conditioning(pipe, conds: torch.Tensor, latents: torch.Tensor, transform: nn.Module | None = None,
+                     steps: int = 120, lr: float = 1e-2, batch_size: int = 16, seed: int = 0,
+                     weight_decay: float = 0.0, progress: bool = True):
+    """Fit a conditioning to real images by their denoising error (Eq. 9.1), the UNet frozen.
+
+    conds (P, T, d): the prompts' conditionings c; latents (P, R, *latent_shape): R encoded
+    renders of each prompt. ``transform`` None: optimise c itself (§9.2.5's c*; returns (P, T, d));
+    a module (CLP / WiCLP): train it on every c (returns the module). Each Adam(W) step draws
+    ``batch_size`` (prompt, render) pairs; losses are ``sds_loss``'s. Returns (result, losses).
+    """
+    from tqdm.auto import tqdm
+    gen = torch.Generator().manual_seed(seed)
+    conds = conds.detach().to(pipe.device)
+    if transform is None:
+        target = conds.clone().requires_grad_(True)
+        params = [target]
+    else:
+        target = transform.to(pipe.device).train()
+        params = list(target.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    frozen = [p for p in pipe.unet.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    losses = []
+    try:
+        for _ in tqdm(range(steps), desc="fit conditioning", disable=not progress, leave=False):
+            i = torch.randint(0, len(conds), (batch_size,), generator=gen)
+            r = torch.randint(0, latents.shape[1], (batch_size,), generator=gen)
+            z = latents[i, r].to(pipe.device)
+            c = target[i] if transform is None else target(conds[i])
+            loss = sds_loss(pipe, z, c, gen)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    if transform is None:
+        return target.detach(), losses
+    return target.eval(), losses
 
 
 class WindowProjection(nn.Module):

@@ -199,3 +199,44 @@ def trace_probes(attribute: str, n: int, seed: int = 0) -> list:
             seen.add(probe.caption)
             out.append(probe)
     return out
+
+
+# ---------------------------------------------------------------- compositional prompts (Chapter 9, Part B)
+
+COMPOSITION_CATEGORIES = {"colour": COLOURS, "texture": TEXTURES, "size": SIZES}
+
+
+def composition_combos(category: str, split: str, seed: int = 0, test_share: float = 0.3) -> list:
+    """The (value, shape) combinations of a category's train or test split: all of them, shuffled
+    by ``seed`` and cut ``test_share`` / rest, so test prompts bind attributes to shapes in ways
+    the train prompts never show (T2I-CompBench's held-out combinations)."""
+    if category not in COMPOSITION_CATEGORIES:
+        raise ValueError(f"category {category!r}; choose from {sorted(COMPOSITION_CATEGORIES)}")
+    if split not in ("train", "test"):
+        raise ValueError(f"split {split!r}; choose 'train' or 'test'")
+    combos = [(v, s) for v in COMPOSITION_CATEGORIES[category] for s in SHAPES]
+    order = np.random.default_rng(seed).permutation(len(combos))
+    cut = int(round(test_share * len(combos)))
+    picked = order[:cut] if split == "test" else order[cut:]
+    return [combos[i] for i in sorted(picked)]
+
+
+def composition_prompts(category: str, split: str, n: int, seed: int, pal: Palette = Palette(),
+                        combo_seed: int = 0) -> list:
+    """n (caption, scene, phrases) for two-object prompts "a V1 S1 and a V2 S2" of one category:
+    both (value, shape) combinations from the split, distinct shapes and values, objects in two
+    random slots, unmentioned attributes random. phrases: what a faithful image shows, per object,
+    for ``zoo.oracle.phrase_score``."""
+    combos = composition_combos(category, split, combo_seed)
+    rng = np.random.default_rng(seed)
+    out = []
+    while len(out) < n:
+        (v1, s1), (v2, s2) = (combos[i] for i in rng.choice(len(combos), 2, replace=False))
+        if s1 == s2 or v1 == v2:
+            continue
+        slots = [str(s) for s in rng.permutation(SLOTS)[:2]]
+        a, b = (random_object(rng, pal, slot, shape=s, **{category: v}) for slot, s, v in zip(slots, (s1, s2), (v1, v2)))
+        bg = _pick(rng, pal.backgrounds)
+        out.append((f"a {v1} {s1} and a {v2} {s2}", Scene((a, b), bg),
+                    [{"shape": s1, category: v1}, {"shape": s2, category: v2}]))
+    return out

@@ -199,3 +199,22 @@ def load() -> Oracle:
     model = Oracle()
     model.load_state_dict(store.load_weights(store.zoo_dir(NAME) / "model.safetensors"))
     return model.eval()
+
+
+def phrase_score(model: Oracle, images: torch.Tensor, phrases: list) -> np.ndarray:
+    """(N,): the disentangled score of multi-object prompts (Chapter 9's BLIP-VQA analogue).
+
+    phrases[i]: one dict per noun phrase of prompt i, e.g. [{"shape": "circle", "colour": "red"},
+    {"shape": "square", "colour": "blue"}]. Per phrase, the best slot's product of the probabilities
+    of its values ("is there a red circle?"); per image, the product over phrases.
+    """
+    probs = predict(model, images)
+    out = np.ones(len(images))
+    for i, wanted in enumerate(phrases):
+        for phrase in wanted:
+            p = torch.ones(4)
+            for k, v in phrase.items():
+                p = p * probs[k][i, :, HEADS[k].index(v)]
+            out[i] *= float(p.max())
+    return out
+
