@@ -241,3 +241,26 @@ def test_t2i_unet_renders_sit_at_their_slot_centres():
     scene = tw.Scene((tw.Obj("circle", "red", "ribbed"),), "dark")
     x = [tw.render_batch([scene], seed=s, noise=0.0, jitter=t2i.UNET_JITTER)[0] for s in (1, 2)]
     assert np.array_equal(*x)
+
+
+def test_toy_fid_is_zero_for_one_set_and_grows_with_a_shift():
+    from interplab.zoo import oracle
+    torch.manual_seed(0)
+    model = oracle.Oracle()
+    x = torch.rand(40, 3, 32, 32)
+    assert abs(oracle.toy_fid(model, x, x)) < 1e-6
+    assert oracle.toy_fid(model, x, (x + 0.3).clamp(0, 1)) > oracle.toy_fid(model, x, (x + 0.05).clamp(0, 1)) > 0
+
+
+def test_phrase_score_is_the_product_over_phrases_of_the_best_slot():
+    from interplab.zoo import oracle
+    probs = {k: torch.full((1, 4, len(v)), 1e-6) for k, v in oracle.HEADS.items()}
+    probs["shape"][0, 1, oracle.HEADS["shape"].index("circle")] = 0.8
+    probs["colour"][0, 1, oracle.HEADS["colour"].index("red")] = 0.5
+    probs["shape"][0, 3, oracle.HEADS["shape"].index("star")] = 0.9
+    probs["colour"][0, 3, oracle.HEADS["colour"].index("blue")] = 1.0
+    import unittest.mock as mock
+    with mock.patch.object(oracle, "predict", lambda m, x: probs):
+        s = oracle.phrase_score(None, torch.zeros(1, 3, 32, 32), [[{"shape": "circle", "colour": "red"},
+                                                                    {"shape": "star", "colour": "blue"}]])
+    assert abs(s[0] - 0.8 * 0.5 * 0.9 * 1.0) < 1e-6

@@ -240,3 +240,15 @@ def composition_prompts(category: str, split: str, n: int, seed: int, pal: Palet
         out.append((f"a {v1} {s1} and a {v2} {s2}", Scene((a, b), bg),
                     [{"shape": s1, category: v1}, {"shape": s2, category: v2}]))
     return out
+
+
+def composition_scenes(phrases: list, category: str, n: int, seed: int, pal: Palette = Palette()) -> list:
+    """n scenes that one compositional prompt is true of: its two objects (shape and ``category``
+    value from ``phrases``) in two random slots, every unmentioned attribute random."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        slots = [str(s) for s in rng.permutation(SLOTS)[:2]]
+        objs = tuple(random_object(rng, pal, slot, shape=p["shape"], **{category: p[category]}) for slot, p in zip(slots, phrases))
+        out.append(Scene(objs, _pick(rng, pal.backgrounds)))
+    return out

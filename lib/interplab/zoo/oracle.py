@@ -218,3 +218,21 @@ def phrase_score(model: Oracle, images: torch.Tensor, phrases: list) -> np.ndarr
             out[i] *= float(p.max())
     return out
 
+
+
+@torch.no_grad()
+def embed(model: Oracle, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """(N, 3 w): the trunk's globally pooled features (what toy-FID compares, as FID uses Inception's pool)."""
+    model.eval()
+    return torch.cat([model.features(images[i:i + batch_size].float()).mean((2, 3)) for i in range(0, len(images), batch_size)])
+
+
+def toy_fid(model: Oracle, generated: torch.Tensor, real: torch.Tensor) -> float:
+    """Fréchet distance between the Gaussians of ``embed`` features of two image sets (N, 3, 32, 32):
+    ||mu_g - mu_r||^2 + tr(C_g + C_r - 2 (C_g C_r)^(1/2))."""
+    from scipy import linalg
+    g, r = (embed(model, x).double().numpy() for x in (generated, real))
+    mu_g, mu_r = g.mean(0), r.mean(0)
+    c_g, c_r = np.cov(g, rowvar=False), np.cov(r, rowvar=False)
+    root = linalg.sqrtm(c_g @ c_r).real
+    return float(((mu_g - mu_r) ** 2).sum() + np.trace(c_g + c_r - 2 * root))
