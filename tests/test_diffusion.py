@@ -1,4 +1,5 @@
 """interplab.models.diffusion: one sampler for the toy and Stable Diffusion, SD's architecture as facts."""
+import pytest
 import torch
 
 from interplab import anatomy, tracing
@@ -36,3 +37,73 @@ def test_stable_diffusion_samples_decodes_and_traces_with_random_weights():
     out = tracing.trace_unet_layers(pipe, cond[:1], cond[1:], [layers[1], layers[28]], steps=2)
     assert out.shape == (4, 3, 8, 8)
     assert not torch.equal(out[2], out[1]) and torch.allclose(out[:2], tracing.sample_rows(pipe, cond, steps=2), atol=1e-5)
+
+
+def _small_sdxl():
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from interplab.models.diffusion import StableDiffusionXL, clip_bpe_tokenizer, sd_unet_config
+    torch.manual_seed(0)
+    text_cfg = dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                    max_position_embeddings=77, projection_dim=32)
+    te1, te2 = CLIPTextModel(CLIPTextConfig(**text_cfg)).eval(), CLIPTextModelWithProjection(CLIPTextConfig(**text_cfg)).eval()
+    cfg = sd_unet_config("xl", 32)
+    cfg.update(sample_size=8, cross_attention_dim=64, addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 32)
+    unet = UNet2DConditionModel(**cfg).eval()
+    vae = AutoencoderKL(block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
+                        latent_channels=4, norm_num_groups=8, sample_size=8).eval()
+    tok = clip_bpe_tokenizer(77)
+    return StableDiffusionXL(unet, te1, tok, vae, te2, tok, size=64)
+
+
+def test_sdxl_reads_both_towers_penultimate_states_and_the_pooled_second():
+    pipe = _small_sdxl()
+    prompts = ["a van gogh painting of a bridge", "a photo of a dog"]
+    with torch.no_grad():
+        cond = pipe.encode(prompts)
+        ids = pipe.tokenize(prompts)
+        h1 = pipe.text_model(input_ids=ids, output_hidden_states=True).hidden_states[-2]
+        second = pipe.text_model_2(input_ids=ids, output_hidden_states=True)
+        added = pipe.added_conditions(prompts)
+    assert cond.shape == (2, 77, 64) and torch.equal(cond[..., :32], h1) and torch.equal(cond[..., 32:], second.hidden_states[-2])
+    assert torch.equal(added["text_embeds"], second.text_embeds) and added["time_ids"].tolist()[0] == [64, 64, 0, 0, 64, 64]
+    assert torch.equal(pipe.uncond_conditioning(), torch.zeros(1, 77, 64))
+    with pytest.raises(Exception, match="added="):
+        pipe.sample(cond, steps=1)
+
+
+def test_sdxl_generates_and_locogen_windows_at_index_45_alter_only_what_they_name():
+    from interplab import anatomy, conditioning
+    pipe = _small_sdxl()
+    T, T2 = ["a house in the style of van gogh"], ["a house in the style of painting"]
+    with torch.no_grad():
+        images = pipe.generate(T * 2, seed=0, steps=2)
+        added = pipe.added_conditions(T)
+        rows = conditioning.sample_windows(pipe, pipe.encode(T), pipe.encode(T2), [[45, 46, 47]], seed=0, steps=2, added=added)
+        plain = pipe.sample(pipe.encode(T), seed=0, steps=2, noise=pipe.draw_noise(1, 0), added=added)
+    assert images.shape == (2, 3, 8, 8) and torch.isfinite(images).all()
+    assert anatomy.n_xattn(pipe.unet) == 70 and rows.shape == (3, 3, 8, 8)
+    assert torch.allclose(rows[0], plain[0], atol=1e-5) and not torch.allclose(rows[2], rows[0], atol=1e-4)
+
+
+def test_deepfloyd_if_pipeline_steps_with_the_noise_half_and_locogen_projects_t5_states():
+    from diffusers import UNet2DConditionModel
+    from transformers import T5Config, T5EncoderModel
+    from interplab import anatomy, conditioning
+    from interplab.models.diffusion import DeepFloydIF, clip_bpe_tokenizer, sd_unet_config
+    torch.manual_seed(0)
+    cfg = sd_unet_config("if", 32)
+    cfg.update(sample_size=8)
+    unet = UNet2DConditionModel(**cfg).eval()
+    t5 = T5EncoderModel(T5Config(vocab_size=49408, d_model=cfg["encoder_hid_dim"], d_kv=8, d_ff=64, num_layers=2,
+                                 num_heads=4)).eval()
+    pipe = DeepFloydIF(unet, t5, clip_bpe_tokenizer(77), max_length=16)
+    T, T2 = ["the british monarch"], ["king charles"]
+    with torch.no_grad():
+        cond = pipe.encode(T)
+        out = pipe.unet(torch.randn(1, 3, 8, 8), 10, encoder_hidden_states=cond).sample
+        images = pipe.generate(T, seed=0, steps=2)
+        rows = conditioning.sample_windows(pipe, cond, pipe.encode(T2), [[0, 1, 2]], seed=0, steps=2)
+    assert cond.shape == (1, 16, cfg["encoder_hid_dim"]) and out.shape == (1, 6, 8, 8)
+    assert torch.equal(pipe.noise_prediction(out), out[:, :3]) and images.shape == (1, 3, 8, 8)
+    assert anatomy.n_xattn(pipe.unet) == 22 and rows.shape == (3, 3, 8, 8) and not torch.allclose(rows[2], rows[0])

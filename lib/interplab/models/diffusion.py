@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from ..errors import resource_unavailable
+from ..errors import BadParameter, resource_unavailable
 
 
 class Text2Image:
@@ -66,7 +66,7 @@ class Text2Image:
     @torch.no_grad()
     def sample(self, cond: torch.Tensor, seed: int = 0, steps: int = None, guidance: float = None,
                uncond: torch.Tensor | None = None, batch_size: int = 256, noise: torch.Tensor | None = None,
-               eta: float = None, switch: tuple | None = None) -> torch.Tensor:
+               eta: float = None, switch: tuple | None = None, added: dict | None = None) -> torch.Tensor:
         """Images (N, 3, H, W) in [0, 1] for conditionings (N, T, d): DDIM with CFG
         ``eps_u + guidance (eps_c - eps_u)`` (diffusers' form; Eq. 5.3's alpha = guidance - 1).
 
@@ -77,13 +77,19 @@ class Text2Image:
         with one row every image also shares the step noise (clean, corrupted and restored samples
         of one caption ride the same noise, each on its own trajectory). ``switch = (tau, late)``:
         below timestep tau condition on ``late`` (N, T, d) instead (SWITCH-OFF, §9.2.5).
+        ``added``: the UNet's extra conditioning of the conditional rows, {name: (N or 1, ...)}
+        (SD-XL's pooled text embedding and time ids, ``added_conditions``); the unconditional rows
+        get ``uncond_added``'s.
         """
+        if added is None and self.needs_added:
+            raise BadParameter(f"{type(self).__name__} conditions its UNet on pooled text too: pass "
+                               "added=pipe.added_conditions(prompts) (generate does)")
         steps = self.sampler["steps"] if steps is None else steps
         guidance = self.sampler["guidance"] if guidance is None else guidance
         eta = self.sampler["eta"] if eta is None else eta
         self.unet.eval()
         if uncond is None:
-            uncond = self.encode([""])
+            uncond = self.uncond_conditioning()
         shared = noise is not None and len(noise) == 1
         rows = 1 if shared else len(cond)
         if noise is None:
@@ -102,17 +108,38 @@ class Text2Image:
             c = cond[i:i + batch_size]
             u = uncond.expand(len(c), -1, -1) if len(uncond) == 1 else uncond[i:i + batch_size]
             x = noise[i:i + batch_size]
+            extra = {}
+            if added is not None:
+                a = {k: (v if len(v) == 1 else v[i:i + batch_size]).expand(len(c), *v.shape[1:]).to(self.device, dtype)
+                     for k, v in added.items()}
+                a_u = self.uncond_added(a)
+                extra["added_cond_kwargs"] = {k: torch.cat([a_u[k], a[k]]) for k in a}
             for k, t in enumerate(sched.timesteps):
                 c_t = late[i:i + batch_size] if late is not None and t < tau else c
-                eps = self.unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([u, c_t])).sample
+                eps = self.noise_prediction(self.unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([u, c_t]), **extra).sample)
                 e_u, e_c = eps.chunk(2)
                 z = step_noise[k][i:i + batch_size].to(x) if eta else None
                 x = sched.step(e_u + guidance * (e_c - e_u), t, x, eta=eta, variance_noise=z).prev_sample
             out.append(self.decode(x).float().cpu())
         return torch.cat(out)
 
+    needs_added = False  # SD-XL: the UNet also reads pooled text and time ids
+
+    def noise_prediction(self, out: torch.Tensor) -> torch.Tensor:
+        """What the scheduler steps with, from the UNet's output (IF: its first half; the rest is variance)."""
+        return out
+
+    def uncond_conditioning(self) -> torch.Tensor:
+        """(1, T, d): what the unconditional CFG branch reads (SD: the empty prompt's states)."""
+        return self.encode([""])
+
+    def uncond_added(self, added: dict) -> dict:
+        raise BadParameter(f"{type(self).__name__} takes no added conditioning")
+
     def generate(self, prompts, seed: int = 0, **kw) -> torch.Tensor:
         """Images (N, 3, H, W) for prompts; see ``sample``."""
+        if self.needs_added:
+            kw.setdefault("added", self.added_conditions(prompts))
         return self.sample(self.encode(prompts), seed=seed, **kw)
 
 
@@ -223,6 +250,120 @@ class StableDiffusion(Text2Image):
                                        f"run `huggingface-cli download {model_id}` on a machine with hub access "
                                        "(accept the licence first) and set HF_HOME") from None
         return cls(unet.to(device).eval(), text.to(device).eval(), tok, vae.to(device).eval())
+
+
+SDXL_ID = "stabilityai/stable-diffusion-xl-base-1.0"
+
+
+class StableDiffusionXL(StableDiffusion):
+    """SD-XL base: two CLIP text towers whose penultimate states are concatenated (768 + 1280 =
+    2048 per token: what every cross-attention reads), plus the second tower's pooled, projected EOS
+    embedding and the size / crop ids [h, w, top, left, h, w], which enter the time embedding
+    (``added_cond_kwargs``). The unconditional branch reads zeros for both (the base model's
+    ``force_zeros_for_empty_prompt``). ``text_model`` is the first tower, ``text_model_2`` the second."""
+    needs_added = True
+    sampler = dict(steps=50, guidance=5.0, eta=0.0)  # the pipeline's default guidance
+
+    def __init__(self, unet, text_model, tokenizer, vae, text_model_2, tokenizer_2, size: int = 1024):
+        super().__init__(unet, text_model, tokenizer, vae)
+        self.text_model_2, self.tokenizer_2, self.size = text_model_2, tokenizer_2, size
+
+    def _states(self, prompts):
+        out = []
+        for model, tok in ((self.text_model, self.tokenizer), (self.text_model_2, self.tokenizer_2)):
+            ids = tok(list(prompts), padding="max_length", truncation=True, max_length=tok.model_max_length,
+                      return_tensors="pt").input_ids.to(model.device)
+            out.append(model(input_ids=ids, output_hidden_states=True))
+        return out
+
+    @torch.no_grad()
+    def encode(self, prompts) -> torch.Tensor:
+        """(N, T, d1 + d2): both towers' penultimate hidden states, concatenated per token."""
+        first, second = self._states(prompts)
+        return torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
+
+    @torch.no_grad()
+    def added_conditions(self, prompts) -> dict:
+        """{"text_embeds": (N, d2) pooled projection of the second tower, "time_ids": (N, 6)}."""
+        _, second = self._states(prompts)
+        s = self.size
+        ids = torch.tensor([[s, s, 0, 0, s, s]], dtype=second.text_embeds.dtype, device=second.text_embeds.device)
+        return {"text_embeds": second.text_embeds, "time_ids": ids.expand(len(prompts), -1)}
+
+    def uncond_conditioning(self) -> torch.Tensor:
+        return torch.zeros_like(self.encode([""]))
+
+    def uncond_added(self, added: dict) -> dict:
+        return {"text_embeds": torch.zeros_like(added["text_embeds"]), "time_ids": added["time_ids"]}
+
+    @classmethod
+    def from_pretrained(cls, model_id: str = SDXL_ID, device="cuda", dtype=torch.float16,
+                        vae_id: str | None = "madebyollin/sdxl-vae-fp16-fix"):
+        """UNet and VAE in ``dtype`` (the fp16-fix VAE by default: SD-XL's own VAE overflows in
+        float16), both text towers in float32. Offline without the weights: ``ResourceUnavailable``."""
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+        try:
+            unet = UNet2DConditionModel.from_pretrained(model_id, subfolder="unet", torch_dtype=dtype)
+            vae = (AutoencoderKL.from_pretrained(vae_id, torch_dtype=dtype) if vae_id else
+                   AutoencoderKL.from_pretrained(model_id, subfolder="vae", torch_dtype=torch.float32))
+            text = CLIPTextModel.from_pretrained(model_id, subfolder="text_encoder", torch_dtype=torch.float32)
+            text_2 = CLIPTextModelWithProjection.from_pretrained(model_id, subfolder="text_encoder_2", torch_dtype=torch.float32)
+            tok = CLIPTokenizer.from_pretrained(model_id, subfolder="tokenizer")
+            tok_2 = CLIPTokenizer.from_pretrained(model_id, subfolder="tokenizer_2")
+        except (OSError, ValueError) as err:
+            raise resource_unavailable(f"model `{model_id}` or VAE `{vae_id}` ({type(err).__name__})",
+                                       f"run `huggingface-cli download {model_id}` (and `{vae_id}`) on a machine with "
+                                       "hub access and set HF_HOME") from None
+        return cls(unet.to(device).eval(), text.to(device).eval(), tok, vae.to(device).eval(),
+                   text_2.to(device).eval(), tok_2)
+
+
+IF_ID = "DeepFloyd/IF-I-XL-v1.0"
+IF_SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=False)
+
+
+class DeepFloydIF(Text2Image):
+    """DeepFloyd IF stage I: a pixel-space UNet (64 x 64) reading a frozen T5 encoder's states through
+    ``encoder_hid_proj`` into joint self/cross attentions, and pooling them into its time embedding.
+    The UNet predicts noise and a variance (6 channels); sampling steps with the noise half. Stage II
+    (the 256 px upscaler) is not part of this pipeline: LocoGen and LocoEdit act on stage I."""
+    schedule = IF_SCHEDULE
+    sampler = dict(steps=100, guidance=7.0, eta=0.0)
+
+    def __init__(self, unet, text_model, tokenizer, max_length: int = 77):
+        super().__init__(unet, text_model, tokenizer)
+        self.max_length = max_length
+        self.latent_shape = (3, unet.config.sample_size, unet.config.sample_size)
+
+    def tokenize(self, prompts) -> torch.Tensor:
+        return self.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=self.max_length,
+                              return_tensors="pt").input_ids
+
+    def noise_prediction(self, out):
+        return out[:, :3]
+
+    def decode(self, latents):
+        return ((latents.float() + 1) / 2).clamp(0, 1)
+
+    def encode_images(self, images):
+        return (images * 2 - 1).to(self.device, self.unet.dtype)
+
+    @classmethod
+    def from_pretrained(cls, model_id: str = IF_ID, device="cuda", dtype=torch.float16):
+        """Stage I's UNet in ``dtype`` and its T5-XXL encoder (float16 too: 4.7 B parameters);
+        gated licence. Offline without the weights: ``ResourceUnavailable``."""
+        from diffusers import UNet2DConditionModel
+        from transformers import T5EncoderModel, T5TokenizerFast
+        try:
+            unet = UNet2DConditionModel.from_pretrained(model_id, subfolder="unet", torch_dtype=dtype)
+            text = T5EncoderModel.from_pretrained(model_id, subfolder="text_encoder", torch_dtype=dtype)
+            tok = T5TokenizerFast.from_pretrained(model_id, subfolder="tokenizer")
+        except (OSError, ValueError) as err:
+            raise resource_unavailable(f"model `{model_id}` ({type(err).__name__})",
+                                       f"accept the licence on the model page, run `huggingface-cli download {model_id}` "
+                                       "on a machine with hub access and set HF_HOME") from None
+        return cls(unet.to(device).eval(), text.to(device).eval(), tok)
 
 
 def clip_bpe_tokenizer(max_length: int = 77):
