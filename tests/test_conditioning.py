@@ -250,3 +250,14 @@ def test_sds_clip_trains_layer_norms_and_h_w_only_and_its_sds_gradient_reaches_t
     assert all(torch.equal(v, frozen_before[k]) for k, v in student.clip.state_dict().items() if k in frozen_before)
     assert all(torch.equal(v, unet_before[k]) for k, v in pipe.unet.state_dict().items())
     assert all(torch.equal(v, original[k]) for k, v in teacher_clip.state_dict().items())  # the student is a copy
+
+
+def test_cross_attention_maps_are_distributions_over_tokens_read_by_each_pixel():
+    pipe = _toy()
+    cond = pipe.encode(["a red circle and a blue square", "a green heart"])
+    with torch.no_grad():
+        maps = conditioning.cross_attention_maps(pipe, cond, 0, seed=0, steps=2)
+        before = pipe.sample(cond, seed=0, steps=2)
+    assert maps.shape == (2, cond.shape[1], 8, 8) and (maps >= 0).all()
+    assert torch.allclose(maps.sum(1), torch.ones(2, 8, 8), atol=1e-5)   # every pixel's attention sums to 1
+    assert torch.equal(pipe.sample(cond, seed=0, steps=2), before)        # the hook is gone afterwards

@@ -157,6 +157,36 @@ class WindowProjection(nn.Module):
         return self.linear(self.window(c))
 
 
+def cross_attention_maps(pipe, cond: torch.Tensor, layer, seed: int = 0, **sampler) -> torch.Tensor:
+    """(N, T, h, w): how much each pixel of cross-attention ``layer`` (index or path) attends to each
+    text token while ``cond`` (N, T, d) is sampled, averaged over heads and denoising steps, from the
+    conditional CFG rows. Recomputed from the layer's own q / k projections (diffusers' processors
+    do not return the weights); Fig 9.8's maps."""
+    path = _xattn_path(pipe.unet, layer)
+    attn = pipe.unet.get_submodule(path)
+    total, calls = None, 0
+
+    def record(module, args, kwargs):
+        nonlocal total, calls
+        x, ctx = (args[0] if args else kwargs["hidden_states"]), kwargs["encoder_hidden_states"]
+        n = x.shape[0] // 2
+        x, ctx = x[n:], ctx[n:]                                        # the conditional rows
+        heads = module.heads
+        q = module.to_q(x).unflatten(-1, (heads, -1)).transpose(1, 2)   # (N, heads, HW, dh)
+        k = module.to_k(ctx).unflatten(-1, (heads, -1)).transpose(1, 2)  # (N, heads, T, dh)
+        probs = (q @ k.transpose(-1, -2) * module.scale).softmax(-1).mean(1)  # (N, HW, T)
+        total = probs if total is None else total + probs
+        calls += 1
+
+    handle = attn.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        pipe.sample(cond, seed=seed, **sampler)
+    finally:
+        handle.remove()
+    side = int(round(total.shape[1] ** 0.5))
+    return (total / calls).transpose(1, 2).reshape(len(cond), -1, side, side).float().cpu()
+
+
 # ---------------------------------------------------------------- LocoGen: altered inputs per layer (§5.8)
 
 
