@@ -11,6 +11,7 @@
                                            initialised at the identity
     SWITCH-OFF                             ``pipe.sample(c, switch=(tau, c_late))``: the projected conditioning
                                            at noisy steps (t >= tau) only
+    cross_attention_maps(pipe, cond, layer)   what each pixel of a cross-attention layer reads (Fig 9.8)
 
     altered_cross_attention(unet, plan, alt)   LocoGen's altered model (§5.8.1): the cross-attention
                                            layers of ``plan`` read ``alt`` in the conditional rows
