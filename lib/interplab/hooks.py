@@ -21,8 +21,9 @@ What is read or written is the *first tensor* of a site:
 - input: the first positional tensor argument, else the ``hidden_states`` keyword, else the
   first tensor keyword (diffusers calls many blocks with keywords only). ``at="input:NAME"``
   picks the keyword argument NAME instead, e.g. a cross-attention's ``encoder_hidden_states``
-  (the text it reads). Other arguments pass through untouched. For ``nn.MultiheadAttention`` this is the *query* only: key and value
-  keep their values, so to change what a self-attention layer reads, edit the norm before it.
+  (the text it reads). Other arguments pass through untouched. For ``nn.MultiheadAttention``
+  this is the *query* only: key and value keep their values, so to change what a self-attention
+  layer reads, edit the norm before it.
 
 Composition. Contexts nest freely. On one module, every edit runs before every trace, so a
 trace records what the module really passed on. Two edits of the same site compose like the

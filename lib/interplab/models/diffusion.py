@@ -6,7 +6,9 @@ the zoo's toy model and Stable Diffusion:
     pipe.unet, pipe.text_model, pipe.tokenizer
 
 ``Text2Image`` holds the sampling loop; ``StableDiffusion`` (VAE latents, paper profile) says how
-latents become images, and ``zoo.t2i.ToyDiffusion`` is the same pipeline at toy size. The
+latents become images, and ``zoo.t2i.ToyDiffusion`` is the same pipeline at toy size.
+``StableDiffusionXL`` adds the second text tower and the pooled / time-id conditioning,
+``DeepFloydIF`` samples IF's stage I in pixel space from T5 states. The
 unconditional conditioning is ``encode([""])``, never corrupted, restored or edited.
 
 Paper-profile architectures are written here as facts (``SD_UNET``, ``SD_TEXT``) so tests can build
@@ -29,6 +31,7 @@ class Text2Image:
     latent_shape: tuple
     schedule: dict
     sampler = dict(steps=50, guidance=7.5, eta=0.0)
+    needs_added = False  # SD-XL: the UNet also reads pooled text and time ids (``added_conditions``)
 
     def __init__(self, unet, text_model, tokenizer):
         self.unet, self.text_model, self.tokenizer = unet, text_model, tokenizer
@@ -110,20 +113,20 @@ class Text2Image:
             x = noise[i:i + batch_size]
             extra = {}
             if added is not None:
-                a = {k: (v if len(v) == 1 else v[i:i + batch_size]).expand(len(c), *v.shape[1:]).to(self.device, dtype)
+                a = {k: (v if len(v) == 1 else v[i:i + batch_size]).expand(len(c), *v.shape[1:])
                      for k, v in added.items()}
+                a = {k: v.to(self.device, dtype) for k, v in a.items()}
                 a_u = self.uncond_added(a)
                 extra["added_cond_kwargs"] = {k: torch.cat([a_u[k], a[k]]) for k in a}
             for k, t in enumerate(sched.timesteps):
                 c_t = late[i:i + batch_size] if late is not None and t < tau else c
-                eps = self.noise_prediction(self.unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([u, c_t]), **extra).sample)
+                out_t = self.unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([u, c_t]), **extra).sample
+                eps = self.noise_prediction(out_t)
                 e_u, e_c = eps.chunk(2)
                 z = step_noise[k][i:i + batch_size].to(x) if eta else None
                 x = sched.step(e_u + guidance * (e_c - e_u), t, x, eta=eta, variance_noise=z).prev_sample
             out.append(self.decode(x).float().cpu())
         return torch.cat(out)
-
-    needs_added = False  # SD-XL: the UNet also reads pooled text and time ids
 
     def noise_prediction(self, out: torch.Tensor) -> torch.Tensor:
         """What the scheduler steps with, from the UNet's output (IF: its first half; the rest is variance)."""
@@ -308,7 +311,8 @@ class StableDiffusionXL(StableDiffusion):
             vae = (AutoencoderKL.from_pretrained(vae_id, torch_dtype=dtype) if vae_id else
                    AutoencoderKL.from_pretrained(model_id, subfolder="vae", torch_dtype=torch.float32))
             text = CLIPTextModel.from_pretrained(model_id, subfolder="text_encoder", torch_dtype=torch.float32)
-            text_2 = CLIPTextModelWithProjection.from_pretrained(model_id, subfolder="text_encoder_2", torch_dtype=torch.float32)
+            text_2 = CLIPTextModelWithProjection.from_pretrained(model_id, subfolder="text_encoder_2",
+                                                                 torch_dtype=torch.float32)
             tok = CLIPTokenizer.from_pretrained(model_id, subfolder="tokenizer")
             tok_2 = CLIPTokenizer.from_pretrained(model_id, subfolder="tokenizer_2")
         except (OSError, ValueError) as err:

@@ -249,6 +249,7 @@ def composition_scenes(phrases: list, category: str, n: int, seed: int, pal: Pal
     out = []
     for _ in range(n):
         slots = [str(s) for s in rng.permutation(SLOTS)[:2]]
-        objs = tuple(random_object(rng, pal, slot, shape=p["shape"], **{category: p[category]}) for slot, p in zip(slots, phrases))
+        objs = tuple(random_object(rng, pal, slot, shape=p["shape"], **{category: p[category]})
+                     for slot, p in zip(slots, phrases))
         out.append(Scene(objs, _pick(rng, pal.backgrounds)))
     return out

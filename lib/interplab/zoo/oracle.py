@@ -224,7 +224,8 @@ def phrase_score(model: Oracle, images: torch.Tensor, phrases: list) -> np.ndarr
 def embed(model: Oracle, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
     """(N, 3 w): the trunk's globally pooled features (what toy-FID compares, as FID uses Inception's pool)."""
     model.eval()
-    return torch.cat([model.features(images[i:i + batch_size].float()).mean((2, 3)) for i in range(0, len(images), batch_size)])
+    return torch.cat([model.features(images[i:i + batch_size].float()).mean((2, 3))
+                      for i in range(0, len(images), batch_size)])
 
 
 def toy_fid(model: Oracle, generated: torch.Tensor, real: torch.Tensor) -> float:
