@@ -256,8 +256,9 @@ def test_cross_attention_maps_are_distributions_over_tokens_read_by_each_pixel()
     pipe = _toy()
     cond = pipe.encode(["a red circle and a blue square", "a green heart"])
     with torch.no_grad():
-        maps = conditioning.cross_attention_maps(pipe, cond, 0, seed=0, steps=2)
+        maps, images = conditioning.cross_attention_maps(pipe, cond, 0, seed=0, steps=2)
         before = pipe.sample(cond, seed=0, steps=2)
+    assert torch.equal(images, before)                                  # the images of the same sampling
     assert maps.shape == (2, cond.shape[1], 8, 8) and (maps >= 0).all()
     assert torch.allclose(maps.sum(1), torch.ones(2, 8, 8), atol=1e-5)   # every pixel's attention sums to 1
     assert torch.equal(pipe.sample(cond, seed=0, steps=2), before)        # the hook is gone afterwards

@@ -224,7 +224,7 @@ def test_last_token_states_read_the_token_before_the_first_eos():
     model = clip.CLIPModel(clip.config(len(tok), tok.eos_token_id)).eval().text_model
     ids = torch.tensor(tok(["a red circle", "a photo of a blorp"], padding="max_length",
                            max_length=clip.MAX_LENGTH)["input_ids"])
-    got = editing.last_token_states(model, ids, tok.eos_token_id)
     with torch.no_grad():
         h = model(input_ids=ids).last_hidden_state
+    got = editing.last_token_states(h, ids, tok.eos_token_id)
     assert torch.equal(got[0], h[0, 3]) and torch.equal(got[1], h[1, 5])   # "circle", "blorp" (after <bos>)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from interplab import hooks
+from interplab import anatomy, hooks
 from interplab.errors import BadParameter
 from interplab.models import tiny_random
 
@@ -388,3 +388,19 @@ def test_a_named_keyword_input_is_its_own_site():
         model[0](x, ctx)                                         # passed positionally: not a keyword
     with pytest.raises(BadParameter, match="only inputs are named"), hooks.trace(model, ["0"], at="output:context"):
         pass
+
+
+def test_contributions_by_layer_are_each_layers_token_contribution_norms():
+    from interplab import attention
+    text = tiny_random.clip_text()
+    ids = torch.randint(3, tiny_random.VOCAB, (2, 7), generator=torch.Generator().manual_seed(1))
+    conts = attention.contributions_by_layer(text, ids)
+    n = anatomy.n_layers(text)
+    assert conts.shape == (2, n, 7, 7)
+    last = f"encoder.layers.{n - 1}"
+    with torch.no_grad(), hooks.trace(text, [f"{last}.layer_norm1"]) as seen:
+        text(input_ids=ids)
+    layer = text.get_submodule(f"{last}.self_attn")
+    with torch.no_grad():
+        want = attention.token_contributions(layer, seen[f"{last}.layer_norm1"]).norm(dim=-1)
+    assert torch.allclose(conts[:, -1], want, atol=1e-6)

@@ -211,3 +211,17 @@ def token_contributions(attn: torch.nn.Module, x: torch.Tensor, causal: bool = T
     W_o = attn.out_proj.weight.view(d, h, dh)                         # (d_out, h, dh)
     written = torch.einsum("bhjc,ohc->bhjo", v, W_o)                  # (B, h, T_j, d): head h's write of token j
     return torch.einsum("bhij,bhjo->bijo", probs, written)
+
+
+@torch.no_grad()
+def contributions_by_layer(model: torch.nn.Module, input_ids: torch.Tensor, causal: bool = True) -> torch.Tensor:
+    """cont_ij of every layer, (B, L, T_i, T_j): ``token_contributions``' norms for each attention
+    layer of an encoder in the anatomy registry (e.g. a CLIP text tower), from one forward pass of
+    input_ids (B, T); each layer's input is its pre-attention norm applied to the residual stream."""
+    hs = model(input_ids=input_ids, output_hidden_states=True).hidden_states
+    out = []
+    for layer in range(anatomy.n_layers(model)):
+        attn = model.get_submodule(anatomy.resolve(model, f"layer[{layer}].attn").path)
+        norm = model.get_submodule(anatomy.resolve(model, f"layer[{layer}].norm1").path)
+        out.append(token_contributions(attn, norm(hs[layer]), causal=causal).norm(dim=-1))
+    return torch.stack(out, dim=1)

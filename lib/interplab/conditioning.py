@@ -87,6 +87,20 @@ def diffusion_score(pipe, images: torch.Tensor, conds: torch.Tensor, n: int = 50
     return out
 
 
+@contextmanager
+def frozen(module: nn.Module):
+    """Inside the block, ``module``'s trainable parameters take no gradient (gradients still flow
+    *through* it, e.g. into a conditioning or a student's latent); they are trainable again after."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield module
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
 def fit_conditioning(pipe, conds: torch.Tensor, latents: torch.Tensor, transform: nn.Module | None = None,
                      steps: int = 120, lr: float = 1e-2, batch_size: int = 16, seed: int = 0,
                      weight_decay: float = 0.0, progress: bool = True):
@@ -107,11 +121,8 @@ def fit_conditioning(pipe, conds: torch.Tensor, latents: torch.Tensor, transform
         target = transform.to(pipe.device).train()
         params = list(target.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    frozen = [p for p in pipe.unet.parameters() if p.requires_grad]
-    for p in frozen:
-        p.requires_grad_(False)
     losses = []
-    try:
+    with frozen(pipe.unet):
         for _ in tqdm(range(steps), desc="fit conditioning", disable=not progress, leave=False):
             i = torch.randint(0, len(conds), (batch_size,), generator=gen)
             r = torch.randint(0, latents.shape[1], (batch_size,), generator=gen)
@@ -122,9 +133,6 @@ def fit_conditioning(pipe, conds: torch.Tensor, latents: torch.Tensor, transform
             loss.backward()
             opt.step()
             losses.append(float(loss.detach()))
-    finally:
-        for p in frozen:
-            p.requires_grad_(True)
     if transform is None:
         return target.detach(), losses
     return target.eval(), losses
@@ -158,11 +166,12 @@ class WindowProjection(nn.Module):
         return self.linear(self.window(c))
 
 
-def cross_attention_maps(pipe, cond: torch.Tensor, layer, seed: int = 0, **sampler) -> torch.Tensor:
-    """(N, T, h, w): how much each pixel of cross-attention ``layer`` (index or path) attends to each
-    text token while ``cond`` (N, T, d) is sampled, averaged over heads and denoising steps, from the
-    conditional CFG rows. Recomputed from the layer's own q / k projections (diffusers' processors
-    do not return the weights); Fig 9.8's maps."""
+def cross_attention_maps(pipe, cond: torch.Tensor, layer, seed: int = 0, **sampler) -> tuple:
+    """(maps (N, T, h, w), images (N, 3, H, W)): how much each pixel of cross-attention ``layer``
+    (index or path) attends to each text token while ``cond`` (N, T, d) is sampled, averaged over
+    heads and denoising steps, from the conditional CFG rows, and the images that sampling drew.
+    Recomputed from the layer's own q / k projections (diffusers' processors do not return the
+    weights); Fig 9.8's maps."""
     path = _xattn_path(pipe.unet, layer)
     attn = pipe.unet.get_submodule(path)
     total, calls = None, 0
@@ -181,11 +190,11 @@ def cross_attention_maps(pipe, cond: torch.Tensor, layer, seed: int = 0, **sampl
 
     handle = attn.register_forward_pre_hook(record, with_kwargs=True)
     try:
-        pipe.sample(cond, seed=seed, **sampler)
+        images = pipe.sample(cond, seed=seed, **sampler)
     finally:
         handle.remove()
     side = int(round(total.shape[1] ** 0.5))
-    return (total / calls).transpose(1, 2).reshape(len(cond), -1, side, side).float().cpu()
+    return (total / calls).transpose(1, 2).reshape(len(cond), -1, side, side).float().cpu(), images
 
 
 # ---------------------------------------------------------------- LocoGen: altered inputs per layer (§5.8)

@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .conditioning import sds_loss
+from .conditioning import frozen, sds_loss
 from .errors import BadParameter
+from .zoo.clip import infonce
 
 
 def layer_norms(model: nn.Module) -> list:
@@ -69,12 +70,9 @@ def finetune(student: SdsClip, tokenize, teacher, batches, lam: float, steps: in
     rng, gen = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
     ln = layer_norms(student.clip)
     opt = torch.optim.AdamW([{"params": ln, "lr": lr_ln}, {"params": student.h_w.parameters(), "lr": lr_h}])
-    frozen = [p for p in teacher.unet.parameters() if p.requires_grad]
-    for p in frozen:
-        p.requires_grad_(False)
     teacher.unet.eval()
     out = []
-    try:
+    with frozen(teacher.unet):
         for _ in tqdm(range(steps), desc=f"SDS-CLIP (lam={lam})", disable=not progress, leave=False):
             student.train()
             images, captions = batches(rng)
@@ -82,9 +80,7 @@ def finetune(student: SdsClip, tokenize, teacher, batches, lam: float, steps: in
             img = _features(student.clip.get_image_features(pixel_values=pixel_values(images)))
             txt = _features(student.clip.get_text_features(input_ids=ids))
             logits = student.clip.logit_scale.exp() * F.normalize(img, dim=-1) @ F.normalize(txt, dim=-1).T
-            same = torch.tensor([[a == b for b in captions] for a in captions], dtype=torch.float32)
-            target = same / same.sum(1, keepdim=True)
-            l_clip = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+            l_clip = infonce(logits, captions)
             l_sds = torch.zeros(())
             if lam > 0:
                 with torch.no_grad():
@@ -95,8 +91,5 @@ def finetune(student: SdsClip, tokenize, teacher, batches, lam: float, steps: in
             loss.backward()
             opt.step()
             out.append((float(l_clip.detach()), float(l_sds.detach())))
-    finally:
-        for p in frozen:
-            p.requires_grad_(True)
     student.eval()
     return out

@@ -203,13 +203,12 @@ def quickfix_rows(model: nn.Module, path: str, run, key_ids: torch.Tensor, value
     return K, V
 
 
-def last_token_states(text_model: nn.Module, ids: torch.Tensor, eos_id: int) -> torch.Tensor:
-    """(N, d): the text encoder's final states at the token before the first EOS of each row of
-    ids (N, T), i.e. the last subject token of prompts that end with their subject."""
+def last_token_states(states: torch.Tensor, ids: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """(N, d): conditioning states (N, T, d) at the token before the first EOS of each row of ids
+    (N, T), i.e. the last subject token of prompts that end with their subject. ``states`` is what
+    cross-attention reads (``pipe.encode``: one tower's last states, SD-XL's two towers concatenated)."""
     last = [p[0] for p in positions_from_last_token(ids, eos_id)]
-    with torch.no_grad():
-        h = text_model(input_ids=ids.to(text_model.device)).last_hidden_state
-    return h[torch.arange(len(ids)), last]
+    return states[torch.arange(len(ids)), last]
 
 
 def locoedit(unet: nn.Module, layers, keys: torch.Tensor, targets: torch.Tensor, lam: float = 0.01,

@@ -344,11 +344,8 @@ else:  # the release's (loco_edit.py)
 
 
 def last_states(pipe, prompts):
-    """(N, d): what cross-attention reads (``pipe.encode``: SD-XL's two towers concatenated) at each prompt's
-    last token before the first EOS."""
-    ids = pipe.tokenize(prompts)
-    last = [p[0] for p in editing.positions_from_last_token(ids, eos)]
-    return pipe.encode(prompts)[torch.arange(len(prompts)), last]
+    """(N, d): what cross-attention reads at each prompt's last token before the first EOS."""
+    return editing.last_token_states(pipe.encode(prompts), pipe.tokenize(prompts), eos)
 
 
 def edit_rows(pipe, a, concept, replacement):
@@ -377,9 +374,15 @@ def replacement_of(a, concept):
     return f"a {c} {s}"
 
 
-def concept_score(pipe, prompts_, wanted, edits=()):
+def concept_images(pipe, prompts_, wanted, edits=()):
+    """(mean score, images) of the prompts under the edits."""
     with editing.apply_edit(pipe.unet, list(edits)):
-        return float(score(pipe.generate(prompts_, seed=seed, **sampler), wanted).mean())
+        images = pipe.generate(prompts_, seed=seed, **sampler)
+    return float(score(images, wanted).mean()), images
+
+
+def concept_score(pipe, prompts_, wanted, edits=()):
+    return concept_images(pipe, prompts_, wanted, edits)[0]
 
 
 edit_rng = np.random.default_rng(seed + 7)
@@ -398,16 +401,16 @@ for a in attributes:
     ps, wanted = concept_prompts(a, concept, n_eval, np.random.default_rng(seed + 11))
     concepts = sorted({p[3] for p in pairs[a]} - {concept})
     other_sets = [concept_prompts(a, o, max(2, n_eval // 2), np.random.default_rng(seed + 13)) for o in concepts]
-    row = dict(attribute=a, concept=concept, original=concept_score(pipe, ps, wanted),
+    original, original_images = concept_images(pipe, ps, wanted)
+    row = dict(attribute=a, concept=concept, original=original,
                others_original=np.mean([concept_score(pipe, p, w) for p, w in other_sets]) if other_sets else np.nan)
     for cond, layer_ids in conditions.items():
         edits = editing.locoedit(pipe.unet, [xattn[i] for i in layer_ids], K, V, lam=edit_lambda)
-        row[cond] = concept_score(pipe, ps, wanted, edits)
+        row[cond], edited_images = concept_images(pipe, ps, wanted, edits)
         row[f"others_{cond}"] = np.mean([concept_score(pipe, p, w, edits) for p, w in other_sets]) if other_sets else np.nan
         row[f"rel_change_{cond}"] = float(np.mean([e.relative_change for e in edits]))
         if cond == "window":
-            with editing.apply_edit(pipe.unet, edits):
-                loco_images[a] = (pipe.generate(ps[:4], seed=seed, **sampler), ps[:4])
+            loco_images[a] = (original_images[:4], edited_images[:4], ps[:4])
     row["random_start"] = random_start
     loco_rows.append(row)
 loco_table = pd.DataFrame(loco_rows)
@@ -425,8 +428,7 @@ ch.figure(fig, "fig5_13_locoedit")
 
 fig, axes = plt.subplots(2 * len(attributes), 4, figsize=(6.4, 3.3 * len(attributes)), squeeze=False)
 for r, a in enumerate(attributes):
-    after, ps = loco_images[a]
-    before = pipe.generate(ps, seed=seed, **sampler)
+    before, after, ps = loco_images[a]
     for j in range(len(ps)):
         show(axes[2 * r, j], before[j], ps[j] if j == 0 else "")
         show(axes[2 * r + 1, j], after[j], "LocoEdit at the window" if j == 0 else "")

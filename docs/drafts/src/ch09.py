@@ -264,19 +264,7 @@ text = pipe.text_model
 prompt = "a large green plain square and a small red plain circle"
 words = ["<bos>"] + prompt.split()
 n_layers = anatomy.n_layers(text)
-attn_mod = [text.get_submodule(anatomy.resolve(text, f"layer[{l}].attn").path) for l in range(n_layers)]
-norm_mod = [text.get_submodule(anatomy.resolve(text, f"layer[{l}].norm1").path) for l in range(n_layers)]
-
-
-def contributions(caption):
-    """(layers, T, T) cont_ij of every layer of the text tower."""
-    with torch.no_grad():
-        hs = text(input_ids=pipe.tokenize([caption]), output_hidden_states=True).hidden_states
-        return torch.stack([attention.token_contributions(attn_mod[l], norm_mod[l](hs[l]))[0].norm(dim=-1)
-                            for l in range(n_layers)])
-
-
-conts = contributions(prompt)
+conts = attention.contributions_by_layer(text, pipe.tokenize([prompt]))[0]   # (layers, T, T)
 L = len(words)
 fig, ax = plt.subplots(figsize=(4.5, 4))
 ax.imshow(conts[-1][:L, :L].numpy(), cmap="viridis")
@@ -286,14 +274,14 @@ ax.set_yticklabels(words, fontsize=6)
 ch.figure(fig, "fig9_4_attention_contributions")
 
 
-def unintended_layers(caption):
-    """Layers where the second noun receives more from the first attribute than from its own."""
+def unintended_layers(captions):
+    """Per caption, the layers where the second noun receives more from the first attribute than from its own."""
     a1, a2, o2 = 2, 6, 7  # token positions in "<bos> a V1 S1 and a V2 S2"
-    c = contributions(caption)
-    return int((c[:, o2, a1] > c[:, o2, a2]).sum())
+    c = attention.contributions_by_layer(text, pipe.tokenize(captions))   # (B, layers, T, T), one pass
+    return (c[:, :, o2, a1] > c[:, :, o2, a2]).sum(1).tolist()
 
 
-counts = {c: [unintended_layers(cap) for cap, _, _ in items] for c, items in test_items.items() if c != "size"}
+counts = {c: unintended_layers([cap for cap, _, _ in items]) for c, items in test_items.items() if c != "size"}
 fig, ax = plt.subplots(figsize=(4, 2.6))
 for c, v in counts.items():
     ax.hist(v, bins=np.arange(n_layers + 2) - 0.5, alpha=0.6, label=c)
@@ -377,10 +365,10 @@ proj_c = projections["colour", "WiCLP"]
 items_c = test_items["colour"]
 cond_c = pipe.encode([cap for cap, _, _ in items_c])
 A1, A2 = 2, 6  # token positions of the two colour words in "<bos> a V1 S1 and a V2 S2"
+maps, gen = {}, {}
 with torch.no_grad():
-    maps = {"base": conditioning.cross_attention_maps(pipe, cond_c, 0, seed=seed),
-            "WiCLP": conditioning.cross_attention_maps(pipe, proj_c(cond_c), 0, seed=seed)}
-    gen = {"base": pipe.sample(cond_c, seed=seed), "WiCLP": pipe.sample(proj_c(cond_c), seed=seed)}
+    for name, c in (("base", cond_c), ("WiCLP", proj_c(cond_c))):
+        maps[name], gen[name] = conditioning.cross_attention_maps(pipe, c, 0, seed=seed)
 quads = [(slice(0, 4), slice(0, 4)), (slice(0, 4), slice(4, 8)), (slice(4, 8), slice(0, 4)), (slice(4, 8), slice(4, 8))]
 
 

@@ -42,12 +42,17 @@ def batch(rng: np.random.Generator, n: int, mix=tw.PRETRAIN_MIX, **kw):
     return torch.from_numpy(images), [e.caption for e in ex]
 
 
-def contrastive_loss(model: CLIPModel, images, ids, captions) -> torch.Tensor:
-    """Symmetric InfoNCE; identical captions in a batch are all positives for each other."""
-    out = model(input_ids=ids, pixel_values=pixel_values(images))
+def infonce(logits_per_image: torch.Tensor, captions) -> torch.Tensor:
+    """Symmetric InfoNCE of (B, B) image-text logits; identical captions in a batch are all positives
+    for each other."""
     same = torch.tensor([[a == b for b in captions] for a in captions], dtype=torch.float32)
     target = same / same.sum(1, keepdim=True)
-    return (F.cross_entropy(out.logits_per_image, target) + F.cross_entropy(out.logits_per_text, target)) / 2
+    return (F.cross_entropy(logits_per_image, target) + F.cross_entropy(logits_per_image.T, target)) / 2
+
+
+def contrastive_loss(model: CLIPModel, images, ids, captions) -> torch.Tensor:
+    """The tiny CLIP's training loss: ``infonce`` of its logits for images and captions."""
+    return infonce(model(input_ids=ids, pixel_values=pixel_values(images)).logits_per_image, captions)
 
 
 @torch.inference_mode()
