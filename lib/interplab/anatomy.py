@@ -241,6 +241,15 @@ for _spec in [
             "embed": ("{root}.embed_tokens", "output"), "final_norm": ("{root}.norm", "output"),
             "head": ("lm_head", "output")},
            roots=("model", ""), model_types=("phi3",)),
+    # Phi-1/1.5/2 (the LM of Chapter 6's multi-modal Phi-2, Bunny): a *parallel* block,
+    # h + attn(ln(h)) + mlp(ln(h)), with one LayerNorm, so norm1 and norm2 are the same module.
+    # The attention's output projection is self_attn.dense; mlp.fc2 (with bias) is W_proj.
+    Family("phi", ("transformers:PhiForCausalLM", "transformers:PhiModel"), "{root}.layers",
+           {"layer": children("{root}.layers")},
+           {**_layer_components("self_attn", "dense", "mlp", "fc2", "input_layernorm", "input_layernorm"),
+            "embed": ("{root}.embed_tokens", "output"), "final_norm": ("{root}.final_layernorm", "output"),
+            "head": ("lm_head", "output")},
+           roots=("model", ""), model_types=("phi",)),
     # transformers 5 made CLIPTextModel the tower itself (4.x wrapped a CLIPTextTransformer as
     # .text_model); the {root} probe covers both.
     Family("clip_text", ("transformers:CLIPTextModel", "transformers:CLIPTextModelWithProjection",
@@ -298,10 +307,15 @@ for _spec in [
     # open_clip.CLIP keeps its text tower at the top level; CustomTextCLIP keeps it in .text.
     Composite("open_clip", ("open_clip:CLIP", "open_clip:CustomTextCLIP"),
               {"vision_encoder": (("visual",), None), "text_encoder": (("text", ""), "open_clip_text")}),
-    # LLaVA (added by the VLM chapter) will be a Composite with towers vision_encoder and
-    # language_model. transformers >= 4.52 keeps the LM at model.language_model (layers directly
-    # below it); older versions at language_model.model.layers. List both as candidate prefixes
-    # / roots, as clip_text does, rather than pinning one layout.
+    # LLaVA: transformers >= 4.52 keeps the LM at model.language_model (a LlamaModel, layers directly
+    # below it) and the projector at model.multi_modal_projector; <= 4.51 at language_model (a
+    # LlamaForCausalLM: layers at language_model.model.layers) and multi_modal_projector. Both are
+    # candidates, so neither layout is pinned.
+    Composite("llava", ("transformers:LlavaForConditionalGeneration", "transformers:LlavaModel"),
+              {"vision_encoder": (("model.vision_tower", "vision_tower"), "clip_vision"),
+               "language_model": (("model.language_model", "language_model"), None)},
+              {"projector": (("model.multi_modal_projector", "multi_modal_projector"), "output"),
+               "head": (("lm_head", "language_model.lm_head"), "output")}, model_types=("llava",)),
 ]:
     register(_spec)
 
@@ -431,6 +445,15 @@ def _resolve_in(model, fam: Family, name: str) -> Site:
     return Site(path, at)
 
 
+def _extra(model, comp: Composite, name: str) -> Site:
+    """A composite's component outside its towers; its path may be a tuple of layout candidates."""
+    paths, at = comp.extra[name]
+    for path in (paths,) if isinstance(paths, str) else paths:
+        if _exists(model, path):
+            return Site(path, at)
+    raise UnknownComponent(f"'{name}' of {comp.name} is at none of {paths} in {type(model).__name__}")
+
+
 def resolve(model: nn.Module, name: str, family: str = None) -> Site:
     """The hook site (module path, at) of a component name such as ``"layer[3].mlp.out"``.
 
@@ -441,7 +464,7 @@ def resolve(model: nn.Module, name: str, family: str = None) -> Site:
     if isinstance(spec, Composite):
         tower, _, rest = name.partition(".")
         if name in spec.extra:
-            return Site(*spec.extra[name])
+            return _extra(model, spec, name)
         if tower not in spec.towers:
             raise UnknownComponent(f"no component '{name}' in {type(model).__name__} ({spec.name}); prefix "
                                    f"it with a tower ({', '.join(spec.towers)}) or use "
@@ -456,7 +479,13 @@ def names(model: nn.Module, family: str = None) -> list:
     """Every component name that resolves on ``model``, indices expanded (for discovery and tests)."""
     spec = _spec(model, family)
     if isinstance(spec, Composite):
-        found = [n for n in spec.extra if _exists(model, spec.extra[n][0])]
+        found = []
+        for n in spec.extra:
+            try:
+                _extra(model, spec, n)
+                found.append(n)
+            except UnknownComponent:
+                pass
         for tower in spec.towers:
             _, sub, fam = _tower(model, spec, tower)
             found += [f"{tower}.{n}" for n in _family_names(sub, fam)]

@@ -225,3 +225,47 @@ def contributions_by_layer(model: torch.nn.Module, input_ids: torch.Tensor, caus
         norm = model.get_submodule(anatomy.resolve(model, f"layer[{layer}].norm1").path)
         out.append(token_contributions(attn, norm(hs[layer]), causal=causal).norm(dim=-1))
     return torch.stack(out, dim=1)
+
+
+# ---------------------------------------------------------------- contributions from eager weights (Chapter 6, Eq. 6.1)
+
+
+def weighted_contributions(probs: torch.Tensor, values: torch.Tensor, o_weight: torch.Tensor) -> torch.Tensor:
+    """a_ij = sum_h A^h_ij (u_j W_v^h) W_o^h (Eq. 6.1) from a model's own attention weights.
+
+    probs (B, H, Q, T): post-softmax weights of Q chosen queries (RoPE and masks already inside);
+    values (B, T, H_kv, dh): ``v_proj`` of the attention input, per key-value head (grouped-query
+    attention: query head h reads kv head h // (H / H_kv)); o_weight (d, H * dh). Returns
+    (B, Q, T, d); summed over T it is the output projection's output at the Q queries (no bias).
+    """
+    B, H, Q, T = probs.shape
+    h_kv, dh = values.shape[-2:]
+    if H % h_kv or o_weight.shape[-1] != H * dh:
+        raise BadParameter(f"{H} query heads, {h_kv} kv heads of {dh} and o_proj {tuple(o_weight.shape)} disagree")
+    v = values.repeat_interleave(H // h_kv, dim=2)                              # (B, T, H, dh)
+    written = torch.einsum("bjhc,ohc->bhjo", v, o_weight.view(-1, H, dh).to(v.dtype))  # (B, H, T, d)
+    return torch.einsum("bhqj,bhjo->bqjo", probs.to(v.dtype), written)
+
+
+@torch.no_grad()
+def attention_contributions(model: torch.nn.Module, layers, queries, tower: str = None, **inputs) -> dict:
+    """layer -> (B, Q, T, d) Eq. 6.1 terms of the decoder's attention at positions ``queries`` (Q,).
+
+    One eager forward of ``model(**inputs, output_attentions=True)`` (e.g. ``inputs_embeds=...``);
+    the attention input u_j is read at the module's ``hidden_states`` (after the pre-norm), values
+    by the module's own ``v_proj``. Works for Llama-style modules (q/k/v/o_proj, GQA).
+    """
+    prefix = f"{tower}." if tower else ""
+    paths = {l: anatomy.resolve(model, f"{prefix}layer[{l}].attn").path for l in layers}
+    with hooks.trace(model, list(paths.values()), at="input:hidden_states") as seen:
+        out = model(**inputs, output_attentions=True)
+    idx = torch.as_tensor(queries).reshape(-1)
+    result = {}
+    for l, path in paths.items():
+        attn = model.get_submodule(path)
+        u = seen[path]
+        B, T, _ = u.shape
+        values = attn.v_proj(u).view(B, T, -1, attn.head_dim)
+        probs = out.attentions[l][:, :, idx]
+        result[l] = weighted_contributions(probs, values, attn.o_proj.weight)
+    return result

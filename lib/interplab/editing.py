@@ -249,3 +249,92 @@ def apply_edit(model: nn.Module, edit):
     finally:
         for e in reversed(applied):
             e.revert(model)
+
+
+# ---------------------------------------------------------------- MULTEDIT (Chapter 6, Eq. 6.3-6.5)
+
+
+def optimise_value(model: nn.Module, path: str, position: int, loss_fn, run, inputs, steps: int = 50,
+                   lr: float = 0.1, l2: float = 1e-3, max_ratio: float = 4.0, stop_loss: float = None) -> tuple:
+    """z* = W'k + delta: the output of the linear map at ``path`` at ``position`` that minimises
+    ``loss_fn(run(inputs))`` (e.g. -log P(O*)), every other activation left as the model computes it.
+
+    Adam on delta (init 0) with an L2 penalty ``l2 ||delta||^2`` and ||delta|| clamped to
+    ``max_ratio ||W'k||``; stops early once the loss is below ``stop_loss``. Returns
+    (k (d_in,), z* (d_out,) without bias, losses). The model's weights never change.
+    """
+    module = hooks.get_module(model, path)
+    with torch.no_grad(), hooks.trace(model, [path], at="input") as seen_in, \
+            hooks.trace(model, [path]) as seen_out:
+        run(inputs)
+    k, out = seen_in[path][0, position].float(), seen_out[path][0, position].float()
+    bias = module.bias.detach().float() if getattr(module, "bias", None) is not None else 0.0
+    delta = torch.zeros_like(out, requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=lr)
+    limit = max_ratio * float((out - bias).norm())
+    losses = []
+
+    def add_delta(h):
+        h = h.clone()
+        h[:, position] = h[:, position] + delta.to(h.dtype)
+        return h
+
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        for _ in range(steps):
+            with hooks.edit(model, path, add_delta):
+                loss = loss_fn(run(inputs))
+            losses.append(float(loss.detach()))
+            if stop_loss is not None and losses[-1] < stop_loss:
+                break
+            opt.zero_grad()
+            (loss + l2 * delta.pow(2).sum()).backward()
+            opt.step()
+            with torch.no_grad():
+                delta.mul_(min(1.0, limit / (float(delta.norm()) + 1e-12)))
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    return k, (out - bias + delta).detach(), losses
+
+
+def multedit(model: nn.Module, path: str, key: torch.Tensor, value: torch.Tensor, lam: float) -> Edit:
+    """MULTEDIT's closed form (Eq. 6.5): W* = argmin ||W k - z*||^2 + lam ||W - W'||_F^2 for the
+    linear map at ``path`` (e.g. an early MLP's ``down_proj``): the rank-one update
+    W' + (z* - W'k) k^T / (lam + k^T k). key (d_in,) or (n, d_in); value (d_out,) or (n, d_out)."""
+    return compute_edit(model, path, key.reshape(-1, key.shape[-1]), value.reshape(-1, value.shape[-1]), lam)
+
+
+@contextmanager
+def finetuned(params, loss_fn, steps: int = 50, lr: float = 1e-3, stop_loss: float = None, linf: float = None):
+    """Fine-tune ``params`` on ``loss_fn()`` with Adam inside the block (ROME's FT baseline); with
+    ``linf``, each step projects every weight back into ||W - W'||_inf <= linf (FT-C, Zhu et al. 2020).
+    The original values are restored bit-exactly on exit. Yields the losses."""
+    params = list(params)
+    saved = [p.detach().clone() for p in params]
+    flags = [p.requires_grad for p in params]
+    opt = torch.optim.Adam(params, lr=lr)
+    losses = []
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        for _ in range(steps):
+            loss = loss_fn()
+            losses.append(float(loss.detach()))
+            if stop_loss is not None and losses[-1] < stop_loss:
+                break
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if linf is not None:
+                with torch.no_grad():
+                    for p, p0 in zip(params, saved):
+                        p.copy_(torch.maximum(torch.minimum(p, p0 + linf), p0 - linf))
+        yield losses
+    finally:
+        with torch.no_grad():
+            for p, p0, flag in zip(params, saved, flags):
+                p.copy_(p0)
+                p.requires_grad_(flag)

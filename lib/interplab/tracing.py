@@ -411,3 +411,91 @@ def restoration_score(clean, corrupted, restored, eps: float = 1e-9):
     gap = torch.as_tensor(clean, dtype=torch.float64)[..., None] - corrupted
     r = (torch.as_tensor(restored, dtype=torch.float64) - corrupted) / gap
     return torch.where(gap > eps, r, torch.full_like(r, float("nan")))
+
+
+# ---------------------------------------------------------------- token roles (ROME's aggregation)
+
+ROLES = ("prefix", "first subject", "middle subject", "last subject", "first subsequent", "further", "last")
+
+
+def token_roles(positions: Sequence[int], subject: Sequence[int], last: int) -> list:
+    """ROME's role of each traced position relative to a subject (constraint) span.
+
+    positions: the P traced positions (ints); subject: the span's positions; last: the prompt's last
+    position. A one-token subject is "last subject". Returns P role names from ``ROLES``.
+    """
+    subject = list(subject)
+    roles = []
+    for p in positions:
+        if p == last:
+            roles.append("last")
+        elif p < subject[0]:
+            roles.append("prefix")
+        elif p == subject[-1]:
+            roles.append("last subject")
+        elif p == subject[0]:
+            roles.append("first subject")
+        elif p < subject[-1]:
+            roles.append("middle subject")
+        elif p == subject[-1] + 1:
+            roles.append("first subsequent")
+        else:
+            roles.append("further")
+    return roles
+
+
+def by_role(grid: torch.Tensor, roles: Sequence[str], order: Sequence[str] = ROLES) -> torch.Tensor:
+    """(L, R) mean over the positions of each role of a (L, P) grid; NaN where a role is absent."""
+    cols = []
+    for role in order:
+        idx = [i for i, r in enumerate(roles) if r == role]
+        cols.append(grid[:, idx].mean(1) if idx else torch.full((grid.shape[0],), float("nan")))
+    return torch.stack(cols, 1)
+
+
+# ---------------------------------------------------------------- traces of many prompt pairs
+
+
+@dataclass
+class PromptPair:
+    """One clean / corrupted pair of a trace, the same length, as the model's inputs (mappings of
+    (1, T, ...) tensors); ``spans``: named position lists (e.g. the constraint); ``last``: the
+    position that predicts the answer; ``answer``: the token id whose probability is the metric."""
+    clean: dict
+    corrupted: dict
+    spans: dict
+    last: int
+    answer: int
+    meta: dict = field(default_factory=dict)
+
+
+def answer_probability(last: int, answer: int) -> Callable:
+    """metric(logits (B, T, V)) -> (B,) softmax probability of ``answer`` at position ``last``."""
+    return lambda logits: logits[:, last].float().softmax(-1)[:, answer]
+
+
+def trace_pairs(model: nn.Module, run: Callable, pairs: Sequence[PromptPair], kind: str = "mlp",
+                window_size: int = 1, positions: Callable = None, tower: str = None, batch_size: int = 64,
+                progress: bool = True) -> list:
+    """``trace_grid`` of each pair: a list of ``TraceResult`` whose ``restored`` is (L, P).
+
+    positions(pair) -> the P positions (ints or lists restored jointly) to trace; default every
+    position from the first span's start to ``last``.
+    """
+    from tqdm.auto import tqdm
+    out = []
+    for pair in tqdm(pairs, desc=f"trace {kind} w{window_size}", disable=not progress, mininterval=5):
+        pos = positions(pair) if positions else list(range(min(min(s) for s in pair.spans.values()), pair.last + 1))
+        out.append(trace_grid(model, run, pair.clean, pair.corrupted, answer_probability(pair.last, pair.answer),
+                              kind, pos, window_size, tower=tower, batch_size=batch_size))
+    return out
+
+
+@torch.inference_mode()
+def pair_probabilities(run: Callable, pairs: Sequence[PromptPair]) -> torch.Tensor:
+    """(N, 2) probability of each pair's answer on its clean and its corrupted input (one pass each)."""
+    out = []
+    for pair in pairs:
+        logits = run(_cat(pair.clean, pair.corrupted))
+        out.append(answer_probability(pair.last, pair.answer)(logits).cpu())
+    return torch.stack(out)

@@ -7,9 +7,10 @@
     t2i      the text-to-image diffusion model (the Stable Diffusion analogue)
     vits     Chapter 7's tiny ViTs on ToyNet: vit (DeiT-toy), vit_ssl (SimCLR), swin (Swin-toy)
     qa_lm    Chapter 8's tiny Llama trained on the extractive-QA world (interplab.qaworld)
+    vlm      Chapter 6's tiny LLaVA (zoo CLIP vision tower, Llama LM) on ToyFacts (toyworld.facts)
 
 Train one with ``python -m interplab.zoo train NAME``; load one with ``interplab.models.load(NAME)``.
 """
 # zoo name -> the module of this package that trains and loads it (in training order: t2i needs clip)
 MODELS = {"oracle": "oracle", "clip": "clip", "t2i": "t2i", "vit": "vits", "vit_ssl": "vits", "swin": "vits",
-          "qa_lm": "qa_lm"}
+          "qa_lm": "qa_lm", "vlm": "vlm"}

@@ -1,0 +1,142 @@
+"""Chapter 6 paper profile: LLaVA-1.5 configs as facts, a reduced random LLaVA-1.5 with the real module tree
+and 576-token image geometry, the Phi ("Bunny" LM) anatomy family, the prompt and the offline errors."""
+import pytest
+import torch
+
+from interplab import anatomy, hooks
+from interplab.errors import BadParameter, ResourceUnavailable
+from interplab.models import llava
+
+IMAGE = 32000
+
+
+@pytest.fixture(scope="module")
+def model():
+    return llava.random_model("llava-1.5-7b", seed=0)
+
+
+def _ids(n_image: int = 576, n_text: int = 9, seed: int = 0) -> torch.Tensor:
+    """(1, 1 + n_image + n_text) processor-free ids: BOS, the expanded <image> run, random text."""
+    g = torch.Generator().manual_seed(seed)
+    text = torch.randint(3, IMAGE, (1, n_text), generator=g)
+    return torch.cat([torch.tensor([[1]]), torch.full((1, n_image), IMAGE), text], dim=1)
+
+
+def test_llava_7b_config_facts():
+    c = llava.paper_config("llava-hf/llava-1.5-7b-hf")
+    t, v = c.text_config, c.vision_config
+    assert (t.num_hidden_layers, t.hidden_size, t.num_attention_heads, t.num_key_value_heads) == (32, 4096, 32, 32)
+    assert (t.intermediate_size, t.vocab_size, t.rms_norm_eps, t.max_position_embeddings) == (11008, 32064, 1e-5, 4096)
+    assert (v.image_size, v.patch_size, v.hidden_size, v.num_hidden_layers) == (336, 14, 1024, 24)
+    assert v.num_attention_heads == 16
+    assert (v.intermediate_size, v.hidden_act, v.projection_dim) == (4096, "quick_gelu", 768)
+    assert c.image_token_index == IMAGE and c.image_seq_length == 576 == (336 // 14) ** 2 == llava.n_image_tokens(c)
+    assert (c.vision_feature_layer, c.vision_feature_select_strategy, c.projector_hidden_act) == (-2, "default", "gelu")
+
+
+def test_llava_13b_config_facts():
+    t = llava.paper_config("llava-1.5-13b").text_config
+    assert (t.num_hidden_layers, t.hidden_size, t.num_attention_heads, t.intermediate_size) == (40, 5120, 40, 13824)
+
+
+@pytest.mark.parametrize("name, billions", [("llava-1.5-7b", 7.06), ("llava-1.5-13b", 13.35)])
+def test_paper_config_parameter_count(name, billions):
+    """The published sizes follow from the facts (built on the meta device: no memory)."""
+    from transformers import LlavaForConditionalGeneration
+    with torch.device("meta"):
+        m = LlavaForConditionalGeneration(llava.paper_config(name))
+    n = sum(p.numel() for p in m.parameters()) / 1e9
+    assert abs(n - billions) / billions < 0.005, n
+
+
+def test_bunny_has_no_llava_config():
+    with pytest.raises(BadParameter, match="load_paper_bunny"):
+        llava.paper_config("bunny")
+    with pytest.raises(BadParameter, match="unknown Chapter 6 model"):
+        llava.reduced_config("llava-2")
+
+
+def test_reduced_model_keeps_the_module_tree(model):
+    real, c = llava.paper_config(), model.config
+    t = c.text_config
+    assert t.num_hidden_layers == anatomy.n_layers(model, "language_model") == 4
+    assert t.num_attention_heads == real.text_config.num_attention_heads
+    assert (c.image_token_index, t.vocab_size, llava.n_image_tokens(c)) == (IMAGE, 32064, 576)
+    assert model.config._attn_implementation == "eager" and not model.training
+    for i in range(t.num_hidden_layers):
+        layer = f"model.language_model.layers.{i}"
+        assert anatomy.resolve(model, f"language_model.layer[{i}].mlp") == (f"{layer}.mlp", "output")
+        assert anatomy.resolve(model, f"language_model.layer[{i}].attn").path == f"{layer}.self_attn"
+        site = anatomy.resolve(model, f"language_model.layer[{i}].mlp.neurons")
+        assert site == (f"{layer}.mlp.down_proj", "input")
+        w = model.get_submodule(site.path).weight
+        assert w.shape == (t.hidden_size, t.intermediate_size)
+        assert w.shape[1] / w.shape[0] == real.text_config.intermediate_size / real.text_config.hidden_size
+    assert anatomy.resolve(model, "projector") == ("model.multi_modal_projector", "output")
+    assert anatomy.resolve(model, "head") == ("lm_head", "output")
+    assert anatomy.resolve(model, "vision_encoder.layer[0]").path == "model.vision_tower.encoder.layers.0"
+
+
+def test_576_visual_tokens_and_embeds_reproduce_the_forward(model):
+    ids, pixels = _ids(), torch.randn(1, 3, 336, 336, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(input_ids=ids, pixel_values=pixels).logits
+        assert model.model.vision_tower(pixels).last_hidden_state.shape[1] == 577  # CLS + 24 x 24 patches
+    embeds = llava.inputs_embeds(model, ids, pixels)
+    assert embeds.shape == (1, ids.shape[1], model.config.text_config.hidden_size)
+    neurons = anatomy.resolve(model, "language_model.layer[1].mlp.neurons")
+    with torch.no_grad(), hooks.trace(model, neurons.path, at=neurons.at) as tr:
+        logits = llava.language_logits(model, embeds)
+    torch.testing.assert_close(logits, ref, atol=1e-5, rtol=0)
+    assert tr[neurons.path].shape == (1, ids.shape[1], model.config.text_config.intermediate_size)
+    with pytest.raises(ValueError, match="575 image tokens in input_ids but 576 visual features"):
+        llava.inputs_embeds(model, _ids(n_image=575), pixels)
+
+
+@pytest.fixture(scope="module")
+def phi():
+    from transformers import PhiConfig, PhiForCausalLM
+    torch.manual_seed(0)
+    cfg = PhiConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    max_position_embeddings=64, resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0)
+    return PhiForCausalLM._from_config(cfg, attn_implementation="eager").eval()
+
+
+def test_phi_family_paths(phi):
+    assert anatomy.detect(phi).name == "phi" and anatomy.n_layers(phi) == 2
+    assert anatomy.resolve(phi, "layer[0].mlp.neurons") == ("model.layers.0.mlp.fc2", "input")
+    assert anatomy.resolve(phi, "layer[0].attn.out") == ("model.layers.0.self_attn.dense", "output")
+    assert anatomy.resolve(phi, "layer[1].mlp").path == "model.layers.1.mlp"
+    assert anatomy.resolve(phi, "layer[0].norm1") == anatomy.resolve(phi, "layer[0].norm2") \
+        == ("model.layers.0.input_layernorm", "output")
+    assert anatomy.resolve(phi, "final_norm").path == "model.final_layernorm"
+    assert anatomy.resolve(phi.model, "layer[0].mlp.out").path == "layers.0.mlp.fc2"
+    assert phi.model.layers[0].mlp.fc2.bias is not None
+    assert anatomy.head_slice(phi, 0, 3).dims == slice(24, 32)
+
+
+def test_phi_block_is_parallel(phi):
+    """block(h) = h + attn(ln(h)) + mlp(ln(h)): the block's two named outputs sum to its update."""
+    sites = {n: anatomy.resolve(phi, f"layer[0]{n}") for n in ("", ".attn", ".mlp")}
+    ids = torch.randint(0, 64, (2, 7))
+    with torch.no_grad(), hooks.trace(phi, sites[""].path, at="input") as before, \
+            hooks.trace(phi, [s.path for s in sites.values()]) as after:
+        phi(ids)
+    h = before[sites[""].path]
+    update = after[sites[".attn"].path] + after[sites[".mlp"].path]
+    torch.testing.assert_close(after[sites[""].path], h + update, atol=1e-6, rtol=0)
+
+
+def test_paper_prompt():
+    assert llava.paper_prompt("What is this?") == "USER: <image>\nWhat is this? ASSISTANT:"
+    assert llava.paper_prompt("What is this?", short=True) == \
+        "USER: <image>\nWhat is this? Answer the question using a single word or phrase. ASSISTANT:"
+
+
+@pytest.mark.parametrize("load, hub_id", [(lambda d: llava.load_paper_llava("llava-1.5-7b", cache_dir=d),
+                                           "llava-hf/llava-1.5-7b-hf"),
+                                          (lambda d: llava.load_paper_bunny(cache_dir=d), "BAAI/Bunny-v1_0-3B")])
+def test_offline_loaders_name_the_download(load, hub_id, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ResourceUnavailable, match=f"hf download {hub_id}"):
+        load(tmp_path)
