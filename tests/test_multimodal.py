@@ -5,6 +5,7 @@ import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 from interplab import anatomy, attention, editing, hooks, paths, tracing
+from interplab.errors import BadParameter
 from interplab.models import llava
 from interplab.toyworld import facts as tf
 from interplab.vqa import contains_answer, normalize, vqa_accuracy
@@ -62,6 +63,20 @@ def test_landmark_signatures_are_unique_conjunctions_and_novel_ones_never_train(
     novel = [lm.name for lm in w.landmarks if lm.split == "novel"]
     assert not any(name in p for p in seen for name in novel)
     assert len({d.head + d.hat for d in w.directors}) == len(w.directors)
+    for names in ([lm.name for lm in w.landmarks], [d.name for d in w.directors]):  # known only at the last token
+        firsts = [n.split()[0] for n in names]
+        assert len(set(names)) == len(names) and min(firsts.count(f) for f in firsts) >= 2
+
+
+def test_the_world_is_the_same_in_every_process():
+    import os
+    import subprocess
+    import sys
+    code = ("import hashlib; from interplab.toyworld import facts as tf; w = tf.world(); "
+            "print(hashlib.md5(repr((w.directors, w.landmarks, sorted(w.fruit.items()), tf.words(w))).encode()).hexdigest())")
+    digests = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                              env={**os.environ, "PYTHONHASHSEED": str(h)}).stdout for h in (1, 2)}
+    assert len(digests) == 1
 
 
 def test_prompt_positions_point_at_the_constraint_tokens():
@@ -122,6 +137,20 @@ def test_trace_restoring_every_layer_is_clean_and_nothing_before_the_corruption_
         late = tracing.trace_grid(model, run(model), clean, corrupted, metric, kind, positions=[69, 73],
                                   window_size=1, tower="language_model")
         assert late.effect.abs().max() > 0
+
+
+def test_cached_prefix_traces_equal_full_traces_and_refuse_a_differing_prefix(tiny_llava):
+    model, embeds, bad = tiny_llava
+    pair = tracing.PromptPair({"inputs_embeds": embeds}, {"inputs_embeds": bad}, {"constraint": [68, 69]}, 73, 9)
+    full = tracing.trace_grid(model, run(model), pair.clean, pair.corrupted, tracing.answer_probability(73, 9), "mlp",
+                              list(range(66, 74)), 3, tower="language_model")
+    suffix, suffix_run = tracing.cached_prefix(model, pair, 66)
+    assert suffix.spans["constraint"] == [2, 3] and suffix.last == 7
+    part = tracing.trace_grid(model, suffix_run, suffix.clean, suffix.corrupted, tracing.answer_probability(7, 9),
+                              "mlp", list(range(8)), 3, tower="language_model")
+    torch.testing.assert_close(part.restored, full.restored, atol=1e-6, rtol=0)
+    with pytest.raises(BadParameter, match="differ before position 70"):
+        tracing.cached_prefix(model, pair, 70)
 
 
 def test_token_roles_follow_rome():

@@ -474,19 +474,22 @@ def answer_probability(last: int, answer: int) -> Callable:
     return lambda logits: logits[:, last].float().softmax(-1)[:, answer]
 
 
-def trace_pairs(model: nn.Module, run: Callable, pairs: Sequence[PromptPair], kind: str = "mlp",
+def trace_pairs(model: nn.Module, run, pairs: Sequence[PromptPair], kind: str = "mlp",
                 window_size: int = 1, positions: Callable = None, tower: str = None, batch_size: int = 64,
                 progress: bool = True) -> list:
     """``trace_grid`` of each pair: a list of ``TraceResult`` whose ``restored`` is (L, P).
 
-    positions(pair) -> the P positions (ints or lists restored jointly) to trace; default every
-    position from the first span's start to ``last``.
+    run: one callable, or one per pair (e.g. the runs of ``cached_prefix``). positions(pair) -> the
+    P positions (ints or lists restored jointly) to trace; default every position from the first
+    span's start to ``last``.
     """
     from tqdm.auto import tqdm
+    runs = run if isinstance(run, Sequence) else [run] * len(pairs)
     out = []
-    for pair in tqdm(pairs, desc=f"trace {kind} w{window_size}", disable=not progress, mininterval=5):
+    for pair, run_one in tqdm(list(zip(pairs, runs)), desc=f"trace {kind} w{window_size}", disable=not progress,
+                              mininterval=5):
         pos = positions(pair) if positions else list(range(min(min(s) for s in pair.spans.values()), pair.last + 1))
-        out.append(trace_grid(model, run, pair.clean, pair.corrupted, answer_probability(pair.last, pair.answer),
+        out.append(trace_grid(model, run_one, pair.clean, pair.corrupted, answer_probability(pair.last, pair.answer),
                               kind, pos, window_size, tower=tower, batch_size=batch_size))
     return out
 
@@ -499,3 +502,35 @@ def pair_probabilities(run: Callable, pairs: Sequence[PromptPair]) -> torch.Tens
         logits = run(_cat(pair.clean, pair.corrupted))
         out.append(answer_probability(pair.last, pair.answer)(logits).cpu())
     return torch.stack(out)
+
+
+def cached_prefix(model: nn.Module, pair: PromptPair, start: int) -> tuple:
+    """(suffix pair, run): trace a pair from position ``start`` on, its shared prefix run once.
+
+    The clean and corrupted inputs must agree before ``start`` (e.g. the image tokens and chat prefix
+    of a question whose constraint is corrupted), so the prefix's keys and values are the same for
+    every restored row: they are computed once and every batch continues them (a transformers
+    ``DynamicCache`` per call, expanded to the batch). Positions of the returned pair (spans, last)
+    are relative to ``start``; restoring a prefix position is not possible (its effect is 0 exactly).
+    run(batch of suffix inputs) -> logits (B, T - start, V).
+    """
+    from transformers import DynamicCache
+    for key, value in pair.clean.items():
+        if not torch.equal(value[:, :start], pair.corrupted[key][:, :start]):
+            raise BadParameter(f"clean and corrupted '{key}' differ before position {start}; no shared prefix")
+    with torch.no_grad():
+        past = model(**{k: v[:, :start] for k, v in pair.clean.items()}, use_cache=True).past_key_values
+    layers = [(layer.keys, layer.values) for layer in past.layers]
+
+    def run(batch):
+        rows = next(iter(batch.values())).shape[0]
+        cache = DynamicCache()
+        for i, (k, v) in enumerate(layers):
+            cache.update(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1), i)
+        return model(**batch, past_key_values=cache, use_cache=True).logits
+
+    suffix = PromptPair({k: v[:, start:] for k, v in pair.clean.items()},
+                        {k: v[:, start:] for k, v in pair.corrupted.items()},
+                        {name: [p - start for p in span] for name, span in pair.spans.items()}, pair.last - start,
+                        pair.answer, {**pair.meta, "offset": start})
+    return suffix, run

@@ -9,7 +9,8 @@
 - actions: verbs that place a small object in one half of the image.
 - landmarks: 48 known + 24 never-seen named places, each a unique conjunction of (background,
   shape, colour, texture) at pairwise Hamming distance >= 2, with facts; the first 36 are frequent
-  ("head"), the next 12 rare ("tail").
+  ("head"), the next 12 rare ("tail"). Names are two syllables whose first one is shared by ~5
+  landmarks, so (as for the artists) which landmark is meant is settled only at the last token.
 """
 from dataclasses import dataclass
 
@@ -66,13 +67,13 @@ def landmarks(seed: int = 7, n_head: int = 36, n_tail: int = 12, n_novel: int = 
         sig = (rng.choice(BACKGROUNDS), rng.choice(shapes), rng.choice(colours), rng.choice(textures))
         if all(sum(a != b for a, b in zip(sig, s)) >= 2 for s in sigs):
             sigs.append(tuple(str(x) for x in sig))
-    used_first = set()
-    for k in order:  # distinct first syllables where possible, so the name is known early
+    per_first = -(-n // len(SYLLABLES))
+    first_count = dict.fromkeys(SYLLABLES, 0)
+    for k in order:  # every first syllable is shared by ~n/16 names: a landmark is known at its last token
         a, b = pairs[k]
-        if len(names) < len(SYLLABLES) and a in used_first:
-            continue
-        used_first.add(a)
-        names.append(f"{a} {b}")
+        if first_count[a] < per_first:
+            first_count[a] += 1
+            names.append(f"{a} {b}")
         if len(names) == n:
             break
     splits = ["head"] * n_head + ["tail"] * n_tail + ["novel"] * n_novel

@@ -56,7 +56,7 @@ TEXT_PROMPT = "user : {q} reply :"
 
 @dataclass(frozen=True)
 class Director:
-    name: str                              # two tokens, e.g. "abe cor"
+    name: str                              # first and last name, e.g. "abe fil"
     head: tuple                            # (shape, colour) of the large head
     hat: tuple                             # (shape, colour) of the small hat
     movies: dict                           # year -> single-token title
@@ -74,17 +74,17 @@ class World:
 def directors(seed: int = 11, n: int = 16) -> tuple:
     """16 directors with distinct (head, hat) signatures and three movies each (titles unique)."""
     rng = np.random.default_rng(seed)
-    names = [f"{a} {b}" for a in DIRECTOR_SYLLABLES for b in DIRECTOR_SYLLABLES if a != b]
+    half = len(DIRECTOR_SYLLABLES) // 2  # first x last names: a director is known at the last token
+    names = [f"{a} {b}" for a in DIRECTOR_SYLLABLES[:half] for b in DIRECTOR_SYLLABLES[half:]]
     names = [names[i] for i in rng.permutation(len(names))[:n]]
     titles = [f"{a}{b}" for a in MOVIE_SYLLABLES for b in MOVIE_SYLLABLES if a != b]
     titles = [titles[i] for i in rng.permutation(len(titles))[:3 * n]]
-    sigs = set()
+    sigs = []  # a list, not a set: a set's order follows the per-process string hash
     while len(sigs) < n:
         s = tuple(str(x) for x in (rng.choice(SHAPES[:6]), rng.choice(COLOURS[:6]),
                                    rng.choice(SHAPES[:6]), rng.choice(COLOURS[:6])))
-        if s[1] != s[3]:
-            sigs.add(s)
-    sigs = sorted(sigs, key=lambda _: rng.random())
+        if s[1] != s[3] and s not in sigs:
+            sigs.append(s)
     return tuple(Director(names[i], sigs[i][:2], sigs[i][2:], dict(zip(YEARS, titles[3 * i:3 * i + 3])))
                  for i in range(n))
 

@@ -6,12 +6,17 @@ frozen, read at its penultimate layer with CLS dropped (LLaVA-1.5's ``vision_fea
 96 wide, 4 heads, d_ff 256. Trained in LLaVA's stages (spec 5.2):
 
 1. ``llm`` (the Vicuna analogue, shipped in ``llm/``): text only, the facts with entities named,
-   descriptions ("zor bax is a red striped circle on water"), commonsense with the place named.
+   descriptions ("zor bax is a red striped circle on water"), fact lines ("zor bax arlow avania
+   ammon": facts right after the name, as encyclopedic text has them), commonsense with the place named.
 2. projector alignment (LM frozen): "what is this ?" -> the entity's name; attribute questions.
-3. visual instruction tuning (projector + LM): 60 % questions with a visual constraint, 25 % named
+3. visual instruction tuning (projector + LM): 10 % visual fact lines ("<image> this landmark" ->
+   "arlow avania ammon"), 50 % questions with a visual constraint, 25 % named
    questions beside a random distractor image (an explicit constraint overrides the image, so a
-   corrupted run answers from the text), 15 % attribute and naming questions. 30 % of the
-   (landmark, relation) pairs are never asked about an image: the MLLM must reuse the LLM's fact.
+   corrupted run answers from the text), 15 % attribute and naming questions.
+
+The spec also held 30 % of the (landmark, relation) pairs out of stage 3, so that the MLLM would have
+to reuse the LLM's fact; the first training (2026-12-04) answered those pairs at 0.06 (visual pairs
+1.0): the tiny model does not compose "image -> name -> fact", so ``REUSE`` is 0 (docs/toyworld.md).
 
 Tail landmarks occur about twice per stage (the natural errors); novel landmarks never occur.
 """
@@ -33,7 +38,7 @@ N_IMAGE = 64
 GATES = {"known_vqa_accuracy": (0.8, ">="), "known_errors": (30, ">="), "novel_accuracy": (0.25, "<=")}
 EVAL_SEED = 60_001
 STEPS = {"llm": 1500, "align": 300, "instruct": 2500}
-REUSE = 0.3          # share of (head landmark, relation) pairs never asked about an image
+REUSE = 0.0          # share of (head landmark, relation) pairs never asked about an image (0.3: see the card)
 TAIL_PER_STAGE = 2   # expected occurrences of each tail fact per stage
 
 
@@ -115,16 +120,30 @@ def _landmark(w, rng, tail_p, splits_pool):
     return pool[rng.integers(len(pool))]
 
 
+def fact_line(w: tf.World, rng, tail_p: float) -> tuple:
+    """(name, facts, entity): an entity followed at once by its facts ("zor bax arlow avania ammon"), so
+    the facts must be read at the name's last token, as encyclopedic text makes a pretrained LM do."""
+    if rng.random() < 0.75:
+        lm = _landmark(w, rng, tail_p, None)
+        return lm.name, f"{lm.city} {lm.country} {lm.builder}", lm
+    d = w.directors[rng.integers(len(w.directors))]
+    return d.name, " ".join(d.movies[y] for y in tf.YEARS), d
+
+
 def text_item(w: tf.World, rng, tail_p: float) -> tuple:
-    """(prompt, target) of stage 1: a named question, a description, or commonsense with the place named."""
+    """(prompt, target) of stage 1: a named question, a description, a fact line, or commonsense with
+    the place named (target None: plain text, every token a target)."""
     u = rng.random()
-    if u < 0.45:
+    if u < 0.4:
         lm = _landmark(w, rng, tail_p, None)
         rec = tf.landmark_record(w, lm, tf.RELATIONS[rng.integers(3)], rng, template=int(rng.integers(2))).named()
         return rec.prompt(visual=False), rec.answers[0]
-    if u < 0.55:
+    if u < 0.45:
         lm = _landmark(w, rng, tail_p, None)
         return f"{lm.name} is a {lm.shape} {lm.colour} {lm.texture} on {lm.background}", None
+    if u < 0.6:
+        name, facts, _ = fact_line(w, rng, tail_p)
+        return f"{name} {facts}", None
     if u < 0.75:
         d = w.directors[rng.integers(len(w.directors))]
         year = tf.YEARS[rng.integers(3)] if rng.random() < 0.5 else None
@@ -159,6 +178,14 @@ def align_item(w: tf.World, rng, tail_p: float) -> tuple:
 def instruct_item(w: tf.World, rng, tail_p: float, reuse: set) -> tuple:
     """(scene, prompt, target) of stage 3 (the mixture of the module docstring)."""
     u = rng.random()
+    if u < 0.1:  # visual fact line: the constraint naming the image's entity, then its facts
+        if rng.random() < 0.7:
+            _, facts, entity = fact_line(w, rng, tail_p)
+            is_landmark = isinstance(entity, tf.Landmark)
+            scene = tf.landmark_scene(entity, rng) if is_landmark else tf.director_scene(entity, rng)
+            return scene, "user : <image> <nl> " + tf.VISUAL["landmark" if is_landmark else "director"], facts
+        rec = tf.use_record(rng) if rng.random() < 0.5 else tf.animal_record(rng)
+        return rec.scene, "user : <image> <nl> " + rec.constraint, rec.answers[0]
     if u < 0.6:
         v = rng.random()
         if v < 0.5:
@@ -224,7 +251,8 @@ def measure(model, tok, llm=None, seed: int = EVAL_SEED) -> dict:
     reused = torch.tensor([(r.entity, r.relation) in reuse for r in recs])
     out["known_vqa_accuracy"] = float(ok[head].float().mean())
     out["known_vqa_accuracy_visual_pairs"] = float(ok[head & ~reused].float().mean())
-    out["known_vqa_accuracy_reused_pairs"] = float(ok[head & reused].float().mean())
+    if reused.any():
+        out["known_vqa_accuracy_reused_pairs"] = float(ok[head & reused].float().mean())
     out["tail_vqa_accuracy"] = float(ok[~head].float().mean())
     out["known_errors"] = int((~ok).sum())
     nov = known_records(w, seed, splits=("novel",))
