@@ -233,3 +233,16 @@ def test_vqa_accuracy_by_hand():
     assert vqa_accuracy("2", ["2"] * 2 + ["x"] * 8) == pytest.approx(0.6)
     assert vqa_accuracy("2", ["2"] * 4 + ["x"] * 6) == 1.0 and vqa_accuracy("y", ["x"] * 10) == 0.0
     assert contains_answer("It is in Paris, France.", ["paris"]) and not contains_answer("parisian", ["paris"])
+
+
+def test_shipped_vlm_gates_on_fresh_renders():
+    from interplab import models
+    from interplab.zoo import store
+    if not (store.zoo_dir("vlm") / "card.json").exists():
+        pytest.skip("vlm not shipped yet")
+    card = store.verify("vlm")
+    model, llm, tok = models.load("vlm")
+    metrics = vlm.measure(model, tok, llm, seed=616_161)
+    for name, (threshold, op) in vlm.GATES.items():
+        assert (metrics[name] >= threshold) if op == ">=" else (metrics[name] <= threshold), (name, metrics[name])
+    assert metrics["llm_known_accuracy"] >= 0.9 and card["gates_pass"]
