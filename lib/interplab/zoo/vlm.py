@@ -46,8 +46,8 @@ def tokenizer(w: tf.World) -> PreTrainedTokenizerFast:
     return tw.build_tokenizer(tf.words(w), extra_specials=("<image>", "<nl>"), max_length=128, add_eos=False)
 
 
-def config(tok, vision: CLIPVisionConfig) -> LlavaConfig:
-    text = LlamaConfig(vocab_size=len(tok), hidden_size=96, intermediate_size=256, num_hidden_layers=8,
+def config(tok, vision: CLIPVisionConfig, layers: int = 8, width: int = 96, d_ff: int = 256) -> LlavaConfig:
+    text = LlamaConfig(vocab_size=len(tok), hidden_size=width, intermediate_size=d_ff, num_hidden_layers=layers,
                        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     return LlavaConfig(vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"),
@@ -295,15 +295,17 @@ def _schedule(opt, steps, warm=100):
         opt, lambda i: min(1.0, (i + 1) / warm) * 0.5 * (1 + np.cos(np.pi * min(1.0, i / steps))))
 
 
-def train(steps: int = None, seed: int = 0, lr: float = 1e-3, ship: bool = True, resume: bool = True) -> dict:
-    """The three stages (``steps`` scales all of them relative to ``STEPS['instruct']``)."""
+def train(steps: int = None, seed: int = 0, lr: float = 1e-3, ship: bool = True, resume: bool = True,
+          name: str = NAME, **arch) -> dict:
+    """The three stages (``steps`` scales all of them relative to ``STEPS['instruct']``); ``arch``:
+    layers / width / d_ff of the language model (``config``), ``name``: the zoo folder to ship to."""
     torch.manual_seed(seed)
     scale = 1.0 if steps is None else steps / STEPS["instruct"]
     n = {k: max(2, int(v * scale)) for k, v in STEPS.items()}
     w = tf.world()
     tok = tokenizer(w)
     clip, _ = zclip.load()
-    model = LlavaForConditionalGeneration(config(tok, clip.config.vision_config))
+    model = LlavaForConditionalGeneration(config(tok, clip.config.vision_config, **arch))
     model.model.vision_tower.load_state_dict(clip.vision_model.state_dict())
     model.model.vision_tower.requires_grad_(False)
     model.set_attn_implementation("sdpa")
@@ -324,7 +326,7 @@ def train(steps: int = None, seed: int = 0, lr: float = 1e-3, ship: bool = True,
         torch.nn.utils.clip_grad_norm_(lm_params, 1.0)
         return loss.detach()
 
-    runs["llm"] = loop.train(f"{NAME}-llm", {"model": model}, opt, step_llm, n["llm"], seed,
+    runs["llm"] = loop.train(f"{name}-llm", {"model": model}, opt, step_llm, n["llm"], seed,
                              sched=_schedule(opt, n["llm"]), resume=resume)
     llm = _lm_of(model)
 
@@ -350,7 +352,7 @@ def train(steps: int = None, seed: int = 0, lr: float = 1e-3, ship: bool = True,
             return loss.detach()
         return step
 
-    runs["align"] = loop.train(f"{NAME}-align", {"model": model}, opt,
+    runs["align"] = loop.train(f"{name}-align", {"model": model}, opt,
                                visual_step(lambda rng: align_item(w, rng, tail2), proj), n["align"], seed,
                                sched=_schedule(opt, n["align"], warm=20), resume=resume)
 
@@ -358,7 +360,7 @@ def train(steps: int = None, seed: int = 0, lr: float = 1e-3, ship: bool = True,
     tail3 = _tail_p(w, n["instruct"] * bs * 0.5)
     params = proj + lm_params
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    runs["instruct"] = loop.train(f"{NAME}-instruct", {"model": model}, opt,
+    runs["instruct"] = loop.train(f"{name}-instruct", {"model": model}, opt,
                                   visual_step(lambda rng: instruct_item(w, rng, tail3, reuse), params),
                                   n["instruct"], seed, sched=_schedule(opt, n["instruct"]), resume=resume)
 
@@ -374,22 +376,22 @@ def train(steps: int = None, seed: int = 0, lr: float = 1e-3, ship: bool = True,
     wall = sum(r["wall_time_s"] for r in runs.values())
     cpu = sum(r["cpu_time_s"] for r in runs.values())
     if ship:
-        d = store.zoo_dir(NAME)
+        d = store.zoo_dir(name)
         model.save_pretrained(d)
         llm.save_pretrained(d / "llm")
         tok.save_pretrained(d)
-        store.write_card(NAME, seed=seed, steps=sum(n.values()), wall_time_s=wall, cpu_time_s=cpu, gates=gates,
+        store.write_card(name, seed=seed, steps=sum(n.values()), wall_time_s=wall, cpu_time_s=cpu, gates=gates,
                          extra=extra)
         for stage in runs:
-            loop.finished(f"{NAME}-{stage}")
+            loop.finished(f"{name}-{stage}")
     return {"gates": gates, **extra, "wall_time_s": wall, "cpu_time_s": cpu}
 
 
-def load():
+def load(name: str = NAME):
     """(LlavaForConditionalGeneration, LlamaForCausalLM (the LLM before visual training), tokenizer),
     eval mode, eager attention (the analyses read attention weights), after verifying the files."""
-    store.verify(NAME)
-    d = store.zoo_dir(NAME)
+    store.verify(name)
+    d = store.zoo_dir(name)
     model = LlavaForConditionalGeneration.from_pretrained(d, attn_implementation="eager").eval()
     llm = LlamaForCausalLM.from_pretrained(d / "llm", attn_implementation="eager").eval()
     return model, llm, PreTrainedTokenizerFast.from_pretrained(d)
