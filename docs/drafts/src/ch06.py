@@ -53,7 +53,6 @@ from sklearn.metrics import roc_auc_score
 
 import interplab
 from interplab import anatomy, attention, editing, tracing
-from interplab import toyworld as tw
 from interplab.errors import ResourceUnavailable
 from interplab.models import llava
 from interplab.models import load as load_zoo

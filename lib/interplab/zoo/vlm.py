@@ -115,7 +115,8 @@ def _tail_p(w: tf.World, n_items: int) -> float:
     return TAIL_PER_STAGE * n_tail / n_items
 
 
-def _landmark(w, rng, tail_p, splits_pool):
+def _landmark(w, rng, tail_p):
+    """A head landmark, or a tail one with probability ``tail_p``."""
     pool = [lm for lm in w.landmarks if lm.split == ("tail" if rng.random() < tail_p else "head")]
     return pool[rng.integers(len(pool))]
 
@@ -124,7 +125,7 @@ def fact_line(w: tf.World, rng, tail_p: float) -> tuple:
     """(name, facts, entity): an entity followed at once by its facts ("zor bax arlow avania ammon"), so
     the facts must be read at the name's last token, as encyclopedic text makes a pretrained LM do."""
     if rng.random() < 0.75:
-        lm = _landmark(w, rng, tail_p, None)
+        lm = _landmark(w, rng, tail_p)
         return lm.name, f"{lm.city} {lm.country} {lm.builder}", lm
     d = w.directors[rng.integers(len(w.directors))]
     return d.name, " ".join(d.movies[y] for y in tf.YEARS), d
@@ -135,11 +136,11 @@ def text_item(w: tf.World, rng, tail_p: float) -> tuple:
     the place named (target None: plain text, every token a target)."""
     u = rng.random()
     if u < 0.4:
-        lm = _landmark(w, rng, tail_p, None)
+        lm = _landmark(w, rng, tail_p)
         rec = tf.landmark_record(w, lm, tf.RELATIONS[rng.integers(3)], rng, template=int(rng.integers(2))).named()
         return rec.prompt(visual=False), rec.answers[0]
     if u < 0.45:
-        lm = _landmark(w, rng, tail_p, None)
+        lm = _landmark(w, rng, tail_p)
         return f"{lm.name} is a {lm.shape} {lm.colour} {lm.texture} on {lm.background}", None
     if u < 0.6:
         name, facts, _ = fact_line(w, rng, tail_p)
@@ -166,7 +167,7 @@ def align_item(w: tf.World, rng, tail_p: float) -> tuple:
     """(scene, prompt, target) of stage 2: name the landmark or director, or read an attribute."""
     u = rng.random()
     if u < 0.5:
-        lm = _landmark(w, rng, tail_p, None)
+        lm = _landmark(w, rng, tail_p)
         return tf.landmark_scene(lm, rng), tf.PROMPT.format(q="what is this ?"), lm.name
     if u < 0.7:
         d = w.directors[rng.integers(len(w.directors))]
@@ -190,7 +191,7 @@ def instruct_item(w: tf.World, rng, tail_p: float, reuse: set) -> tuple:
         v = rng.random()
         if v < 0.5:
             while True:
-                lm = _landmark(w, rng, tail_p, None)
+                lm = _landmark(w, rng, tail_p)
                 rel = tf.RELATIONS[rng.integers(3)]
                 if (lm.name, rel) not in reuse:
                     break
