@@ -241,6 +241,10 @@ class LLMSpec:
     aliases: tuple = field(default=())
 
 
+_VICUNA_7B = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                  intermediate_size=11008, vocab_size=32000, rope_theta=10000.0, max_position_embeddings=2048,
+                  rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
+                  hidden_act="silu")
 _LLAMA3_8B = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                   intermediate_size=14336, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=8192,
                   rms_norm_eps=1e-5, bos_token_id=128000, eos_token_id=128009, tie_word_embeddings=False,
@@ -252,17 +256,10 @@ _PHI3_MINI = dict(hidden_size=3072, num_hidden_layers=32, num_attention_heads=32
                   hidden_act="silu")
 
 PAPER_LLMS: dict[str, LLMSpec] = {s.name: s for s in [
-    LLMSpec("vicuna-7b", "lmsys/vicuna-7b-v1.3", "llama",
-            dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
-                 intermediate_size=11008, vocab_size=32000, rope_theta=10000.0, max_position_embeddings=2048,
-                 rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
-                 hidden_act="silu"),
+    LLMSpec("vicuna-7b", "lmsys/vicuna-7b-v1.3", "llama", _VICUNA_7B,
             "13.5 GB", note="v1.3: the text's 2048-token limit (v1.5 has 4096)", aliases=("vicuna",)),
     LLMSpec("vicuna-7b-v1.5", "lmsys/vicuna-7b-v1.5", "llama",
-            dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
-                 intermediate_size=11008, vocab_size=32000, rope_theta=10000.0, max_position_embeddings=4096,
-                 rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
-                 hidden_act="silu"),
+            {**_VICUNA_7B, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5},
             "13.5 GB", note="Chapter 6: the language model LLaVA-1.5 was tuned from", aliases=("vicuna-v1.5",)),
     LLMSpec("llama-3-8b", "meta-llama/Meta-Llama-3-8B-Instruct", "llama", _LLAMA3_8B, "16 GB", gated=True,
             aliases=("llama3-8b", "llama-3-8b-instruct")),
