@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import anatomy
-from ..errors import BadParameter, resource_unavailable
+from ..errors import BadParameter
+from .llms import from_hub
 
 
 def _module(model, name: str):
@@ -171,35 +172,6 @@ def random_model(name: str = "llava-1.5-7b", seed: int = 0, **reduce):
                                                       attn_implementation="eager").eval()
 
 
-def _offline(hub_id: str, cache_dir) -> bool:
-    """True when the hub may not be reached and ``hub_id`` has no cached config.json."""
-    import os
-
-    from huggingface_hub import constants, try_to_load_from_cache
-    truthy = ("1", "ON", "YES", "TRUE")
-    offline = constants.HF_HUB_OFFLINE or any(os.environ.get(v, "0").upper() in truthy
-                                              for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-    return offline and not isinstance(try_to_load_from_cache(hub_id, "config.json", cache_dir=cache_dir), str)
-
-
-def _from_hub(spec: MLLMSpec, load, cache_dir):
-    """``load(cache_dir)`` with llms.load_paper_llm's offline policy: ResourceUnavailable naming `hf download`."""
-    from .llms import _download_hint
-
-    what = f"{spec.hub_id} ({spec.name})"
-    cache_dir = str(cache_dir) if cache_dir is not None else None
-    if _offline(spec.hub_id, cache_dir):
-        raise resource_unavailable(what, _download_hint(spec))
-    try:
-        return load(cache_dir)
-    except (OSError, ValueError) as e:
-        raise resource_unavailable(what, _download_hint(spec) + f" [{type(e).__name__}]") from e
-    except Exception as e:  # noqa: BLE001  (hub/http errors that are not OSError)
-        if type(e).__module__.split(".")[0] in ("huggingface_hub", "httpx", "requests", "urllib3"):
-            raise resource_unavailable(what, _download_hint(spec) + f" [{type(e).__name__}]") from e
-        raise
-
-
 def load_paper_llava(name: str = "llava-1.5-7b", device="cuda", dtype: torch.dtype = torch.float16,
                      attn_implementation: str = "eager", cache_dir=None):
     """LLaVA-1.5 -> (LlavaForConditionalGeneration in eval mode, processor with left padding).
@@ -218,7 +190,7 @@ def load_paper_llava(name: str = "llava-1.5-7b", device="cuda", dtype: torch.dty
             cache_dir=cache)
         return model, processor
 
-    model, processor = _from_hub(spec, load, cache_dir)
+    model, processor = from_hub(spec, load, cache_dir)
     processor.tokenizer.padding_side = "left"
     return model.eval(), processor
 
@@ -242,7 +214,7 @@ def load_paper_bunny(device="cuda", dtype: torch.dtype = torch.float16, attn_imp
             trust_remote_code=True, cache_dir=cache)
         return model, tok
 
-    model, tok = _from_hub(spec, load, cache_dir)
+    model, tok = from_hub(spec, load, cache_dir)
     try:
         fc2 = model.get_submodule(anatomy.resolve(model, "layer[0].mlp.neurons", family="phi").path)
         anatomy.resolve(model, "layer[0].attn.out", family="phi")

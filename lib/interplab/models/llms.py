@@ -354,6 +354,32 @@ def _download_hint(spec: LLMSpec) -> str:
             f"and point HF_HOME at that cache")
 
 
+def _offline(hub_id: str, cache_dir) -> bool:
+    """True when the hub may not be reached and ``hub_id`` has no cached config.json."""
+    from huggingface_hub import constants, try_to_load_from_cache
+    truthy = ("1", "ON", "YES", "TRUE")
+    offline = constants.HF_HUB_OFFLINE or any(os.environ.get(v, "0").upper() in truthy
+                                              for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return offline and not isinstance(try_to_load_from_cache(hub_id, "config.json", cache_dir=cache_dir), str)
+
+
+def from_hub(spec, load, cache_dir=None):
+    """``load(cache_dir)`` of a paper model (a spec with name, hub_id, size, gated), or ResourceUnavailable
+    naming the `hf download` command when it is offline and uncached or the hub refuses it."""
+    what = f"{spec.hub_id} ({spec.name})"
+    cache_dir = str(cache_dir) if cache_dir is not None else None
+    if _offline(spec.hub_id, cache_dir):
+        raise resource_unavailable(what, _download_hint(spec))
+    try:
+        return load(cache_dir)
+    except (OSError, ValueError, EnvironmentError) as e:  # hub errors (gated, not found, offline) are OSErrors
+        raise resource_unavailable(what, _download_hint(spec) + f" [{type(e).__name__}]") from e
+    except Exception as e:  # noqa: BLE001  (httpx/hub errors that are not OSError)
+        if type(e).__module__.split(".")[0] in ("huggingface_hub", "httpx", "requests", "urllib3"):
+            raise resource_unavailable(what, _download_hint(spec) + f" [{type(e).__name__}]") from e
+        raise
+
+
 def load_paper_llm(name: str, device: str | torch.device = "cuda", dtype: torch.dtype = torch.bfloat16,
                    attn_implementation: str = "eager", cache_dir: str | Path | None = None):
     """A Chapter 8 paper model -> (model, tokenizer), from the HF cache or the hub.
@@ -365,27 +391,17 @@ def load_paper_llm(name: str, device: str | torch.device = "cuda", dtype: torch.
     spec = PAPER_LLMS.get(resolve(name))
     if spec is None:
         raise BadParameter(f"{name!r} is not a paper model; use smollm2() for SmolLM2")
-    from huggingface_hub import constants, try_to_load_from_cache
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    what = f"{spec.hub_id} ({spec.name})"
-    truthy = ("1", "ON", "YES", "TRUE")
-    offline = constants.HF_HUB_OFFLINE or any(os.environ.get(v, "0").upper() in truthy
-                                              for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-    cache_dir = str(cache_dir) if cache_dir is not None else None
-    if offline and not isinstance(try_to_load_from_cache(spec.hub_id, "config.json", cache_dir=cache_dir), str):
-        raise resource_unavailable(what, _download_hint(spec))
     device_map = "auto" if (str(device) == "auto" or spec.name == "llama-3-70b") else str(device)
-    try:
-        tok = AutoTokenizer.from_pretrained(spec.hub_id, cache_dir=cache_dir)
+
+    def load(cache):
+        tok = AutoTokenizer.from_pretrained(spec.hub_id, cache_dir=cache)
         model = AutoModelForCausalLM.from_pretrained(spec.hub_id, dtype=dtype, device_map=device_map,
-                                                     attn_implementation=attn_implementation, cache_dir=cache_dir)
-    except (OSError, ValueError, EnvironmentError) as e:  # hub errors (gated, not found, offline) are OSErrors
-        raise resource_unavailable(what, _download_hint(spec) + f" [{type(e).__name__}]") from e
-    except Exception as e:  # noqa: BLE001  (httpx/hub errors that are not OSError)
-        if type(e).__module__.split(".")[0] in ("huggingface_hub", "httpx", "requests", "urllib3"):
-            raise resource_unavailable(what, _download_hint(spec) + f" [{type(e).__name__}]") from e
-        raise
+                                                     attn_implementation=attn_implementation, cache_dir=cache)
+        return model, tok
+
+    model, tok = from_hub(spec, load, cache_dir)
     if getattr(tok, "chat_template", None) is None and spec.family == "llama" and spec.name.startswith("vicuna"):
         tok.chat_template = VICUNA_CHAT_TEMPLATE
     if tok.pad_token is None:
