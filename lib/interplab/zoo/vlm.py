@@ -40,6 +40,7 @@ EVAL_SEED = 60_001
 STEPS = {"llm": 1500, "align": 300, "instruct": 2500}
 REUSE = 0.0          # share of (head landmark, relation) pairs never asked about an image (0.3: see the card)
 TAIL_PER_STAGE = 2   # expected occurrences of each tail fact per stage
+VISUAL_FACT_LINES = 0.1  # share of stage 3 that is "<image> this landmark" -> facts
 
 
 def tokenizer(w: tf.World) -> PreTrainedTokenizerFast:
@@ -179,7 +180,7 @@ def align_item(w: tf.World, rng, tail_p: float) -> tuple:
 def instruct_item(w: tf.World, rng, tail_p: float, reuse: set) -> tuple:
     """(scene, prompt, target) of stage 3 (the mixture of the module docstring)."""
     u = rng.random()
-    if u < 0.1:  # visual fact line: the constraint naming the image's entity, then its facts
+    if u < VISUAL_FACT_LINES:  # the constraint naming the image's entity, then its facts
         if rng.random() < 0.7:
             _, facts, entity = fact_line(w, rng, tail_p)
             is_landmark = isinstance(entity, tf.Landmark)
