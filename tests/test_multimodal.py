@@ -246,3 +246,23 @@ def test_shipped_vlm_gates_on_fresh_renders():
     for name, (threshold, op) in vlm.GATES.items():
         assert (metrics[name] >= threshold) if op == ">=" else (metrics[name] <= threshold), (name, metrics[name])
     assert metrics["llm_known_accuracy"] >= 0.9 and card["gates_pass"]
+
+
+def test_records_follow_the_shared_schema_and_bad_ones_say_why(tmp_path):
+    import json
+
+    from interplab import vqa
+    from interplab.errors import ResourceUnavailable
+    w = tf.world()
+    recs = [r.to_json(i) for ds in ("toy_known", "toy_okvqa_multi") for i, r in enumerate(tf.probe_records(w, ds, 4, 0))]
+    path = tmp_path / "known.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    assert vqa.read_records(path) == recs
+    bad = dict(recs[0], visual_constraint_span=[0, 3])
+    with pytest.raises(BadParameter, match="visual_constraint_span"):
+        vqa.check_record(bad)
+    with pytest.raises(BadParameter, match="missing field 'answers'"):
+        vqa.check_record({k: v for k, v in recs[0].items() if k != "answers"})
+    with pytest.raises(ResourceUnavailable, match="known.jsonl"):
+        vqa.paper_records("known", root=tmp_path / "absent")
+    assert vqa.paper_records("known", root=tmp_path) == recs

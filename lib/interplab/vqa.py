@@ -4,9 +4,15 @@
     vqa_accuracy("two", ten_answers) VQA accuracy (Agrawal et al.): mean over the 10 leave-one-out
                                      subsets of 9 annotators of min(1, #matches / 3)
     contains_answer(text, golds)    Movies / Known style: the normalised generation contains a gold answer
+    check_record / read_records / paper_records   Chapter 6's constraint records (spec 2.2), both profiles
 """
+import json
 import re
 from itertools import combinations
+from pathlib import Path
+
+from . import paths
+from .errors import BadParameter, check_choice, resource_unavailable
 
 _NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
             "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
@@ -37,3 +43,56 @@ def contains_answer(generation: str, answers) -> bool:
     """True when the normalised generation contains any normalised gold answer as whole words."""
     text = f" {normalize(generation)} "
     return any(f" {normalize(a)} " in text for a in answers if normalize(a))
+
+
+# ---------------------------------------------------------------- Chapter 6's constraint records (spec 2.2)
+
+RECORD_FIELDS = {"id": str, "dataset": str, "question": str, "visual_constraint": str,
+                 "visual_constraint_span": list, "answers": list, "corruption": str}
+OPTIONAL_FIELDS = {"image_path": str, "image_spec": dict, "text_constraint": (str, type(None)),
+                   "text_constraint_span": (list, type(None)), "text_corruption": (str, type(None)),
+                   "paraphrases": list, "split": str}
+PAPER_DATASETS = {"okvqa": "OK-VQA val (COCO val2014 images), visual constraints annotated",
+                  "known": "ROME's known_1000 with the subject replaced by a visual constraint + one image per subject",
+                  "movies": "WikiMovies-derived director questions of Yuksekgonul et al. (2023) with director images",
+                  "encyclopedic": "Encyclopedic-VQA's Google-Landmarks-v2 subset (rare landmarks)"}
+
+
+def check_record(record: dict, where: str = "record") -> dict:
+    """The record if it follows spec 2.2's schema, else BadParameter naming the field: the constraint span must
+    cut the constraint out of the question, and a textual constraint needs its corruption."""
+    for name, kind in {**RECORD_FIELDS, **OPTIONAL_FIELDS}.items():
+        if name in RECORD_FIELDS and name not in record:
+            raise BadParameter(f"{where}: missing field {name!r} (required: {', '.join(RECORD_FIELDS)})")
+        if name in record and not isinstance(record[name], kind):
+            raise BadParameter(f"{where}: field {name!r} should be {kind}, got {type(record[name]).__name__}")
+    if "image_path" not in record and "image_spec" not in record:
+        raise BadParameter(f"{where}: needs image_path or image_spec")
+    for span, text in (("visual_constraint_span", "visual_constraint"), ("text_constraint_span", "text_constraint")):
+        if record.get(span) is not None:
+            start, end = record[span]
+            if record["question"][start:end] != record[text]:
+                raise BadParameter(f"{where}: {span} {record[span]} cuts {record['question'][start:end]!r} out of the "
+                                   f"question, not {record[text]!r}")
+    if record.get("text_constraint") and not record.get("text_corruption"):
+        raise BadParameter(f"{where}: a textual constraint needs text_corruption")
+    return record
+
+
+def read_records(path) -> list:
+    """Chapter 6's probe records from a JSONL file (one record a line), each checked by ``check_record``."""
+    path = Path(path)
+    return [check_record(json.loads(line), f"{path.name}:{i + 1}")
+            for i, line in enumerate(path.read_text().splitlines()) if line.strip()]
+
+
+def paper_records(dataset: str, root=None) -> list:
+    """The paper profile's records of ``dataset`` from data/paper/ch06/DATASET.jsonl (images relative to that
+    folder); ResourceUnavailable says what to put there when the file is absent."""
+    check_choice("dataset", dataset, tuple(PAPER_DATASETS))
+    path = (root or paths.DATA / "paper" / "ch06") / f"{dataset}.jsonl"
+    if not path.exists():
+        raise resource_unavailable(f"Chapter 6 dataset {dataset!r} ({PAPER_DATASETS[dataset]})",
+                                   f"write its records as {path} (one JSON object a line, fields of spec 2.2: "
+                                   f"{', '.join(RECORD_FIELDS)}, image_path) with the images beside it")
+    return read_records(path)

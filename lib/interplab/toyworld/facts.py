@@ -167,6 +167,19 @@ class Record:
             q = swap_phrase(q, self.text_constraint, self.text_corruption)
         return replace(self, question=q)
 
+    def to_json(self, index: int = 0) -> dict:
+        """The record in Chapter 6's shared schema (spec 2.2; ``interplab.vqa.check_record``)."""
+        def span(phrase):
+            start = f" {self.question} ".index(f" {phrase} ")
+            return [start, start + len(phrase)]
+        out = {"id": f"{self.dataset}-{index}", "dataset": self.dataset, "question": self.question,
+               "visual_constraint": self.constraint, "visual_constraint_span": span(self.constraint),
+               "answers": list(self.answers), "corruption": self.corruption, "paraphrases": list(self.paraphrases),
+               "split": self.split, "text_constraint": self.text_constraint, "text_corruption": self.text_corruption,
+               "text_constraint_span": span(self.text_constraint) if self.text_constraint else None,
+               "image_spec": {"background": self.scene.background, "objects": [vars(o) for o in self.scene.objects]}}
+        return out
+
     def named(self) -> "Record":
         """The LLM counterpart's question: the constraint replaced by the entity's own name."""
         return replace(self, question=swap_phrase(self.question, self.constraint, self.entity))
