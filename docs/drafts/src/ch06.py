@@ -404,17 +404,30 @@ ch.claim("S8_consistent", "mean pairwise Jaccard of the per-question top-10 % se
 # ## Finding 3 (S6.d) — from the constraint to the last token: middle layers
 
 # %%
-to_last = []
+to_last, sources = [], {"image": [], "constraint (all tokens)": [], "after the constraint": []}
 for pair in [p for ds in DATASETS for p in kept[ds]]:
     terms = attention.attention_contributions(model, range(L), [pair.last], tower=TOWER, **pair.clean)
-    to_last.append(torch.stack([terms[l][0, 0, pair.spans["constraint"][-1]].norm() for l in range(L)]))
+    norms = torch.stack([terms[l][0, 0].norm(dim=-1) for l in range(L)])        # (L, T): ||a_{last, j}||
+    to_last.append(norms[:, pair.spans["constraint"][-1]])
+    c = pair.spans["constraint"]
+    for name, cols in zip(sources, (IMAGE_ROW, c, list(range(c[-1] + 1, pair.last + 1)))):
+        sources[name].append(norms[:, cols].sum(1))
 to_last = torch.stack(to_last)
-fig, ax = plt.subplots(figsize=(4.5, 2.8))
+fig, axes = plt.subplots(1, 2, figsize=(9, 2.8))
 m, s = to_last.mean(0), to_last.std(0) / len(to_last) ** 0.5
-ax.errorbar(range(L), m.numpy(), yerr=s.numpy(), marker="o")
-ax.set_xlabel("layer (0-based)")
-ax.set_ylabel("||a(constraint -> last)||")
+axes[0].errorbar(range(L), m.numpy(), yerr=s.numpy(), marker="o")
+axes[0].set_ylabel("||a(last constraint token -> last)||")
+for name, v in sources.items():  # where the last position reads from: does it bypass the constraint?
+    axes[1].plot(range(L), torch.stack(v).mean(0).numpy(), marker="o", label=name)
+axes[1].set_ylabel("sum of ||a(j -> last)||")
+axes[1].legend(fontsize=6)
+for ax in axes:
+    ax.set_xlabel("layer (0-based)")
+fig.tight_layout()
 ch.figure(fig, "s6d_constraint_to_last")
+read = {k: torch.stack(v).mean(0) for k, v in sources.items()}
+ch.compare("S6.d.what the last position reads in layers 0-1", "(not reported)",
+           ", ".join(f"{k} {float(v[:2].sum()):.2f}" for k, v in read.items()))
 ch.compare("S6.d.peak layer of constraint -> last contributions", "layers 16-17 of 32 (middle)", f"{int(m.argmax())} of {L}")
 ch.claim("S9_middle_transfer", "the constraint -> last contribution peaks in a middle layer (3, 4 or 5)",
          dissertation="16-17 of 32", reproduced=int(m.argmax()), holds=int(m.argmax()) in (3, 4, 5), kind="soft")
