@@ -38,7 +38,7 @@ N_IMAGE = 64
 GATES = {"known_vqa_accuracy": (0.8, ">="), "known_errors": (30, ">="), "novel_accuracy": (0.25, "<=")}
 EVAL_SEED = 60_001
 STEPS = {"llm": 1500, "align": 300, "instruct": 2500}
-REUSE = 0.0          # share of (head landmark, relation) pairs never asked about an image (0.3: see the card)
+REUSE = 0.0          # share of (head landmark, relation) pairs never asked about an image (see above)
 TAIL_PER_STAGE = 2   # expected occurrences of each tail fact per stage
 VISUAL_FACT_LINES = 0.1  # share of stage 3 that is "<image> this landmark" -> facts
 
