@@ -266,3 +266,25 @@ def test_records_follow_the_shared_schema_and_bad_ones_say_why(tmp_path):
     with pytest.raises(ResourceUnavailable, match="known.jsonl"):
         vqa.paper_records("known", root=tmp_path / "absent")
     assert vqa.paper_records("known", root=tmp_path) == recs
+
+
+def test_llava_anatomy_also_finds_the_transformers_4_51_layout():
+    from torch import nn
+    from transformers import CLIPVisionModel, LlamaForCausalLM
+
+    class OldLlava(nn.Module):  # transformers <= 4.51: the LM is a LlamaForCausalLM at .language_model
+        def __init__(self):
+            super().__init__()
+            self.vision_tower = CLIPVisionModel(CLIPVisionConfig(image_size=32, patch_size=4, hidden_size=16,
+                                                                 intermediate_size=32, num_hidden_layers=1,
+                                                                 num_attention_heads=2))
+            self.multi_modal_projector = nn.Linear(16, 16)
+            self.language_model = LlamaForCausalLM(LlamaConfig(vocab_size=20, hidden_size=16, intermediate_size=32,
+                                                               num_hidden_layers=2, num_attention_heads=2))
+
+    old = OldLlava()
+    assert anatomy.resolve(old, "language_model.layer[1].mlp", family="llava").path == "language_model.model.layers.1.mlp"
+    assert anatomy.resolve(old, "projector", family="llava").path == "multi_modal_projector"
+    assert anatomy.resolve(old, "head", family="llava").path == "language_model.lm_head"
+    assert anatomy.resolve(old, "vision_encoder.layer[0]", family="llava").path == "vision_tower.encoder.layers.0"
+    assert anatomy.n_layers(old, "language_model", family="llava") == 2
