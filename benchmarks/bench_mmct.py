@@ -56,7 +56,7 @@ def loop_scores(model, run, pair, sites, cells, metric):
 def trace_case(model, pair, kind, window_size, repeats, batch_size):
     run = lambda b: model(inputs_embeds=b["inputs_embeds"]).logits  # noqa: E731
     metric = tracing.answer_probability(pair.last, pair.answer)
-    positions = [list(range(3, 3 + vlm.N_IMAGE))] + list(range(vlm.N_IMAGE + 4, pair.last + 1))
+    positions = [vlm.IMAGE_POSITIONS] + list(range(vlm.QUESTION_START, pair.last + 1))
     sites = tracing.layer_sites(model, kind, tower="language_model")
     L = len(sites)
     cells = [(list(tracing.window(layer, window_size, L)), pos) for layer in range(L) for pos in positions]
@@ -65,7 +65,7 @@ def trace_case(model, pair, kind, window_size, repeats, batch_size):
                                                            positions, window_size, tower="language_model",
                                                            batch_size=batch_size), repeats)
         looped, t_l, c_l = best_of(lambda: loop_scores(model, run, pair, sites, cells, metric), repeats)
-        start = vlm.N_IMAGE + 4
+        start = vlm.QUESTION_START
 
         def with_prefix():  # the notebook's way: the image + chat prefix run once, its keys / values reused
             suffix, suffix_run = tracing.cached_prefix(model, pair, start)

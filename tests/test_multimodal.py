@@ -85,9 +85,11 @@ def test_prompt_positions_point_at_the_constraint_tokens():
     rec = tf.probe_records(w, "toy_okvqa_multi", 1, seed=0)[0]
     prompt = rec.prompt()
     ids = vlm.encode(tok, [prompt])["input_ids"][0]
-    pos = vlm.positions_of(prompt, rec.constraint, vlm.N_IMAGE + 3)
+    pos = vlm.positions_of(prompt, rec.constraint, vlm.QUESTION_START - 1)
     assert tok.convert_ids_to_tokens(ids[pos].tolist()) == rec.constraint.split()
-    assert (ids[2 + 1:2 + 1 + vlm.N_IMAGE] == tok.convert_tokens_to_ids("<image>")).all()
+    assert (ids[vlm.IMAGE_POSITIONS] == tok.convert_tokens_to_ids("<image>")).all()
+    assert (ids == tok.convert_tokens_to_ids("<image>")).sum() == vlm.N_IMAGE
+    assert tok.convert_ids_to_tokens(int(ids[vlm.QUESTION_START])) == rec.question.split()[0]
     text = vlm.positions_of(prompt, rec.text_constraint, pos[-1])
     assert tok.convert_ids_to_tokens(ids[text].tolist()) == [rec.text_constraint]
 

@@ -494,6 +494,16 @@ def trace_pairs(model: nn.Module, run, pairs: Sequence[PromptPair], kind: str = 
     return out
 
 
+def effective_pairs(run: Callable, pairs: Sequence[PromptPair], min_clean: float) -> tuple:
+    """(kept pairs, (N, 2) probabilities): the pairs worth tracing, P_clean(answer) >= ``min_clean`` and
+    the corruption lowering it (spec 2.4 step 2); each pair's meta gets ``p_clean`` and ``p_corr``."""
+    p = pair_probabilities(run, pairs)
+    for pair, (clean, corrupted) in zip(pairs, p.tolist()):
+        pair.meta.update(p_clean=clean, p_corr=corrupted)
+    keep = (p[:, 0] >= min_clean) & (p[:, 1] < p[:, 0])
+    return [pair for pair, k in zip(pairs, keep.tolist()) if k], p
+
+
 @torch.inference_mode()
 def pair_probabilities(run: Callable, pairs: Sequence[PromptPair]) -> torch.Tensor:
     """(N, 2) probability of each pair's answer on its clean and its corrupted input (one pass each)."""

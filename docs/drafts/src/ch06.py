@@ -111,14 +111,9 @@ table_11_3
 # convention). A question is kept when P_clean(O) >= tau_clean and the corruption lowers it.
 
 # %%
-def probe(recs, m=model, visual=True, run=None):
-    run = run or (run_vlm if visual else run_llm)
+def probe(recs, m=model, visual=True):
     pairs = [vlm.prompt_pair(m, tok, r, seed + i, visual=visual) for i, r in enumerate(recs)]
-    p = tracing.pair_probabilities(run, pairs)
-    keep = (p[:, 0] >= tau_clean) & (p[:, 1] < p[:, 0])
-    for pair, (pc, pb) in zip(pairs, p.tolist()):
-        pair.meta.update(p_clean=pc, p_corr=pb)
-    return [pr for pr, k in zip(pairs, keep) if k], p
+    return tracing.effective_pairs(run_vlm if visual else run_llm, pairs, tau_clean)
 
 
 kept, probs = {}, {}
@@ -138,14 +133,14 @@ for ds, recs in records.items():
 # sequences below (H2). `by_role` aggregates positions as ROME does.
 
 # %%
-QUESTION_START = vlm.N_IMAGE + 4   # <bos> user : <image> x 64 <nl> | question ...
-IMAGE_ROW = list(range(3, 3 + vlm.N_IMAGE))
+QUESTION_START = vlm.QUESTION_START   # <bos> user : <image> x 64 <nl> | question ...
+IMAGE_ROW = vlm.IMAGE_POSITIONS
 ROWS = list(tracing.ROLES[:4]) + ["text constraint"] + list(tracing.ROLES[4:])
 
 
 def positions_of(pair):
-    """Every position of the question (pairs are suffixes after ``cached_prefix``; LLM pairs start at 3)."""
-    return list(range(0 if "offset" in pair.meta else 3, pair.last + 1))
+    """Every position of the question (pairs are suffixes after ``cached_prefix``; LLM pairs are whole)."""
+    return list(range(0 if "offset" in pair.meta else vlm.TEXT_QUESTION_START, pair.last + 1))
 
 
 def role_table(results, pairs):
@@ -196,22 +191,19 @@ def heatmap(ax, table, title):
 # relations, kept when both models pass the filter.
 
 # %%
-known = records["toy_known"]
-vis_pairs, vis_p = probe(known)
-llm_pairs, llm_p = probe(known, m=llm, visual=False)
-ok_v = {p.meta["record"].entity + p.meta["record"].relation for p in vis_pairs}
-ok_l = {p.meta["record"].entity + p.meta["record"].relation for p in llm_pairs}
-shared = ok_v & ok_l
-vis_shared = [p for p in vis_pairs if p.meta["record"].entity + p.meta["record"].relation in shared]
-llm_shared = [p for p in llm_pairs if p.meta["record"].entity + p.meta["record"].relation in shared]
+llm_pairs, _ = probe(records["toy_known"], m=llm, visual=False)
+fact = lambda pair: (pair.meta["record"].entity, pair.meta["record"].relation)  # noqa: E731
+shared = {fact(p) for p in kept["toy_known"]} & {fact(p) for p in llm_pairs}
+vis_idx = [i for i, p in enumerate(kept["toy_known"]) if fact(p) in shared]  # LLaVA's traces are already run
+vis_shared = [kept["toy_known"][i] for i in vis_idx]
+llm_shared = [p for p in llm_pairs if fact(p) in shared]
 print(f"shared facts known to both: {len(vis_shared)}")
 f61 = {}
-vis_suffix, vis_runs = suffixes(vis_shared)
-for name, m, run, prs in (("LLaVA-toy", model, vis_runs, vis_suffix), ("Vicuna-toy", llm, run_llm, llm_shared)):
-    for w in windows:
-        res = tracing.trace_pairs(m, run, prs, "mlp", w, positions_of, tower=TOWER if m is model else None,
-                                  batch_size=128)
-        f61[name, w] = (res, prs)
+for w in windows:
+    f61["LLaVA-toy", w] = ([traces["toy_known", "mlp", w][i] for i in vis_idx],
+                           [suffix["toy_known"][0][i] for i in vis_idx])
+    f61["Vicuna-toy", w] = (tracing.trace_pairs(llm, run_llm, llm_shared, "mlp", w, positions_of, batch_size=128),
+                            llm_shared)
 gap = {name: float(np.mean([p.meta["p_clean"] - p.meta["p_corr"] for p in prs])) for name, prs in
        (("LLaVA-toy", vis_shared), ("Vicuna-toy", llm_shared))}
 fig, axes = plt.subplots(2, len(windows) + 1, figsize=(4 * (len(windows) + 1), 5.5))
@@ -358,17 +350,16 @@ ch.claim("S5_multi_needs_larger_window", f"peak IE at the textual constraint wit
 
 # %%
 early_layers = list(range(min(4, L)))
-contrib, masks_hit, check = [], [], 0.0
-for i, pair in enumerate([p for ds in DATASETS for p in kept[ds]]):
+attn_paths = [anatomy.resolve(model, f"{TOWER}.layer[{l}].attn").path for l in range(L)]
+contrib, to_last_norms, check = [], [], 0.0
+for pair in [p for ds in DATASETS for p in kept[ds]]:  # one eager pass per question serves Fig 6.5 and S6.d
     c = pair.spans["constraint"][-1]
-    terms = attention.attention_contributions(model, early_layers, [c], tower=TOWER, **pair.clean)
+    with interplab.hooks.trace(model, attn_paths) as seen:  # the same pass's attention outputs, for H4
+        terms = attention.attention_contributions(model, range(L), [c, pair.last], tower=TOWER, **pair.clean)
     contrib.append(torch.stack([terms[l][0, 0, IMAGE_ROW].norm(dim=-1) for l in early_layers]))  # (4, 64)
-    if i < 8:  # H4 on a few questions: the terms sum to the attention output
-        paths = [anatomy.resolve(model, f"{TOWER}.layer[{l}].attn").path for l in early_layers]
-        with interplab.hooks.trace(model, paths) as seen:
-            model(**pair.clean)
-        check = max(check, max(float((terms[l][0, 0].sum(0) - seen[p][0, c]).abs().max())
-                               for l, p in zip(early_layers, paths)))
+    to_last_norms.append(torch.stack([terms[l][0, 1].norm(dim=-1) for l in range(L)]))  # (L, T): ||a_{last, j}||
+    check = max(check, max(float((terms[l][0, 0].sum(0) - seen[attn_paths[l]][0, c]).abs().max())
+                           for l in early_layers))
 contrib = torch.stack(contrib)                       # (N, 4, 64)
 mean_c = contrib.mean(0)
 k10 = max(1, vlm.N_IMAGE // 10)
@@ -390,7 +381,7 @@ ch.compare("fig6_5.layer with the largest visual -> constraint contribution", "t
            f"layer {int(mean_c.sum(1).argmax())} of {early_layers}")
 ch.compare("fig6_5.where the contribution concentrates", "last 36 of 576 visual tokens (real CLIP; paper only)",
            f"top-10% tokens carry {share_top:.2f} of the mass; mean pairwise Jaccard {jacc:.2f}")
-ch.claim("H4_contributions_sum", "sum_j a_ij reproduces the attention output at the constraint (layers 0-3)",
+ch.claim("H4_contributions_sum", "sum_j a_ij reproduces the attention output at the constraint (layers 0-3, every question)",
          dissertation="Eq. 6.1", reproduced=check, threshold=1e-4, op="<=")
 ch.claim("S6_first_layer_largest", "layer 0 carries the largest total visual -> constraint contribution of layers 0-3",
          dissertation="first self-attention layer", reproduced=int(mean_c.sum(1).argmax()),
@@ -405,9 +396,7 @@ ch.claim("S8_consistent", "mean pairwise Jaccard of the per-question top-10 % se
 
 # %%
 to_last, sources = [], {"image": [], "constraint (all tokens)": [], "after the constraint": []}
-for pair in [p for ds in DATASETS for p in kept[ds]]:
-    terms = attention.attention_contributions(model, range(L), [pair.last], tower=TOWER, **pair.clean)
-    norms = torch.stack([terms[l][0, 0].norm(dim=-1) for l in range(L)])        # (L, T): ||a_{last, j}||
+for pair, norms in zip([p for ds in DATASETS for p in kept[ds]], to_last_norms):
     to_last.append(norms[:, pair.spans["constraint"][-1]])
     c = pair.spans["constraint"]
     for name, cols in zip(sources, (IMAGE_ROW, c, list(range(c[-1] + 1, pair.last + 1)))):
@@ -440,9 +429,9 @@ all_known = vlm.known_records(world, seed + 1)
 labels, conf, att = [], [], []
 for i, r in enumerate(all_known):
     pair = vlm.prompt_pair(model, tok, r, seed + 1000 + i)
-    logits = run_vlm(pair.clean)[0, pair.last].float().softmax(-1)
-    conf.append(float(logits.max()))
-    labels.append(tok.convert_ids_to_tokens(int(logits.argmax())) in r.answers)
+    probs_next = pair.meta["next_token_probs"]  # the greedy pass prompt_pair already ran
+    conf.append(float(probs_next.max()))
+    labels.append(tok.convert_ids_to_tokens(int(probs_next.argmax())) in r.answers)
     terms = attention.attention_contributions(model, range(L), [pair.last], tower=TOWER, **pair.clean)
     att.append([float(terms[l][0, 0, pair.spans["constraint"][-1]].norm()) for l in range(L)])
 labels, conf, att = np.array(labels), np.array(conf), np.array(att)
@@ -514,9 +503,8 @@ def edit_cases(setting):
         recs = [r for r in vlm.known_records(world, seed + 3) if r.split in ("head", "tail")]
         out = []
         for i, r in enumerate(recs):
-            pair = vlm.prompt_pair(model, tok, r, seed + 3000 + i)
-            pred = tok.convert_ids_to_tokens(int(run_vlm(pair.clean)[0, pair.last].argmax()))
-            if pred not in r.answers:
+            pair = vlm.prompt_pair(model, tok, r, seed + 3000 + i)  # its answer is the greedy prediction
+            if tok.convert_ids_to_tokens(pair.answer) not in r.answers:
                 out.append(r)
         return out
     return [r for r in vlm.known_records(world, seed + 3, splits=("novel",)) if r.relation == "city"]
@@ -647,7 +635,7 @@ p_noise = np.array(p_noise)
 fig, axes = plt.subplots(1, 2, figsize=(8, 2.8))
 peak_std = 0.0
 for ax, kind in zip(axes, ("mlp", "attn")):
-    sfx = [tracing.cached_prefix(model, pr, QUESTION_START)[0] for pr in noise_pairs]  # positions only
+    sfx = suffix["toy_known"][0][:n_noise_questions] + suffix["toy_movies"][0][:n_noise_questions]  # their positions
     tables = [role_table(g, [pr] * len(g)) for g, pr in zip(noisy[kind], sfx)]
     heatmap(ax, torch.stack(tables).mean(0), f"standard CT, {kind}, window {noise_window}")
     prof = torch.stack([torch.stack([at_span([r], [pr])[0] for r in g]).mean(0) for g, pr in zip(noisy[kind], sfx)])

@@ -74,6 +74,12 @@ def words_of(prompt: str) -> list:
     return out
 
 
+# token positions in ``<bos> prompt`` (the prompt templates decide them; +1 for <bos>)
+IMAGE_POSITIONS = [i + 1 for i, word in enumerate(words_of(tf.PROMPT)) if word == "<image>"]
+QUESTION_START = words_of(tf.PROMPT).index("{q}") + 1
+TEXT_QUESTION_START = tf.TEXT_PROMPT.split().index("{q}") + 1
+
+
 def encode(tok, prompts, targets=None) -> dict:
     """Right-padded ``<bos> prompt [target <eos>]`` ids (N, T), attention mask, labels (-100 off the
     target; a target of None makes the whole text the target) and ``last`` (N,), the last prompt position."""
@@ -419,16 +425,17 @@ def prompt_pair(model, tok, record: tf.Record, seed: int, visual: bool = True, a
     ids = encode(tok, prompts)["input_ids"]
     pixels = images_of([record.scene], seed).repeat(2, 1, 1, 1) if visual else None  # one render for both runs
     embeds = llava.inputs_embeds(model, ids, pixels) if visual else model.get_input_embeddings()(ids).detach()
-    start = N_IMAGE + 3 if visual else 2  # word index of the first question word (before <bos>)
+    start = (QUESTION_START if visual else TEXT_QUESTION_START) - 1  # a word index: <bos> is not a word
     spans = {"constraint": positions_of(prompts[0], rec.constraint if visual else record.entity, start)}
     if record.text_constraint:
         spans["text"] = positions_of(prompts[0], record.text_constraint, spans["constraint"][-1])
     last = len(words_of(prompts[0]))
+    meta = {"record": record, "visual": visual}
     if answer is None:
         with torch.inference_mode():
-            answer = int(model(inputs_embeds=embeds[:1]).logits[0, last].argmax())
-    return tracing.PromptPair({"inputs_embeds": embeds[:1]}, {"inputs_embeds": embeds[1:]}, spans, last, answer,
-                              {"record": record, "visual": visual})
+            meta["next_token_probs"] = model(inputs_embeds=embeds[:1]).logits[0, last].float().softmax(-1)  # (V,)
+        answer = int(meta["next_token_probs"].argmax())
+    return tracing.PromptPair({"inputs_embeds": embeds[:1]}, {"inputs_embeds": embeds[1:]}, spans, last, answer, meta)
 
 
 def _corrupt_named(record: tf.Record) -> tf.Record:
