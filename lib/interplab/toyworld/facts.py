@@ -26,13 +26,17 @@ from .entities import BUILDERS, CITIES, COUNTRIES, SYLLABLES, Landmark, landmark
 from .render import Obj, Scene
 
 RELATIONS = ("city", "country", "builder")
-# per relation: [0] the main template, [1] a paraphrase used in training, [2:] held-out paraphrases
+# per relation: [0] the main template, [1:TRAINED_TEMPLATES] paraphrases used in training, the rest held out.
+# Several trained constructions make the relation word, not one sentence frame, what names the relation, so a
+# held-out paraphrase is understood (with two frames the tiny LLaVA answered them at 0.19-0.97 by relation).
+TRAINED_TEMPLATES = 4
 LANDMARK_TEMPLATES = {
-    "city": ("{e} is located in which city ?", "which city is {e} located in ?",
-             "in which city is {e} ?", "{e} stands in which city ?"),
-    "country": ("{e} belongs to which country ?", "which country does {e} belong to ?",
-                "in which country is {e} ?", "{e} is part of which country ?"),
-    "builder": ("{e} was built by ?", "who built {e} ?", "{e} was made by ?", "who made {e} ?"),
+    "city": ("{e} is located in which city ?", "which city is {e} located in ?", "what city is {e} in ?",
+             "{e} is in what city ?", "in which city is {e} ?", "{e} stands in which city ?"),
+    "country": ("{e} belongs to which country ?", "which country does {e} belong to ?", "what country is {e} in ?",
+                "{e} is in what country ?", "in which country is {e} ?", "{e} is part of which country ?"),
+    "builder": ("{e} was built by ?", "who built {e} ?", "{e} was created by ?", "who created {e} ?",
+                "{e} was made by ?", "who made {e} ?"),
 }
 MOVIE_TEMPLATES = ("name a movie directed by {e} ?", "which movie did {e} direct ?",
                    "give a movie made by {e} ?", "name a film by {e} ?")
@@ -214,7 +218,7 @@ def landmark_record(w: World, lm: Landmark, relation: str, rng, template: int = 
     tpls = LANDMARK_TEMPLATES[relation]
     return Record("toy_known", tpls[template].format(e=VISUAL["landmark"]), VISUAL["landmark"], other.name,
                   (getattr(lm, relation),), landmark_scene(lm, rng), lm.name, relation,
-                  paraphrases=tuple(t.format(e=VISUAL["landmark"]) for t in tpls[2:]), split=lm.split)
+                  paraphrases=tuple(t.format(e=VISUAL["landmark"]) for t in tpls[TRAINED_TEMPLATES:]), split=lm.split)
 
 
 def director_record(w: World, d: Director, rng, year: str = None, template: int = 0) -> Record:
@@ -275,7 +279,9 @@ def probe_records(w: World, dataset: str, n: int, seed: int, splits=("head",), t
     lms = [lm for lm in w.landmarks if lm.split in splits]
     for i in range(n):
         if dataset == "toy_known":
-            out.append(landmark_record(w, lms[i % len(lms)], RELATIONS[(i // len(lms)) % 3], rng, template))
+            # the relation turns with every record and shifts on each pass, so any n mixes all three and
+            # no (landmark, relation) repeats before 3 passes
+            out.append(landmark_record(w, lms[i % len(lms)], RELATIONS[(i + i // len(lms)) % 3], rng, template))
         elif dataset == "toy_movies":
             out.append(director_record(w, w.directors[i % len(w.directors)], rng, template=template))
         elif dataset == "toy_movies_multi":

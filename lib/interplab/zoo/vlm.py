@@ -6,17 +6,19 @@ frozen, read at its penultimate layer with CLS dropped (LLaVA-1.5's ``vision_fea
 96 wide, 4 heads, d_ff 256. Trained in LLaVA's stages (spec 5.2):
 
 1. ``llm`` (the Vicuna analogue, shipped in ``llm/``): text only, the facts with entities named,
-   descriptions ("zor bax is a red striped circle on water"), fact lines ("zor bax arlow avania
-   ammon": facts right after the name, as encyclopedic text has them), commonsense with the place named.
+   descriptions ("zor bax is a red striped circle on water"), fact lines ("zor bax ammon arlow avania":
+   a landmark's three facts right after its name, in a random order), commonsense with the place named.
 2. projector alignment (LM frozen): "what is this ?" -> the entity's name; attribute questions.
-3. visual instruction tuning (projector + LM): 10 % visual fact lines ("<image> this landmark" ->
-   "arlow avania ammon"), 50 % questions with a visual constraint, 25 % named
-   questions beside a random distractor image (an explicit constraint overrides the image, so a
-   corrupted run answers from the text), 15 % attribute and naming questions.
+3. visual instruction tuning (projector + LM): 30 % visual fact lines ("<image> this landmark" -> its
+   facts in a random order), 30 % questions with a visual constraint, 25 % named questions beside a
+   random distractor image (an explicit constraint overrides the image, so a corrupted run answers from
+   the text), 15 % attribute and naming questions.
 
-The spec also held 30 % of the (landmark, relation) pairs out of stage 3, so that the MLLM would have
-to reuse the LLM's fact; the first training (2026-12-04) answered those pairs at 0.06 (visual pairs
-1.0): the tiny model does not compose "image -> name -> fact", so ``REUSE`` is 0 (docs/toyworld.md).
+Two choices put the retrieval at the constraint, where Chapter 6 finds it in LLaVA (docs/toyworld.md):
+the facts follow the constraint in a random order, so its last token must hold all three of them, and
+30 % of the (head landmark, relation) pairs (``REUSE``) are never asked about an image in stage 3, so
+answering them needs what the constraint holds. Without them (fixed order, every pair asked) the tiny
+LLaVA read the image from the last position and the constraint was not causal (mean IE 0.017).
 
 Tail landmarks occur about twice per stage (the natural errors); novel landmarks never occur.
 """
@@ -38,9 +40,9 @@ N_IMAGE = 64
 GATES = {"known_vqa_accuracy": (0.8, ">="), "known_errors": (30, ">="), "novel_accuracy": (0.25, "<=")}
 EVAL_SEED = 60_001
 STEPS = {"llm": 1500, "align": 300, "instruct": 2500}
-REUSE = 0.0          # share of (head landmark, relation) pairs never asked about an image (see above)
+REUSE = 0.3          # share of (head landmark, relation) pairs never asked about an image (see above)
 TAIL_PER_STAGE = 2   # expected occurrences of each tail fact per stage
-VISUAL_FACT_LINES = 0.1  # share of stage 3 that is "<image> this landmark" -> facts
+VISUAL_FACT_LINES = 0.3  # share of stage 3 that is "<image> this landmark" -> facts
 
 
 def tokenizer(w: tf.World) -> PreTrainedTokenizerFast:
@@ -129,11 +131,13 @@ def _landmark(w, rng, tail_p):
 
 
 def fact_line(w: tf.World, rng, tail_p: float) -> tuple:
-    """(name, facts, entity): an entity followed at once by its facts ("zor bax arlow avania ammon"), so
-    the facts must be read at the name's last token, as encyclopedic text makes a pretrained LM do."""
+    """(name, facts, entity): an entity followed at once by its facts ("zor bax ammon arlow avania"), a
+    landmark's in a random order, so that the name's last token must hold all of them, as encyclopedic text
+    makes a pretrained LM do."""
     if rng.random() < 0.75:
         lm = _landmark(w, rng, tail_p)
-        return lm.name, f"{lm.city} {lm.country} {lm.builder}", lm
+        facts = [lm.city, lm.country, lm.builder]
+        return lm.name, " ".join(facts[i] for i in rng.permutation(3)), lm
     d = w.directors[rng.integers(len(w.directors))]
     return d.name, " ".join(d.movies[y] for y in tf.YEARS), d
 
@@ -144,7 +148,8 @@ def text_item(w: tf.World, rng, tail_p: float) -> tuple:
     u = rng.random()
     if u < 0.4:
         lm = _landmark(w, rng, tail_p)
-        rec = tf.landmark_record(w, lm, tf.RELATIONS[rng.integers(3)], rng, template=int(rng.integers(2))).named()
+        rec = tf.landmark_record(w, lm, tf.RELATIONS[rng.integers(3)], rng,
+                                 template=int(rng.integers(tf.TRAINED_TEMPLATES))).named()
         return rec.prompt(visual=False), rec.answers[0]
     if u < 0.45:
         lm = _landmark(w, rng, tail_p)
@@ -202,7 +207,7 @@ def instruct_item(w: tf.World, rng, tail_p: float, reuse: set) -> tuple:
                 rel = tf.RELATIONS[rng.integers(3)]
                 if (lm.name, rel) not in reuse:
                     break
-            rec = tf.landmark_record(w, lm, rel, rng, template=int(rng.integers(2)))
+            rec = tf.landmark_record(w, lm, rel, rng, template=int(rng.integers(tf.TRAINED_TEMPLATES)))
         elif v < 0.75:
             d = w.directors[rng.integers(len(w.directors))]
             year = tf.YEARS[rng.integers(3)] if rng.random() < 0.5 else None
