@@ -140,3 +140,46 @@ def test_offline_loaders_name_the_download(load, hub_id, monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ResourceUnavailable, match=f"hf download {hub_id}"):
         load(tmp_path)
+
+
+def _word_tokenizer():
+    """A word-level fast tokenizer with llava-hf's ids for <s>, </s> and <image> (built offline)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+    words = "USER ASSISTANT : ? \n which city is this landmark the eiffel tower big ben in country".split(" ")
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{w: 10 + i for i, w in enumerate(dict.fromkeys(words))}, "<image>": IMAGE}
+    t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split("\n", "isolated"), pre_tokenizers.Split(" ", "removed"),
+                                               pre_tokenizers.Punctuation()])
+    t.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])  # BOS, as Llama
+    t.add_special_tokens(["<image>"])
+    return PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def test_paper_prompt_pair_finds_the_constraint_from_character_spans(model):
+    import numpy as np
+    from PIL import Image
+    from transformers import CLIPImageProcessor
+
+    from interplab import vqa
+    tok = _word_tokenizer()
+    processor = CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 400, 3), dtype=np.uint8))
+    q = "which city is this landmark in the country ?"
+    rec = vqa.check_record(dict(id="k1", dataset="known", question=q, visual_constraint="this landmark",
+                                visual_constraint_span=[14, 27], answers=["paris"], corruption="big ben",
+                                text_constraint="the country", text_constraint_span=[31, 42],
+                                text_corruption="eiffel tower", image_path="x.jpg"))
+    pair = llava.paper_prompt_pair(model, tok, processor, rec, image)
+    words = lambda span: tok.convert_ids_to_tokens([int(tok(  # noqa: E731
+        llava.paper_prompt(q).replace("<image>", "<image>" * 576))["input_ids"][p]) for p in span])
+    assert words(pair.spans["constraint"]) == ["this", "landmark"] and words(pair.spans["text"]) == ["the", "country"]
+    assert pair.meta["question_start"] == 1 + 2 + 576 + 1 and pair.last == pair.meta["question_start"] + len(q.split()) + 1
+    clean, bad = pair.clean["inputs_embeds"], pair.corrupted["inputs_embeds"]
+    assert clean.shape == bad.shape == (1, pair.last + 1, model.config.text_config.hidden_size)
+    differs = (clean != bad).any(-1)[0].nonzero().flatten().tolist()
+    assert differs == pair.spans["constraint"] + pair.spans["text"]  # the image and every other token are shared
+    logits = model(inputs_embeds=clean).logits[0, pair.last]
+    assert pair.answer == int(logits.argmax())
+    with pytest.raises(BadParameter, match="same-length"):
+        llava.paper_prompt_pair(model, tok, processor, {**rec, "corruption": "eiffel"}, image)

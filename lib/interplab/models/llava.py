@@ -8,7 +8,8 @@
 The paper profile (spec 4): ``paper_config()`` (LLaVA-1.5-7B/13B configs written as facts, no download),
 ``reduced_config()`` / ``random_model()`` (same module tree and 576-token image geometry, tiny widths),
 ``load_paper_llava()`` / ``load_paper_bunny()`` (hub or cache; offline they raise ResourceUnavailable naming
-the ``hf download`` command) and ``paper_prompt()``.
+the ``hf download`` command), ``paper_prompt()`` and ``paper_prompt_pair()`` (a spec-2.2 record -> a
+``tracing.PromptPair`` with token spans from character offsets).
 
 Module paths go through ``interplab.anatomy`` (Composite "llava"), which knows both layouts of
 transformers' LlavaForConditionalGeneration (>= 4.52: ``model.language_model``; <= 4.51:
@@ -69,6 +70,62 @@ BUNNY_IMAGE_TOKEN = -200
 def paper_prompt(question: str, short: bool = False) -> str:
     """The llava-hf prompt (spec 2.3); ``short`` appends LLaVA-1.5's short-answer VQA instruction."""
     return PAPER_PROMPT.format(question=question + (SHORT_ANSWER if short else ""))
+
+
+def _swap_spans(question: str, swaps) -> str:
+    """``question`` with each (start, end, text) replacing its character span (spans must not overlap)."""
+    for start, end, text in sorted(swaps, reverse=True):
+        question = question[:start] + text + question[end:]
+    return question
+
+
+def _token_span(offsets, start: int, end: int) -> list:
+    """Positions of the tokens whose character offsets overlap [start, end)."""
+    return [i for i, (a, b) in enumerate(offsets) if b > a and a < end and b > start]
+
+
+@torch.no_grad()
+def paper_prompt_pair(model, tokenizer, image_processor, record: dict, image, answer: int = None,
+                      short: bool = False):
+    """``tracing.PromptPair`` of a spec-2.2 record (``interplab.vqa``) for a llava-hf model.
+
+    The prompt is ``paper_prompt`` with ``<image>`` expanded to the model's visual tokens (as LlavaProcessor
+    does); the corrupted prompt swaps the record's corruption into ``visual_constraint_span`` (and
+    ``text_corruption`` into ``text_constraint_span``). Token spans "constraint" (and "text") come from the
+    tokenizer's character offsets. Both rows get the same image; ``inputs_embeds`` (1, T, d) per run.
+    ``meta["question_start"]``: the first question position (everything before it is shared by both runs,
+    the prefix ``tracing.cached_prefix`` can reuse). BadParameter when the corruption changes the token
+    count, since restoring a position then compares different tokens.
+    """
+    from ..tracing import PromptPair
+
+    question = record["question"]
+    bad = [(*record["visual_constraint_span"], record["corruption"])]
+    if record.get("text_constraint_span"):
+        bad.append((*record["text_constraint_span"], record["text_corruption"]))
+    prompts = [paper_prompt(q, short).replace("<image>", "<image>" * n_image_tokens(model.config))
+               for q in (question, _swap_spans(question, bad))]
+    enc = tokenizer(prompts, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    if len(ids[0]) != len(ids[1]):
+        raise BadParameter(f"record {record.get('id')!r}: the corruption {record['corruption']!r} changes the prompt "
+                           f"from {len(ids[0])} to {len(ids[1])} tokens; MultimodalCausalTrace needs a same-length one")
+    q_at = prompts[0].index(question, prompts[0].index("<image>"))
+    spans = {"constraint": _token_span(offsets[0], q_at + record["visual_constraint_span"][0],
+                                       q_at + record["visual_constraint_span"][1])}
+    if record.get("text_constraint_span"):
+        spans["text"] = _token_span(offsets[0], q_at + record["text_constraint_span"][0],
+                                    q_at + record["text_constraint_span"][1])
+    question_start = _token_span(offsets[0], q_at, q_at + len(question))[0]
+    param = next(model.parameters())
+    pixels = image_processor(images=image, return_tensors="pt")["pixel_values"].to(param.device, param.dtype)
+    embeds = inputs_embeds(model, torch.tensor(ids, device=param.device), pixels.expand(2, -1, -1, -1))
+    last = len(ids[0]) - 1
+    meta = {"record": record, "question_start": question_start}
+    if answer is None:
+        meta["next_token_probs"] = model(inputs_embeds=embeds[:1]).logits[0, last].float().softmax(-1)  # (V,)
+        answer = int(meta["next_token_probs"].argmax())
+    return PromptPair({"inputs_embeds": embeds[:1]}, {"inputs_embeds": embeds[1:]}, spans, last, answer, meta)
 
 
 @dataclass(frozen=True)
