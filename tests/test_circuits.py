@@ -85,7 +85,7 @@ def test_cache_is_a_decomposition_of_the_last_residual(model, pair):
     assert torch.allclose(p, pair["logits"].softmax(-1)[torch.arange(4), pair["answers"]], atol=1e-6)
     assert p.min() > 0.1  # peaked, so the checks below compare non-trivial probabilities
     # gathering the last real token of a padded row equals running that prompt alone
-    ids, mask = pair["clean_ids"], pair["clean_mask"]
+    ids = pair["clean_ids"]
     alone = circuits.cache_last(model, ids[1:2, :5])
     assert torch.allclose(alone.heads[0], clean.heads[1], atol=1e-5)
 

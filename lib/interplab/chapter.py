@@ -6,13 +6,12 @@ table through ``ch.figure`` / ``ch.table`` (atomic, with a provenance sidecar), 
 and ends with ``ch.finish()``, which prints the claims table, writes ``claims.json`` and,
 in the tiny profile, fails the notebook if a hard claim does not hold.
 """
-import json
 import math
 import operator
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np

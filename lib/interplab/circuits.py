@@ -108,7 +108,7 @@ class NodeCache:
 def check_node(node, n_layers: int, n_heads: int) -> tuple:
     """``node`` as a tuple, or BadParameter saying what is wrong with it."""
     node = tuple(node) if isinstance(node, (tuple, list)) else (node,)
-    kind, size = node[0], {"embed": 1, "attn": 2, "mlp": 2, "head": 3}.get(node[0])
+    size = {"embed": 1, "attn": 2, "mlp": 2, "head": 3}.get(node[0])
     if size is None or len(node) != size:
         raise BadParameter(f"bad node {node!r}; use ('embed',), ('attn', l), ('head', l, h) or ('mlp', l)")
     if size > 1 and not 0 <= node[1] < n_layers:

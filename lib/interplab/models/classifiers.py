@@ -17,7 +17,6 @@ published; influence is computed on them in eval mode (frozen statistics).
     vgg(name, in_ch, n_classes)                     VGG13 / VGG14 with BatchNorm (paper)
     resnet(name, in_ch, n_classes)                  torchvision ResNet18 / 50, CIFAR stem (paper)
 """
-import torch
 from torch import nn
 
 from ..errors import check_choice
