@@ -72,6 +72,30 @@ def paper_prompt(question: str, short: bool = False) -> str:
     return PAPER_PROMPT.format(question=question + (SHORT_ANSWER if short else ""))
 
 
+@torch.no_grad()
+def prompt_pair(model, ids: torch.Tensor, pixel_values: torch.Tensor, spans: dict, meta: dict, answer: int = None):
+    """``tracing.PromptPair`` from the clean and corrupted prompt ids (2, T) of one example.
+
+    The vision tower runs once, on ``pixel_values`` (1, 3, H, W) (None: a text-only LM); the corrupted
+    embeddings are the clean ones with the differing token rows re-embedded, so both runs share the image.
+    ``last`` is position T - 1; ``answer`` None takes the clean greedy token and keeps its distribution
+    (V,) in ``meta["next_token_probs"]``.
+    """
+    from ..tracing import PromptPair
+
+    ids = torch.as_tensor(ids, device=next(model.parameters()).device)
+    embed = model.get_input_embeddings()
+    clean = inputs_embeds(model, ids[:1], pixel_values) if pixel_values is not None else embed(ids[:1])
+    corrupted = clean.clone()
+    differ = ids[0] != ids[1]
+    corrupted[0, differ] = embed(ids[1, differ]).to(clean.dtype)
+    last = ids.shape[1] - 1
+    if answer is None:
+        meta["next_token_probs"] = model(inputs_embeds=clean).logits[0, last].float().softmax(-1)
+        answer = int(meta["next_token_probs"].argmax())
+    return PromptPair({"inputs_embeds": clean}, {"inputs_embeds": corrupted}, spans, last, answer, meta)
+
+
 def _swap_spans(question: str, swaps) -> str:
     """``question`` with each (start, end, text) replacing its character span (spans must not overlap)."""
     for start, end, text in sorted(swaps, reverse=True):
@@ -92,13 +116,11 @@ def paper_prompt_pair(model, tokenizer, image_processor, record: dict, image, an
     The prompt is ``paper_prompt`` with ``<image>`` expanded to the model's visual tokens (as LlavaProcessor
     does); the corrupted prompt swaps the record's corruption into ``visual_constraint_span`` (and
     ``text_corruption`` into ``text_constraint_span``). Token spans "constraint" (and "text") come from the
-    tokenizer's character offsets. Both rows get the same image; ``inputs_embeds`` (1, T, d) per run.
+    tokenizer's character offsets; the pair is built by ``prompt_pair`` (one vision pass, (1, T, d) per run).
     ``meta["question_start"]``: the first question position (everything before it is shared by both runs,
     the prefix ``tracing.cached_prefix`` can reuse). BadParameter when the corruption changes the token
     count, since restoring a position then compares different tokens.
     """
-    from ..tracing import PromptPair
-
     question = record["question"]
     bad = [(*record["visual_constraint_span"], record["corruption"])]
     if record.get("text_constraint_span"):
@@ -119,13 +141,7 @@ def paper_prompt_pair(model, tokenizer, image_processor, record: dict, image, an
     question_start = _token_span(offsets[0], q_at, q_at + len(question))[0]
     param = next(model.parameters())
     pixels = image_processor(images=image, return_tensors="pt")["pixel_values"].to(param.device, param.dtype)
-    embeds = inputs_embeds(model, torch.tensor(ids, device=param.device), pixels.expand(2, -1, -1, -1))
-    last = len(ids[0]) - 1
-    meta = {"record": record, "question_start": question_start}
-    if answer is None:
-        meta["next_token_probs"] = model(inputs_embeds=embeds[:1]).logits[0, last].float().softmax(-1)  # (V,)
-        answer = int(meta["next_token_probs"].argmax())
-    return PromptPair({"inputs_embeds": embeds[:1]}, {"inputs_embeds": embeds[1:]}, spans, last, answer, meta)
+    return prompt_pair(model, ids, pixels, spans, {"record": record, "question_start": question_start}, answer)
 
 
 @dataclass(frozen=True)

@@ -421,28 +421,22 @@ def positions_of(prompt: str, phrase: str, after: int = 0) -> list:
 
 
 def prompt_pair(model, tok, record: tf.Record, seed: int, visual: bool = True, answer: int = None):
-    """``tracing.PromptPair`` of a record: clean and corrupted ``inputs_embeds`` (image spliced in
-    once), spans "constraint" (and "text" for multi-constraint), the last position, and the answer
-    token (the clean greedy answer when ``answer`` is None)."""
-    from .. import tracing
+    """``tracing.PromptPair`` of a record (``llava.prompt_pair``): clean and corrupted ``inputs_embeds``
+    sharing one render of the scene, spans "constraint" (and "text" for multi-constraint), the last
+    position, and the answer token (the clean greedy answer when ``answer`` is None)."""
     from ..models import llava
     rec = record if visual else record.named()
     bad = rec.corrupted() if visual else _corrupt_named(record)
     prompts = [rec.prompt(visual), bad.prompt(visual)]
     ids = encode(tok, prompts)["input_ids"]
-    pixels = images_of([record.scene], seed).repeat(2, 1, 1, 1) if visual else None  # one render for both runs
-    embeds = llava.inputs_embeds(model, ids, pixels) if visual else model.get_input_embeddings()(ids).detach()
     start = (QUESTION_START if visual else TEXT_QUESTION_START) - 1  # a word index: <bos> is not a word
     spans = {"constraint": positions_of(prompts[0], rec.constraint if visual else record.entity, start)}
     if record.text_constraint:
         spans["text"] = positions_of(prompts[0], record.text_constraint, spans["constraint"][-1])
-    last = len(words_of(prompts[0]))
-    meta = {"record": record, "visual": visual}
-    if answer is None:
-        with torch.inference_mode():
-            meta["next_token_probs"] = model(inputs_embeds=embeds[:1]).logits[0, last].float().softmax(-1)  # (V,)
-        answer = int(meta["next_token_probs"].argmax())
-    return tracing.PromptPair({"inputs_embeds": embeds[:1]}, {"inputs_embeds": embeds[1:]}, spans, last, answer, meta)
+    pair = llava.prompt_pair(model, ids, images_of([record.scene], seed) if visual else None, spans,
+                             {"record": record, "visual": visual}, answer)
+    assert pair.last == len(words_of(prompts[0]))  # encode pads nothing: both prompts have the same words
+    return pair
 
 
 def _corrupt_named(record: tf.Record) -> tf.Record:
