@@ -103,3 +103,24 @@ def test_shipped_qa_lm_gates_on_fresh_items():
     metrics = qa_lm.measure(model, tok, n=200, seed=424_244)
     for k, g in card["gates"].items():
         assert metrics[k] >= g["threshold"], (k, metrics[k])
+
+
+def test_training_contexts_always_carry_a_value_distractor(world):
+    # every context of >= 2 sentences has another word of the answer's pool besides the answer sentence
+    rng = np.random.default_rng(3)
+    items = [qw.train_item(world, rng) for _ in range(300)] + [qw.copy_item(world, rng) for _ in range(100)]
+    for it in items:
+        if len(it.sentences) < 2:
+            continue
+        pool = set(world.pools[it.relation])
+        others = [s for i, s in enumerate(it.sentences) if i != it.gold]
+        assert any(pool & set(s.split()) for s in others), it.prompt
+
+
+def test_qa_lm_trains_a_few_steps_with_only_layer0_mlp():
+    out = qa_lm.train(steps=3, batch_size=4, ship=False, resume=False, eval_n=8, curriculum=2, copy_first=1)
+    assert np.isfinite(out["final_loss"]) and out["mlp_layers"] == list(qa_lm.MLP_LAYERS)
+    model = qa_lm.build(qa_lm.config(qw.tokenizer()))
+    for l, layer in enumerate(model.model.layers):
+        w = layer.mlp.down_proj.weight
+        assert (w.abs().sum() > 0) == (l in qa_lm.MLP_LAYERS) and w.requires_grad == (l in qa_lm.MLP_LAYERS)

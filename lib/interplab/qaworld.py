@@ -58,6 +58,10 @@ TRAIN_MIN_SENTENCES = 1
 # memory answers too), a first run memorised 87 % of the facts by step 2000 but copied from a
 # 1-sentence context only 14 % of the time (from a hint, 67 %); see docs/qaworld.md.
 TRAIN_MIX = {"closed": 0.25, "open": 0.40, "dash": 0.15, "hint": 0.10, "long": 0.10}
+# every training context with >= 2 sentences puts 1-2 values of the answer's pool in other roles: with 0-1
+# the model also learned to emit "the value of the asked pool in the context", a second route beside
+# the copy head that made the head circuit redundant (docs/qaworld.md, runs v8-v10)
+TRAIN_VALUE_DISTRACTORS = (1, 2)
 P_MEM_OPEN = 0.25  # open-book items (open, hint, long) about memorised entities; the rest must be copied
 
 _ONSETS = "b d f g k l m n p r s t v z br dr gr kr pl sl st tr".split()
@@ -238,13 +242,24 @@ def train_item(w: World, rng, max_sentences: int = MAX_SENTENCES) -> Item:
     if mode == "closed":
         return Item(make_prompt([], q), value, value, subject, relation, q, memorised=memorised, mode=mode)
     n = int(rng.integers(TRAIN_MIN_SENTENCES, max_sentences + 1))
-    sents, gold = make_context(w, rng, subject, relation, value, n, value_distractors=int(rng.integers(0, 2)))
+    sents, gold = make_context(w, rng, subject, relation, value, n, value_distractors=_train_distractors(rng, n))
     if mode == "dash":
         sents[gold] = swap_word(sents[gold], value, DASH)
     hint = sents[gold] if mode == "hint" else None
     long = mode == "long"
     target = sents[gold] if long else value
     return Item(make_prompt(sents, q, hint, long), target, value, subject, relation, q, sents, gold, memorised, mode)
+
+
+def _train_distractors(rng, n: int) -> int:
+    lo, hi = TRAIN_VALUE_DISTRACTORS
+    return min(n - 1, int(rng.integers(lo, hi + 1)))
+
+
+def copy_item(w: World, rng, max_sentences: int = MAX_SENTENCES) -> Item:
+    """An open-book training item about a ctx entity (nothing to recall: the value must be copied)."""
+    n = int(rng.integers(TRAIN_MIN_SENTENCES, max_sentences + 1))
+    return probe_item(w, rng, "ctx", n=(n, n), value_distractors=_train_distractors(rng, n))
 
 
 def probe_item(w: World, rng, group: str = "mem", substitute: str | None = None, held_out: bool = False,

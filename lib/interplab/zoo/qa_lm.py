@@ -1,7 +1,12 @@
 """Chapter 8's tiny QA language model: a transformers LlamaForCausalLM trained on ``interplab.qaworld``.
 
-6 layers x 128 wide, 8 heads of 16 (48 heads), tied embeddings (a copy head can emit any token it
-attends to, the dash included), RoPE. The loss is on the target tokens only. Closed-book items
+4 layers x 128 wide, 4 heads of 32 (16 heads), tied embeddings (a copy head can emit any token it
+attends to, the dash included), RoPE; only layer 0 has an MLP (``MLP_LAYERS``: the down projections of the
+others are zero and frozen, so the class stays a plain LlamaForCausalLM). The loss is on the target tokens
+only, with label smoothing (``LABEL_SMOOTHING``). Why these departures from the spec's 6 x 8 x 16 model:
+docs/qaworld.md (runs v8-v10): with an MLP after the copy head the MLPs re-write the copied value and the
+direct-effect head circuit never reaches delta, and an unsmoothed model's P(answer) of 0.99 leaves every
+single path redundant. Closed-book items
 teach the memorised facts, open-book items teach copying from a variable position, dash items teach
 the fall-back to memory; no item ever has a context that contradicts memory (spec 5.1).
 
@@ -22,11 +27,27 @@ GATES = {"closed_book_accuracy": 0.9, "open_book_accuracy": 0.95, "dash_accuracy
 EVAL_SEED = 80_001  # never a training step's stream (those are [seed, step])
 
 
-def config(tok) -> LlamaConfig:
-    return LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=512, num_hidden_layers=6,
-                       num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=256,
-                       tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                       pad_token_id=tok.pad_token_id, attn_implementation="eager")
+N_LAYERS, N_HEADS = 4, 4
+MLP_LAYERS = (0,)       # layers that keep their MLP
+LABEL_SMOOTHING = 0.2   # caps P(answer) near 0.8 instead of 0.99
+
+
+def config(tok, n_layers: int = N_LAYERS, n_heads: int = N_HEADS) -> LlamaConfig:
+    return LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=512, num_hidden_layers=n_layers,
+                       num_attention_heads=n_heads, num_key_value_heads=n_heads, head_dim=128 // n_heads,
+                       max_position_embeddings=256, tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
+                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, attn_implementation="eager")
+
+
+def build(cfg: LlamaConfig, mlp_layers=MLP_LAYERS) -> LlamaForCausalLM:
+    """A fresh model whose MLPs outside ``mlp_layers`` output exactly zero (down_proj zero, frozen)."""
+    model = LlamaForCausalLM(cfg)
+    for l, layer in enumerate(model.model.layers):
+        if l not in mlp_layers:
+            with torch.no_grad():
+                layer.mlp.down_proj.weight.zero_()
+            layer.mlp.down_proj.weight.requires_grad_(False)
+    return model
 
 
 def encode_batch(tok, prompts, targets=None) -> dict:
@@ -136,16 +157,18 @@ def context_cap(step: int, curriculum: int) -> int:
 
 
 def train(steps: int = 3000, batch_size: int = 32, seed: int = 0, lr: float = 1e-3, ship: bool = True,
-          resume: bool = True, eval_n: int = 600, curriculum: int = 1200, copy_first: int = 800) -> dict:
+          resume: bool = True, eval_n: int = 600, curriculum: int = 1200, copy_first: int = 800,
+          n_layers: int = N_LAYERS, n_heads: int = N_HEADS, mlp_layers=MLP_LAYERS,
+          label_smoothing: float = LABEL_SMOOTHING) -> dict:
     """AdamW with 200 warm-up steps and a cosine decay on the QA world's training mixture; with
     ``curriculum`` > 0 the contexts start at 1-2 sentences and reach 14 at that step; the first
     ``copy_first`` steps see only open-book items about ctx entities (nothing to recall: copy)."""
     torch.manual_seed(seed)
     w = qw.world()
     tok = qw.tokenizer(w)
-    model = LlamaForCausalLM(config(tok))
+    model = build(config(tok, n_layers, n_heads), mlp_layers)
     model.set_attn_implementation("sdpa")  # 15 % faster to train; the analyses need eager's weights
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     warm = 200
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda i: min(1.0, (i + 1) / warm) * 0.5 * (1 + np.cos(np.pi * min(1.0, max(0, i - warm) / (steps - warm)))))
@@ -154,12 +177,13 @@ def train(steps: int = 3000, batch_size: int = 32, seed: int = 0, lr: float = 1e
         model.train()
         cap = context_cap(i, curriculum)
         if i < copy_first:
-            items = [qw.probe_item(w, rng, "ctx", n=(qw.TRAIN_MIN_SENTENCES, cap)) for _ in range(batch_size)]
+            items = [qw.copy_item(w, rng, cap) for _ in range(batch_size)]
         else:
             items = [qw.train_item(w, rng, cap) for _ in range(batch_size)]
         b = encode_batch(tok, [it.prompt for it in items], [it.target for it in items])
         logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), b["labels"][:, 1:].flatten())
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), b["labels"][:, 1:].flatten(),
+                               label_smoothing=label_smoothing)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         return loss.detach()
@@ -171,7 +195,8 @@ def train(steps: int = 3000, batch_size: int = 32, seed: int = 0, lr: float = 1e
     extra = {"metrics": {k: round(v, 4) for k, v in metrics.items()}, "batch_size": batch_size, "lr": lr,
              "params": sum(p.numel() for p in model.parameters()), "train_mix": qw.TRAIN_MIX,
              "final_loss": float(np.mean(run["losses"][-50:])), "world_seed": w.seed, "curriculum": curriculum,
-             "copy_first": copy_first}
+             "copy_first": copy_first, "mlp_layers": list(mlp_layers), "label_smoothing": label_smoothing,
+             "train_value_distractors": list(qw.TRAIN_VALUE_DISTRACTORS)}
     if ship:
         d = store.zoo_dir(NAME)
         model.save_pretrained(d)
