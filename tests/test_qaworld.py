@@ -51,7 +51,7 @@ def test_probe_items_substitute_and_hold_out_paraphrases(world):
         copy = qw.probe_item(world, rng, "mem", "copy", held_out=True)
         gold = copy.sentences[copy.gold]
         assert copy.answer != copy.memorised and copy.answer in gold.split() and copy.memorised not in gold.split()
-        assert gold.replace(copy.subject, "{e}").replace(copy.answer, "{v}") == qw.TEMPLATES[copy.relation][3]
+        assert gold.replace(copy.subject, "{e}").replace(copy.answer, "{v}") == qw.TEMPLATES[copy.relation][-1]
         dash = qw.probe_item(world, rng, "mem", "dash")
         assert dash.answer == dash.memorised and qw.DASH in dash.sentences[dash.gold].split()
 

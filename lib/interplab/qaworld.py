@@ -13,7 +13,7 @@ answer sentence with filler sentences about the subject, facts of the other rela
 entities and "answer-value distractors" that put a value of the answer's pool in another role (in
 training a random value, so that taking any value of the pool is wrong; in the NQ-tiny test sets
 the answer itself, so that string matching cannot find the answer sentence). Every relation has
-three training paraphrases and one held out for the NQ-Swap-tiny / NQ-tiny test sets.
+six training paraphrases and one held out for the NQ-Swap-tiny / NQ-tiny test sets.
 
 No context ever contradicts a memorised fact in training: what the model does when the context
 says otherwise is emergent, which is what makes the memory-vs-context experiments meaningful.
@@ -27,15 +27,21 @@ from .toyworld.tokenizer import build_tokenizer
 
 RELATIONS = ("located_in", "owned_by", "language_of", "founded_by")
 POOL_SIZES = {"located_in": 40, "owned_by": 40, "language_of": 30, "founded_by": 40}
-TEMPLATES = {  # three training paraphrases, then the held-out one; the value always ends the fact, so a copy
-    # head's key at the value token can see its role (a "{v} owns {e} ." fact looks like a distractor there)
+TEMPLATES = {  # six training paraphrases, then the held-out one (last); the value always ends the fact, so a
+    # copy head's key at the value token can see its role (a "{v} owns {e} ." fact looks like a distractor
+    # there). With three training paraphrases the held-out one was answered at 0.32-0.39, with six at 0.72
+    # (docs/qaworld.md, run v11); the spec has three.
     "located_in": ("{e} is located in {v} .", "{e} lies in {v} .", "{e} can be found in {v} .",
+                   "{e} is situated in {v} .", "the home of {e} is {v} .", "you will find {e} in {v} .",
                    "{e} sits in the city of {v} ."),
     "owned_by": ("{e} is owned by {v} .", "the owner of {e} is {v} .", "{e} belongs to {v} .",
+                 "{e} is held by {v} .", "{e} is run by {v} .", "the holder of {e} is {v} .",
                  "{e} is a property of {v} ."),
     "language_of": ("{e} speaks {v} .", "the language of {e} is {v} .", "{e} uses {v} .",
+                    "the tongue of {e} is {v} .", "at {e} people speak {v} .", "{e} communicates in {v} .",
                     "people at {e} talk in {v} ."),
     "founded_by": ("{e} was founded by {v} .", "the founder of {e} is {v} .", "{e} was started by {v} .",
+                   "{e} was created by {v} .", "the creator of {e} is {v} .", "{e} was set up by {v} .",
                    "{e} owes its founding to {v} ."),
 }
 QUESTIONS = {"located_in": "where is {e} located ?", "owned_by": "who owns {e} ?",
@@ -202,7 +208,7 @@ def make_context(w: World, rng, subject: str, relation: str, value: str, n: int,
     then needs binding the question's two-token subject to its sentence, which a 6-layer model did
     not learn in 1500-3000 copy-only steps under four recipes (docs/qaworld.md), so the relation
     and the sentence's role (fact vs value distractor) identify the answer sentence here."""
-    templates = TEMPLATES[relation][3:] if held_out else TEMPLATES[relation][:3]
+    templates = TEMPLATES[relation][-1:] if held_out else TEMPLATES[relation][:-1]
     answer = _pick(rng, templates).format(e=subject, v=value)
     others = []
     for _ in range(value_distractors):
@@ -216,7 +222,7 @@ def make_context(w: World, rng, subject: str, relation: str, value: str, n: int,
             if other == subject:
                 continue
             rel = _pick(rng, [r for r in RELATIONS if r != relation])
-            others.append(_pick(rng, TEMPLATES[rel][:3]).format(e=other, v=_pick(rng, w.pools[rel])))
+            others.append(_pick(rng, TEMPLATES[rel][:-1]).format(e=other, v=_pick(rng, w.pools[rel])))
     gold = int(rng.integers(n))
     others = [others[i] for i in rng.permutation(len(others))]
     return others[:gold] + [answer] + others[gold:], gold
