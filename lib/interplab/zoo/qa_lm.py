@@ -3,12 +3,11 @@
 4 layers x 128 wide, 4 heads of 32 (16 heads), tied embeddings (a copy head can emit any token it
 attends to, the dash included), RoPE; only layer 0 has an MLP (``MLP_LAYERS``: the down projections of the
 others are zero and frozen, so the class stays a plain LlamaForCausalLM). The loss is on the target tokens
-only, with label smoothing (``LABEL_SMOOTHING``). Why these departures from the spec's 6 x 8 x 16 model:
-docs/qaworld.md (runs v8-v10): with an MLP after the copy head the MLPs re-write the copied value and the
-direct-effect head circuit never reaches delta, and an unsmoothed model's P(answer) of 0.99 leaves every
-single path redundant. Closed-book items
-teach the memorised facts, open-book items teach copying from a variable position, dash items teach
-the fall-back to memory; no item ever has a context that contradicts memory (spec 5.1).
+only, with label smoothing (``LABEL_SMOOTHING``). Closed-book items teach the memorised facts, open-book
+items teach copying from a variable position, dash items teach the fall-back to memory; no item ever has a
+context that contradicts memory (spec 5.1). Why not the spec's 6 x 8 heads of 16 (docs/qaworld.md, runs
+v8-v14): any MLP downstream of the copy head writes the copied value again, so the direct-effect head
+circuit never reaches delta, and an unsmoothed model's P(answer) of 0.99 leaves every single path redundant.
 
 Gates (spec 5.2): closed-book accuracy on memorised facts >= 0.9, open-book accuracy on ctx
 entities >= 0.95, dash-context accuracy on memorised facts >= 0.85. Reported, not gated: the
