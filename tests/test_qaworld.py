@@ -123,4 +123,5 @@ def test_qa_lm_trains_a_few_steps_with_only_layer0_mlp():
     model = qa_lm.build(qa_lm.config(qw.tokenizer()))
     for l, layer in enumerate(model.model.layers):
         w = layer.mlp.down_proj.weight
-        assert (w.abs().sum() > 0) == (l in qa_lm.MLP_LAYERS) and w.requires_grad == (l in qa_lm.MLP_LAYERS)
+        assert (w.abs().sum() > 0) == (l in qa_lm.MLP_LAYERS)
+        assert all(p.requires_grad == (l in qa_lm.MLP_LAYERS) for p in layer.mlp.parameters())

@@ -39,13 +39,14 @@ def config(tok, n_layers: int = N_LAYERS, n_heads: int = N_HEADS) -> LlamaConfig
 
 
 def build(cfg: LlamaConfig, mlp_layers=MLP_LAYERS) -> LlamaForCausalLM:
-    """A fresh model whose MLPs outside ``mlp_layers`` output exactly zero (down_proj zero, frozen)."""
+    """A fresh model whose MLPs outside ``mlp_layers`` output exactly zero (down_proj zero, the MLP frozen:
+    behind a zero down_proj its other weights get zero gradients, so the optimizer need not carry them)."""
     model = LlamaForCausalLM(cfg)
     for l, layer in enumerate(model.model.layers):
         if l not in mlp_layers:
             with torch.no_grad():
                 layer.mlp.down_proj.weight.zero_()
-            layer.mlp.down_proj.weight.requires_grad_(False)
+            layer.mlp.requires_grad_(False)
     return model
 
 
