@@ -179,6 +179,39 @@ def test_quickfix_subject_rows_are_the_first_of_the_release_rows():
         editing.quickfix_rows(text, path, run, key_ids, value_ids, tok.eos_token_id, positions="all")
 
 
+def test_preservation_rows_keep_ordinary_outputs_and_weigh_the_same_for_any_prompt_count():
+    from interplab import hooks
+    from interplab import toyworld as tw
+    text, tok = _toy_text()
+    path = "encoder.layers.0.self_attn.out_proj"
+    run = lambda ids: text(input_ids=ids)
+    names = ["blorp", "kel varo", "the emblem of zubria", "red star"]
+    key_ids, _ = tw.encode(tok, [f"{t}{x}" for x in names for t in ("", "a photo of ", "a painting of ")])
+    value_ids, _ = tw.encode(tok, [f"{t}{x}" for x in ("star", "painting", "a blue heart", "square") for t in ("", "a photo of ", "a painting of ")])
+    K, V = editing.quickfix_rows(text, path, run, key_ids, value_ids, tok.eos_token_id)
+    assert len(K) > 64  # more rows than the layer is wide: K^T K is full rank
+    ordinary, _ = tw.encode(tok, ["a small green circle on grass", "a blue square", "a striped ring in the top left"])
+    Kp, Vp = editing.preservation_rows(text, path, run, ordinary)
+    assert Kp.shape == (ordinary.numel(), 64)
+    with torch.no_grad(), hooks.trace(text, [path]) as seen:
+        run(ordinary)
+    bias = hooks.get_module(text, path).bias.detach()
+    assert torch.allclose(Vp, seen[path].flatten(0, 1) - bias, atol=1e-5)  # their current outputs
+
+    plain = editing.compute_edit(text, path, K, V, lam=0.01)
+    kept = editing.compute_edit(text, path, K, V, lam=0.01, preserve=(Kp, Vp))
+    moved = lambda e: float((Kp @ e.delta.T).norm())
+    assert moved(kept) < 0.5 * moved(plain)
+    assert kept.residual > plain.residual  # the residual is the concept rows' fit alone
+    scale = (len(K) / len(Kp)) ** 0.5
+    stacked = editing.compute_edit(text, path, torch.cat([K, scale * Kp]), torch.cat([V, scale * Vp]), lam=0.01)
+    assert torch.allclose(stacked.delta, kept.delta, atol=1e-6)
+    twice = editing.compute_edit(text, path, K, V, lam=0.01, preserve=(torch.cat([Kp, Kp]), torch.cat([Vp, Vp])))
+    assert torch.allclose(twice.delta, kept.delta, atol=1e-5)  # the weight does not grow with the prompt count
+    with pytest.raises(BadParameter, match="preserve_weight"):
+        editing.compute_edit(text, path, K, V, lam=0.01, preserve=(Kp, Vp), preserve_weight=0.0)
+
+
 def test_locoedit_maps_the_concept_to_its_target_in_to_k_and_to_v_and_nothing_else():
     from interplab import anatomy
     from interplab.models.diffusion import random_sd

@@ -131,17 +131,30 @@ def edit_from_weights(path: str, W: torch.Tensor, W_new: torch.Tensor, K=None, V
 
 
 def compute_edit(model: nn.Module, path: str, K: torch.Tensor, V: torch.Tensor, lam: float,
-                 method: str = "auto") -> Edit:
+                 method: str = "auto", preserve: tuple = None, preserve_weight: float = 1.0) -> Edit:
     """Solve the edit of the linear map at ``path`` (keys K (n, d_in) -> values V (n, d_out)).
 
     V is what ``W k`` should become; subtract the layer's bias from desired outputs first.
-    The model is not changed: use ``apply_edit`` or ``Edit.apply``.
+    ``preserve`` = (K_p (m, d_in), V_p (m, d_out)) from ``preservation_rows``: stacked under the
+    edit's rows, scaled so that together they weigh ``preserve_weight`` times the n edit rows
+    whatever m is. The objective becomes lam ||W - W'||^2 + preserve_weight n/m sum_p ||W k_p - v_p||^2
+    besides the fit: the change is kept off the key directions ordinary prompts use (MEMIT's key
+    covariance C = E[k k^T] in row form). Needed when n exceeds the layer's width: then K^T K alone
+    is full rank and a small lam lets the edit rewrite every direction. The residual is the fit of
+    K, V alone. The model is not changed: use ``apply_edit`` or ``Edit.apply``.
     """
     W = weight_of(hooks.get_module(model, path))
+    K_fit, V_fit = K, V
+    if preserve is not None:
+        if preserve_weight <= 0:
+            raise BadParameter(f"preserve_weight must be > 0, got {preserve_weight}")
+        Kp, Vp = preserve
+        scale = (preserve_weight * len(K) / len(Kp)) ** 0.5
+        K_fit, V_fit = torch.cat([K, scale * Kp.to(K)]), torch.cat([V, scale * Vp.to(V)])
     if W.device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
-    W_new = solve_update(W, K, V, lam, method)
+    W_new = solve_update(W, K_fit, V_fit, lam, method)
     if W.device.type == "cuda":
         torch.cuda.synchronize()
     return edit_from_weights(path, W, W_new, K, V, time.perf_counter() - start, lam)
@@ -201,6 +214,18 @@ def quickfix_rows(model: nn.Module, path: str, run, key_ids: torch.Tensor, value
     if bias_mode == "as_released" and getattr(module, "bias", None) is not None:
         V = V + module.bias.detach()
     return K, V
+
+
+def preservation_rows(model: nn.Module, path: str, run, ids: torch.Tensor) -> tuple:
+    """Rows that ask the linear map at ``path`` to keep its outputs on ordinary prompts ids (N, T).
+
+    Keys K_p (N T, d_in) are its inputs at every position (a text tower's EOS / padding states are
+    read downstream too); values V_p = W' K_p (bias excluded), its current outputs. They depend on
+    the model and the prompts only, so one read serves every edit of the layer (``compute_edit``'s
+    ``preserve``).
+    """
+    K = read_inputs(model, path, run, ids, [range(ids.shape[1])] * len(ids))
+    return K, K @ weight_of(hooks.get_module(model, path)).detach().T
 
 
 def last_token_states(states: torch.Tensor, ids: torch.Tensor, eos_id: int) -> torch.Tensor:
