@@ -42,6 +42,9 @@ def test_training_items_tokenize_and_never_contradict_memory(world, tok):
             assert it.answer in it.sentences[it.gold].split()
         if it.mode == "dash":
             assert qw.DASH in it.sentences[it.gold].split() and it.target == it.memorised
+        if it.mode == "redacted":  # nothing memorised: the dash in the slot is the answer to copy
+            assert it.memorised is None and it.subject in world.entities["ctx"]
+            assert qw.DASH in it.sentences[it.gold].split() and it.target == it.answer == qw.DASH
         assert qw.TRAIN_MIN_SENTENCES <= len(it.sentences) <= qw.MAX_SENTENCES or it.mode == "closed"
 
 
