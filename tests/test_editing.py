@@ -3,6 +3,7 @@
 The update is checked against an independent least-squares solve of the same objective, and the
 application against bit-exact weight copies.
 """
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -248,6 +249,38 @@ def test_locoedit_equals_the_ridge_formula():
         # W^T = (X_o^T X_o + lam I)^-1 (X_o^T X_t W0^T + lam W0^T)   (the spec's corrected closed form)
         ridge = torch.linalg.solve(Xo.T @ Xo + 0.5 * torch.eye(12, dtype=torch.float64), Xo.T @ Xt @ W0.T + 0.5 * W0.T).T
         assert torch.allclose(W0 + edit.delta.double(), ridge, atol=1e-5)
+
+
+def test_locoedit_rows_pair_subject_and_eos_states_and_preservation_keeps_other_states():
+    from interplab import prompts
+    gen = torch.Generator().manual_seed(2)
+    eos = 9
+    key_ids = torch.tensor([[1, 4, 5, eos, eos, eos], [1, 6, eos, eos, eos, eos]])
+    target_ids = torch.tensor([[1, 7, eos, eos, eos, eos], [1, 7, 8, 3, eos, eos]])
+    ks, ts = torch.randn(2, 6, 12, generator=gen), torch.randn(2, 6, 12, generator=gen)
+    K, T = editing.locoedit_rows(ks, key_ids, ts, target_ids, eos)                     # the release's default
+    assert torch.equal(K, ks[[0, 1], [2, 1]]) and torch.equal(T, ts[[0, 1], [1, 3]])
+    K, T = editing.locoedit_rows(ks, key_ids, ts, target_ids, eos, "subject_and_after")  # its --eos
+    assert torch.equal(K, torch.cat([ks[0, 2:], ks[1, 1:]]))
+    assert torch.equal(T, torch.cat([ts[0, 1:5], ts[1, [3, 4, 5, 5, 5]]]))  # cut to as many, padded with T - 1
+    with pytest.raises(BadParameter, match="positions"):
+        editing.locoedit_rows(ks, key_ids, ts, target_ids, eos, "eos")
+
+    model = nn.Module()
+    model.attn = nn.Module()
+    model.attn.to_k, model.attn.to_v = nn.Linear(12, 6, bias=False), nn.Linear(12, 6, bias=False)
+    ordinary = torch.randn(40, 12, generator=gen)
+    plain = editing.locoedit(model, ["attn"], K, T, lam=0.01)                  # 9 key rows of 12 dims
+    kept = editing.locoedit(model, ["attn"], K, T, lam=0.01, preserve=ordinary)
+    for p_, k_ in zip(plain, kept):
+        assert (ordinary @ k_.delta.T).norm() < 0.5 * (ordinary @ p_.delta.T).norm()
+
+    caps = prompts.ordinary_captions(50, ["red", "circle"], np.random.default_rng(0), tiny=True)
+    assert len(caps) == 50 and not any({"red", "circle"} & set(c.split()) for c in caps)
+    assert caps == prompts.ordinary_captions(50, ["red", "circle"], np.random.default_rng(0), tiny=True)
+    paper = prompts.ordinary_captions(20, ["dog"], np.random.default_rng(0), tiny=False)
+    assert len(paper) == 20 and not any("dog" in c.split() for c in paper) and "a photo of an apple in the park" in \
+        prompts.ordinary_captions(10_000, [], np.random.default_rng(0), tiny=False)
 
 
 def test_last_token_states_read_the_token_before_the_first_eos():

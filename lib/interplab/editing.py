@@ -184,6 +184,22 @@ def read_inputs(model: nn.Module, path: str, run, inputs, positions: list) -> to
     return torch.cat([h[i, list(pos)] for i, pos in enumerate(positions)])
 
 
+def paired_positions(key_ids: torch.Tensor, value_ids: torch.Tensor, eos_id: int,
+                     positions: str = "subject_and_after") -> tuple:
+    """Which positions of key prompts (N, T) pair with which of value prompts (N, T): per pair, the
+    last subject token and every EOS / padding after it (``"subject_and_after"``), the value side cut
+    to as many (or padded with T - 1); or the last subject token alone (``"subject"``)."""
+    check_choice("positions", positions, ("subject_and_after", "subject"))
+    if key_ids.shape[1] != value_ids.shape[1]:
+        raise BadParameter(f"key and value prompts must be padded to one length, got {key_ids.shape[1]} "
+                           f"and {value_ids.shape[1]}")
+    pk = positions_from_last_token(key_ids, eos_id)
+    pv = [(p + [key_ids.shape[1] - 1] * len(k))[:len(k)] for k, p in zip(pk, positions_from_last_token(value_ids, eos_id))]
+    if positions == "subject":
+        pk, pv = [p[:1] for p in pk], [p[:1] for p in pv]
+    return pk, pv
+
+
 def quickfix_rows(model: nn.Module, path: str, run, key_ids: torch.Tensor, value_ids: torch.Tensor,
                   eos_id: int, bias_mode: str = "exact", positions: str = "subject_and_after") -> tuple:
     """Keys K (n, d_in) and values V (n, d_out) of DIFF-QUICKFIX (Eq. 5.8) for prompt pairs.
@@ -199,14 +215,7 @@ def quickfix_rows(model: nn.Module, path: str, run, key_ids: torch.Tensor, value
     edited layer writing v + 2b).
     """
     check_choice("bias_mode", bias_mode, ("exact", "as_released"))
-    check_choice("positions", positions, ("subject_and_after", "subject"))
-    pk = positions_from_last_token(key_ids, eos_id)
-    pv = [(p + [key_ids.shape[1] - 1] * len(k))[:len(k)] for k, p in zip(pk, positions_from_last_token(value_ids, eos_id))]
-    if positions == "subject":
-        pk, pv = [p[:1] for p in pk], [p[:1] for p in pv]
-    if key_ids.shape[1] != value_ids.shape[1]:
-        raise BadParameter(f"key and value prompts must be padded to one length, got {key_ids.shape[1]} "
-                           f"and {value_ids.shape[1]}")
+    pk, pv = paired_positions(key_ids, value_ids, eos_id, positions)
     rows = read_inputs(model, path, run, torch.cat([key_ids, value_ids]), pk + pv)  # one forward pass
     n_k = sum(map(len, pk))
     module = hooks.get_module(model, path)
@@ -236,21 +245,36 @@ def last_token_states(states: torch.Tensor, ids: torch.Tensor, eos_id: int) -> t
     return states[torch.arange(len(ids)), last]
 
 
+def locoedit_rows(key_states: torch.Tensor, key_ids: torch.Tensor, target_states: torch.Tensor,
+                  target_ids: torch.Tensor, eos_id: int, positions: str = "subject") -> tuple:
+    """LocoEdit's keys (n, d) and targets (n, d) from conditioning states (N, T, d) of prompts naming
+    the concept and of prompts naming its replacement (ids (N, T), one length). ``positions``:
+    "subject" (the last subject token, the release's default) or "subject_and_after" (also every EOS /
+    padding state after it, the release's ``--eos``: a causal tower carries the concept there, and
+    cross-attention reads those states too); pairing as ``paired_positions``."""
+    pk, pv = paired_positions(key_ids, target_ids, eos_id, positions)
+    take = lambda states, pos: torch.cat([states[i, p] for i, p in enumerate(pos)])  # noqa: E731
+    return take(key_states, pk), take(target_states, pv)
+
+
 def locoedit(unet: nn.Module, layers, keys: torch.Tensor, targets: torch.Tensor, lam: float = 0.01,
-             projections=("to_k", "to_v")) -> list:
+             projections=("to_k", "to_v"), preserve: torch.Tensor = None, preserve_weight: float = 1.0) -> list:
     """LocoEdit (§5.9.1): edits of the key and value projections of cross-attention ``layers``
     (module paths) so that text states ``keys`` (n, d) are read as ``targets`` (n, d) are.
 
-    keys: final text states at the last subject token of prompts naming the concept; targets: the
-    same for prompts of what should replace it. Per projection W: min ||K W^T - T W_0^T||^2 +
-    lam ||W - W_0||^2, DIFF-QUICKFIX's solve with values v = W_0 t. Returns the ``Edit``s
-    (apply them together with ``apply_edit(unet, edits)``)."""
+    keys: final text states at the last subject token of prompts naming the concept (``locoedit_rows``);
+    targets: the same for prompts of what should replace it. Per projection W: min ||K W^T - T W_0^T||^2 +
+    lam ||W - W_0||^2, DIFF-QUICKFIX's solve with values v = W_0 t. ``preserve`` (m, d): conditioning
+    states of ordinary prompts (every position) whose projections should not move, weighed as in
+    ``compute_edit``. Returns the ``Edit``s (apply them together with ``apply_edit(unet, edits)``)."""
     edits = []
     for layer in layers:
         for proj in projections:
             path = f"{layer}.{proj}"
             W = weight_of(hooks.get_module(unet, path)).detach()
-            edits.append(compute_edit(unet, path, keys, targets.to(W) @ W.T, lam))
+            rows = None if preserve is None else (preserve.to(W), preserve.to(W) @ W.T)
+            edits.append(compute_edit(unet, path, keys, targets.to(W) @ W.T, lam, preserve=rows,
+                                      preserve_weight=preserve_weight))
     return edits
 
 

@@ -3,6 +3,7 @@
     ch5_probes(attribute)     the causal-tracing probe captions of §11.4.1 (Table 11.2), deterministic order
     ch5_validation(probes)    the 10 captions per attribute that calibrate the CLIP-Score threshold
     EDIT_CONCEPTS             DIFF-QUICKFIX's concepts (Concept-Ablation's styles and objects, the fact)
+    ordinary_captions(...)    captions naming none of the edited concepts (an editor's preservation rows)
 
 The tiny profile's counterparts come from the toy world (``toyworld.trace_probes``). Evaluation
 prompts of the edits are authored here from the concept names (the Concept-Ablation prompt files
@@ -93,3 +94,16 @@ def edit_eval_prompts(concept: str, kind: str) -> list:
               "a painting of {x}", "{x} at a press conference", "{x} shaking hands", "a close-up of {x}",
               "{x} in an office", "{x} walking outside")
     return [f.format(x=concept) for f in frames]
+
+
+def ordinary_captions(n: int, exclude_words, rng, tiny: bool) -> list:
+    """n captions that contain none of ``exclude_words``: what an edit should leave alone. tiny: the
+    toy world's training mix of captions; paper: COCO objects in the §11.4.1 locations."""
+    if tiny:
+        from .toyworld import captions
+        pool = [e.caption for e in captions.sample_mix(rng, 2 * n)]
+    else:
+        pool = [f"a photo of {_article(o).lower()} {o} in the {p}" for o in COCO for p in LOCATIONS]
+    exclude = set(exclude_words)
+    keep = [t for t in pool if t and not exclude & set(t.split())]
+    return [keep[i] for i in rng.permutation(len(keep))[:n]]

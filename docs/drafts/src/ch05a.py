@@ -444,14 +444,8 @@ def rows(concepts, layer):
 def ordinary_captions():
     """n_preserve_prompts captions that name none of the concepts this notebook edits (never an evaluation
     prompt): tiny, the training grammar's mix; paper, COCO objects in places."""
-    r = np.random.default_rng(seed + 1)
-    if ch.tiny:
-        pool = [e.caption for e in tw.captions.sample_mix(r, 2 * n_preserve_prompts)]
-    else:
-        pool = [f"a photo of a {o} in the {p}" for o in prompts.COCO for p in prompts.LOCATIONS]
     edited = [name.split()[-1] for names in KINDS.values() for name in names]
-    keep = [t for t in pool if t and not any(w in t.split() for w in edited)]
-    return [keep[i] for i in r.permutation(len(keep))[:n_preserve_prompts]]
+    return prompts.ordinary_captions(n_preserve_prompts, edited, np.random.default_rng(seed + 1), ch.tiny)
 
 
 _preserved = {}  # layer -> ((K_p, V_p), read seconds): read once per layer, like MEMIT's key statistics

@@ -33,6 +33,9 @@ n_verification = 33                  # (clean, altered) pairs of the human-study
 num_inference_steps = None           # None: the model's sampler (tiny: 10 stochastic-DDIM steps; SD: 50)
 guidance_scale = None                # None: tiny 4.0, SD 7.5
 edit_lambda = 0.01                   # LocoEdit's regulariser
+key_positions = "subject"            # LocoEdit's rows: "subject" (the release's default) or "subject_and_after" (its --eos)
+preserve_weight = 0.0                # weight of rows keeping ordinary captions' projections (0: none, as released)
+n_preserve_prompts = 256             # ordinary captions for those rows (tiny: the training grammar; paper: COCO objects in places)
 neuron_counts = [30, 50, 100]        # of 1280 (SD-v1's width); tiny scales to its width
 neuron_mode = "zero"                 # "zero" (the text's dropout) or "mean" (the release's stored means)
 neuron_position = "last_subject"     # where activations are read for the z-scores: "last_subject" or "last_pad"
@@ -58,8 +61,9 @@ from interplab.zoo import oracle as zo
 ch = interplab.start("ch05b_locogen", profile=profile, seed=seed, device=device, out_dir=out_dir,
                      params=dict(models=models, attributes=attributes, m_values=m_values, window_threshold=window_threshold,
                                  n_prompts=n_prompts, n_verification=n_verification, num_inference_steps=num_inference_steps,
-                                 guidance_scale=guidance_scale, edit_lambda=edit_lambda, neuron_counts=neuron_counts,
-                                 neuron_mode=neuron_mode, neuron_position=neuron_position))
+                                 guidance_scale=guidance_scale, edit_lambda=edit_lambda, key_positions=key_positions,
+                                 preserve_weight=preserve_weight, n_preserve_prompts=n_preserve_prompts,
+                                 neuron_counts=neuron_counts, neuron_mode=neuron_mode, neuron_position=neuron_position))
 PAPER_IDS = {"sd14": "CompVis/stable-diffusion-v1-4", "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
              "sd21": "stabilityai/stable-diffusion-2-1", "openjourney": "prompthero/openjourney",
              "sdxl": "stabilityai/stable-diffusion-xl-base-1.0", "deepfloyd": "DeepFloyd/IF-I-XL-v1.0"}
@@ -343,16 +347,35 @@ else:  # the release's (loco_edit.py)
                  "facts": ["{x}", "an image of {x}", "a photo of {x}", "a picture of {x}"]}
 
 
-def last_states(pipe, prompts):
-    """(N, d): what cross-attention reads at each prompt's last token before the first EOS."""
-    return editing.last_token_states(pipe.encode(prompts), pipe.tokenize(prompts), eos)
-
-
 def edit_rows(pipe, a, concept, replacement):
     if isinstance(pipe, DeepFloydIF):  # keys would have to pass encoder_hid_proj and each layer's norm_cross
         raise BadParameter("LocoEdit on DeepFloyd IF (add_k_proj / add_v_proj) is not written yet")
     keys = [t.format(x=concept) for t in TEMPLATES[a]]
-    return last_states(pipe, keys), last_states(pipe, [replacement] * len(keys))
+    targets = [replacement] * len(keys)
+    return editing.locoedit_rows(pipe.encode(keys), pipe.tokenize(keys), pipe.encode(targets), pipe.tokenize(targets),
+                                 eos, key_positions)
+
+
+def edited_words():
+    if ch.tiny:
+        names = list(tw.ARTISTS) + list(tw.MASCOTS) + list(tw.STALE_EMBLEMS)
+    else:
+        from interplab import prompts
+        names = [c for v in prompts.EDIT_CONCEPTS.values() for c, _ in v]
+    return sorted({w for n in names for w in n.split()})
+
+
+_preserved = {}  # pipe id -> states (n_preserve_prompts T, d) of ordinary captions, read once per model
+
+
+def preservation(pipe):
+    if preserve_weight <= 0:
+        return None
+    if id(pipe) not in _preserved:
+        from interplab import prompts
+        caps = prompts.ordinary_captions(n_preserve_prompts, edited_words(), np.random.default_rng(seed + 1), ch.tiny)
+        _preserved[id(pipe)] = pipe.encode(caps).flatten(0, 1)
+    return _preserved[id(pipe)]
 
 
 def concept_prompts(a, concept, n, rng):
@@ -405,7 +428,8 @@ for a in attributes:
     row = dict(attribute=a, concept=concept, original=original,
                others_original=np.mean([concept_score(pipe, p, w) for p, w in other_sets]) if other_sets else np.nan)
     for cond, layer_ids in conditions.items():
-        edits = editing.locoedit(pipe.unet, [xattn[i] for i in layer_ids], K, V, lam=edit_lambda)
+        edits = editing.locoedit(pipe.unet, [xattn[i] for i in layer_ids], K, V, lam=edit_lambda,
+                                 preserve=preservation(pipe), preserve_weight=preserve_weight)
         row[cond], edited_images = concept_images(pipe, ps, wanted, edits)
         row[f"others_{cond}"] = np.mean([concept_score(pipe, p, w, edits) for p, w in other_sets]) if other_sets else np.nan
         row[f"rel_change_{cond}"] = float(np.mean([e.relative_change for e in edits]))
