@@ -194,7 +194,8 @@ def paired_positions(key_ids: torch.Tensor, value_ids: torch.Tensor, eos_id: int
         raise BadParameter(f"key and value prompts must be padded to one length, got {key_ids.shape[1]} "
                            f"and {value_ids.shape[1]}")
     pk = positions_from_last_token(key_ids, eos_id)
-    pv = [(p + [key_ids.shape[1] - 1] * len(k))[:len(k)] for k, p in zip(pk, positions_from_last_token(value_ids, eos_id))]
+    pad = key_ids.shape[1] - 1
+    pv = [(p + [pad] * len(k))[:len(k)] for k, p in zip(pk, positions_from_last_token(value_ids, eos_id))]
     if positions == "subject":
         pk, pv = [p[:1] for p in pk], [p[:1] for p in pv]
     return pk, pv

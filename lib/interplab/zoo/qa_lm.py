@@ -6,9 +6,10 @@ others are zero and frozen, so the class stays a plain LlamaForCausalLM). The lo
 only, with label smoothing (``LABEL_SMOOTHING``). Closed-book items teach the memorised facts, open-book
 items teach copying from a variable position, dash items teach the fall-back to memory, redacted items (a
 dashed slot about an entity with nothing memorised: answer the dash) teach the copy heads to read the slot
-whatever it holds; no item ever has a context that contradicts memory (spec 5.1). Why not the spec's 6 x 8 heads of 16 (docs/qaworld.md, runs
-v8-v14): any MLP downstream of the copy head writes the copied value again, so the direct-effect head
-circuit never reaches delta, and an unsmoothed model's P(answer) of 0.99 leaves every single path redundant.
+whatever it holds; no item ever has a context that contradicts memory (spec 5.1). Why not the spec's
+6 x 8 heads of 16 (docs/qaworld.md, runs v8-v14): any MLP downstream of the copy head writes the copied
+value again, so the direct-effect head circuit never reaches delta, and an unsmoothed model's P(answer) of
+0.99 leaves every single path redundant.
 
 Gates (spec 5.2): closed-book accuracy on memorised facts >= 0.9, open-book accuracy on ctx
 entities >= 0.95, dash-context accuracy on memorised facts >= 0.85. Reported, not gated: the
