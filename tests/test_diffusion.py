@@ -4,17 +4,12 @@ import torch
 
 from interplab import anatomy, tracing
 from interplab import toyworld as tw
-from interplab.models.diffusion import SD_TEXT, StableDiffusion, random_sd
+from interplab.models import tiny_random
+from interplab.models.diffusion import SD_TEXT, random_sd
 
 
 def _tiny_sd():
-    from diffusers import AutoencoderKL
-    unet, text = random_sd("v1", width=32, text_layers=1)
-    unet.config.sample_size = 8  # 8 x 8 latents: the real topology, a small canvas
-    torch.manual_seed(0)
-    vae = AutoencoderKL(block_out_channels=(32,), norm_num_groups=8).eval()  # one level: latents = pixels
-    tok = tw.clip_tokenizer(24)
-    return StableDiffusion(unet, text, tok, vae)
+    return tiny_random.stable_diffusion()
 
 
 def test_sd_text_encoder_is_clip_l_and_paths_resolve():

@@ -29,9 +29,13 @@ def layer_norms(model: nn.Module) -> list:
 
 
 class SdsClip(nn.Module):
-    """A copy of a CLIPModel (the student; the original is left alone) plus h_w: embedding -> latent."""
+    """A copy of a CLIPModel (the student; the original is left alone) plus h_w: embedding -> latent.
 
-    def __init__(self, clip: nn.Module, latent_shape: tuple):
+    ``also_train``: paths of submodules of ``clip`` trained beside the LayerNorms (a ResNet image
+    tower has none; ``models.clip_students.STUDENTS[name].also_train`` says which).
+    """
+
+    def __init__(self, clip: nn.Module, latent_shape: tuple, also_train: tuple = ()):
         super().__init__()
         self.clip = copy.deepcopy(clip)
         self.latent_shape = tuple(latent_shape)
@@ -42,6 +46,8 @@ class SdsClip(nn.Module):
             p.requires_grad_(False)
         for p in layer_norms(self.clip):
             p.requires_grad_(True)
+        for path in also_train:
+            self.clip.get_submodule(path).requires_grad_(True)
 
     def trainable(self) -> list:
         return [p for p in self.parameters() if p.requires_grad]
@@ -68,8 +74,9 @@ def finetune(student: SdsClip, tokenize, teacher, batches, lam: float, steps: in
     if lam < 0:
         raise BadParameter(f"lam must be >= 0, got {lam}")
     rng, gen = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
-    ln = layer_norms(student.clip)
-    opt = torch.optim.AdamW([{"params": ln, "lr": lr_ln}, {"params": student.h_w.parameters(), "lr": lr_h}])
+    tower = [p for p in student.clip.parameters() if p.requires_grad]  # LayerNorms (+ also_train)
+    opt = torch.optim.AdamW([{"params": tower, "lr": lr_ln}, {"params": student.h_w.parameters(), "lr": lr_h}],
+                            weight_decay=0.0)
     teacher.unet.eval()
     out = []
     with frozen(teacher.unet):

@@ -16,6 +16,8 @@ them with random weights offline; ``StableDiffusion.from_pretrained`` loads real
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
@@ -59,8 +61,10 @@ class Text2Image:
         raise NotImplementedError
 
     def training_scheduler(self) -> DDPMScheduler:
-        """The noise schedule the UNet was trained with (``add_noise`` for fine-tuning)."""
-        return DDPMScheduler(**self.schedule)
+        """The noise schedule the UNet was trained with (``add_noise`` for fine-tuning); sampling-only
+        keys of ``schedule`` (DDIM's ``set_alpha_to_one``) are not DDPM's and are left out."""
+        ddpm = inspect.signature(DDPMScheduler.__init__).parameters
+        return DDPMScheduler(**{k: v for k, v in self.schedule.items() if k in ddpm})
 
     def draw_noise(self, rows: int, seed: int) -> torch.Tensor:
         """z_T (rows, *latent_shape) from a seed: what ``sample(noise=...)`` takes."""

@@ -14,6 +14,8 @@ behave; the ``tiny`` profile's trained zoo has the same shapes.
     timm_vit()   timm VisionTransformer           depth 2, d=192, image 32, patch 8
     timm_swin()  timm SwinTransformer             2 stages x (2, 2) blocks, image 32, patch 2, window 4
     open_clip()  open_clip.model.CLIP             width 64, 2 layers per tower, image 32, patch 8
+    stable_diffusion()  models.diffusion.StableDiffusion  SD-v1's UNet topology at width 32, CLIP-L's text
+                 width (768) with 1 layer, a one-level VAE, 8 x 8 latents, the toy world's 24-token tokenizer
 """
 import torch
 
@@ -126,3 +128,15 @@ def open_clip(seed: int = SEED):
     vision = CLIPVisionCfg(layers=2, width=64, head_width=16, patch_size=8, image_size=32)
     text = CLIPTextCfg(context_length=16, vocab_size=VOCAB, width=64, heads=4, layers=2)
     return _ready(CLIP(embed_dim=32, vision_cfg=vision, text_cfg=text))
+
+
+def stable_diffusion(seed: int = SEED):
+    from diffusers import AutoencoderKL
+
+    from ..toyworld import clip_tokenizer
+    from .diffusion import StableDiffusion, random_sd
+    unet, text = random_sd("v1", width=32, text_layers=1, seed=seed)
+    unet.config.sample_size = 8  # 8 x 8 latents: the real topology, a small canvas
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(block_out_channels=(32,), norm_num_groups=8).eval()  # one level: latents = pixels
+    return StableDiffusion(unet, text, clip_tokenizer(24), vae)

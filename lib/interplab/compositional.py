@@ -1,0 +1,209 @@
+"""The compositional benchmarks of Chapter 9's paper profile, read from data/paper/ch09/ in their
+released formats, and T2I-CompBench's disentangled BLIP-VQA score.
+
+    winoground()                    400 items (examples.jsonl + images/)          Table 9.1, Fig 9.1
+    winoground_columns(S, items)    Table 9.1's six Winoground columns from similarities S (n, 2, 2)
+    aro(kind)                       VG-Relation / VG-Attribution (true vs swapped caption, bbox crops)
+    compbench_prompts(category, split)   T2I-CompBench prompts (colour / texture / shape; train / val)
+    coco_captions(split)            MS-COCO (image, caption) pairs: SDS-CLIP's fine-tuning stream
+    BlipVqa, disentangled_vqa       P("yes") per noun phrase, multiplied over the phrases (§9.2.6)
+
+Every loader raises ResourceUnavailable naming what to put where when its files are absent.
+Layout under ``root`` (default data/paper/ch09):
+
+    winoground/examples.jsonl, winoground/images/<image_0>.png     (facebook/winoground, gated)
+    aro/visual_genome_{relation,attribution}.json, aro/images/      (the ARO release)
+    t2i_compbench/<category>_<split>.txt                            (T2I-CompBench examples/dataset)
+    coco/annotations/captions_<split>.json, coco/<split>/           (MS-COCO 2017)
+"""
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import paths
+from .errors import check_choice, resource_unavailable
+
+ROOT = paths.DATA / "paper" / "ch09"
+DOWNLOAD = {
+    "winoground": "accept the licence of the gated hub dataset facebook/winoground and copy data/examples.jsonl "
+                  "and the unzipped data/images.zip there",
+    "aro": "copy visual_genome_relation.json, visual_genome_attribution.json and the vgr_vga images of the ARO "
+           "release (mertyg/vision-language-models-are-bows) there",
+    "t2i_compbench": "copy examples/dataset/*.txt of T2I-CompBench (Karine-Huang/T2I-CompBench) there",
+    "coco": "copy the MS-COCO 2017 captions annotations and images (cocodataset.org) there",
+}
+WINOGROUND_TAGS = ("Object", "Relation", "Both")
+COMPBENCH_CATEGORIES = ("color", "texture", "shape")
+
+
+def _folder(name: str, root) -> Path:
+    folder = Path(root or ROOT) / name
+    if not folder.is_dir():
+        raise resource_unavailable(f"{name} (looked for {folder})", DOWNLOAD[name])
+    return folder
+
+
+def _file(name: str, path: Path) -> Path:
+    if not path.exists():
+        raise resource_unavailable(f"{name} file {path}", DOWNLOAD[name])
+    return path
+
+
+# ---------------------------------------------------------------- image-text matching (Part A)
+
+
+def winoground(root=None) -> list:
+    """Winoground items: dicts with caption_0, caption_1, image_0, image_1 (paths), collapsed_tag, num_main_preds."""
+    folder = _folder("winoground", root)
+    lines = _file("winoground", folder / "examples.jsonl").read_text().splitlines()
+    items = []
+    for line in filter(str.strip, lines):
+        r = json.loads(line)
+        items.append(dict(id=r["id"], caption_0=r["caption_0"], caption_1=r["caption_1"],
+                          image_0=folder / "images" / f"{r['image_0']}.png",
+                          image_1=folder / "images" / f"{r['image_1']}.png",
+                          collapsed_tag=r["collapsed_tag"], num_main_preds=int(r["num_main_preds"])))
+    return items
+
+
+def winoground_columns(S: torch.Tensor, items: list) -> dict:
+    """Table 9.1's Winoground columns (the text score) plus the overall image and group scores.
+
+    S (n, 2 images, 2 captions): similarity, higher = better (for a diffusion score pass -d)."""
+    from .toyworld.binding import winoground_scores
+    if len(S) != len(items):
+        raise ValueError(f"{len(S)} similarity matrices for {len(items)} items")
+    overall = winoground_scores(S)
+    out = {"overall": overall["text"], "image": overall["image"], "group": overall["group"]}
+    subsets = {tag: [i for i, it in enumerate(items) if it["collapsed_tag"] == tag] for tag in WINOGROUND_TAGS}
+    subsets |= {f"{k} main pred": [i for i, it in enumerate(items) if it["num_main_preds"] == k] for k in (1, 2)}
+    for name, idx in subsets.items():
+        out[name] = winoground_scores(S[idx])["text"] if idx else float("nan")
+    return out
+
+
+def aro(kind: str, root=None) -> list:
+    """VG-Relation (kind "relation") or VG-Attribution ("attribution") items: dicts with image (path),
+    bbox (x, y, w, h), true, false (captions) and label (the relation, or the two attributes)."""
+    check_choice("kind", kind, ("relation", "attribution"))
+    folder = _folder("aro", root)
+    records = json.loads(_file("aro", folder / f"visual_genome_{kind}.json").read_text())
+    return [dict(image=folder / "images" / r["image_path"], bbox=(r["bbox_x"], r["bbox_y"], r["bbox_w"], r["bbox_h"]),
+                 true=r["true_caption"], false=r["false_caption"],
+                 label=r["relation_name"] if kind == "relation" else " ".join(r["attributes"]))
+            for r in records]
+
+
+def aro_accuracy(s_true: torch.Tensor, s_false: torch.Tensor, labels=None) -> dict:
+    """Micro accuracy (true caption scored higher) and, given labels, the macro mean over them."""
+    right = (torch.as_tensor(s_true) > torch.as_tensor(s_false)).float().numpy()
+    out = {"micro": float(right.mean())}
+    if labels is not None:
+        labels = np.asarray(labels)
+        out["macro"] = float(np.mean([right[labels == lab].mean() for lab in np.unique(labels)]))
+    return out
+
+
+def load_image(path, size: int, bbox=None) -> torch.Tensor:
+    """An RGB image file -> (3, size, size) in [0, 1]: optional bbox crop (x, y, w, h), short side
+    resized to ``size``, centre crop."""
+    from PIL import Image
+    img = Image.open(path).convert("RGB")
+    if bbox is not None:
+        x, y, w, h = bbox
+        img = img.crop((x, y, x + w, y + h))
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1)[None]
+    h, w = x.shape[-2:]
+    scale = size / min(h, w)
+    x = F.interpolate(x, size=(max(size, round(h * scale)), max(size, round(w * scale))), mode="bicubic",
+                      align_corners=False).clamp(0, 1)
+    top, left = (x.shape[-2] - size) // 2, (x.shape[-1] - size) // 2
+    return x[0, :, top:top + size, left:left + size]
+
+
+def coco_captions(split: str = "train2017", root=None) -> list:
+    """(image path, caption) pairs of MS-COCO ``split``, every caption of every image."""
+    folder = _folder("coco", root)
+    ann = json.loads(_file("coco", folder / "annotations" / f"captions_{split}.json").read_text())
+    files = {im["id"]: folder / split / im["file_name"] for im in ann["images"]}
+    return [(files[a["image_id"]], a["caption"].strip()) for a in ann["annotations"]]
+
+
+# ---------------------------------------------------------------- T2I-CompBench (Part B)
+
+
+def compbench_prompts(category: str, split: str = "val", root=None) -> list:
+    """T2I-CompBench prompts of ``category`` (color, texture, shape) and ``split`` (train, val)."""
+    check_choice("category", category, COMPBENCH_CATEGORIES)
+    check_choice("split", split, ("train", "val"))
+    path = _file("t2i_compbench", _folder("t2i_compbench", root) / f"{category}_{split}.txt")
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+def noun_phrases(prompt: str) -> list:
+    """spaCy en_core_web_sm noun chunks of ``prompt``, T2I-CompBench's way of disentangling it."""
+    try:
+        import spacy
+        nlp = noun_phrases.nlp = getattr(noun_phrases, "nlp", None) or spacy.load("en_core_web_sm")
+    except (ImportError, OSError):
+        raise resource_unavailable("spaCy's en_core_web_sm (noun chunks of T2I-CompBench prompts)",
+                                   "run `pip install spacy && python -m spacy download en_core_web_sm`") from None
+    return [chunk.text for chunk in nlp(prompt).noun_chunks]
+
+
+class BlipVqa:
+    """P("yes" | image, question) of a BLIP VQA model: the decoder's first answer token, softmax over
+    {"yes", "no"} (a one-token answer ranked as T2I-CompBench ranks its two candidates).
+
+    model: transformers ``BlipForQuestionAnswering``; tokenizer: its (BERT) tokenizer, which must
+    hold "yes" and "no" as single tokens.
+    """
+
+    def __init__(self, model, tokenizer, image_size: int = 384):
+        self.model, self.tokenizer, self.image_size = model.eval(), tokenizer, image_size
+        self.answers = tokenizer.convert_tokens_to_ids(["yes", "no"])
+
+    def yes_probability(self, images: torch.Tensor, questions, batch_size: int = 64) -> torch.Tensor:
+        """images (N, 3, H, W) in [0, 1], N questions -> (N,) P(yes)."""
+        questions = list(questions)
+        return torch.cat([self._yes(images[i:i + batch_size], questions[i:i + batch_size])
+                          for i in range(0, len(questions), batch_size)])
+
+    @torch.inference_mode()
+    def _yes(self, images, questions):
+        from .models.clip_students import pixels
+        m = self.model
+        device = next(m.parameters()).device
+        x = pixels(images.float(), self.image_size).to(device)  # BLIP normalises with CLIP's mean / std
+        q = self.tokenizer(questions, padding=True, return_tensors="pt").to(device)
+        seen = m.vision_model(pixel_values=x).last_hidden_state
+        asked = m.text_encoder(input_ids=q.input_ids, attention_mask=q.attention_mask, encoder_hidden_states=seen,
+                               encoder_attention_mask=torch.ones(seen.shape[:-1], dtype=torch.long, device=device))[0]
+        start = torch.full((len(x), 1), m.decoder_start_token_id, device=device)
+        logits = m.text_decoder(input_ids=start, encoder_hidden_states=asked,
+                                encoder_attention_mask=q.attention_mask).logits[:, 0]    # (N, vocab)
+        return logits[:, self.answers].float().softmax(-1)[:, 0].cpu()
+
+    @classmethod
+    def from_pretrained(cls, model_id: str = "Salesforce/blip-vqa-base", device="cuda"):
+        from transformers import AutoTokenizer, BlipForQuestionAnswering
+        try:
+            model = BlipForQuestionAnswering.from_pretrained(model_id).to(device)
+            tok = AutoTokenizer.from_pretrained(model_id)
+        except (OSError, ValueError) as err:
+            raise resource_unavailable(f"BLIP-VQA `{model_id}` ({type(err).__name__})",
+                                       f"run `huggingface-cli download {model_id}` on a machine with hub access") from None
+        return cls(model, tok)
+
+
+def disentangled_vqa(vqa: BlipVqa, images: torch.Tensor, prompts, chunker=noun_phrases) -> torch.Tensor:
+    """T2I-CompBench's disentangled BLIP-VQA: per image, the product over the prompt's noun phrases
+    of P(yes | "<phrase>?"). images (N, 3, H, W) in [0, 1], N prompts -> (N,)."""
+    phrases = [chunker(p) for p in prompts]
+    rows = [i for i, ph in enumerate(phrases) for _ in ph]
+    p_yes = vqa.yes_probability(images[rows], [f"{c}?" for ph in phrases for c in ph])
+    rows = torch.tensor(rows)
+    return torch.stack([p_yes[rows == i].prod() for i in range(len(prompts))])

@@ -1,0 +1,174 @@
+"""Chapter 9's paper profile: the CLIP students, the benchmarks' loaders and the disentangled BLIP-VQA,
+on the real architectures with random weights and on files written in the released formats."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from interplab import compositional as cb
+from interplab import conditioning, distillation
+from interplab.errors import ResourceUnavailable
+from interplab.models import clip_students, tiny_random
+
+
+# ---------------------------------------------------------------- loaders
+
+
+def _write_image(path, size=(40, 30)):
+    from PIL import Image
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (*size[::-1], 3), dtype=np.uint8)).save(path)
+
+
+def test_loaders_read_the_released_formats_and_name_the_fix_when_files_are_missing(tmp_path):
+    for loader in (cb.winoground, lambda root: cb.aro("relation", root), lambda root: cb.coco_captions(root=root),
+                   lambda root: cb.compbench_prompts("color", "val", root)):
+        with pytest.raises(ResourceUnavailable, match="looked for"):
+            loader(tmp_path)
+    wino = tmp_path / "winoground"
+    wino.mkdir()
+    rows = [dict(id=i, image_0=f"ex_{i}_img_0", image_1=f"ex_{i}_img_1", caption_0="a mug in grass",
+                 caption_1="grass in a mug", tag="Noun", secondary_tag="", num_main_preds=1 + i % 2,
+                 collapsed_tag=("Object", "Relation")[i % 2]) for i in range(2)]
+    (wino / "examples.jsonl").write_text("\n".join(map(json.dumps, rows)) + "\n")
+    items = cb.winoground(tmp_path)
+    assert [it["collapsed_tag"] for it in items] == ["Object", "Relation"]
+    assert items[1]["image_1"] == wino / "images" / "ex_1_img_1.png" and items[1]["num_main_preds"] == 2
+
+    (tmp_path / "aro").mkdir()
+    record = dict(image_path="1.jpg", bbox_x=5, bbox_y=4, bbox_w=20, bbox_h=10, true_caption="the dog is on the sofa",
+                  false_caption="the sofa is on the dog", relation_name="on")
+    (tmp_path / "aro" / "visual_genome_relation.json").write_text(json.dumps([record]))
+    _write_image(tmp_path / "aro" / "images" / "1.jpg")
+    (r,) = cb.aro("relation", tmp_path)
+    assert (r["true"], r["false"], r["label"], r["bbox"]) == (record["true_caption"], record["false_caption"], "on",
+                                                              (5, 4, 20, 10))
+    crop = cb.load_image(r["image"], 16, bbox=r["bbox"])
+    assert crop.shape == (3, 16, 16) and 0 <= crop.min() and crop.max() <= 1
+
+    (tmp_path / "t2i_compbench").mkdir()
+    (tmp_path / "t2i_compbench" / "color_val.txt").write_text("a red book and a yellow vase\n\na blue bear and a brown boat\n")
+    assert cb.compbench_prompts("color", "val", tmp_path) == ["a red book and a yellow vase", "a blue bear and a brown boat"]
+
+    (tmp_path / "coco" / "annotations").mkdir(parents=True)
+    ann = dict(images=[dict(id=7, file_name="7.jpg")], annotations=[dict(image_id=7, caption="A cat. "),
+                                                                    dict(image_id=7, caption="A kitten")])
+    (tmp_path / "coco" / "annotations" / "captions_train2017.json").write_text(json.dumps(ann))
+    assert cb.coco_captions(root=tmp_path) == [(tmp_path / "coco" / "train2017" / "7.jpg", "A cat."),
+                                               (tmp_path / "coco" / "train2017" / "7.jpg", "A kitten")]
+
+
+def test_winoground_columns_split_the_text_score_by_tag_and_main_predicates():
+    right = torch.tensor([[2.0, 1.0], [1.0, 2.0]])     # text and image score both right
+    wrong = torch.tensor([[1.0, 2.0], [1.0, 2.0]])     # text wrong (image 1 prefers caption 1 for both)
+    items = [dict(collapsed_tag=t, num_main_preds=k) for t, k in
+             (("Object", 1), ("Object", 1), ("Relation", 2), ("Both", 1))]
+    out = cb.winoground_columns(torch.stack([right, wrong, right, right]), items)
+    assert out["overall"] == 0.75 and out["Object"] == 0.5 and out["Relation"] == 1.0 and out["Both"] == 1.0
+    assert out["1 main pred"] == pytest.approx(2 / 3) and out["2 main pred"] == 1.0
+    acc = cb.aro_accuracy([1.0, 0.0, 3.0], [0.5, 1.0, 1.0], labels=["on", "on", "in"])
+    assert acc == pytest.approx({"micro": 2 / 3, "macro": 0.75})
+
+
+# ---------------------------------------------------------------- BLIP-VQA
+
+
+def _tiny_blip():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import BlipConfig, BlipForQuestionAnswering, PreTrainedTokenizerFast
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[DEC]", "yes", "no", "a", "red", "blue", "book", "vase", "?"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]")
+    torch.manual_seed(0)
+    text = dict(vocab_size=len(words), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                encoder_hidden_size=32, bos_token_id=4, pad_token_id=0, sep_token_id=3, max_position_embeddings=32)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=32,
+                  patch_size=8)
+    model = BlipForQuestionAnswering(BlipConfig(text_config=text, vision_config=vision)).eval()
+    with torch.no_grad():  # BLIP's initialisation (std 0.02) leaves the answer nearly blind to the image
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.3)
+    return model, tokenizer
+
+
+def test_blip_vqa_reads_the_yes_and_no_logits_of_the_first_answer_token():
+    model, tok = _tiny_blip()
+    vqa = cb.BlipVqa(model, tok, image_size=32)
+    images = torch.rand(3, 3, 40, 48, generator=torch.Generator().manual_seed(0))
+    qs = ["a red book?", "a blue vase?", "a red vase?"]
+    p = vqa.yes_probability(images, qs)
+    assert p.shape == (3,) and ((0 < p) & (p < 1)).all()
+    assert torch.allclose(vqa.yes_probability(images, qs, batch_size=2), p)
+    assert not torch.allclose(vqa.yes_probability(images.flip(0), qs), p)      # the answer depends on the image
+    bias = model.text_decoder.cls.predictions.bias
+    with torch.no_grad():
+        bias[vqa.answers[0]] += 30
+    assert (vqa.yes_probability(images, qs) > 0.999).all()
+    with torch.no_grad():
+        bias[vqa.answers[1]] += 60
+    assert (vqa.yes_probability(images, qs) < 1e-3).all()
+
+
+def test_disentangled_vqa_multiplies_each_images_phrase_probabilities():
+    class Fixed:   # P(yes) per question, whatever the image
+        table = {"a red book?": 0.5, "a yellow vase?": 0.8, "a blue bear?": 0.25}
+
+        def yes_probability(self, images, questions):
+            assert len(images) == len(questions)
+            return torch.tensor([self.table[q] for q in questions])
+    prompts = ["a red book and a yellow vase", "a blue bear"]
+    got = cb.disentangled_vqa(Fixed(), torch.zeros(2, 3, 4, 4), prompts, chunker=lambda p: p.split(" and "))
+    assert torch.allclose(got, torch.tensor([0.4, 0.25]))
+
+
+# ---------------------------------------------------------------- SDS-CLIP on the real students
+
+
+@pytest.mark.parametrize("name, norms", [
+    ("ViT-B/32", {"vision_model.pre_layrnorm.weight", "vision_model.post_layernorm.bias",
+                  "vision_model.encoder.layers.0.layer_norm2.weight", "text_model.final_layer_norm.weight",
+                  "text_model.encoder.layers.0.layer_norm1.bias"}),
+    ("RN50", {"model.ln_final.weight", "model.transformer.resblocks.0.ln_1.weight", "model.visual.attnpool.c_proj.weight"}),
+])
+def test_sds_clip_trains_the_layer_norms_of_the_real_students_and_its_gradient_reaches_the_image_tower(name, norms):
+    pipe = tiny_random.stable_diffusion()
+    spec = clip_students.STUDENTS[name]
+    student = distillation.SdsClip(clip_students.build(name, layers=1), pipe.latent_shape, also_train=spec.also_train)
+    trainable = {n for n, p in student.clip.named_parameters() if p.requires_grad}
+    assert norms <= trainable
+    assert all("norm" in n or "ln_" in n or "attnpool" in n for n in trainable)
+    assert not any(n.startswith("model.visual.layer") for n in trainable)          # RN50's BatchNorm trunk stays
+    assert student.h_w.out_features == int(np.prod(pipe.latent_shape))
+
+    tokenize = clip_students.tokenizer(name)
+
+    def batches(rng):
+        return torch.rand(2, 3, 40, 40, generator=torch.Generator().manual_seed(int(rng.integers(1 << 30)))), \
+            ["a red star", "a blue ring"]
+    unet_before = [p.detach().clone() for p in pipe.unet.parameters()]
+    losses = distillation.finetune(student, tokenize, pipe, batches, lam=1.0, steps=2, progress=False,
+                                   pixel_values=lambda x: clip_students.pixels(x, spec.image_size))
+    assert len(losses) == 2 and losses[1][1] > 0
+    assert all(torch.equal(a, b) for a, b in zip(unet_before, pipe.unet.parameters()))
+
+    # L_SDS alone (h_w made non-zero) reaches the image tower's trainable parameters through z
+    student.zero_grad()
+    with torch.no_grad():
+        student.h_w.weight.normal_(0, 1e-2)
+    img = distillation._features(student.clip.get_image_features(
+        pixel_values=clip_students.pixels(torch.rand(2, 3, 40, 40), spec.image_size)))
+    with conditioning.frozen(pipe.unet):
+        conditioning.sds_loss(pipe, student.latent(img), pipe.encode(["a red star", "a blue ring"]),
+                              torch.Generator().manual_seed(0)).backward()
+    visual = [p for n, p in student.clip.named_parameters() if p.requires_grad and n.startswith(("vision", "model.visual"))]
+    assert visual and any(p.grad is not None and p.grad.abs().sum() > 0 for p in visual)
+    assert all(p.grad is None for p in pipe.unet.parameters())
+
+
+def test_clip_pixels_resize_crop_and_normalise():
+    x = torch.tensor(clip_students.CLIP_MEAN).view(1, 3, 1, 1).expand(2, 3, 30, 50)
+    out = clip_students.pixels(x, 24)
+    assert out.shape == (2, 3, 24, 24) and out.abs().max() < 1e-5
