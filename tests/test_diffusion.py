@@ -3,7 +3,6 @@ import pytest
 import torch
 
 from interplab import anatomy, tracing
-from interplab import toyworld as tw
 from interplab.models import tiny_random
 from interplab.models.diffusion import SD_TEXT, random_sd
 
