@@ -172,3 +172,48 @@ def test_clip_pixels_resize_crop_and_normalise():
     x = torch.tensor(clip_students.CLIP_MEAN).view(1, 3, 1, 1).expand(2, 3, 30, 50)
     out = clip_students.pixels(x, 24)
     assert out.shape == (2, 3, 24, 24) and out.abs().max() < 1e-5
+
+
+# ---------------------------------------------------------------- attention contributions: CLIP vs T5 (Figs 9.4, 9.5)
+
+
+def test_t5_contributions_sum_to_each_layers_self_attention_output():
+    from transformers import T5Config, T5EncoderModel
+    from interplab import attention
+    torch.manual_seed(0)
+    t5 = T5EncoderModel(T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)).eval()
+    ids = torch.randint(2, 64, (2, 6), generator=torch.Generator().manual_seed(0))
+    conts = attention.t5_contributions_by_layer(t5, ids)               # switches to eager and back
+    assert conts.shape == (2, 2, 6, 6) and t5.config._attn_implementation == "sdpa"
+    t5.set_attn_implementation("eager")
+    written = {}
+    handles = [t5.encoder.block[i].layer[0].SelfAttention.register_forward_hook(
+        lambda m, a, out, i=i: written.__setitem__(i, out[0])) for i in range(2)]
+    with torch.no_grad():
+        out = t5(input_ids=ids, output_hidden_states=True, output_attentions=True)
+    for h in handles:
+        h.remove()
+    for i in range(2):
+        sub = t5.encoder.block[i].layer[0]
+        v = sub.SelfAttention.v(sub.layer_norm(out.hidden_states[i])).view(2, 6, 4, 8)
+        terms = attention.weighted_contributions(out.attentions[i], v, sub.SelfAttention.o.weight)
+        assert torch.allclose(terms.sum(2), written[i], atol=1e-5)         # no bias: the writes are the output
+        assert torch.allclose(terms.norm(dim=-1), conts[:, i], atol=1e-6)
+    assert (conts.triu(1) > 0).any()                                       # bidirectional: later tokens write too
+
+
+def test_unintended_layers_and_conjunction_positions():
+    from interplab import attention
+    from interplab.models.diffusion import clip_bpe_tokenizer
+    conts = torch.zeros(2, 3, 8, 8)
+    conts[0, :2, 7, 2] = 1.0        # prompt 0: layers 0, 1 send attribute 1 into object 2
+    conts[1, :, 3, 6] = 1.0         # prompt 1: every layer sends attribute 2 into object 1 (seen only bidirectionally)
+    assert attention.unintended_layers(conts, 2, 3, 6, 7).tolist() == [2, 0]
+    assert attention.unintended_layers(conts, 2, 3, 6, 7, bidirectional=True).tolist() == [2, 3]
+    tok = clip_bpe_tokenizer(77)
+    assert cb.conjunction_positions(tok, "a green bench and a red car") == (2, 3, 6, 7)
+    assert cb.conjunction_positions(tok, "A bathroom has brown wall and gold counters") is None
+    pos = cb.conjunction_positions(tok, "a turquoise skateboard and an ochre teapot")
+    ids = tok("a turquoise skateboard and an ochre teapot").input_ids
+    assert tok.decode(ids[pos[1]]).strip() == tok.decode(tok("skateboard").input_ids[-2]).strip()
+    assert pos[3] == len(ids) - 2

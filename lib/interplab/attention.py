@@ -227,6 +227,45 @@ def contributions_by_layer(model: torch.nn.Module, input_ids: torch.Tensor, caus
     return torch.stack(out, dim=1)
 
 
+@torch.no_grad()
+def t5_contributions_by_layer(model: torch.nn.Module, input_ids: torch.Tensor,
+                              attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """cont_ij of every layer of a T5 encoder (``T5EncoderModel``), (B, L, T_i, T_j).
+
+    T5 adds a relative position bias to the scores and has no projection biases, so the weights
+    come from the model itself (``output_attentions``, eager) and each layer's values are
+    ``v(layer_norm(x))``; Eq. 6.1's ``weighted_contributions`` then gives every source token's write.
+    """
+    before = model.config._attn_implementation
+    model.set_attn_implementation("eager")  # output_attentions needs the weights themselves
+    try:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
+                    output_attentions=True)
+    finally:
+        model.set_attn_implementation(before)
+    conts = []
+    for layer, probs in enumerate(out.attentions):  # probs (B, H, T, T)
+        sub = model.encoder.block[layer].layer[0]
+        attn = sub.SelfAttention
+        values = attn.v(sub.layer_norm(out.hidden_states[layer]))
+        values = values.view(*values.shape[:2], attn.n_heads, attn.key_value_proj_dim)
+        conts.append(weighted_contributions(probs, values, attn.o.weight).norm(dim=-1))
+    return torch.stack(conts, dim=1)
+
+
+def unintended_layers(conts: torch.Tensor, a1, o1, a2, o2, bidirectional: bool = False) -> torch.Tensor:
+    """Per prompt "a1 o1 and a2 o2", the number of layers where an object token receives more from the
+    other object's attribute than from its own (§9.2.3): cont[o2, a1] > cont[o2, a2], and for a
+    bidirectional encoder (T5) also cont[o1, a2] > cont[o1, a1]. conts (B, L, T, T); positions (B,)."""
+    b = torch.arange(len(conts))
+    pos = [torch.as_tensor(p).expand(len(conts)) for p in (a1, o1, a2, o2)]
+    a1, o1, a2, o2 = pos
+    wrong = conts[b, :, o2, a1] > conts[b, :, o2, a2]                                    # (B, L)
+    if bidirectional:
+        wrong |= conts[b, :, o1, a2] > conts[b, :, o1, a1]
+    return wrong.sum(1)
+
+
 # ---------------------------------------------------------------- contributions from eager weights (Chapter 6, Eq. 6.1)
 
 

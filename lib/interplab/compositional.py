@@ -17,6 +17,7 @@ Layout under ``root`` (default data/paper/ch09):
     coco/annotations/captions_<split>.json, coco/<split>/           (MS-COCO 2017)
 """
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -152,6 +153,24 @@ def noun_phrases(prompt: str) -> list:
         raise resource_unavailable("spaCy's en_core_web_sm (noun chunks of T2I-CompBench prompts)",
                                    "run `pip install spacy && python -m spacy download en_core_web_sm`") from None
     return [chunk.text for chunk in nlp(prompt).noun_chunks]
+
+
+_CONJUNCTION = re.compile(r"^(?:an? |the )?(\S+) (\S+) and (?:an? |the )?(\S+) (\S+)$", re.IGNORECASE)
+
+
+def conjunction_positions(tokenizer, prompt: str):
+    """Token positions (a1, o1, a2, o2) of "a <a1> <o1> and a <a2> <o2>" (each word's last sub-token), or
+    None when the prompt has another form; Fig 9.5 counts only such prompts. ``tokenizer``: a
+    transformers tokenizer that ends every sequence with one EOS (CLIP's BPE, T5's SentencePiece)."""
+    match = _CONJUNCTION.match(prompt.strip().rstrip("."))
+    if match is None:
+        return None
+    words = prompt.strip().rstrip(".").split()
+    ends = []
+    for word in match.groups():
+        k = words.index(word, len(ends) and ends[-1][0] + 1)
+        ends.append((k, len(tokenizer(" ".join(words[:k + 1])).input_ids) - 2))
+    return tuple(pos for _, pos in ends)
 
 
 class BlipVqa:
