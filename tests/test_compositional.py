@@ -158,7 +158,7 @@ def test_sds_clip_trains_the_layer_norms_of_the_real_students_and_its_gradient_r
     student.zero_grad()
     with torch.no_grad():
         student.h_w.weight.normal_(0, 1e-2)
-    img = distillation._features(student.clip.get_image_features(
+    img = clip_students.features(student.clip.get_image_features(
         pixel_values=clip_students.pixels(torch.rand(2, 3, 40, 40), spec.image_size)))
     with conditioning.frozen(pipe.unet):
         conditioning.sds_loss(pipe, student.latent(img), pipe.encode(["a red star", "a blue ring"]),
@@ -217,3 +217,26 @@ def test_unintended_layers_and_conjunction_positions():
     ids = tok("a turquoise skateboard and an ochre teapot").input_ids
     assert tok.decode(ids[pos[1]]).strip() == tok.decode(tok("skateboard").input_ids[-2]).strip()
     assert pos[3] == len(ids) - 2
+
+
+def test_compbench_training_latents_keep_each_prompts_best_scored_images():
+    pipe = tiny_random.stable_diffusion()
+
+    class Bright:   # P(yes) = mean brightness: the filter must keep the brightest images
+        def yes_probability(self, images, questions):
+            return images.mean(dim=(1, 2, 3))
+
+    class Fake:
+        def __init__(self, level):
+            self.level = level
+
+        def generate(self, prompts, seed=0):
+            g = torch.Generator().manual_seed(seed)
+            return (self.level + 0.1 * torch.rand(len(prompts), 3, 16, 16, generator=g)).clamp(0, 1)
+    gens = {"dark": Fake(0.1), "bright": Fake(0.8)}
+    lat = cb.compbench_training_latents(pipe, gens, ["a red star", "a blue ring"], per_generator=3, keep=2,
+                                        vqa=Bright(), image_size=8, chunker=lambda p: [p], progress=False)
+    assert lat.shape == (2, 2, *pipe.latent_shape)
+    bright = pipe.encode_images(torch.full((1, 3, 8, 8), 0.85))
+    dark = pipe.encode_images(torch.full((1, 3, 8, 8), 0.15))
+    assert ((lat - bright).flatten(2).norm(dim=-1) < (lat - dark).flatten(2).norm(dim=-1)).all()

@@ -226,3 +226,32 @@ def disentangled_vqa(vqa: BlipVqa, images: torch.Tensor, prompts, chunker=noun_p
     p_yes = vqa.yes_probability(images[rows], [f"{c}?" for ph in phrases for c in ph])
     rows = torch.tensor(rows)
     return torch.stack([p_yes[rows == i].prod() for i in range(len(prompts))])
+
+
+# ---------------------------------------------------------------- training streams
+
+
+def coco_stream(pairs: list, batch_size: int = 32, size: int = 224):
+    """SDS-CLIP's fine-tuning stream over (image path, caption) pairs: a function rng -> (images
+    (B, 3, size, size) in [0, 1], B captions), one random caption-image pair per row."""
+    def draw(rng):
+        rows = rng.choice(len(pairs), batch_size, replace=False)
+        return torch.stack([load_image(pairs[i][0], size) for i in rows]), [pairs[i][1] for i in rows]
+    return draw
+
+
+def compbench_training_latents(pipe, generators: dict, prompts, per_generator: int, keep: int, vqa: BlipVqa,
+                               image_size: int = 512, chunker=noun_phrases, seed: int = 0,
+                               progress: bool = True) -> torch.Tensor:
+    """§9.2.6's training set: per prompt, ``per_generator`` images from each generator (name ->
+    pipeline with ``generate``), scored by the disentangled VQA, the best ``keep`` encoded by ``pipe``
+    (the model WiCLP is fitted to) at its ``image_size``. Returns latents (P, keep, *pipe.latent_shape)."""
+    from tqdm.auto import tqdm
+    out = []
+    for i, prompt in enumerate(tqdm(prompts, desc="generate and filter", disable=not progress)):
+        images = torch.cat([g.generate([prompt] * per_generator, seed=seed + 7919 * i).float().cpu()
+                            for g in generators.values()])
+        best = disentangled_vqa(vqa, images, [prompt] * len(images), chunker).topk(keep).indices
+        out.append(pipe.encode_images(F.interpolate(images[best], size=(image_size, image_size), mode="bilinear",
+                                                    antialias=True).to(pipe.device)).cpu())
+    return torch.stack(out)

@@ -20,6 +20,7 @@ from torch import nn
 
 from .conditioning import frozen, sds_loss
 from .errors import BadParameter
+from .models.clip_students import features
 from .zoo.clip import infonce
 
 
@@ -57,10 +58,6 @@ class SdsClip(nn.Module):
         return self.h_w(image_embeds).view(len(image_embeds), *self.latent_shape)
 
 
-def _features(out):
-    return out if torch.is_tensor(out) else out.pooler_output  # transformers 4.x / 5.x
-
-
 def finetune(student: SdsClip, tokenize, teacher, batches, lam: float, steps: int = 150, lr_ln: float = 5e-4,
              lr_h: float = 1e-3, seed: int = 0, pixel_values=lambda x: x * 2 - 1, progress: bool = True) -> list:
     """Fine-tune the student's LayerNorms and h_w on L_CLIP + lam L_SDS (lam = 0: L_CLIP alone).
@@ -84,8 +81,8 @@ def finetune(student: SdsClip, tokenize, teacher, batches, lam: float, steps: in
             student.train()
             images, captions = batches(rng)
             ids = tokenize(captions)
-            img = _features(student.clip.get_image_features(pixel_values=pixel_values(images)))
-            txt = _features(student.clip.get_text_features(input_ids=ids))
+            img = features(student.clip.get_image_features(pixel_values=pixel_values(images)))
+            txt = features(student.clip.get_text_features(input_ids=ids))
             logits = student.clip.logit_scale.exp() * F.normalize(img, dim=-1) @ F.normalize(txt, dim=-1).T
             l_clip = infonce(logits, captions)
             l_sds = torch.zeros(())

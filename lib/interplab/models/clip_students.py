@@ -5,6 +5,7 @@
     load(name, device)         pretrained weights by hub id; offline: ResourceUnavailable with the fix
     tokenizer(name)            the student's tokenizer (OpenAI's BPE, built offline when the hub is absent)
     pixels(images, size)       [0, 1] images (N, 3, S, S) -> CLIP-normalised pixel_values (N, 3, size, size)
+    embed_images / embed_texts unit embeddings of any student (and of the zoo's CLIPModel)
 
 transformers' ``CLIPModel`` serves the four OpenAI ViTs. open_clip models (RN50 and the LAION
 ViT-B/16s) are wrapped by ``OpenClipStudent``, which offers the four things ``distillation.SdsClip``
@@ -150,3 +151,27 @@ def pixels(images: torch.Tensor, size: int = 224) -> torch.Tensor:
     mean = torch.tensor(CLIP_MEAN, device=images.device).view(1, 3, 1, 1)
     std = torch.tensor(CLIP_STD, device=images.device).view(1, 3, 1, 1)
     return (images - mean) / std
+
+
+def features(out) -> torch.Tensor:
+    """``get_image_features`` / ``get_text_features`` output as a tensor (N, projection_dim)."""
+    return out if torch.is_tensor(out) else out.pooler_output  # transformers 4.x / 5.x
+
+
+@torch.inference_mode()
+def embed_images(model: nn.Module, images: torch.Tensor, size: int = 224, batch_size: int = 64) -> torch.Tensor:
+    """Unit image embeddings (N, projection_dim) of [0, 1] images (N, 3, H, W)."""
+    device = next(model.parameters()).device
+    out = [features(model.get_image_features(pixel_values=pixels(images[i:i + batch_size].to(device), size)))
+           for i in range(0, len(images), batch_size)]
+    return F.normalize(torch.cat(out).float(), dim=-1).cpu()
+
+
+@torch.inference_mode()
+def embed_texts(model: nn.Module, tokenize, captions, batch_size: int = 256) -> torch.Tensor:
+    """Unit text embeddings (N, projection_dim) of N captions; ``tokenize`` from ``tokenizer(name)``."""
+    device = next(model.parameters()).device
+    captions = list(captions)
+    out = [features(model.get_text_features(input_ids=tokenize(captions[i:i + batch_size]).to(device)))
+           for i in range(0, len(captions), batch_size)]
+    return F.normalize(torch.cat(out).float(), dim=-1).cpu()
