@@ -240,3 +240,15 @@ def test_compbench_training_latents_keep_each_prompts_best_scored_images():
     bright = pipe.encode_images(torch.full((1, 3, 8, 8), 0.85))
     dark = pipe.encode_images(torch.full((1, 3, 8, 8), 0.15))
     assert ((lat - bright).flatten(2).norm(dim=-1) < (lat - dark).flatten(2).norm(dim=-1)).all()
+
+
+def test_frechet_distance_and_inception_features_for_fid():
+    from torchvision.models import inception_v3
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(200, 5, generator=g), torch.randn(200, 5, generator=g)
+    assert abs(cb.frechet_distance(a, a)) < 1e-9
+    assert cb.frechet_distance(a, b) == pytest.approx(cb.frechet_distance(b, a))
+    assert cb.frechet_distance(a, b + 1.0) > cb.frechet_distance(a, b + 0.1) > 0
+    torch.manual_seed(0)
+    feats = cb.InceptionFeatures(inception_v3(weights=None, aux_logits=False, init_weights=False))
+    assert feats(torch.rand(3, 3, 40, 40), batch_size=2).shape == (3, 2048)

@@ -228,6 +228,49 @@ def disentangled_vqa(vqa: BlipVqa, images: torch.Tensor, prompts, chunker=noun_p
     return torch.stack([p_yes[rows == i].prod() for i in range(len(prompts))])
 
 
+# ---------------------------------------------------------------- image quality (Fig 9.7)
+
+
+def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Fréchet distance between Gaussians fitted to features a (N, d) and b (M, d):
+    ||mu_a - mu_b||^2 + tr(C_a + C_b - 2 (C_a C_b)^(1/2)). The trace of the root is the sum of the
+    square roots of C_a C_b's eigenvalues (real and >= 0 for a product of covariances), which stays
+    defined when fewer images than feature dimensions make the covariances singular."""
+    a, b = (torch.as_tensor(x).double().numpy() for x in (a, b))
+    c_a, c_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    tr_root = np.sqrt(np.clip(np.linalg.eigvals(c_a @ c_b).real, 0, None)).sum()
+    return float(((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(c_a) + np.trace(c_b) - 2 * tr_root)
+
+
+class InceptionFeatures:
+    """FID's features: torchvision's Inception-v3 (ImageNet weights) pool features (N, 2048) of [0, 1]
+    images resized to 299 (torchvision's port, not the TF graph clean-fid uses: numbers differ slightly)."""
+
+    def __init__(self, model):
+        self.model = model.eval()
+        self.model.fc = torch.nn.Identity()
+
+    @torch.inference_mode()
+    def __call__(self, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+        from torchvision.transforms.functional import normalize
+        device = next(self.model.parameters()).device
+        out = []
+        for i in range(0, len(images), batch_size):
+            x = F.interpolate(images[i:i + batch_size].float().to(device), size=(299, 299), mode="bilinear",
+                              antialias=True)
+            out.append(self.model(normalize(x, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])).float().cpu())
+        return torch.cat(out)
+
+    @classmethod
+    def from_pretrained(cls, device="cuda"):
+        from torchvision.models import Inception_V3_Weights, inception_v3
+        try:
+            return cls(inception_v3(weights=Inception_V3_Weights.IMAGENET1K_V1).to(device))
+        except Exception as err:  # no network: torchvision words it as a URLError
+            raise resource_unavailable(f"Inception-v3 ImageNet weights ({type(err).__name__})",
+                                       "fetch them once with torchvision on a machine with internet (TORCH_HOME)") from None
+
+
 # ---------------------------------------------------------------- training streams
 
 

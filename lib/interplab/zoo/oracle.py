@@ -229,12 +229,7 @@ def embed(model: Oracle, images: torch.Tensor, batch_size: int = 512) -> torch.T
 
 
 def toy_fid(model: Oracle, generated: torch.Tensor, real: torch.Tensor) -> float:
-    """Fréchet distance between the Gaussians of ``embed`` features of two image sets (N, 3, 32, 32):
-    ||mu_g - mu_r||^2 + tr(C_g + C_r - 2 (C_g C_r)^(1/2)). The trace of the root is the sum of the
-    square roots of C_g C_r's eigenvalues (real and >= 0 for a product of covariances), which stays
-    defined when fewer images than feature dimensions make the covariances singular."""
-    g, r = (embed(model, x).double().numpy() for x in (generated, real))
-    mu_g, mu_r = g.mean(0), r.mean(0)
-    c_g, c_r = np.cov(g, rowvar=False), np.cov(r, rowvar=False)
-    tr_root = np.sqrt(np.clip(np.linalg.eigvals(c_g @ c_r).real, 0, None)).sum()
-    return float(((mu_g - mu_r) ** 2).sum() + np.trace(c_g) + np.trace(c_r) - 2 * tr_root)
+    """Fréchet distance between the Gaussians of ``embed`` features of two image sets (N, 3, 32, 32)
+    (``compositional.frechet_distance``): the paper's FID with the oracle's trunk for Inception."""
+    from ..compositional import frechet_distance
+    return frechet_distance(embed(model, generated), embed(model, real))
