@@ -252,3 +252,29 @@ def test_frechet_distance_and_inception_features_for_fid():
     torch.manual_seed(0)
     feats = cb.InceptionFeatures(inception_v3(weights=None, aux_logits=False, init_weights=False))
     assert feats(torch.rand(3, 3, 40, 40), batch_size=2).shape == (3, 2048)
+
+
+def test_zero_shot_reads_a_torchvision_split_and_scores_class_prompts(tmp_path):
+    with pytest.raises(ResourceUnavailable, match="mnist"):
+        cb.zero_shot(None, None, "mnist", root=tmp_path)
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    labels = np.array([3, 1, 4, 1, 5, 9], dtype=np.uint8)
+    images = np.repeat(labels * 25, 28 * 28).reshape(-1, 28, 28).astype(np.uint8)   # a digit's label is its grey level
+    for split in ("train", "t10k"):   # torchvision checks that both splits exist
+        (raw / f"{split}-images-idx3-ubyte").write_bytes(np.array([2051, 6, 28, 28], ">i4").tobytes() + images.tobytes())
+        (raw / f"{split}-labels-idx1-ubyte").write_bytes(np.array([2049, 6], ">i4").tobytes() + labels.tobytes())
+
+    class Stub(torch.nn.Module):   # image -> one-hot of its grey level's digit; prompt -> one-hot of its digit
+        def __init__(self):
+            super().__init__()
+            self.unused = torch.nn.Parameter(torch.zeros(1))
+
+        def get_image_features(self, pixel_values):
+            grey = pixel_values[:, 0].mean((1, 2)) * clip_students.CLIP_STD[0] + clip_students.CLIP_MEAN[0]
+            return torch.nn.functional.one_hot((grey * 255 / 25).round().long(), 10).float()
+
+        def get_text_features(self, input_ids):
+            return torch.nn.functional.one_hot(input_ids[:, 0], 10).float()
+    tokenize = lambda prompts: torch.tensor([[int(p.split()[-1].rstrip("."))] for p in prompts])  # noqa: E731
+    assert cb.zero_shot(Stub(), tokenize, "mnist", size=28, root=tmp_path) == 1.0

@@ -298,3 +298,42 @@ def compbench_training_latents(pipe, generators: dict, prompts, per_generator: i
         out.append(pipe.encode_images(F.interpolate(images[best], size=(image_size, image_size), mode="bilinear",
                                                     antialias=True).to(pipe.device)).cpu())
     return torch.stack(out)
+
+
+def embed_files(model, files, size: int, bboxes=None, batch_size: int = 64) -> torch.Tensor:
+    """Unit image embeddings (N, d) of image files read in batches (never all in memory); ``bboxes``
+    (N of (x, y, w, h) or None) crops first, as ARO does."""
+    from .models.clip_students import embed_images
+    files = list(files)
+    bboxes = list(bboxes) if bboxes is not None else [None] * len(files)
+    return torch.cat([embed_images(model, torch.stack([load_image(f, size, b) for f, b in
+                                                       zip(files[i:i + batch_size], bboxes[i:i + batch_size])]), size)
+                      for i in range(0, len(files), batch_size)])
+
+
+# ---------------------------------------------------------------- zero-shot classification (Fig 9.2)
+
+ZERO_SHOT = ("cifar10", "cifar100", "mnist")
+
+
+def zero_shot(model, tokenize, dataset: str, size: int = 224, n: int | None = None, root=None,
+              template: str = "a photo of a {}.") -> float:
+    """Zero-shot top-1 accuracy of a CLIP student on a torchvision test split under data/torchvision
+    (one prompt template per class; CLIP's 80-template ensembles are not reproduced)."""
+    import torchvision
+    check_choice("dataset", dataset, ZERO_SHOT)
+    cls = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100,
+           "mnist": torchvision.datasets.MNIST}[dataset]
+    folder = Path(root or paths.DATA / "torchvision")
+    try:
+        data = cls(str(folder), train=False, download=False)
+    except RuntimeError:
+        raise resource_unavailable(f"{dataset} test split (looked in {folder})",
+                                   f"download it once with torchvision.datasets.{cls.__name__}(root, download=True) "
+                                   "on a machine with internet and copy the folder there") from None
+    from .models.clip_students import embed_images, embed_texts
+    x = torch.as_tensor(np.asarray(data.data[:n]), dtype=torch.float32) / 255
+    x = x[..., None].expand(*x.shape, 3) if x.dim() == 3 else x                    # MNIST is grey
+    img = embed_images(model, x.permute(0, 3, 1, 2), size)
+    txt = embed_texts(model, tokenize, [template.format(c.split(" - ")[0]) for c in data.classes])  # MNIST: "3 - three"
+    return float(((img @ txt.T).argmax(1) == torch.as_tensor(data.targets[:n])).float().mean())

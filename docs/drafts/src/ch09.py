@@ -15,29 +15,35 @@
 # (per-token attention contributions), `interplab.zoo.oracle` (the VQA analogue and toy-FID).
 #
 # **`tiny` profile.** Student: the zoo's `clip`; teacher and generator: the zoo's `t2i` (latent diffusion on its own
-# copy of a CLIP text tower); rater: the zoo's `oracle`. **`paper`**: not written yet (CLIP ViT-B/32, ViT-L/14 with
-# SD-v1.4 / v2.1).
+# copy of a CLIP text tower); rater: the zoo's `oracle`. **`paper`**: the students of Table 9.1
+# (`interplab.models.clip_students`), SD v1.4 as teacher and generator, DeepFloyd IF's T5 for Figs 9.4 / 9.5,
+# BLIP-VQA as rater, the released benchmarks under `data/paper/ch09/` (`interplab.compositional` says what goes where).
+# The paper values of the shared parameters are in their comments.
 
 # %% tags=["parameters"]
 profile = "tiny"
 seed = 0
 device = "auto"
 out_dir = None
-n_winoground = 120          # Winoground-tiny items (test copy; the validation copy has as many)
-n_aro = 150                 # ARO-tiny items per kind
-diffusion_samples = 20      # paired (t, eps) draws per image for the diffusion score
-ft_steps = 150              # SDS-CLIP / L_CLIP fine-tuning steps
+n_winoground = 120          # Winoground-tiny items (test copy; the validation copy has as many); paper: all 400
+n_aro = 150                 # ARO-tiny items per kind; paper: all
+diffusion_samples = 20      # paired (t, eps) draws per image for the diffusion score; paper: 50
+ft_steps = 150              # SDS-CLIP / L_CLIP fine-tuning steps; paper: 3700 (one COCO epoch at batch 32)
 n_ft_seeds = 3
-lambda_grid = [0.1, 1.0, 10.0]
-categories = ["colour", "texture", "size"]
-n_test_prompts = 24         # held-out compositional prompts per category
-samples_per_prompt = 4
-train_prompts = 400         # (prompt, render) pairs per category that CLP / WiCLP train on
-train_steps = 250
+lambda_grid = [0.1, 1.0, 10.0]  # tiny: lambda chosen on the validation copy; paper: sds_lambda
+categories = ["colour", "texture", "size"]  # paper: T2I-CompBench color, texture, shape (same order)
+n_test_prompts = 24         # held-out compositional prompts per category; paper: 300 (the val split)
+samples_per_prompt = 4      # paper: 10
+train_prompts = 400         # (prompt, render) pairs per category that CLP / WiCLP train on; paper: 700 train prompts
+train_steps = 250           # paper: 10000
 cstar_prompts = 12
-cstar_steps = 120
-switch_taus = [1000, 800, 400, 0]
-fid_images = 128
+cstar_steps = 120           # paper: 500
+switch_taus = [1000, 800, 400, 0]  # paper: 1000, 900, 800, 600, 400, 200, 0
+fid_images = 128            # paper: 10000 MS-COCO val captions
+students = ["ViT-B/32"]     # paper: Table 9.1's students (keys of clip_students.STUDENTS)
+teacher = "v1"              # paper: the SD version that scores, teaches and generates
+sds_lambda = 0.001          # paper: 11.8.5 (learning rate 5e-5, batch 32)
+per_generator = 70          # paper: images per prompt per data generator before the VQA filter (keep 30)
 
 # %%
 import time
@@ -49,9 +55,11 @@ import torch
 
 import interplab
 from interplab import anatomy, attention, conditioning, distillation
+from interplab import compositional as cb
 from interplab import toyworld as tw
-from interplab.errors import ResourceUnavailable
+from interplab.models import clip_students
 from interplab.models import load as load_zoo
+from interplab.models.diffusion import SD_IDS, DeepFloydIF, StableDiffusion
 from interplab.toyworld import binding
 from interplab.zoo import clip as zc
 from interplab.zoo import oracle as zo
@@ -62,11 +70,16 @@ ch = interplab.start("ch09_compositionality", profile=profile, seed=seed, device
                                  ft_steps=ft_steps, n_ft_seeds=n_ft_seeds, lambda_grid=lambda_grid, categories=categories,
                                  n_test_prompts=n_test_prompts, samples_per_prompt=samples_per_prompt,
                                  train_prompts=train_prompts, train_steps=train_steps, cstar_prompts=cstar_prompts,
-                                 cstar_steps=cstar_steps, switch_taus=switch_taus, fid_images=fid_images))
-if not ch.tiny:
-    raise ResourceUnavailable("Chapter 9's paper profile is not written yet (CLIP ViT-B/32 / ViT-L/14 with SD-v1.4 / v2.1)")
-pipe, oracle = load_zoo("t2i"), load_zoo("oracle")
-clip_model, clip_tok = load_zoo("clip")
+                                 cstar_steps=cstar_steps, switch_taus=switch_taus, fid_images=fid_images,
+                                 students=students, teacher=teacher, sds_lambda=sds_lambda, per_generator=per_generator))
+COMPBENCH = dict(zip(("colour", "texture", "size"), cb.COMPBENCH_CATEGORIES))  # tiny category -> T2I-CompBench's
+if ch.tiny:
+    pipe, oracle = load_zoo("t2i"), load_zoo("oracle")
+    clip_model, clip_tok = load_zoo("clip")
+else:
+    pipe = StableDiffusion.from_pretrained(SD_IDS[teacher], device=ch.device)
+    blip = cb.BlipVqa.from_pretrained(device=ch.device)
+    clip_model = clip_students.load(students[0], ch.device)
 
 
 def tokenize(captions):

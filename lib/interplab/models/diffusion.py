@@ -362,16 +362,29 @@ class DeepFloydIF(Text2Image):
         """Stage I's UNet in ``dtype`` and its T5-XXL encoder (float16 too: 4.7 B parameters);
         gated licence. Offline without the weights: ``ResourceUnavailable``."""
         from diffusers import UNet2DConditionModel
-        from transformers import T5EncoderModel, T5TokenizerFast
+        text, tok = cls.text_encoder(model_id, device, dtype)
         try:
             unet = UNet2DConditionModel.from_pretrained(model_id, subfolder="unet", torch_dtype=dtype)
+        except (OSError, ValueError) as err:
+            raise _if_unavailable(model_id, err) from None
+        return cls(unet.to(device).eval(), text, tok)
+
+    @staticmethod
+    def text_encoder(model_id: str = IF_ID, device="cuda", dtype=torch.float16) -> tuple:
+        """(T5EncoderModel, tokenizer) of IF alone: the T5 of Chapter 9's Figs 9.4 / 9.5."""
+        from transformers import T5EncoderModel, T5TokenizerFast
+        try:
             text = T5EncoderModel.from_pretrained(model_id, subfolder="text_encoder", torch_dtype=dtype)
             tok = T5TokenizerFast.from_pretrained(model_id, subfolder="tokenizer")
         except (OSError, ValueError) as err:
-            raise resource_unavailable(f"model `{model_id}` ({type(err).__name__})",
-                                       f"accept the licence on the model page, run `huggingface-cli download {model_id}` "
-                                       "on a machine with hub access and set HF_HOME") from None
-        return cls(unet.to(device).eval(), text.to(device).eval(), tok)
+            raise _if_unavailable(model_id, err) from None
+        return text.to(device).eval(), tok
+
+
+def _if_unavailable(model_id, err):
+    return resource_unavailable(f"model `{model_id}` ({type(err).__name__})",
+                                f"accept the licence on the model page, run `huggingface-cli download {model_id}` "
+                                "on a machine with hub access and set HF_HOME")
 
 
 def clip_bpe_tokenizer(max_length: int = 77):
