@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from interplab import conditioning
+from interplab import anatomy, conditioning
 
 
 def _toy():
@@ -262,3 +262,17 @@ def test_cross_attention_maps_are_distributions_over_tokens_read_by_each_pixel()
     assert maps.shape == (2, cond.shape[1], 8, 8) and (maps >= 0).all()
     assert torch.allclose(maps.sum(1), torch.ones(2, 8, 8), atol=1e-5)   # every pixel's attention sums to 1
     assert torch.equal(pipe.sample(cond, seed=0, steps=2), before)        # the hook is gone afterwards
+
+
+def test_cross_attention_maps_average_the_layers_of_one_resolution_and_refuse_mixed_ones():
+    from interplab.errors import BadParameter
+    pipe = _toy()
+    cond = pipe.encode(["a red circle and a blue square"])
+    paths = anatomy.items(pipe.unet, "xattn")
+    with torch.no_grad():
+        one = [conditioning.cross_attention_maps(pipe, cond, i, seed=0, steps=2)[0] for i in (0, 8)]   # both 8 x 8
+        both, _ = conditioning.cross_attention_maps(pipe, cond, [paths[0], 8], seed=0, steps=2)
+        assert one[0].shape == one[1].shape == (1, cond.shape[1], 8, 8)
+        assert torch.allclose(both, (one[0] + one[1]) / 2, atol=1e-6) and not torch.allclose(one[0], one[1])
+        with pytest.raises(BadParameter, match="resolutions"):
+            conditioning.cross_attention_maps(pipe, cond, [0, 1], seed=0, steps=1)

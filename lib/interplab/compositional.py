@@ -278,7 +278,7 @@ def coco_stream(pairs: list, batch_size: int = 32, size: int = 224):
     """SDS-CLIP's fine-tuning stream over (image path, caption) pairs: a function rng -> (images
     (B, 3, size, size) in [0, 1], B captions), one random caption-image pair per row."""
     def draw(rng):
-        rows = rng.choice(len(pairs), batch_size, replace=False)
+        rows = rng.choice(len(pairs), batch_size, replace=len(pairs) < batch_size)
         return torch.stack([load_image(pairs[i][0], size) for i in rows]), [pairs[i][1] for i in rows]
     return draw
 

@@ -168,33 +168,38 @@ class WindowProjection(nn.Module):
 
 def cross_attention_maps(pipe, cond: torch.Tensor, layer, seed: int = 0, **sampler) -> tuple:
     """(maps (N, T, h, w), images (N, 3, H, W)): how much each pixel of cross-attention ``layer``
-    (index or path) attends to each text token while ``cond`` (N, T, d) is sampled, averaged over
-    heads and denoising steps, from the conditional CFG rows, and the images that sampling drew.
-    Recomputed from the layer's own q / k projections (diffusers' processors do not return the
-    weights); Fig 9.8's maps."""
-    path = _xattn_path(pipe.unet, layer)
-    attn = pipe.unet.get_submodule(path)
-    total, calls = None, 0
+    (index or path, or a list of them at one resolution: averaged) attends to each text token while
+    ``cond`` (N, T, d) is sampled, averaged over heads and denoising steps, from the conditional CFG
+    rows, and the images that sampling drew. Recomputed from the layers' own q / k projections
+    (diffusers' processors do not return the weights); Fig 9.8's maps (SD: the 16 x 16 layers)."""
+    paths = [_xattn_path(pipe.unet, one) for one in (layer if isinstance(layer, (list, tuple)) else [layer])]
+    totals = {}
 
-    def record(module, args, kwargs):
-        nonlocal total, calls
-        x, ctx = (args[0] if args else kwargs["hidden_states"]), kwargs["encoder_hidden_states"]
-        n = x.shape[0] // 2
-        x, ctx = x[n:], ctx[n:]                                        # the conditional rows
-        heads = module.heads
-        q = module.to_q(x).unflatten(-1, (heads, -1)).transpose(1, 2)   # (N, heads, HW, dh)
-        k = module.to_k(ctx).unflatten(-1, (heads, -1)).transpose(1, 2)  # (N, heads, T, dh)
-        probs = (q @ k.transpose(-1, -2) * module.scale).softmax(-1).mean(1)  # (N, HW, T)
-        total = probs if total is None else total + probs
-        calls += 1
+    def recorder(path):
+        def record(module, args, kwargs):
+            x, ctx = (args[0] if args else kwargs["hidden_states"]), kwargs["encoder_hidden_states"]
+            n = x.shape[0] // 2
+            x, ctx = x[n:], ctx[n:]                                        # the conditional rows
+            heads = module.heads
+            q = module.to_q(x).unflatten(-1, (heads, -1)).transpose(1, 2)   # (N, heads, HW, dh)
+            k = module.to_k(ctx).unflatten(-1, (heads, -1)).transpose(1, 2)  # (N, heads, T, dh)
+            probs = (q @ k.transpose(-1, -2) * module.scale).softmax(-1).mean(1)  # (N, HW, T)
+            total, calls = totals.get(path, (0, 0))
+            totals[path] = (total + probs, calls + 1)
+        return record
 
-    handle = attn.register_forward_pre_hook(record, with_kwargs=True)
+    handles = [pipe.unet.get_submodule(p).register_forward_pre_hook(recorder(p), with_kwargs=True) for p in paths]
     try:
         images = pipe.sample(cond, seed=seed, **sampler)
     finally:
-        handle.remove()
-    side = int(round(total.shape[1] ** 0.5))
-    return (total / calls).transpose(1, 2).reshape(len(cond), -1, side, side).float().cpu(), images
+        for h in handles:
+            h.remove()
+    maps = [total / calls for total, calls in totals.values()]                 # each (N, HW, T)
+    if len({m.shape[1] for m in maps}) > 1:
+        raise BadParameter(f"layers {paths} have different resolutions; average maps of one resolution only")
+    mean = torch.stack(maps).mean(0)
+    side = int(round(mean.shape[1] ** 0.5))
+    return mean.transpose(1, 2).reshape(len(cond), -1, side, side).float().cpu(), images
 
 
 # ---------------------------------------------------------------- LocoGen: altered inputs per layer (§5.8)

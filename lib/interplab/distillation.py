@@ -75,13 +75,14 @@ def finetune(student: SdsClip, tokenize, teacher, batches, lam: float, steps: in
     opt = torch.optim.AdamW([{"params": tower, "lr": lr_ln}, {"params": student.h_w.parameters(), "lr": lr_h}],
                             weight_decay=0.0)
     teacher.unet.eval()
+    device = next(student.parameters()).device
     out = []
     with frozen(teacher.unet):
         for _ in tqdm(range(steps), desc=f"SDS-CLIP (lam={lam})", disable=not progress, leave=False):
             student.train()
             images, captions = batches(rng)
-            ids = tokenize(captions)
-            img = features(student.clip.get_image_features(pixel_values=pixel_values(images)))
+            ids = tokenize(captions).to(device)
+            img = features(student.clip.get_image_features(pixel_values=pixel_values(images.to(device))))
             txt = features(student.clip.get_text_features(input_ids=ids))
             logits = student.clip.logit_scale.exp() * F.normalize(img, dim=-1) @ F.normalize(txt, dim=-1).T
             l_clip = infonce(logits, captions)

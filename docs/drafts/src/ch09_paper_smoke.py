@@ -1,0 +1,131 @@
+"""Run ch09.py's paper profile end to end offline: the real code path on random reduced models and on
+tiny files written in the benchmarks' released formats (development check, not a result).
+
+    OMP_NUM_THREADS=1 INTERPLAB_OUT_ROOT=build/draft python docs/drafts/src/ch09_paper_smoke.py
+
+Replaced: every hub loader (SD v1.4 -> its topology at width 32 with a small 4-level VAE and
+2 sampling steps, the CLIP students -> clip_students.build(layers=1), BLIP-VQA and IF's T5 -> 1-layer random builds with
+word-level tokenizers, Inception -> random weights), spaCy -> " and "-split noun chunks, and the
+torchvision zero-shot splits (CIFAR's md5-checked pickles cannot be faked) -> a constant.
+"""
+import json
+import re
+import sys
+import tempfile
+import types
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from interplab import compositional as cb
+from interplab.models import clip_students, diffusion
+
+HERE = Path(__file__).parent
+WORDS = "a an the red blue green yellow brown book vase bear boat car bench and on of is in cat dog sofa".split()
+
+
+def word_tokenizer(eos_only: bool):
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[DEC]", "</s>", "yes", "no", "?"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(specials + WORDS)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    if eos_only:   # T5: "... </s>"
+        tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 5)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", eos_token="</s>")
+
+
+def fake_sd(*a, **k):
+    """SD v1's topology at width 32 with a 4-level VAE (8x down, 8 channels): 512 px <-> 64 x 64 latents."""
+    from diffusers import AutoencoderKL
+    unet, text = diffusion.random_sd("v1", width=32, text_layers=1)
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(8,) * 4, down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=8).eval()
+    pipe = diffusion.StableDiffusion(unet, text, diffusion.clip_bpe_tokenizer(77), vae)
+    pipe.sampler = dict(steps=2, guidance=7.5, eta=0.0)   # 50 steps in the real pipeline
+    return pipe
+
+
+def fake_blip(*a, **k):
+    from transformers import BlipConfig, BlipForQuestionAnswering
+    tok = word_tokenizer(False)
+    text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                encoder_hidden_size=32, bos_token_id=4, pad_token_id=0, sep_token_id=3, max_position_embeddings=64)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=32, patch_size=8)
+    return cb.BlipVqa(BlipForQuestionAnswering(BlipConfig(text_config=text, vision_config=vision)), tok, image_size=32)
+
+
+def fake_t5(*a, **k):
+    from transformers import T5Config, T5EncoderModel
+    tok = word_tokenizer(True)
+    return T5EncoderModel(T5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)).eval(), tok
+
+
+def fake_inception(*a, **k):
+    from torchvision.models import inception_v3
+    return cb.InceptionFeatures(inception_v3(weights=None, aux_logits=False, init_weights=False))
+
+
+def write_data(root: Path):
+    rng = np.random.default_rng(0)
+
+    def image(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)).save(path)
+    (root / "winoground").mkdir(parents=True)
+    rows = [dict(id=i, image_0=f"ex_{i}_img_0", image_1=f"ex_{i}_img_1", caption_0="a dog on a sofa",
+                 caption_1="a sofa on a dog", num_main_preds=1, collapsed_tag="Relation") for i in range(2)]
+    (root / "winoground" / "examples.jsonl").write_text("\n".join(map(json.dumps, rows)))
+    for r in rows:
+        for k in (0, 1):
+            image(root / "winoground" / "images" / f"{r[f'image_{k}']}.png")
+    for kind, extra in (("relation", dict(relation_name="on")), ("attribution", dict(attributes=["red", "blue"]))):
+        recs = [dict(image_path=f"{i}.jpg", bbox_x=2, bbox_y=2, bbox_w=20, bbox_h=16, true_caption="the red cat",
+                     false_caption="the blue cat", **extra) for i in range(2)]
+        (root / "aro").mkdir(exist_ok=True)
+        (root / "aro" / f"visual_genome_{kind}.json").write_text(json.dumps(recs))
+        for i in range(2):
+            image(root / "aro" / "images" / f"{i}.jpg")
+    (root / "t2i_compbench").mkdir()
+    for cat in cb.COMPBENCH_CATEGORIES:
+        for split in ("train", "val"):
+            (root / "t2i_compbench" / f"{cat}_{split}.txt").write_text(
+                "a red book and a yellow vase\na blue bear and a brown boat\nthe green car is on the bench\n")
+    for split in ("train2017", "val2017"):
+        ann = dict(images=[dict(id=i, file_name=f"{i}.jpg") for i in range(6)],
+                   annotations=[dict(image_id=i, caption=f"a red cat on a sofa {i}") for i in range(6)])
+        (root / "coco" / "annotations").mkdir(parents=True, exist_ok=True)
+        (root / "coco" / "annotations" / f"captions_{split}.json").write_text(json.dumps(ann))
+        for i in range(6):
+            image(root / "coco" / split / f"{i}.jpg")
+
+
+def main():
+    spacy = types.ModuleType("spacy")
+    spacy.load = lambda name: (lambda text: types.SimpleNamespace(
+        noun_chunks=[types.SimpleNamespace(text=t) for t in text.split(" and ")]))
+    sys.modules["spacy"] = spacy
+    diffusion.StableDiffusion.from_pretrained = classmethod(fake_sd)
+    diffusion.DeepFloydIF.text_encoder = staticmethod(fake_t5)
+    cb.BlipVqa.from_pretrained = classmethod(fake_blip)
+    cb.InceptionFeatures.from_pretrained = classmethod(fake_inception)
+    clip_students.load = lambda name, device="cpu": clip_students.build(name, layers=1)
+    cb.zero_shot = lambda *a, **k: 0.5
+    tmp = Path(tempfile.mkdtemp())
+    write_data(tmp)
+    cb.ROOT = tmp
+    src = (HERE / "ch09.py").read_text()
+    overrides = dict(profile="paper", n_winoground=2, n_aro=2, diffusion_samples=2, ft_steps=1, n_ft_seeds=1,
+                     n_test_prompts=2, samples_per_prompt=1, train_prompts=2, train_steps=1, cstar_prompts=2, cstar_steps=1,
+                     switch_taus=[1000, 800, 0], fid_images=4, students=["ViT-B/32", "RN50"], per_generator=2, device="cpu")
+    for k, v in overrides.items():
+        src, n = re.subn(rf"^{k} = .*$", f"{k} = {v!r}", src, count=1, flags=re.M)
+        assert n == 1, k
+    exec(compile(src, str(HERE / "ch09.py"), "exec"), {"__name__": "__main__"})
+
+
+if __name__ == "__main__":
+    main()
