@@ -276,3 +276,24 @@ def test_cross_attention_maps_average_the_layers_of_one_resolution_and_refuse_mi
         assert torch.allclose(both, (one[0] + one[1]) / 2, atol=1e-6) and not torch.allclose(one[0], one[1])
         with pytest.raises(BadParameter, match="resolutions"):
             conditioning.cross_attention_maps(pipe, cond, [0, 1], seed=0, steps=1)
+
+
+def test_fit_text_encoder_trains_a_copy_of_the_chosen_blocks_and_leaves_the_pipeline_alone():
+    pipe = _toy()
+    prompts = ["a red circle and a blue square", "a green heart"]
+    latents = torch.randn(2, 3, *pipe.latent_shape, generator=torch.Generator().manual_seed(0))
+    before = {n: p.detach().clone() for n, p in pipe.text_model.named_parameters()}
+    encode, losses = conditioning.fit_text_encoder(pipe, prompts, latents, last_layers=1, steps=3, lr=1e-2,
+                                                   batch_size=4, progress=False)
+    assert len(losses) == 3
+    assert all(torch.equal(p, before[n]) for n, p in pipe.text_model.named_parameters())   # the pipeline's tower
+    tuned = encode.text
+    changed = {n for n, p in tuned.named_parameters() if not torch.equal(p, before[n])}
+    last = anatomy.items(tuned, "layer")[-1]
+    assert changed and all(n.startswith((last, "final_layer_norm")) for n in changed)
+    c = encode(prompts)
+    assert c.shape == pipe.encode(prompts).shape and not torch.allclose(c, pipe.encode(prompts))
+    proj = conditioning.WindowProjection(c.shape[-1], 1)
+    encode2, _ = conditioning.fit_text_encoder(pipe, prompts, latents, last_layers=1, transform=proj, steps=2,
+                                               lr=1e-2, batch_size=4, progress=False)
+    assert not torch.equal(proj.linear.weight[:, c.shape[-1]:2 * c.shape[-1]], torch.eye(c.shape[-1]))  # trained jointly

@@ -101,6 +101,26 @@ def frozen(module: nn.Module):
             p.requires_grad_(True)
 
 
+def _fit(pipe, params: list, condition, latents: torch.Tensor, steps: int, lr: float, batch_size: int, seed: int,
+         weight_decay: float, progress: bool, desc: str) -> list:
+    """AdamW on ``params``: each step draws ``batch_size`` (prompt i, image r) pairs of latents (P, R, ...)
+    and lowers the frozen UNet's denoising error of image r under ``condition(i)`` (B, T, d)."""
+    from tqdm.auto import tqdm
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    losses = []
+    with frozen(pipe.unet):
+        for _ in tqdm(range(steps), desc=desc, disable=not progress, leave=False):
+            i = torch.randint(0, len(latents), (batch_size,), generator=gen)
+            r = torch.randint(0, latents.shape[1], (batch_size,), generator=gen)
+            loss = sds_loss(pipe, latents[i, r].to(pipe.device), condition(i), gen)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+    return losses
+
+
 def fit_conditioning(pipe, conds: torch.Tensor, latents: torch.Tensor, transform: nn.Module | None = None,
                      steps: int = 120, lr: float = 1e-2, batch_size: int = 16, seed: int = 0,
                      weight_decay: float = 0.0, progress: bool = True):
@@ -111,31 +131,62 @@ def fit_conditioning(pipe, conds: torch.Tensor, latents: torch.Tensor, transform
     a module (CLP / WiCLP): train it on every c (returns the module). Each Adam(W) step draws
     ``batch_size`` (prompt, render) pairs; losses are ``sds_loss``'s. Returns (result, losses).
     """
-    from tqdm.auto import tqdm
-    gen = torch.Generator().manual_seed(seed)
     conds = conds.detach().to(pipe.device)
     if transform is None:
         target = conds.clone().requires_grad_(True)
-        params = [target]
-    else:
-        target = transform.to(pipe.device).train()
-        params = list(target.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    losses = []
-    with frozen(pipe.unet):
-        for _ in tqdm(range(steps), desc="fit conditioning", disable=not progress, leave=False):
-            i = torch.randint(0, len(conds), (batch_size,), generator=gen)
-            r = torch.randint(0, latents.shape[1], (batch_size,), generator=gen)
-            z = latents[i, r].to(pipe.device)
-            c = target[i] if transform is None else target(conds[i])
-            loss = sds_loss(pipe, z, c, gen)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(float(loss.detach()))
-    if transform is None:
+        losses = _fit(pipe, [target], lambda i: target[i], latents, steps, lr, batch_size, seed, weight_decay,
+                      progress, "fit conditioning")
         return target.detach(), losses
+    target = transform.to(pipe.device).train()
+    losses = _fit(pipe, list(target.parameters()), lambda i: target(conds[i]), latents, steps, lr, batch_size, seed,
+                  weight_decay, progress, "fit conditioning")
     return target.eval(), losses
+
+
+def fit_text_encoder(pipe, prompts, latents: torch.Tensor, last_layers: int | None = None,
+                     transform: nn.Module | None = None, steps: int = 120, lr: float = 1e-5, batch_size: int = 16,
+                     seed: int = 0, weight_decay: float = 0.0, progress: bool = True):
+    """§9.2.8's alternatives to a projection: fine-tune a copy of the text encoder (every parameter, or
+    its ``last_layers`` blocks and final norm), optionally with a projection ``transform`` on top trained
+    jointly, on the same denoising objective as ``fit_conditioning``. ``pipe`` is left unchanged.
+
+    prompts: P strings; latents (P, R, *latent_shape). Returns (TunedEncoder, losses).
+    """
+    import copy
+    text = copy.deepcopy(pipe.text_model).train()
+    for p in text.parameters():
+        p.requires_grad_(last_layers is None)
+    if last_layers is not None:
+        blocks = anatomy.items(text, "layer")
+        for path in blocks[len(blocks) - last_layers:] + [anatomy.resolve(text, "final_norm").path]:
+            text.get_submodule(path).requires_grad_(True)
+    params = [p for p in text.parameters() if p.requires_grad]
+    if transform is not None:
+        transform = transform.to(pipe.device).train()
+        params += list(transform.parameters())
+    ids = pipe.tokenize(prompts).to(pipe.device)
+
+    def condition(i):
+        c = text(input_ids=ids[i]).last_hidden_state
+        return c if transform is None else transform(c)
+    losses = _fit(pipe, params, condition, latents, steps, lr, batch_size, seed, weight_decay, progress,
+                  "fine-tune text encoder")
+    return TunedEncoder(text, transform, pipe.tokenize).eval(), losses
+
+
+class TunedEncoder(nn.Module):
+    """A fine-tuned copy of a pipeline's text encoder (and the projection trained with it):
+    ``encoder(prompts)`` -> the conditioning (N, T, d) to sample with."""
+
+    def __init__(self, text: nn.Module, transform: nn.Module | None, tokenize):
+        super().__init__()
+        self.text, self.transform, self.tokenize = text, transform, tokenize
+
+    @torch.no_grad()
+    def forward(self, prompts) -> torch.Tensor:
+        device = next(self.text.parameters()).device
+        c = self.text(input_ids=self.tokenize(prompts).to(device)).last_hidden_state
+        return c if self.transform is None else self.transform(c)
 
 
 class WindowProjection(nn.Module):

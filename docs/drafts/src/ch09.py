@@ -468,20 +468,23 @@ ch.claim("better_embeddings_exist", "VQA(c*) >= VQA(c) + 0.15 on the optimised p
 
 # %%
 def train_pairs(category):
-    """Conditionings (P, T, d) of the train prompts and latents (P, R, ...) of their images: tiny, one render
-    each; paper, the best 30 of ``per_generator`` samples by BLIP-VQA (§9.2.6; SD v1.4 as the only generator)."""
+    """The train prompts (P), their conditionings (P, T, d) and latents (P, R, ...) of their images: tiny, one
+    render each; paper, the best 30 of ``per_generator`` samples by BLIP-VQA (§9.2.6; SD v1.4 the only generator)."""
     if ch.tiny:
         items = tw.composition_prompts(category, "train", train_prompts, seed + 9900, pal=zt.DARK)
         lat = pipe.encode_images(torch.from_numpy(tw.render_batch([s for _, s, _ in items], seed=seed, noise=0.0)[0]))[:, None]
-        return pipe.encode([cap for cap, _, _ in items]), lat
-    prompts_c = cb.compbench_prompts(COMPBENCH[category], "train")[:train_prompts]
-    return pipe.encode(prompts_c), cb.compbench_training_latents(pipe, {"sd": pipe}, prompts_c, per_generator, min(30, per_generator), blip, seed=seed)
+        prompts_c = [cap for cap, _, _ in items]
+    else:
+        prompts_c = cb.compbench_prompts(COMPBENCH[category], "train")[:train_prompts]
+        lat = cb.compbench_training_latents(pipe, {"sd": pipe}, prompts_c, per_generator, min(30, per_generator), blip,
+                                            seed=seed)
+    return prompts_c, pipe.encode(prompts_c), lat
 
 
 table92 = []
-projections = {}
+projections, train_data = {}, {}
 for c in categories:
-    conds, lat = train_pairs(c)
+    prompts_c, conds, lat = train_data[c] = train_pairs(c)
     row = dict(category=c, baseline=base[c])
     for name, s in (("CLP", 0), ("WiCLP", 1)):
         proj, _ = conditioning.fit_conditioning(pipe, conds, lat, transform=conditioning.WindowProjection(conds.shape[-1], s),
@@ -502,6 +505,31 @@ for c, col in zip(categories, range(3)):
 ch.claim("projections_help", "on held-out prompts WiCLP >= baseline + 0.08, CLP >= baseline + 0.04, WiCLP >= CLP - 0.02",
          kind="hard" if ch.tiny else "soft", dissertation="WiCLP > CLP > baseline (Table 9.2)", reproduced=" / ".join(f"{v:.3f}" for v in mean92),
          holds=mean92.WiCLP >= mean92.baseline + 0.08 and mean92.CLP >= mean92.baseline + 0.04 and mean92.WiCLP >= mean92.CLP - 0.02)
+
+# %% [markdown]
+# ## §9.2.8 — fine-tuning the text encoder instead (Table 9.2's alternatives, colour)
+#
+# The same objective and data as WiCLP, but training a copy of the text encoder: every parameter, or its last two
+# blocks (and final norm) together with a WiCLP on top (the dissertation says "last CLIP layers"; two is our
+# choice). AdamW, lr 1e-4 in tiny and 1e-5 in paper (not stated in the dissertation), `train_steps` steps.
+
+# %%
+prompts_c, _, lat_c = train_data["colour"]
+items_c = test_items["colour"]
+tuned_encoders = {}
+alternatives = {"baseline": base["colour"], "WiCLP": float(table92.set_index("category").loc["colour", "WiCLP"])}
+for name, kw in (("text encoder FT", {}), ("last 2 layers + WiCLP", dict(last_layers=2))):
+    if "WiCLP" in name:
+        kw["transform"] = conditioning.WindowProjection(pipe.encode([""]).shape[-1], 1)
+    tuned = tuned_encoders[name] = conditioning.fit_text_encoder(pipe, prompts_c, lat_c, steps=train_steps, lr=1e-4 if ch.tiny else 1e-5,
+                                             batch_size=16, seed=seed, progress=False, **kw)[0]
+    alternatives[name], _ = vqa(tuned([cap for cap, _, _ in items_c]), items_c)
+print({k: round(v, 4) for k, v in alternatives.items()})
+ch.table(pd.DataFrame([alternatives]), "table9_2_text_encoder_alternatives")
+ch.compare("§9.2.8 colour: baseline / WiCLP / text encoder FT / last layers + WiCLP",
+           dissertation="0.3765 / 0.5383 / 0.5173 / 0.5497",
+           reproduced=" / ".join(f"{alternatives[k]:.4f}" for k in ("baseline", "WiCLP", "text encoder FT",
+                                                                    "last 2 layers + WiCLP")))
 
 # %% [markdown]
 # ## Fig 9.8 — where the colour words look (check 15, soft)
@@ -646,6 +674,49 @@ if 800 in at and 0 in at and 1000 in at:
              reproduced=f"{at[800].vqa:.3f} vs baseline {at[1000].vqa:.3f}, always-on {at[0].vqa:.3f}; "
                         f"FID {at[1000].fid:.2f} / {at[800].fid:.2f} / {at[0].fid:.2f}",
              holds=gain_0 > 0 and gain_800 >= 0.7 * gain_0)
+
+# %% [markdown]
+# ## Figs 11.11, 11.12 and 9.9 — the images
+#
+# Fig 11.11: prompts without and with WiCLP (same noise). Fig 11.12: one prompt with WiCLP switched on from
+# timestep τ (τ = 1000: never). Fig 9.9: the methods of this notebook side by side (the dissertation's other
+# baselines, Composable / Structured Diffusion, Attend-and-Excite and GORS, are not implemented here).
+
+# %%
+FIG_11_11 = ["A red book and a yellow vase", "A bathroom has brown wall and gold counters", "A blue backpack and a red chair",
+             "A blue bear and a brown boat", "A brown boat and a blue cat", "A green blanket and a blue pillow",
+             "A green leaf and a yellow butterfly"]
+shown_prompts = [cap for cap, _, _ in test_items["colour"][:7]] if ch.tiny else FIG_11_11
+with torch.no_grad():
+    c = pipe.encode(shown_prompts)
+    pair = {"base": pipe.sample(c, seed=seed, **SAMPLE), "WiCLP": pipe.sample(proj_c(c), seed=seed, **SAMPLE)}
+fig, axes = plt.subplots(2, len(shown_prompts), figsize=(1.4 * len(shown_prompts), 3.2), squeeze=False)
+for j, prompt_j in enumerate(shown_prompts):
+    for r, k in enumerate(pair):
+        show(axes[r, j], pair[k][j], (prompt_j if r == 0 else "") + (f"\n{k}" if j == 0 else ""))
+fig.suptitle("Fig 11.11" + (" analogue" if ch.tiny else "") + ": without / with WiCLP", fontsize=9)
+ch.figure(fig, "fig11_11_wiclp_pairs")
+
+taus = [1000, 900, 800, 600, 400, 200]
+with torch.no_grad():
+    c1 = pipe.encode(shown_prompts[:1])
+    grid = torch.cat([pipe.sample(proj_c(c1), seed=seed, switch=(tau, c1), **SAMPLE) for tau in taus])
+fig, axes = plt.subplots(1, len(taus), figsize=(1.6 * len(taus), 2), squeeze=False)
+for j, tau in enumerate(taus):
+    show(axes[0, j], grid[j], f"T = {tau}")
+fig.suptitle(("Fig 11.12 analogue" if ch.tiny else "Fig 11.12") + f": '{shown_prompts[0]}', WiCLP from timestep T", fontsize=8)
+ch.figure(fig, "fig11_12_switch_off_grid")
+
+methods = {"baseline": lambda p: pipe.encode(p), "CLP": lambda p: projections["colour", "CLP"](pipe.encode(p)),
+           "WiCLP": lambda p: proj_c(pipe.encode(p))} | {k: v for k, v in tuned_encoders.items()}
+with torch.no_grad():
+    rows = {k: pipe.sample(f(shown_prompts[:4]), seed=seed, **SAMPLE) for k, f in methods.items()}
+fig, axes = plt.subplots(len(rows), 4, figsize=(6, 1.5 * len(rows)), squeeze=False)
+for r, (k, imgs) in enumerate(rows.items()):
+    for j in range(4):
+        show(axes[r, j], imgs[j], (shown_prompts[j] if r == 0 else "") + (f"\n{k}" if j == 0 else ""))
+fig.suptitle("Fig 9.9" + (" analogue" if ch.tiny else "") + ": the methods side by side", fontsize=9)
+ch.figure(fig, "fig9_9_methods")
 
 # %%
 ch.finish()
