@@ -247,3 +247,25 @@ def test_restoration_score_is_the_fraction_of_damage_undone():
                                   torch.tensor([[0.6, 1.0, 0.2], [0.9, 0.5, 0.1], [0.3, 0.3, 0.3]]))
     assert torch.allclose(r[0], torch.tensor([0.5, 1.0, 0.0], dtype=torch.float64))
     assert r[1:].isnan().all()  # no damage, or the corruption helped: nothing to restore
+
+
+def test_t5_text_states_trace_through_the_anatomy_and_the_noise_reaches_every_position():
+    from transformers import T5Config, T5EncoderModel
+    from interplab import anatomy
+    torch.manual_seed(0)
+    t5 = T5EncoderModel(T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                                 feed_forward_proj="gated-gelu")).eval()
+    ids = torch.randint(2, 64, (1, 7), generator=torch.Generator().manual_seed(0))
+    subject = [2, 3]
+    embed = anatomy.resolve(t5, "embed")
+    assert embed.path == "encoder.embed_tokens" and anatomy.n_layers(t5) == 2
+    noise = tracing.Noise(embed.path, subject, tracing.noise_scale(t5.encoder.embed_tokens, ids[0, subject]))
+    sites = [s for kind in ("attn", "mlp") for s in tracing.layer_sites(t5, kind)]
+    assert sites[0].path == "encoder.block.0.layer.0.SelfAttention" and sites[-1].path == "encoder.block.1.layer.1.DenseReluDense"
+    clean, corrupted, modules, embedding, one = tracing.trace_text_states(
+        t5, ids, noise, [[(s, None) for s in sites], [(embed, None)], [(sites[0], [subject[-1]])]])
+    assert torch.allclose(embedding, clean, atol=1e-5)
+    rest = [p for p in range(7) if p not in subject]
+    assert torch.allclose(modules[rest], clean[rest], atol=1e-5) and not torch.allclose(modules[subject], clean[subject])
+    assert not torch.allclose(clean[:subject[0]], corrupted[:subject[0]])   # bidirectional: earlier tokens see it
+    assert not torch.allclose(one, corrupted)

@@ -259,6 +259,15 @@ for _spec in [
             "embed": ("{root}.embeddings", "output"),
             "final_norm": ("{root}.final_layer_norm", "output"), "head": ("text_projection", "output")},
            roots=("", "text_model"), model_types=("clip_text_model",)),
+    # T5's encoder (DeepFloyd IF's, SD3's text tower): each block is [self-attention sublayer,
+    # feed-forward sublayer]; SelfAttention's output[0] is before the residual, the sublayer's after.
+    # The gated v1.1 feed-forward (wi_0, wi_1, wo) and the plain one (wi, wo) both end in wo.
+    Family("t5_encoder", ("transformers:T5EncoderModel", "transformers:T5Stack"), "{root}.block",
+           {"layer": children("{root}.block")},
+           {**_layer_components("layer.0.SelfAttention", "o", "layer.1.DenseReluDense", "wo",
+                                "layer.0.layer_norm", "layer.1.layer_norm"),
+            "embed": ("{root}.embed_tokens", "output"), "final_norm": ("{root}.final_layer_norm", "output")},
+           roots=("encoder", "")),
     Family("clip_vision", ("transformers:CLIPVisionModel", "transformers:CLIPVisionModelWithProjection",
                            "transformers:CLIPVisionTransformer"), "{root}.encoder.layers",
            {"layer": children("{root}.encoder.layers")},
