@@ -101,3 +101,24 @@ def test_deepfloyd_if_pipeline_steps_with_the_noise_half_and_locogen_projects_t5
     assert cond.shape == (1, 16, cfg["encoder_hid_dim"]) and out.shape == (1, 6, 8, 8)
     assert torch.equal(pipe.noise_prediction(out), out[:, :3]) and images.shape == (1, 3, 8, 8)
     assert anatomy.n_xattn(pipe.unet) == 22 and rows.shape == (3, 3, 8, 8) and not torch.allclose(rows[2], rows[0])
+
+
+def test_sdxl_text_tracing_corrupts_both_towers_and_restores_one_state_in_one():
+    from interplab import anatomy
+    pipe = _small_sdxl()
+    prompt, span = "a red star in the style of van gogh", "van gogh"
+    embed = [(anatomy.resolve(pipe.text_model, "embed"), None)]
+    embed_2 = [(anatomy.resolve(pipe.text_model_2, "embed"), None)]
+    conds, added = tracing.trace_sdxl_text_states(pipe, prompt, span, [embed], [embed_2, []])
+    assert conds.shape[0] == added["text_embeds"].shape[0] == added["time_ids"].shape[0] == 5
+    clean, corrupted, one_restored, two_restored, nothing = conds
+    d1 = pipe.text_model.config.hidden_size
+    assert torch.allclose(clean, pipe.encode([prompt])[0], atol=1e-5)
+    assert torch.allclose(added["text_embeds"][0], pipe.added_conditions([prompt])["text_embeds"][0], atol=1e-5)
+    assert not torch.allclose(corrupted[:, :d1], clean[:, :d1]) and not torch.allclose(corrupted[:, d1:], clean[:, d1:])
+    assert torch.allclose(one_restored[:, :d1], clean[:, :d1], atol=1e-5) and torch.equal(one_restored[:, d1:], corrupted[:, d1:])
+    assert torch.allclose(two_restored[:, d1:], clean[:, d1:], atol=1e-5) and torch.equal(two_restored[:, :d1], corrupted[:, :d1])
+    assert torch.allclose(added["text_embeds"][3], added["text_embeds"][0], atol=1e-5)   # tower 2 restored: its pooled too
+    assert torch.equal(nothing, corrupted) and torch.equal(added["text_embeds"][4], added["text_embeds"][1])
+    images = tracing.sample_rows(pipe, conds[:2], added={k: v[:2] for k, v in added.items()}, steps=2, batch_size=1)
+    assert images.shape[:2] == (2, 3) and not torch.allclose(images[0], images[1])

@@ -361,24 +361,68 @@ def restore_from_row(model: nn.Module, plan: Mapping, src: int = 0, cfg: bool = 
 
 
 def trace_text_states(text_model: nn.Module, input_ids: torch.Tensor, corruption, restorations: Sequence = (),
-                      batch_size: int = 32) -> torch.Tensor:
+                      batch_size: int = 32, states: Callable | None = None) -> torch.Tensor:
     """Conditionings (2 + R, T, d): the clean and corrupted text-encoder outputs, then one per restoration.
 
     input_ids (1, T); corruption a ``Noise`` on the token embedding (or any ``corrupt_and_restore``
     corruption); restorations as in ``corrupt_and_restore``, e.g. ``[[(site, [p])]]`` restores one
     (module, position) state. The UNet then renders each row (Eq. 5.7): see ``sample_rows``.
+    ``states`` (output with hidden states -> (rows, ...)) picks what the UNet reads instead of
+    ``last_hidden_state`` (SD-XL: the penultimate layer; see ``trace_sdxl_text_states``).
     """
     def hidden(h):
+        if states is not None:
+            return states(h)
         return h.last_hidden_state if hasattr(h, "last_hidden_state") else h
-    res = corrupt_and_restore(text_model, lambda ids: text_model(input_ids=ids), input_ids, corruption,
-                              list(restorations), hidden, batch_size)
+    res = corrupt_and_restore(text_model, lambda ids: text_model(input_ids=ids, output_hidden_states=states is not None),
+                              input_ids, corruption, list(restorations), hidden, batch_size)
     return torch.cat([res.clean[None], res.corrupted[None], res.restored])
 
 
-def sample_rows(pipe, conds: torch.Tensor, seed: int = 0, batch_size: int = 64, **sampler) -> torch.Tensor:
-    """Images (N, 3, H, W) of conditionings (N, T, d) that all ride one noise draw (z_T and step noise)."""
+def trace_sdxl_text_states(pipe, prompt: str, span: str, restorations: Sequence = (),
+                           restorations_2: Sequence = (), nu: float = 3.0, seed: int = 0) -> tuple:
+    """SD-XL's text tracing (§5.7): the subject's token embeddings corrupted in *both* towers, one
+    state restored at a time in either; the conditioning of each row rebuilt as the pipeline builds it.
+
+    restorations / restorations_2: lists of (site, positions) pairs in the first / second tower (as
+    in ``corrupt_and_restore``). Returns (conds (2 + R1 + R2, T, d1 + d2), added) with rows clean,
+    corrupted, then R1 rows (tower 1 restored, tower 2 corrupted), then R2 rows (the reverse), and
+    ``added`` = {"text_embeds": (rows, p) from the second tower, "time_ids": (rows, 6)} for ``sample_rows``.
+    """
+    towers = []
+    for model, tok, rest in ((pipe.text_model, pipe.tokenizer, restorations),
+                             (pipe.text_model_2, pipe.tokenizer_2, restorations_2)):
+        ids = tok([prompt], padding="max_length", truncation=True, max_length=tok.model_max_length,
+                  return_tensors="pt").input_ids.to(model.device)
+        subject = subject_positions(tok, ids[0], span)
+        emb = anatomy.resolve(model, "embed").path + ".token_embedding"
+        noise = Noise(emb, subject, noise_scale(model.get_submodule(emb), ids[0, subject]), nu=nu, seed=seed)
+        second = model is pipe.text_model_2
+        T = ids.shape[1]
+
+        def pack(out, second=second):  # tower 2 also carries its pooled projection, flattened behind the states
+            h = out.hidden_states[-2].flatten(1)
+            return torch.cat([h, out.text_embeds], dim=1) if second else h
+        rows = trace_text_states(model, ids, noise, rest, states=pack)
+        towers.append((rows, T))
+    (one, T), (two, _) = towers
+    r1, r2 = len(restorations), len(restorations_2)
+    first = torch.cat([one[:2 + r1], one[1:2].expand(r2, -1)])                     # tower 2's rows: tower 1 corrupted
+    second = torch.cat([two[:2], two[1:2].expand(r1, -1), two[2:]])
+    d2 = pipe.text_model_2.config.hidden_size
+    conds = torch.cat([first.view(len(first), T, -1), second[:, :T * d2].view(len(second), T, d2)], dim=-1)
+    added = pipe.added_conditions([prompt])
+    return conds, {"text_embeds": second[:, T * d2:], "time_ids": added["time_ids"].expand(len(conds), -1)}
+
+
+def sample_rows(pipe, conds: torch.Tensor, seed: int = 0, batch_size: int = 64, added: dict | None = None,
+                **sampler) -> torch.Tensor:
+    """Images (N, 3, H, W) of conditionings (N, T, d) that all ride one noise draw (z_T and step noise);
+    ``added`` (SD-XL's pooled text and time ids, N rows each) is sliced with them."""
     noise = pipe.draw_noise(1, seed)
-    return torch.cat([pipe.sample(conds[i:i + batch_size], seed=seed, noise=noise, batch_size=batch_size, **sampler)
+    return torch.cat([pipe.sample(conds[i:i + batch_size], seed=seed, noise=noise, batch_size=batch_size,
+                                  added=None if added is None else {k: v[i:i + batch_size] for k, v in added.items()},
+                                  **sampler)
                       for i in range(0, len(conds), batch_size)])
 
 
