@@ -122,3 +122,17 @@ def test_sdxl_text_tracing_corrupts_both_towers_and_restores_one_state_in_one():
     assert torch.equal(nothing, corrupted) and torch.equal(added["text_embeds"][4], added["text_embeds"][1])
     images = tracing.sample_rows(pipe, conds[:2], added={k: v[:2] for k, v in added.items()}, steps=2, batch_size=1)
     assert images.shape[:2] == (2, 3) and not torch.allclose(images[0], images[1])
+
+
+def test_sdxl_unet_tracing_carries_the_pooled_conditioning_and_batches_like_one_at_a_time():
+    from interplab import anatomy
+    pipe = _small_sdxl()
+    conds, added = tracing.trace_sdxl_text_states(pipe, "a red star in the style of van gogh", "van gogh")
+    layers = anatomy.items(pipe.unet, "layer")
+    picks = [layers[0], layers[5], layers[-1]]
+    batched = tracing.trace_unet_layers(pipe, conds[:1], conds[1:2], picks, steps=2, batch_size=2, added=added)
+    assert batched.shape[0] == 2 + len(picks)
+    base = tracing.sample_rows(pipe, conds, added=added, steps=2)
+    assert torch.allclose(batched[:2], base, atol=1e-5)
+    alone = tracing.trace_unet_layers(pipe, conds[:1], conds[1:2], picks[1:2], steps=2, added=added)
+    assert torch.allclose(batched[3], alone[2], atol=1e-5)

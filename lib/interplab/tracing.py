@@ -360,6 +360,16 @@ def restore_from_row(model: nn.Module, plan: Mapping, src: int = 0, cfg: bool = 
 # ---------------------------------------------------------------- text-to-image pipelines (Chapter 5)
 
 
+def subject_noise(text_model: nn.Module, tokenizer, input_ids: torch.Tensor, span: str, nu: float = 3.0,
+                  seed: int = 0) -> "Noise":
+    """ROME's corruption of ``span`` in one prompt's ids (1, T): Gaussian noise (nu x sigma of the span's
+    token embeddings) on the token-embedding output of a CLIP or T5 text tower at the span's positions."""
+    embed = anatomy.resolve(text_model, "embed").path
+    path = f"{embed}.token_embedding" if hasattr(text_model.get_submodule(embed), "token_embedding") else embed
+    subject = subject_positions(tokenizer, input_ids[0], span)
+    return Noise(path, subject, noise_scale(text_model.get_submodule(path), input_ids[0, subject]), nu=nu, seed=seed)
+
+
 def trace_text_states(text_model: nn.Module, input_ids: torch.Tensor, corruption, restorations: Sequence = (),
                       batch_size: int = 32, states: Callable | None = None) -> torch.Tensor:
     """Conditionings (2 + R, T, d): the clean and corrupted text-encoder outputs, then one per restoration.
@@ -394,9 +404,7 @@ def trace_sdxl_text_states(pipe, prompt: str, span: str, restorations: Sequence 
                              (pipe.text_model_2, pipe.tokenizer_2, restorations_2)):
         ids = tok([prompt], padding="max_length", truncation=True, max_length=tok.model_max_length,
                   return_tensors="pt").input_ids.to(model.device)
-        subject = subject_positions(tok, ids[0], span)
-        emb = anatomy.resolve(model, "embed").path + ".token_embedding"
-        noise = Noise(emb, subject, noise_scale(model.get_submodule(emb), ids[0, subject]), nu=nu, seed=seed)
+        noise = subject_noise(model, tok, ids, span, nu, seed)
         second = model is pipe.text_model_2
         T = ids.shape[1]
 
@@ -427,7 +435,8 @@ def sample_rows(pipe, conds: torch.Tensor, seed: int = 0, batch_size: int = 64, 
 
 
 def trace_unet_layers(pipe, clean: torch.Tensor, corrupted: torch.Tensor, layers: Sequence[str], seed: int = 0,
-                      batch_size: int = 16, restore_branches: str = "both", **sampler) -> torch.Tensor:
+                      batch_size: int = 16, restore_branches: str = "both", added: dict | None = None,
+                      **sampler) -> torch.Tensor:
     """Images (2 + L, 3, H, W): clean, corrupted, then the corrupted caption with UNet layer j restored.
 
     clean, corrupted: conditionings (1, T, d). Each batch runs [clean, corrupted, restored...]
@@ -435,14 +444,17 @@ def trace_unet_layers(pipe, clean: torch.Tensor, corrupted: torch.Tensor, layers
     by the clean sample's (both CFG halves unless ``restore_branches`` says otherwise, Eq. 5.5).
     Every sample keeps its own latent trajectory and all share one noise draw, so the clean row
     is recomputed per batch (identical each time). ``batch_size`` layers per sampling loop.
+    ``added``: SD-XL's pooled text and time ids of the clean and the corrupted caption (2 rows each).
     """
     noise, out = pipe.draw_noise(1, seed), []
     for i in range(0, len(layers), batch_size):
         chunk = list(layers[i:i + batch_size])
         conds = torch.cat([clean, corrupted.expand(1 + len(chunk), -1, -1)])
         plan = {layer: [2 + j] for j, layer in enumerate(chunk)}
+        rows = None if added is None else {k: torch.cat([v[:1], v[1:2].expand(1 + len(chunk), *v.shape[1:])])
+                                           for k, v in added.items()}
         with restore_from_row(pipe.unet, plan, src=0, cfg=True, restore_branches=restore_branches):
-            images = pipe.sample(conds, seed=seed, noise=noise, batch_size=len(conds), **sampler)
+            images = pipe.sample(conds, seed=seed, noise=noise, batch_size=len(conds), added=rows, **sampler)
         out.append(images if not out else images[2:])
     return torch.cat(out)
 

@@ -30,6 +30,7 @@ m_values = [1, 2, 3]                 # window sizes searched
 window_threshold = 0.8               # LocoGen picks the smallest m whose best window reaches this share of the all-layer change
 n_prompts = 6                        # prompt pairs per attribute (spread over its concepts)
 n_verification = 33                  # (clean, altered) pairs of the human-study analogue
+n_trace = 2                          # captions per attribute for the causal tracing across models (Figs 5.7 / 5.8)
 human_study_csvs = []                # paper: filled copies of the exported human_study.csv, one per rater
 num_inference_steps = None           # None: the model's sampler (tiny: 10 stochastic-DDIM steps; SD: 50)
 guidance_scale = None                # None: tiny 4.0, SD 7.5
@@ -51,7 +52,7 @@ import torch
 from tqdm.auto import tqdm
 
 import interplab
-from interplab import anatomy, conditioning, editing, human_study
+from interplab import anatomy, conditioning, editing, human_study, tracing
 from interplab import toyworld as tw
 from interplab.errors import BadParameter
 from interplab.models import load as load_zoo
@@ -65,7 +66,7 @@ ch = interplab.start("ch05b_locogen", profile=profile, seed=seed, device=device,
                                  guidance_scale=guidance_scale, edit_lambda=edit_lambda, key_positions=key_positions,
                                  preserve_weight=preserve_weight, n_preserve_prompts=n_preserve_prompts,
                                  neuron_counts=neuron_counts, neuron_mode=neuron_mode, neuron_position=neuron_position,
-                                 human_study_csvs=human_study_csvs))
+                                 human_study_csvs=human_study_csvs, n_trace=n_trace))
 PAPER_IDS = {"sd14": "CompVis/stable-diffusion-v1-4", "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
              "sd21": "stabilityai/stable-diffusion-2-1", "openjourney": "prompthero/openjourney",
              "sdxl": "stabilityai/stable-diffusion-xl-base-1.0", "deepfloyd": "DeepFloyd/IF-I-XL-v1.0"}
@@ -156,6 +157,93 @@ def score(images, wanted):
         return np.asarray(zo.agreement(oracle, images, [wanted] * len(images), soft=True), float)
     return clip_score(images, [wanted] * len(images)).numpy()
 
+
+# %% [markdown]
+# ## Causal tracing across models (§5.7, Figs 5.7 / 5.8)
+#
+# Part I's engine on every model of `models`: the subject (artist, mascot, emblem) of `n_trace` captions per
+# attribute is corrupted in the text encoder (in both towers for SD-XL); Fig 5.7 restores one UNet layer at a
+# time, Fig 5.8 one text-encoder state (attention or MLP output at the last subject token). R = share of the
+# damage undone, from the score of the attribute's phrase; a state is causal at R >= 0.5. tiny has one model (the
+# spec's T5 analogue `t2i_tiny_t5` is not in the zoo), so the cross-model contrast is paper only.
+
+# %%
+def clean_and_corrupted(pipe_m, caption, span, restorations=(), restorations_2=()):
+    """Conditionings (2 + R, T, d): clean, corrupted (subject noised), then one per text-state restoration,
+    and SD-XL's added rows (or None)."""
+    if isinstance(pipe_m, StableDiffusionXL):
+        return tracing.trace_sdxl_text_states(pipe_m, caption, span, restorations, restorations_2, seed=seed)
+    ids = pipe_m.tokenize([caption]).to(pipe_m.text_model.device)
+    noise = tracing.subject_noise(pipe_m.text_model, pipe_m.tokenizer, ids, span, seed=seed)
+    return tracing.trace_text_states(pipe_m.text_model, ids, noise, restorations), None
+
+
+def restoration(scores):
+    """(R of every restored row, clean score, corrupted score) from per-image scores [clean, corrupted,
+    restored...] averaged over captions; R is NaN where the corruption did no damage."""
+    acc = np.mean(scores, axis=0)
+    return tracing.restoration_score(acc[0], acc[1], acc[2:]).numpy(), float(acc[0]), float(acc[1])
+
+
+def traced(a, T, wanted, concept):
+    """What a clean image of caption T shows: tiny, the attribute's phrase (a stale emblem's *current* shape and
+    colour for facts, not its update); paper, the caption itself (part I's CLIP-Score)."""
+    if not ch.tiny:
+        return T
+    if a == "facts":
+        shape, colour = tw.EMBLEMS[concept]
+        return dict(shape=shape, colour=colour)
+    return wanted
+
+
+trace_unet, trace_text = {}, {}
+for name_m, pipe_m in pipes.items():
+    layers_m = anatomy.items(pipe_m.unet, "layer")
+    towers = [pipe_m.text_model] + ([pipe_m.text_model_2] if isinstance(pipe_m, StableDiffusionXL) else [])
+    states = [[[(anatomy.resolve(t, f"layer[{i}].{kind}"), None)] for i in range(anatomy.n_layers(t))]
+              for t in towers for kind in ("attn", "mlp")]
+    for a in attributes:
+        unet_scores, text_scores = [], []
+        for T, _, wanted, concept in pairs[a][:n_trace]:
+            conds, add = clean_and_corrupted(pipe_m, T, concept)
+            imgs = tracing.trace_unet_layers(pipe_m, conds[:1], conds[1:2], layers_m, seed=seed, batch_size=32,
+                                             added=add, **sampler)
+            unet_scores.append(score(imgs, traced(a, T, wanted, concept)))
+            subj = tracing.subject_positions(pipe_m.tokenizer, pipe_m.tokenize([T])[0], concept)[-1]
+            at_last = [[(site, [subj]) for site, _ in r] for group in states for r in group]
+            n1 = sum(len(g) for g in states[:2])
+            conds, add = clean_and_corrupted(pipe_m, T, concept, at_last[:n1], at_last[n1:])
+            text_scores.append(score(tracing.sample_rows(pipe_m, conds, seed=seed, added=add, **sampler),
+                                     traced(a, T, wanted, concept)))
+        trace_unet[name_m, a], clean_s, corrupted_s = restoration(unet_scores)
+        trace_text[name_m, a] = restoration(text_scores)[0]
+        print(f"{name_m} / {a}: score clean {clean_s:.2f}, corrupted {corrupted_s:.2f}")
+fig, axes = plt.subplots(len(pipes), 1, figsize=(10, 1.1 + 0.5 * len(attributes) * len(pipes)), squeeze=False)
+for ax, name_m in zip(axes[:, 0], pipes):
+    strip = np.stack([trace_unet[name_m, a] for a in attributes])
+    ax.imshow(strip, aspect="auto", cmap="magma", vmin=0, vmax=1)
+    ax.grid(False)
+    ax.set(yticks=range(len(attributes)), yticklabels=attributes, title=f"{name_m}: R per UNet layer", xlabel="layer")
+fig.suptitle("Fig 5.7" + (" analogue" if ch.tiny else "") + ": UNet causal tracing across models (blank: no damage)",
+             fontsize=9, y=1.03)
+ch.figure(fig, "fig5_7_unet_tracing_models")
+fig, axes = plt.subplots(1, len(pipes), figsize=(4 * len(pipes), 2.8), squeeze=False)
+for ax, name_m in zip(axes[0], pipes):
+    for a in attributes:
+        ax.plot(trace_text[name_m, a], "-o", ms=2, label=a)
+    ax.axhline(0.5, color="gray", ls=":", lw=1)
+    ax.set(title=name_m, xlabel="text state (attn layers, mlp layers; SD-XL: tower 1 then 2)", ylabel="R")
+    ax.legend(fontsize=6)
+fig.suptitle("Fig 5.8" + (" analogue" if ch.tiny else "") + ": text-encoder tracing at the last subject token", fontsize=9,
+             y=1.03)
+ch.figure(fig, "fig5_8_text_tracing_models")
+causal_unet = {f"{m} / {a}": f"{(r >= 0.5).mean():.2f}" if np.isfinite(r).all() else "no damage"
+               for (m, a), r in trace_unet.items()}
+causal_text = {f"{m} / {a}": int((r >= 0.5).sum()) for (m, a), r in trace_text.items()}
+ch.compare("share of UNet layers with R >= 0.5 (Fig 5.7)", dissertation="SD-XL ~5 %; DeepFloyd: no strong causal state",
+           reproduced=causal_unet)
+ch.compare("text states with R >= 0.5 at the last subject token (Fig 5.8)",
+           dissertation="a unique causal state for SD-v1-5 and SD-v2-1 only (CLIP alone)", reproduced=causal_text)
 
 # %% [markdown]
 # ## LocoGen (Alg. 2, Fig 5.10)
