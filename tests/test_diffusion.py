@@ -34,20 +34,7 @@ def test_stable_diffusion_samples_decodes_and_traces_with_random_weights():
 
 
 def _small_sdxl():
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-    from interplab.models.diffusion import StableDiffusionXL, clip_bpe_tokenizer, sd_unet_config
-    torch.manual_seed(0)
-    text_cfg = dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                    max_position_embeddings=77, projection_dim=32)
-    te1, te2 = CLIPTextModel(CLIPTextConfig(**text_cfg)).eval(), CLIPTextModelWithProjection(CLIPTextConfig(**text_cfg)).eval()
-    cfg = sd_unet_config("xl", 32)
-    cfg.update(sample_size=8, cross_attention_dim=64, addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 32)
-    unet = UNet2DConditionModel(**cfg).eval()
-    vae = AutoencoderKL(block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
-                        latent_channels=4, norm_num_groups=8, sample_size=8).eval()
-    tok = clip_bpe_tokenizer(77)
-    return StableDiffusionXL(unet, te1, tok, vae, te2, tok, size=64)
+    return tiny_random.stable_diffusion_xl()
 
 
 def test_sdxl_reads_both_towers_penultimate_states_and_the_pooled_second():
@@ -81,24 +68,15 @@ def test_sdxl_generates_and_locogen_windows_at_index_45_alter_only_what_they_nam
 
 
 def test_deepfloyd_if_pipeline_steps_with_the_noise_half_and_locogen_projects_t5_states():
-    from diffusers import UNet2DConditionModel
-    from transformers import T5Config, T5EncoderModel
     from interplab import anatomy, conditioning
-    from interplab.models.diffusion import DeepFloydIF, clip_bpe_tokenizer, sd_unet_config
-    torch.manual_seed(0)
-    cfg = sd_unet_config("if", 32)
-    cfg.update(sample_size=8)
-    unet = UNet2DConditionModel(**cfg).eval()
-    t5 = T5EncoderModel(T5Config(vocab_size=49408, d_model=cfg["encoder_hid_dim"], d_kv=8, d_ff=64, num_layers=2,
-                                 num_heads=4)).eval()
-    pipe = DeepFloydIF(unet, t5, clip_bpe_tokenizer(77), max_length=16)
+    pipe = tiny_random.deepfloyd_if()
     T, T2 = ["the british monarch"], ["king charles"]
     with torch.no_grad():
         cond = pipe.encode(T)
         out = pipe.unet(torch.randn(1, 3, 8, 8), 10, encoder_hidden_states=cond).sample
         images = pipe.generate(T, seed=0, steps=2)
         rows = conditioning.sample_windows(pipe, cond, pipe.encode(T2), [[0, 1, 2]], seed=0, steps=2)
-    assert cond.shape == (1, 16, cfg["encoder_hid_dim"]) and out.shape == (1, 6, 8, 8)
+    assert cond.shape == (1, 16, pipe.unet.config.encoder_hid_dim) and out.shape == (1, 6, 8, 8)
     assert torch.equal(pipe.noise_prediction(out), out[:, :3]) and images.shape == (1, 3, 8, 8)
     assert anatomy.n_xattn(pipe.unet) == 22 and rows.shape == (3, 3, 8, 8) and not torch.allclose(rows[2], rows[0])
 

@@ -204,7 +204,7 @@ for name_m, pipe_m in pipes.items():
               for t in towers for kind in ("attn", "mlp")]
     for a in attributes:
         unet_scores, text_scores = [], []
-        for T, _, wanted, concept in pairs[a][:n_trace]:
+        for T, _, wanted, concept in tqdm(pairs[a][:n_trace], desc=f"tracing {name_m} / {a}", leave=False):
             conds, add = clean_and_corrupted(pipe_m, T, concept)
             imgs = tracing.trace_unet_layers(pipe_m, conds[:1], conds[1:2], layers_m, seed=seed, batch_size=32,
                                              added=add, **sampler)
@@ -376,11 +376,12 @@ if ch.tiny:
 # ## Fig 5.6 / Fig 5.9: original vs altered at the selected window
 
 # %%
-fig, axes = plt.subplots(len(attributes), 6, figsize=(9, 1.9 * len(attributes)), squeeze=False)
+shown_pairs = min(3, n_prompts)
+fig, axes = plt.subplots(len(attributes), 2 * shown_pairs, figsize=(3 * shown_pairs, 1.9 * len(attributes)), squeeze=False)
 for r, a in enumerate(attributes):
     f = found[a]
     col = 2 + sum(len(windows[m]) for m in m_values if m < f["m"]) + f["j"]
-    for c in range(3):
+    for c in range(shown_pairs):
         show(axes[r, 2 * c], loco[a][0][c, 0], pairs[a][c][0] if c == 0 else "original")
         show(axes[r, 2 * c + 1], loco[a][0][c, col], f"layers {f['j']}..{f['j'] + f['m'] - 1} read T'")
 fig.suptitle("Fig 5.9 analogue: a few cross-attention layers receive the altered prompt", fontsize=9)

@@ -9,20 +9,18 @@ word-level tokenizers, Inception -> random weights), spaCy -> " and "-split noun
 torchvision zero-shot splits (CIFAR's md5-checked pickles cannot be faked) -> a constant.
 """
 import json
-import re
 import sys
 import tempfile
 import types
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 from interplab import compositional as cb
 from interplab.models import clip_students, diffusion
+from smoke import fake_sd, run_draft
 
-HERE = Path(__file__).parent
 WORDS = "a an the red blue green yellow brown book vase bear boat car bench and on of is in cat dog sofa".split()
 
 
@@ -35,18 +33,6 @@ def word_tokenizer(eos_only: bool):
     if eos_only:   # T5: "... </s>"
         tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 5)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", eos_token="</s>")
-
-
-def fake_sd(*a, **k):
-    """SD v1's topology at width 32 with a 4-level VAE (8x down, 8 channels): 512 px <-> 64 x 64 latents."""
-    from diffusers import AutoencoderKL
-    unet, text = diffusion.random_sd("v1", width=32, text_layers=1)
-    torch.manual_seed(0)
-    vae = AutoencoderKL(block_out_channels=(8,) * 4, down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=8).eval()
-    pipe = diffusion.StableDiffusion(unet, text, diffusion.clip_bpe_tokenizer(77), vae)
-    pipe.sampler = dict(steps=2, guidance=7.5, eta=0.0)   # 50 steps in the real pipeline
-    return pipe
 
 
 def fake_blip(*a, **k):
@@ -117,14 +103,10 @@ def main():
     tmp = Path(tempfile.mkdtemp())
     write_data(tmp)
     cb.ROOT = tmp
-    src = (HERE / "ch09.py").read_text()
-    overrides = dict(profile="paper", n_winoground=2, n_aro=2, diffusion_samples=2, ft_steps=1, n_ft_seeds=1,
-                     n_test_prompts=2, samples_per_prompt=1, train_prompts=2, train_steps=1, cstar_prompts=2, cstar_steps=1,
-                     switch_taus=[1000, 800, 0], fid_images=4, students=["ViT-B/32", "RN50"], per_generator=2, device="cpu")
-    for k, v in overrides.items():
-        src, n = re.subn(rf"^{k} = .*$", f"{k} = {v!r}", src, count=1, flags=re.M)
-        assert n == 1, k
-    exec(compile(src, str(HERE / "ch09.py"), "exec"), {"__name__": "__main__"})
+    run_draft("ch09", dict(profile="paper", n_winoground=2, n_aro=2, diffusion_samples=2, ft_steps=1, n_ft_seeds=1,
+                           n_test_prompts=2, samples_per_prompt=1, train_prompts=2, train_steps=1, cstar_prompts=2,
+                           cstar_steps=1, switch_taus=[1000, 800, 0], fid_images=4, students=["ViT-B/32", "RN50"],
+                           per_generator=2, device="cpu"))
 
 
 if __name__ == "__main__":

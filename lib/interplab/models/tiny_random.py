@@ -16,6 +16,9 @@ behave; the ``tiny`` profile's trained zoo has the same shapes.
     open_clip()  open_clip.model.CLIP             width 64, 2 layers per tower, image 32, patch 8
     stable_diffusion()  models.diffusion.StableDiffusion  SD-v1's UNet topology at width 32, CLIP-L's text
                  width (768) with 1 layer, a one-level VAE, 8 x 8 latents, the toy world's 24-token tokenizer
+    stable_diffusion_xl()  models.diffusion.StableDiffusionXL  SD-XL's topology at width 32, two 3-layer towers
+                 (width 32), 8 x 8 latents, 64 px size ids, OpenAI's BPE at 77 tokens
+    deepfloyd_if()  models.diffusion.DeepFloydIF  IF stage I's topology at width 32, 8 x 8 pixels, a 2-layer T5
 """
 import torch
 
@@ -140,3 +143,36 @@ def stable_diffusion(seed: int = SEED):
     torch.manual_seed(seed)
     vae = AutoencoderKL(block_out_channels=(32,), norm_num_groups=8).eval()  # one level: latents = pixels
     return StableDiffusion(unet, text, clip_tokenizer(24), vae)
+
+
+def stable_diffusion_xl(seed: int = SEED):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from .diffusion import StableDiffusionXL, clip_bpe_tokenizer, sd_unet_config
+    torch.manual_seed(seed)
+    text = CLIPTextConfig(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                          max_position_embeddings=77, projection_dim=32)
+    tower, tower_2 = CLIPTextModel(text).eval(), CLIPTextModelWithProjection(text).eval()
+    cfg = sd_unet_config("xl", 32)
+    cfg.update(sample_size=8, cross_attention_dim=64, addition_time_embed_dim=8,
+               projection_class_embeddings_input_dim=6 * 8 + 32)
+    unet = UNet2DConditionModel(**cfg).eval()
+    vae = AutoencoderKL(block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",),
+                        up_block_types=("UpDecoderBlock2D",), latent_channels=4, norm_num_groups=8, sample_size=8).eval()
+    tok = clip_bpe_tokenizer(77)
+    return StableDiffusionXL(unet, tower, tok, vae, tower_2, tok, size=64)
+
+
+def deepfloyd_if(seed: int = SEED, max_length: int = 16):
+    from diffusers import UNet2DConditionModel
+    from transformers import T5Config, T5EncoderModel
+
+    from .diffusion import DeepFloydIF, clip_bpe_tokenizer, sd_unet_config
+    torch.manual_seed(seed)
+    cfg = sd_unet_config("if", 32)
+    cfg.update(sample_size=8)
+    unet = UNet2DConditionModel(**cfg).eval()
+    t5 = T5EncoderModel(T5Config(vocab_size=49408, d_model=cfg["encoder_hid_dim"], d_kv=8, d_ff=64, num_layers=2,
+                                 num_heads=4)).eval()
+    return DeepFloydIF(unet, t5, clip_bpe_tokenizer(77), max_length=max_length)
