@@ -1,11 +1,11 @@
 """Run ch09.py's paper profile end to end offline: the real code path on random reduced models and on
 tiny files written in the benchmarks' released formats (development check, not a result).
 
-    OMP_NUM_THREADS=1 INTERPLAB_OUT_ROOT=build/draft python docs/drafts/src/ch09_paper_smoke.py
+    OMP_NUM_THREADS=1 INTERPLAB_OUT_ROOT=build/draft_paper python docs/drafts/src/ch09_paper_smoke.py
 
-Replaced: every hub loader (SD v1.4 -> its topology at width 32 with a small 4-level VAE and
-2 sampling steps, the CLIP students -> clip_students.build(layers=1), BLIP-VQA and IF's T5 -> 1-layer random builds with
-word-level tokenizers, Inception -> random weights), spaCy -> " and "-split noun chunks, and the
+Replaced: every hub loader (SD v1.4 -> its topology at width 32 with a small 4-level VAE, 16 x 16 latents
+and 2 sampling steps, the CLIP students -> clip_students.build(layers=1), BLIP-VQA and IF's T5 -> 1-layer
+random builds with word-level tokenizers, Inception -> random weights), spaCy -> " and "-split noun chunks, and the
 torchvision zero-shot splits (CIFAR's md5-checked pickles cannot be faked) -> a constant.
 """
 import json
@@ -94,7 +94,7 @@ def main():
     spacy.load = lambda name: (lambda text: types.SimpleNamespace(
         noun_chunks=[types.SimpleNamespace(text=t) for t in text.split(" and ")]))
     sys.modules["spacy"] = spacy
-    diffusion.StableDiffusion.from_pretrained = classmethod(fake_sd)
+    diffusion.StableDiffusion.from_pretrained = classmethod(lambda *a, **k: fake_sd(latent=16))
     diffusion.DeepFloydIF.text_encoder = staticmethod(fake_t5)
     cb.BlipVqa.from_pretrained = classmethod(fake_blip)
     cb.InceptionFeatures.from_pretrained = classmethod(fake_inception)
