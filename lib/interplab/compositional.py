@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from . import paths
 from .errors import check_choice, resource_unavailable
+from .models.clip_students import embed_images, embed_texts, pixels, resize_crop
 
 ROOT = paths.DATA / "paper" / "ch09"
 DOWNLOAD = {
@@ -117,12 +118,7 @@ def load_image(path, size: int, bbox=None) -> torch.Tensor:
         x, y, w, h = bbox
         img = img.crop((x, y, x + w, y + h))
     x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1)[None]
-    h, w = x.shape[-2:]
-    scale = size / min(h, w)
-    x = F.interpolate(x, size=(max(size, round(h * scale)), max(size, round(w * scale))), mode="bicubic",
-                      align_corners=False).clamp(0, 1)
-    top, left = (x.shape[-2] - size) // 2, (x.shape[-1] - size) // 2
-    return x[0, :, top:top + size, left:left + size]
+    return resize_crop(x, size)[0].clamp(0, 1)
 
 
 def coco_captions(split: str = "train2017", root=None) -> list:
@@ -193,7 +189,6 @@ class BlipVqa:
 
     @torch.inference_mode()
     def _yes(self, images, questions):
-        from .models.clip_students import pixels
         m = self.model
         device = next(m.parameters()).device
         x = pixels(images.float(), self.image_size).to(device)  # BLIP normalises with CLIP's mean / std
@@ -303,7 +298,6 @@ def compbench_training_latents(pipe, generators: dict, prompts, per_generator: i
 def embed_files(model, files, size: int, bboxes=None, batch_size: int = 64) -> torch.Tensor:
     """Unit image embeddings (N, d) of image files read in batches (never all in memory); ``bboxes``
     (N of (x, y, w, h) or None) crops first, as ARO does."""
-    from .models.clip_students import embed_images
     files = list(files)
     bboxes = list(bboxes) if bboxes is not None else [None] * len(files)
     return torch.cat([embed_images(model, torch.stack([load_image(f, size, b) for f, b in
@@ -331,7 +325,6 @@ def zero_shot(model, tokenize, dataset: str, size: int = 224, n: int | None = No
         raise resource_unavailable(f"{dataset} test split (looked in {folder})",
                                    f"download it once with torchvision.datasets.{cls.__name__}(root, download=True) "
                                    "on a machine with internet and copy the folder there") from None
-    from .models.clip_students import embed_images, embed_texts
     x = torch.as_tensor(np.asarray(data.data[:n]), dtype=torch.float32) / 255
     x = x[..., None].expand(*x.shape, 3) if x.dim() == 3 else x                    # MNIST is grey
     img = embed_images(model, x.permute(0, 3, 1, 2), size)

@@ -137,17 +137,22 @@ def tokenizer(name: str, context_length: int = 77):
                                 return_tensors="pt").input_ids
 
 
-def pixels(images: torch.Tensor, size: int = 224) -> torch.Tensor:
-    """[0, 1] images (N, 3, H, W) -> (N, 3, size, size): bicubic resize of the short side, centre crop,
-    CLIP's normalisation (the OpenAI preprocessing, differentiable)."""
+def resize_crop(images: torch.Tensor, size: int) -> torch.Tensor:
+    """(N, 3, H, W) -> (N, 3, size, size): bicubic, antialiased resize of the short side to ``size``, then the
+    centre crop (CLIP's preprocessing geometry, differentiable)."""
     h, w = images.shape[-2:]
     scale = size / min(h, w)
     if scale != 1:
         images = F.interpolate(images, size=(max(size, round(h * scale)), max(size, round(w * scale))),
-                               mode="bicubic", align_corners=False)
+                               mode="bicubic", align_corners=False, antialias=True)
     h, w = images.shape[-2:]
     top, left = (h - size) // 2, (w - size) // 2
-    images = images[..., top:top + size, left:left + size]
+    return images[..., top:top + size, left:left + size]
+
+
+def pixels(images: torch.Tensor, size: int = 224) -> torch.Tensor:
+    """[0, 1] images (N, 3, H, W) -> (N, 3, size, size): ``resize_crop`` then CLIP's normalisation."""
+    images = resize_crop(images, size)
     mean = torch.tensor(CLIP_MEAN, device=images.device).view(1, 3, 1, 1)
     std = torch.tensor(CLIP_STD, device=images.device).view(1, 3, 1, 1)
     return (images - mean) / std
