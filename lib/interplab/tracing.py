@@ -419,8 +419,8 @@ def trace_sdxl_text_states(pipe, prompt: str, span: str, restorations: Sequence 
     second = torch.cat([two[:2], two[1:2].expand(r1, -1), two[2:]])
     d2 = pipe.text_model_2.config.hidden_size
     conds = torch.cat([first.view(len(first), T, -1), second[:, :T * d2].view(len(second), T, d2)], dim=-1)
-    added = pipe.added_conditions([prompt])
-    return conds, {"text_embeds": second[:, T * d2:], "time_ids": added["time_ids"].expand(len(conds), -1)}
+    pooled = second[:, T * d2:]
+    return conds, {"text_embeds": pooled, "time_ids": pipe.time_ids(len(conds)).to(pooled)}
 
 
 def sample_rows(pipe, conds: torch.Tensor, seed: int = 0, batch_size: int = 64, added: dict | None = None,

@@ -205,16 +205,20 @@ for name_m, pipe_m in pipes.items():
     for a in attributes:
         unet_scores, text_scores = [], []
         for T, _, wanted, concept in tqdm(pairs[a][:n_trace], desc=f"tracing {name_m} / {a}", leave=False):
-            conds, add = clean_and_corrupted(pipe_m, T, concept)
-            imgs = tracing.trace_unet_layers(pipe_m, conds[:1], conds[1:2], layers_m, seed=seed, batch_size=32,
-                                             added=add, **sampler)
-            unet_scores.append(score(imgs, traced(a, T, wanted, concept)))
+            target = traced(a, T, wanted, concept)
             subj = tracing.subject_positions(pipe_m.tokenizer, pipe_m.tokenize([T])[0], concept)[-1]
             at_last = [[(site, [subj]) for site, _ in r] for group in states for r in group]
             n1 = sum(len(g) for g in states[:2])
+            # one text pass gives clean, corrupted and every restored text state; the UNet trace renders the first
+            # two, which ride the same noise draw as the restored rows rendered after it
             conds, add = clean_and_corrupted(pipe_m, T, concept, at_last[:n1], at_last[n1:])
-            text_scores.append(score(tracing.sample_rows(pipe_m, conds, seed=seed, added=add, **sampler),
-                                     traced(a, T, wanted, concept)))
+            first, rest = (None, None) if add is None else ({k: v[:2] for k, v in add.items()},
+                                                            {k: v[2:] for k, v in add.items()})
+            imgs = tracing.trace_unet_layers(pipe_m, conds[:1], conds[1:2], layers_m, seed=seed, batch_size=32,
+                                             added=first, **sampler)
+            unet_scores.append(score(imgs, target))
+            restored = tracing.sample_rows(pipe_m, conds[2:], seed=seed, added=rest, **sampler)
+            text_scores.append(np.concatenate([unet_scores[-1][:2], score(restored, target)]))
         trace_unet[name_m, a], clean_s, corrupted_s = restoration(unet_scores)
         trace_text[name_m, a] = restoration(text_scores)[0]
         print(f"{name_m} / {a}: score clean {clean_s:.2f}, corrupted {corrupted_s:.2f}")

@@ -293,9 +293,12 @@ class StableDiffusionXL(StableDiffusion):
     def added_conditions(self, prompts) -> dict:
         """{"text_embeds": (N, d2) pooled projection of the second tower, "time_ids": (N, 6)}."""
         _, second = self._states(prompts)
+        return {"text_embeds": second.text_embeds, "time_ids": self.time_ids(len(prompts)).to(second.text_embeds)}
+
+    def time_ids(self, rows: int) -> torch.Tensor:
+        """(rows, 6) size / crop ids [h, w, top, left, h, w] of a full, uncropped image."""
         s = self.size
-        ids = torch.tensor([[s, s, 0, 0, s, s]], dtype=second.text_embeds.dtype, device=second.text_embeds.device)
-        return {"text_embeds": second.text_embeds, "time_ids": ids.expand(len(prompts), -1)}
+        return torch.tensor([[s, s, 0, 0, s, s]], dtype=torch.float32).expand(rows, -1)
 
     def uncond_conditioning(self) -> torch.Tensor:
         return torch.zeros_like(self.encode([""]))
