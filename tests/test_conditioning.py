@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from interplab import anatomy, conditioning
+from interplab.errors import BadParameter
 
 
 def _toy():
@@ -133,6 +134,11 @@ def test_sample_windows_rows_are_clean_all_altered_and_one_per_window():
     assert torch.allclose(imgs[0], clean[0], atol=1e-5) and torch.allclose(imgs[1], other[0], atol=1e-5)
     assert torch.allclose(imgs[4], imgs[1], atol=1e-6)                      # the window of every layer
     assert not torch.allclose(imgs[2], imgs[0], atol=1e-3)
+    with torch.no_grad():   # two loops of 2 + 2 rows give the same images as one loop of 2 + 3
+        chunked = conditioning.sample_windows(pipe, cond, alt, windows, seed=3, steps=3, batch_size=4)
+    assert chunked.shape == imgs.shape and torch.allclose(chunked, imgs, atol=1e-5)
+    with pytest.raises(BadParameter, match="batch_size"):
+        conditioning.sample_windows(pipe, cond, alt, windows, seed=3, steps=3, batch_size=2)
 
 
 def test_select_window_takes_the_smallest_m_that_meets_the_threshold():

@@ -294,3 +294,36 @@ def test_last_token_states_read_the_token_before_the_first_eos():
         h = model(input_ids=ids).last_hidden_state
     got = editing.last_token_states(h, ids, tok.eos_token_id)
     assert torch.equal(got[0], h[0, 3]) and torch.equal(got[1], h[1, 5])   # "circle", "blorp" (after <bos>)
+
+
+def test_locoedit_on_deepfloyd_if_edits_add_kv_on_what_the_layer_reads():
+    from interplab import anatomy, hooks
+    from interplab.models import tiny_random
+    pipe = tiny_random.deepfloyd_if()
+    unet, eos = pipe.unet, pipe.tokenizer.eos_token_id
+    layer = anatomy.items(unet, "xattn")[5]
+    assert editing.xattn_projections(unet, layer) == ("add_k_proj", "add_v_proj")
+    prompts_ = ["a photo of snoopy", "a photo of a dog"]
+    ids, states = pipe.tokenize(prompts_), pipe.encode(prompts_)
+
+    # xattn_inputs is what add_k_proj receives inside the UNet (encoder_hid_proj, then norm_cross's GroupNorm)
+    with torch.no_grad(), hooks.trace(unet, [f"{layer}.add_k_proj"], at="input") as seen:
+        unet(torch.randn(2, 3, 8, 8), torch.tensor([500, 500]), encoder_hidden_states=states)
+    assert torch.allclose(editing.xattn_inputs(unet, layer, states), seen[f"{layer}.add_k_proj"], atol=1e-5)
+
+    keys, targets = editing.locoedit_inputs(states[:1], ids[:1], states[1:], ids[1:], eos)
+    with pytest.raises(BadParameter, match="locoedit_inputs"):   # rows cannot pass a sequence-wide GroupNorm
+        editing.locoedit(unet, [layer], *editing.locoedit_rows(states[:1], ids[:1], states[1:], ids[1:], eos))
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    edits = editing.locoedit(unet, [layer], keys, targets, lam=1e-4)
+    assert [e.path for e in edits] == [f"{layer}.add_k_proj", f"{layer}.add_v_proj"]
+    k_in = editing.xattn_inputs(unet, layer, keys[0])[0, keys[1][0]]
+    t_in = editing.xattn_inputs(unet, layer, targets[0])[0, targets[1][0]]
+    with editing.apply_edit(unet, edits):
+        changed = {k for k, v in unet.state_dict().items() if not torch.equal(v, before[k])}
+        assert changed == {f"{e.path}.weight" for e in edits}
+        for e in edits:
+            proj = unet.get_submodule(e.path)
+            want = t_in @ before[f"{e.path}.weight"].T + proj.bias
+            assert ((proj(k_in) - want).norm() / want.norm()) < 1e-3       # snoopy is read as the dog was
+    assert all(torch.equal(v, before[k]) for k, v in unet.state_dict().items())

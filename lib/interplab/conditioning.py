@@ -321,20 +321,30 @@ def adjacent_windows(n_layers: int, m: int) -> list:
 
 
 def sample_windows(pipe, cond: torch.Tensor, alt: torch.Tensor, windows: Sequence, seed: int = 0,
-                   **sampler) -> torch.Tensor:
+                   batch_size: int | None = None, **sampler) -> torch.Tensor:
     """Images (2 + W, 3, H, W) of one prompt pair (Alg. 2): the clean image of T, the image whose
     every cross-attention layer reads T' (= generating from T'), then one per window of layers
-    reading T'. cond, alt (1, T, d): TE(T), TE(T'). One sampling loop; all rows share one noise
-    draw, so differences between rows are the windows' alone."""
+    reading T'. cond, alt (1, T, d): TE(T), TE(T'). All rows share one noise draw, so differences
+    between rows are the windows' alone. One sampling loop renders ``batch_size`` rows (None: all);
+    with more windows than fit, each loop renders the clean and all-altered rows again beside its
+    share of windows (same noise, so the same images) and keeps them once."""
     n_x = anatomy.n_xattn(pipe.unet)
-    plan = {i: [1] for i in range(n_x)}
-    for w, layers in enumerate(windows):
-        for i in layers:
-            plan[i] = plan[i] + [2 + w]
-    rows = 2 + len(windows)
-    with altered_cross_attention(pipe.unet, plan, alt):
-        return pipe.sample(cond.expand(rows, -1, -1), seed=seed, noise=pipe.draw_noise(1, seed),
-                           batch_size=rows, **sampler)
+    per_loop = len(windows) if batch_size is None else batch_size - 2
+    if per_loop < 1:
+        raise BadParameter(f"batch_size must leave room for a window beside the 2 reference rows, got {batch_size}")
+    out = []
+    for start in range(0, max(len(windows), 1), per_loop):
+        chunk = windows[start:start + per_loop]
+        plan = {i: [1] for i in range(n_x)}
+        for w, layers in enumerate(chunk):
+            for i in layers:
+                plan[i] = plan[i] + [2 + w]
+        rows = 2 + len(chunk)
+        with altered_cross_attention(pipe.unet, plan, alt):
+            images = pipe.sample(cond.expand(rows, -1, -1), seed=seed, noise=pipe.draw_noise(1, seed),
+                                 batch_size=rows, **sampler)
+        out.append(images if not out else images[2:])
+    return torch.cat(out)
 
 
 def select_window(scores: Mapping, clean: float, altered: float, threshold: float = 0.8,

@@ -246,35 +246,95 @@ def last_token_states(states: torch.Tensor, ids: torch.Tensor, eos_id: int) -> t
     return states[torch.arange(len(ids)), last]
 
 
+def locoedit_inputs(key_states: torch.Tensor, key_ids: torch.Tensor, target_states: torch.Tensor,
+                    target_ids: torch.Tensor, eos_id: int, positions: str = "subject") -> tuple:
+    """LocoEdit's keys and targets as (states (N, T, d), positions per row) pairs: conditioning states
+    of prompts naming the concept and of prompts naming its replacement (ids (N, T), one length), and
+    the positions ``paired_positions`` picks. ``positions``: "subject" (the last subject token, the
+    release's default) or "subject_and_after" (also every EOS / padding state after it, the release's
+    ``--eos``: a causal tower carries the concept there, and cross-attention reads those states too).
+    Pass them to ``locoedit`` as they are when a layer transforms the conditioning before its
+    projections (IF: ``encoder_hid_proj``, then a GroupNorm over the whole sequence)."""
+    pk, pv = paired_positions(key_ids, target_ids, eos_id, positions)
+    return (key_states, pk), (target_states, pv)
+
+
+def _take(states: torch.Tensor, positions: list) -> torch.Tensor:
+    """Rows (n, d) of states (N, T, d): row i's ``positions[i]``, concatenated."""
+    return torch.cat([states[i, list(p)] for i, p in enumerate(positions)])
+
+
 def locoedit_rows(key_states: torch.Tensor, key_ids: torch.Tensor, target_states: torch.Tensor,
                   target_ids: torch.Tensor, eos_id: int, positions: str = "subject") -> tuple:
-    """LocoEdit's keys (n, d) and targets (n, d) from conditioning states (N, T, d) of prompts naming
-    the concept and of prompts naming its replacement (ids (N, T), one length). ``positions``:
-    "subject" (the last subject token, the release's default) or "subject_and_after" (also every EOS /
-    padding state after it, the release's ``--eos``: a causal tower carries the concept there, and
-    cross-attention reads those states too); pairing as ``paired_positions``."""
-    pk, pv = paired_positions(key_ids, target_ids, eos_id, positions)
-    take = lambda states, pos: torch.cat([states[i, p] for i, p in enumerate(pos)])  # noqa: E731
-    return take(key_states, pk), take(target_states, pv)
+    """LocoEdit's keys (n, d) and targets (n, d) as rows of the conditioning states; the arguments are
+    ``locoedit_inputs``'. Rows serve every layer that reads the conditioning as it is (SD, SD-XL)."""
+    keys, targets = locoedit_inputs(key_states, key_ids, target_states, target_ids, eos_id, positions)
+    return _take(*keys), _take(*targets)
 
 
-def locoedit(unet: nn.Module, layers, keys: torch.Tensor, targets: torch.Tensor, lam: float = 0.01,
-             projections=("to_k", "to_v"), preserve: torch.Tensor = None, preserve_weight: float = 1.0) -> list:
+def xattn_inputs(unet: nn.Module, layer: str, states: torch.Tensor) -> torch.Tensor:
+    """(N, T, d'): what the key / value projections of cross-attention ``layer`` read, from the
+    conditioning states (N, T, d) the UNet is called with: IF's ``encoder_hid_proj`` (4096 -> d'),
+    then the layer's ``norm_cross`` (IF: a GroupNorm whose statistics span the whole sequence, so one
+    position's input depends on the others). The identity for SD and SD-XL."""
+    attn = hooks.get_module(unet, layer)
+    proj = getattr(unet, "encoder_hid_proj", None)
+    h = states.to(next(attn.parameters()))
+    with torch.no_grad():
+        if proj is not None:
+            h = proj(h)
+        if getattr(attn, "norm_cross", None) is not None:
+            h = attn.norm_encoder_hidden_states(h)
+    return h
+
+
+def _reads_as_is(unet: nn.Module, layer: str) -> bool:
+    attn = hooks.get_module(unet, layer)
+    return getattr(unet, "encoder_hid_proj", None) is None and getattr(attn, "norm_cross", None) is None
+
+
+def xattn_projections(unet: nn.Module, layer: str) -> tuple:
+    """Names of the projections that read the text in cross-attention ``layer``: ``to_k`` / ``to_v``,
+    or IF's ``add_k_proj`` / ``add_v_proj`` (its joint attention keeps to_k / to_v for the image)."""
+    attn = hooks.get_module(unet, layer)
+    return ("add_k_proj", "add_v_proj") if getattr(attn, "add_k_proj", None) is not None else ("to_k", "to_v")
+
+
+def _layer_rows(unet: nn.Module, layer: str, x) -> torch.Tensor:
+    """Rows (n, d') that ``layer``'s projections read, from rows (n, d), from (states (N, T, d),
+    positions) or, for preservation, from states (N, T, d) at every position."""
+    if isinstance(x, tuple):
+        return _take(xattn_inputs(unet, layer, x[0]), x[1])
+    if x.dim() == 3:
+        return xattn_inputs(unet, layer, x).flatten(0, 1)
+    if not _reads_as_is(unet, layer):
+        raise BadParameter(f"{layer} transforms the conditioning before its projections (encoder_hid_proj / "
+                           "norm_cross over the sequence): pass (states, positions) from locoedit_inputs, not rows")
+    return x
+
+
+def locoedit(unet: nn.Module, layers, keys, targets, lam: float = 0.01, projections=None,
+             preserve: torch.Tensor = None, preserve_weight: float = 1.0) -> list:
     """LocoEdit (§5.9.1): edits of the key and value projections of cross-attention ``layers``
-    (module paths) so that text states ``keys`` (n, d) are read as ``targets`` (n, d) are.
+    (module paths) so that the concept's text states are read as its replacement's are.
 
-    keys: final text states at the last subject token of prompts naming the concept (``locoedit_rows``);
-    targets: the same for prompts of what should replace it. Per projection W: min ||K W^T - T W_0^T||^2 +
-    lam ||W - W_0||^2, DIFF-QUICKFIX's solve with values v = W_0 t. ``preserve`` (m, d): conditioning
-    states of ordinary prompts (every position) whose projections should not move, weighed as in
-    ``compute_edit``. Returns the ``Edit``s (apply them together with ``apply_edit(unet, edits)``)."""
+    keys / targets: final text states at the last subject token of prompts naming the concept / what
+    should replace it, as rows (n, d) (``locoedit_rows``) or as (states (N, T, d), positions)
+    (``locoedit_inputs``; needed for IF, whose layers read ``xattn_inputs`` of the whole sequence).
+    Per projection W (``projections``, default ``xattn_projections``): min ||K W^T - T W_0^T||^2 +
+    lam ||W - W_0||^2 over the rows each layer reads, DIFF-QUICKFIX's solve with values v = W_0 t
+    (bias kept). ``preserve``: conditioning of ordinary prompts whose projections should not move,
+    rows (m, d) or states (N, T, d) (every position), weighed as in ``compute_edit``. Returns the
+    ``Edit``s (apply them together with ``apply_edit(unet, edits)``)."""
     edits = []
     for layer in layers:
-        for proj in projections:
+        K, T = _layer_rows(unet, layer, keys), _layer_rows(unet, layer, targets)
+        P = None if preserve is None else _layer_rows(unet, layer, preserve)
+        for proj in projections or xattn_projections(unet, layer):
             path = f"{layer}.{proj}"
             W = weight_of(hooks.get_module(unet, path)).detach()
-            rows = None if preserve is None else (preserve.to(W), preserve.to(W) @ W.T)
-            edits.append(compute_edit(unet, path, keys, targets.to(W) @ W.T, lam, preserve=rows,
+            rows = None if P is None else (P.to(W), P.to(W) @ W.T)
+            edits.append(compute_edit(unet, path, K.to(W), T.to(W) @ W.T, lam, preserve=rows,
                                       preserve_weight=preserve_weight))
     return edits
 

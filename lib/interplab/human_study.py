@@ -20,8 +20,9 @@ YES, NO = "yes", "no"
 
 
 def export(out_dir, originals: torch.Tensor, edited: torch.Tensor, prompts, attributes, question: str) -> Path:
-    """Write pair_<i>.png (original | edited) for N pairs of [0, 1] images (N, 3, H, W) and the blank
-    template human_study.csv (one row per pair; a rater writes yes or no in ``verdict``). Returns the CSV."""
+    """Write pair_<i>.png (original | edited) for N pairs of [0, 1] images (N, 3, H, W) (or lists of
+    (3, H, W), whose sizes may differ between pairs) and the blank template human_study.csv (one row
+    per pair; a rater writes yes or no in ``verdict``). Returns the CSV."""
     import matplotlib.pyplot as plt
     prompts, attributes = list(prompts), list(attributes)
     if not len(originals) == len(edited) == len(prompts) == len(attributes):
