@@ -633,13 +633,14 @@ if run_baselines:
 # Same noise before and after (images are paired by prompt index).
 
 # %%
-fig, axes = plt.subplots(2 * len(EDITED), 4, figsize=(6.4, 3.4 * len(EDITED)))
+n_cols = min(4, min(len(c.prompts) for c in EDITED))
+fig, axes = plt.subplots(2 * len(EDITED), n_cols, figsize=(1.6 * n_cols, 3.4 * len(EDITED)), squeeze=False)
 for r, c in enumerate(EDITED):
-    ps = c.prompts[:4]
+    ps = c.prompts[:n_cols]
     before_img = pipe.generate(ps, seed=seed, **sampler)
     with editing.apply_edit(text, quickfix([c], 0)):
         after_img = pipe.generate(ps, seed=seed, **sampler)
-    for j in range(4):
+    for j in range(n_cols):
         show(axes[2 * r, j], before_img[j], ps[j] if j == 0 else "")
         show(axes[2 * r + 1, j], after_img[j], f"edited: {c.name} -> {c.replacement}" if j == 0 else "")
 fig.suptitle("Fig 5.5 / 11.5 analogue: before (upper row) and after (lower row) each edit", fontsize=9)

@@ -19,10 +19,10 @@ def run_draft(name: str, overrides: dict) -> None:
     exec(compile(src, str(HERE / f"{name}.py"), "exec"), {"__name__": "__main__"})
 
 
-def fake_sd(*a, latent: int = 64, **k):
+def fake_sd(*a, latent: int = 64, text_layers: int = 1, **k):
     """SD v1's topology at width 32 with a 4-level VAE (8x down, 8 channels): 8 * latent px <-> latent^2 latents."""
     from diffusers import AutoencoderKL
-    unet, text = diffusion.random_sd("v1", width=32, text_layers=1)
+    unet, text = diffusion.random_sd("v1", width=32, text_layers=text_layers)
     unet.config.sample_size = latent
     torch.manual_seed(0)
     vae = AutoencoderKL(block_out_channels=(8,) * 4, down_block_types=("DownEncoderBlock2D",) * 4,
