@@ -140,6 +140,11 @@ class Contributions:
         """(K, N, d): the named contributions (default: ``names()``) stacked."""
         return torch.stack([self[n] for n in (self.names() if names is None else names)])
 
+    def to(self, device) -> "Contributions":
+        """The same decomposition with every tensor on ``device`` (e.g. "cpu" to gather GPU batches)."""
+        return Contributions(**{f.name: getattr(self, f.name).to(device) if torch.is_tensor(getattr(self, f.name))
+                                else getattr(self, f.name) for f in fields(Contributions)})
+
     @staticmethod
     def cat(parts: list) -> "Contributions":
         """Concatenate decompositions of image batches along N (same layers; new tensors)."""

@@ -12,11 +12,21 @@ HERE = Path(__file__).parent
 
 def run_draft(name: str, overrides: dict) -> None:
     """Execute docs/drafts/src/NAME.py with each ``key = value`` parameter line replaced."""
-    src = (HERE / f"{name}.py").read_text()
+    _run((HERE / f"{name}.py").read_text(), overrides, HERE / f"{name}.py")
+
+
+def run_notebook(path, overrides: dict) -> None:
+    """Execute the code cells of a notebook (e.g. notebooks/ch07_rep_decompose.ipynb) the same way."""
+    import nbformat
+    nb = nbformat.read(path, as_version=4)
+    _run("\n\n".join(c.source for c in nb.cells if c.cell_type == "code"), overrides, path)
+
+
+def _run(src: str, overrides: dict, where) -> None:
     for k, v in overrides.items():
         src, n = re.subn(rf"^{k} = .*$", f"{k} = {v!r}", src, count=1, flags=re.M)
         assert n == 1, k
-    exec(compile(src, str(HERE / f"{name}.py"), "exec"), {"__name__": "__main__"})
+    exec(compile(src, str(where), "exec"), {"__name__": "__main__"})
 
 
 def fake_sd(*a, latent: int = 64, text_layers: int = 1, **k):

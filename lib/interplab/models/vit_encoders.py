@@ -51,11 +51,12 @@ def build(name: str, pretrained: bool = False, **kw) -> nn.Module:
     return timm.create_model(f"{e.model}.{e.tag}", pretrained=pretrained, **kw).eval()
 
 
-def load(name: str, device="cpu") -> nn.Module:
-    """Pretrained encoder ``name`` from the hub (timm: Hugging Face; open_clip: its own tags)."""
+def load(name: str, device="cpu", **kw) -> nn.Module:
+    """Pretrained encoder ``name`` from the hub (timm: Hugging Face; open_clip: its own tags); ``kw``
+    as for ``build`` (DINOv2 at img_size=224: timm interpolates its 37 x 37 position embeddings)."""
     e = _spec(name)
     try:
-        return build(name, pretrained=True).to(device)
+        return build(name, pretrained=True, **kw).to(device)
     except Exception as err:  # hub offline / no network: every library words it differently
         raise resource_unavailable(f"encoder {name!r} ({type(err).__name__})",
                                    f"run on a machine with hub access to fetch {e.library} {e.model} "

@@ -1,0 +1,82 @@
+import csv
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from interplab import imagenet
+from interplab.errors import ResourceUnavailable
+
+
+def _jpeg(path, h=30, w=40, value=0):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((h, w, 3), value, dtype=np.uint8)).save(path)
+
+
+@pytest.fixture
+def root(tmp_path):
+    (tmp_path / "imagenet").mkdir()
+    (tmp_path / "imagenet" / "LOC_synset_mapping.txt").write_text(
+        "n01440764 tench, Tinca tinca\nn01443537 goldfish, Carassius auratus\nn01484850 great white shark\n")
+    for wnid, n in (("n01443537", 2), ("n01440764", 3)):
+        for j in range(n):
+            _jpeg(tmp_path / "imagenet" / "val" / wnid / f"{j}.JPEG")
+    folder = tmp_path / "waterbirds" / "uncorr"
+    with open(_mk(folder) / "metadata.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, ["img_id", "img_filename", "y", "split", "place"])
+        writer.writeheader()
+        for i, (y, place) in enumerate([(0, 0), (1, 1), (1, 0)]):
+            writer.writerow(dict(img_id=i, img_filename=f"a/{i}.jpg", y=y, split=0, place=place))
+            _jpeg(folder / "a" / f"{i}.jpg")
+    return tmp_path
+
+
+def _mk(p):
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def test_readers_follow_the_released_layouts(root):
+    assert imagenet.classes(root) == [("n01440764", "tench"), ("n01443537", "goldfish"), ("n01484850", "great white shark")]
+    paths, y = imagenet.files("val", root=root)
+    assert [p.parent.name for p in paths] == ["n01440764"] * 3 + ["n01443537"] * 2 and y.tolist() == [0, 0, 0, 1, 1]
+    some, ys = imagenet.files("val", n=3, seed=1, root=root)
+    assert len(some) == 3 and some == imagenet.files("val", n=3, seed=1, root=root)[0]
+    assert all(paths.index(p) >= 0 and y[paths.index(p)] == t for p, t in zip(some, ys))
+    wb, wy, group = imagenet.waterbirds("uncorr", root)
+    assert [p.name for p in wb] == ["0.jpg", "1.jpg", "2.jpg"] and wy.tolist() == [0, 1, 1] and group.tolist() == [0, 3, 2]
+    with pytest.raises(ResourceUnavailable, match="corr-0.9"):
+        imagenet.waterbirds("corr-0.9", root)
+    with pytest.raises(ResourceUnavailable, match="imagenet"):
+        imagenet.files("train", root=root)
+
+
+def test_load_resizes_the_short_side_and_crops_the_centre(tmp_path):
+    img = np.zeros((40, 80, 3), dtype=np.uint8)
+    img[:, 20:60] = 255                                        # a white band in the middle 40 columns
+    Image.fromarray(img).save(tmp_path / "x.png")
+    x = imagenet.load([tmp_path / "x.png"], size=20)
+    assert x.shape == (1, 3, 20, 20) and x.min() >= 0 and x.max() <= 1
+    assert x[0, :, :, 2:18].mean() > 0.95                     # the centre crop is the white band
+    wide = imagenet.load([tmp_path / "x.png"], size=20, crop_pct=0.5)  # short side 40: the band fills it all
+    assert wide[0].mean() > 0.95
+
+
+def test_input_config_and_normalise_read_each_model():
+    from interplab.models import vit_encoders
+    deit = vit_encoders.build("deit", img_size=32)
+    size, crop, mean, std = imagenet.input_config(deit)
+    assert (size, crop, mean) == (32, 0.9, (0.485, 0.456, 0.406))
+    x = torch.full((1, 3, 4, 4), 0.5)
+    assert torch.allclose(imagenet.normalise(deit)(x)[0, :, 0, 0], (0.5 - torch.tensor(mean)) / torch.tensor(std))
+    clip = vit_encoders.build("clip")
+    assert imagenet.input_config(clip) == (224, 1.0, (0.48145466, 0.4578275, 0.40821073),
+                                           (0.26862954, 0.26130258, 0.27577711))
+    tok = __import__("open_clip").get_tokenizer("ViT-B-16")
+    e = imagenet.text_embeddings(clip, tok, ["dog", "cat"], ("a photo of a {}.", "a {}."))
+    assert e.shape == (2, 512) and torch.allclose(e.norm(dim=-1), torch.ones(2), atol=1e-5)
+    one = imagenet.text_embeddings(clip, tok, ["dog"])
+    with torch.inference_mode():
+        assert torch.allclose(one[0], torch.nn.functional.normalize(clip.encode_text(tok(["dog"])).float(), dim=-1)[0],
+                              atol=1e-5)
