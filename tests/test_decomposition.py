@@ -9,6 +9,7 @@ from torch import nn
 from interplab import anatomy, hooks
 from interplab import decomposition as dec
 from interplab.decomposition import ablate, decompose
+from interplab.anatomy import UnsupportedModel
 from interplab.errors import BadParameter
 from interplab.models import tiny_random
 
@@ -271,4 +272,38 @@ def test_paper_encoders_build_offline_and_decompose():
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     c = decompose(model, x, start=-5)                                         # the paper's range: blocks 7-11
     assert len(c.layers) == 5 and c.heads.shape[1:3] == (5, 12)
+    assert torch.allclose(c.total(), c.z, atol=1e-4)
+
+
+def test_maxvit_units_decompose_exactly_across_stage_downsamples():
+    from timm.models.maxxvit import MaxxVit, MaxxVitCfg, MaxxVitTransformerCfg
+
+    torch.manual_seed(0)
+    model = MaxxVit(MaxxVitCfg(embed_dim=(32, 64), depths=(1, 1), block_type=("M", "M"), stem_width=32,
+                               head_hidden_size=64, transformer_cfg=MaxxVitTransformerCfg(
+                                   window_size=(4, 4), grid_size=(4, 4), dim_head=16)), img_size=32).eval()
+    assert anatomy.items(model)[:3] == ["stages.0.blocks.0.conv", "stages.0.blocks.0.attn_block",
+                                        "stages.0.blocks.0.attn_grid"]
+    x = _images(3)
+    with torch.inference_mode():
+        z = model.forward_features(x).mean((2, 3))
+    for start in (0, 3, -1):       # 3: the embed passes stage 1's pool + 1x1 conv shortcut
+        c = decompose(model, x, start=start)
+        assert torch.equal(c.z, z)
+        assert torch.allclose(c.total(), c.z, rtol=0, atol=ATOL), (c.total() - c.z).abs().max()
+        assert torch.allclose(c.heads.sum(2) + c.attn_bias, c.attns, rtol=0, atol=ATOL)
+    c = decompose(model, x)
+    assert c.n_heads == (0, 2, 2, 0, 4, 4)            # MBConv layers have no heads; their branch is the mlp
+    assert c.heads[:, 0].abs().max() == 0 and c.mlps[:, 0].abs().max() > 0
+    with pytest.raises(UnsupportedModel, match="tokens"):
+        decompose(model, x, tokens=True)
+
+
+def test_paper_maxvit_decomposes_the_released_range():
+    from interplab.models import vit_encoders
+
+    model = vit_encoders.build("maxvit")
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    c = decompose(model, x, start=-12)            # stage 3 blocks 3-4 and stage 4 blocks 0-1 (N = 156)
+    assert sum(c.n_heads) + 4 * 2 + 4 == 156 and c.z.shape == (1, 768)   # heads + MLPs + MBConvs
     assert torch.allclose(c.total(), c.z, atol=1e-4)

@@ -106,6 +106,15 @@ def _swin_blocks(model, root):
             for s, stage in stages._modules.items() for b in stage.blocks._modules]
 
 
+def _maxvit_units(model, root):
+    """timm MaxxVit: every block as its units in forward order, flattened: the MBConv (``.conv``), the
+    block (window) attention and the grid attention (``.attn_block``, ``.attn_grid``)."""
+    stages = get_module(model, _join(root, "stages"))
+    return [_join(root, "stages", s, "blocks", b, unit)
+            for s, stage in stages._modules.items() for b, blk in stage.blocks._modules.items()
+            for unit in ("conv", "attn_block", "attn_grid") if getattr(blk, unit, None) is not None]
+
+
 def _joint_cross_attention(module: nn.Module) -> bool:
     """DeepFloyd IF's attention: one ``Attention`` whose keys are its own tokens and the text's
     (``add_k_proj`` / ``add_v_proj``), sitting directly in a block's ``attentions``."""
@@ -301,6 +310,13 @@ for _spec in [
            {**_layer_components("attn", "proj", "mlp", "fc2", "norm1", "norm2"),
             "stage": ("{stage}", "output"), "embed": ("patch_embed", "output"),
             "final_norm": ("norm", "output"), "head": ("head.fc", "output")}),
+    # MaxViT: a layer is one unit of a block (MBConv, window attention, grid attention); an MBConv
+    # layer has no attn / mlp children, its residual write is the whole branch (layer[i] output
+    # minus its shortcut). Attention sites are partitioned: (B * n_partitions, ph, pw, C).
+    Family("timm_maxvit", ("timm:MaxxVit",), "stages", {"layer": _maxvit_units, "stage": children("stages")},
+           {**_layer_components("attn", "proj", "mlp", "fc2", "norm1", "norm2"),
+            "stage": ("{stage}", "output"), "embed": ("stem", "output"),
+            "final_norm": ("norm", "output"), "head": ("head", "output")}),
     # open_clip blocks use nn.MultiheadAttention, which never calls out_proj as a module:
     # attn.out and attn.heads are virtual sites that interplab.hooks serves from the MHA's own
     # inputs and weights. Editing the MHA's *input* changes the query only; edit norm1 instead.

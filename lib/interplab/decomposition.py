@@ -61,7 +61,7 @@ from . import anatomy, hooks
 from .anatomy import UnsupportedModel
 from .errors import BadParameter, check_choice
 
-SUPPORTED = ("timm VisionTransformer (family timm_vit)", "timm SwinTransformer (timm_swin)",
+SUPPORTED = ("timm VisionTransformer (family timm_vit)", "timm SwinTransformer (timm_swin)", "timm MaxxVit (timm_maxvit)",
              "transformers CLIPModel / CLIPVisionModel / CLIPVisionModelWithProjection (clip, clip_vision)",
              "open_clip CLIP / VisionTransformer (open_clip, open_clip_vit)")
 
@@ -828,5 +828,111 @@ def _swin(model) -> _SwinSpec:
     return _SwinSpec(model, blocks, [int(p.split(".")[1]) for p in blocks])
 
 
-_BUILDERS = {"timm_vit": _timm_vit, "timm_swin": _swin, "clip_vision": _hf_clip, "clip": _hf_clip,
+# ===================================================================== timm MaxViT
+
+
+@dataclass
+class _MaxVitSpec:
+    """A timm MaxxVit: each block as three layers (MBConv, window attention, grid attention), the
+    stage downsamples on the MBConv shortcut, z = the average over positions of forward_features
+    (the release's choice: the head's LayerNorm2d and tanh pre-logits are not decomposed). An MBConv
+    layer has no heads; its nonlinear branch is the layer's one component, stored as its ``mlp``."""
+    model: nn.Module
+    blocks: list   # unit paths, forward order
+    family: str = "timm_maxvit"
+
+    def decompose(self, images, start, tokens) -> Contributions:
+        if tokens:
+            raise UnsupportedModel("decompose(tokens=True) is not implemented for MaxViT")
+        if not isinstance(self.model.norm, nn.Identity):   # the released models norm in the head
+            raise UnsupportedModel("MaxViT with a norm inside forward_features (no head_hidden_size) is not supported")
+        model, units = self.model, self.blocks[start:]
+        convs = [u for u in units if u.endswith(".conv")]
+        attns = [u for u in units if not u.endswith(".conv")]
+        ins = [units[0], *[f"{u}.attn.proj" for u in attns], *[f"{u}.norm2" for u in attns], *attns]
+        outs = [*attns, *[f"{u}.conv3_1x1" for u in convs]]
+        with hooks.trace(model, ins, at="input") as t_in, hooks.trace(model, outs) as t_out:
+            z = model.forward_features(images).float().mean((2, 3))
+        downs = self._downsamples(start)
+        embed = t_in[units[0]].float()
+        embed = embed if units[0].endswith((".attn_block", ".attn_grid")) else embed.permute(0, 2, 3, 1)
+        per_block = [self._unit_terms(u, start + i, downs, t_in, t_out) for i, u in enumerate(units)]
+        bias = z.new_zeros(z.shape[1])
+        for k, sc in downs.items():   # each shortcut's conv bias, constant over its output grid
+            if isinstance(sc.expand, nn.Conv2d) and sc.expand.bias is not None:
+                grid = t_out[f"{self.blocks[k]}.conv3_1x1"].shape[2:]
+                bias = bias + self._carry(sc.expand.bias.float().expand(*grid, -1), k, downs)
+        bias = bias.expand(len(z), -1)
+        return _assemble(self.family, z, self._carry(embed, start - 1, downs), per_block, bias,
+                         range(start, len(self.blocks)), False)
+
+    def _downsamples(self, start) -> dict:
+        """{layer index: shortcut} of the MBConv shortcuts at or after ``start`` that are not the
+        identity (a stage's first block: pool, then a 1 x 1 conv with bias)."""
+        out = {}
+        for k in range(start, len(self.blocks)):
+            path = self.blocks[k]
+            if not path.endswith(".conv"):
+                continue
+            sc = hooks.get_module(self.model, path).shortcut
+            if isinstance(sc, nn.Identity):
+                continue
+            if not (hasattr(sc, "pool") and isinstance(getattr(sc, "expand", None), (nn.Conv2d, nn.Identity))):
+                raise UnsupportedModel(f"{path}.shortcut is {type(sc).__name__}; decompose needs pool + 1x1 conv")
+            out[k] = sc
+        return out
+
+    @staticmethod
+    def _linear(sc, x: torch.Tensor) -> torch.Tensor:
+        """The shortcut without its bias on channels-last maps (..., H, W, C)."""
+        lead = x.shape[:-3]
+        y = sc.pool(x.reshape(-1, *x.shape[-3:]).permute(0, 3, 1, 2))
+        if isinstance(sc.expand, nn.Conv2d):
+            y = F.conv2d(y, sc.expand.weight.float())
+        return y.permute(0, 2, 3, 1).reshape(*lead, *y.shape[2:], y.shape[1])
+
+    @classmethod
+    def _carry(cls, x: torch.Tensor, k: int, downs: dict) -> torch.Tensor:
+        """A write (..., H, W, C) made by layer k carried through the later shortcuts (linear parts)
+        and averaged over positions: (..., d)."""
+        for j, sc in downs.items():
+            if j > k:
+                x = cls._linear(sc, x)
+        return x.mean((-3, -2))
+
+    def _unit_terms(self, path, k, downs, t_in, t_out) -> dict:
+        if path.endswith(".conv"):
+            mlp = self._carry(t_out[f"{path}.conv3_1x1"].float().permute(0, 2, 3, 1), k, downs)
+            zero = torch.zeros_like(mlp)
+            return {"heads": mlp.new_zeros(len(mlp), 0, mlp.shape[1]), "attn_bias": zero, "attn": zero, "mlp": mlp}
+        unit = hooks.get_module(self.model, path)
+        resid, mid, out = t_in[path].float(), t_in[f"{path}.norm2"].float(), t_out[path].float()
+        n, h, w, c = resid.shape
+        attn = unit.attn
+        g1 = getattr(unit.ls1, "gamma", None)   # LayerScale; the MLP's write is read whole (out - mid)
+        wo = _weight(attn.proj).view(c, attn.num_heads, -1)                          # (C, H, dh)
+        concat = t_in[f"{path}.attn.proj"].float()                                   # (B', ph, pw, H * dh)
+        per_head = torch.einsum("bpqhd,chd->bpqhc", concat.unflatten(-1, (attn.num_heads, -1)), wo)
+        per_head = per_head.flatten(-2)                                              # (B', ph, pw, H * C)
+        if g1 is not None:
+            per_head = per_head * g1.float().repeat(attn.num_heads)
+        reverse = _maxvit_reverse(unit)
+        heads = reverse(per_head, unit.partition_size, (h, w)).unflatten(-1, (attn.num_heads, c))  # (N, H, W, heads, C)
+        heads = self._carry(heads.permute(0, 3, 1, 2, 4), k, downs)                  # (N, heads, d)
+        b = _bias(attn.proj) * (1 if g1 is None else g1.float())
+        return {"heads": heads, "attn_bias": self._carry(b.expand(n, h, w, c), k, downs),
+                "attn": self._carry(mid - resid, k, downs), "mlp": self._carry(out - mid, k, downs)}
+
+
+def _maxvit_reverse(unit):
+    """The partition's own inverse (timm's window_reverse / grid_reverse), on any channel count."""
+    from timm.models import maxxvit
+    return maxxvit.window_reverse if unit.partition_block else maxxvit.grid_reverse
+
+
+def _maxvit(model) -> _MaxVitSpec:
+    return _MaxVitSpec(model, anatomy.items(model))
+
+
+_BUILDERS = {"timm_vit": _timm_vit, "timm_swin": _swin, "timm_maxvit": _maxvit, "clip_vision": _hf_clip, "clip": _hf_clip,
              "open_clip_vit": _open_clip, "open_clip": _open_clip}
