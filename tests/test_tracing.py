@@ -189,8 +189,9 @@ def test_reference_row_sampling_on_toy_diffusion(branches):
         plan[anatomy.items(model.unet, "xattn")[3]] = [2, 4]
         with tracing.restore_from_row(model.unet, plan, src=0, cfg=True, restore_branches=branches):
             x = model.sample(cond, steps=2, noise=model.draw_noise(1, 0))
-    assert torch.equal(x[2], x[0])                          # every layer restored: the clean sample
-    assert torch.equal(x[3], x[1])                          # nothing restored: the corrupted sample
+    # equal up to float summation order (bitwise with one thread; GEMM blocking over 2+ threads differs per row)
+    assert torch.allclose(x[2], x[0], atol=1e-5, rtol=0)     # every layer restored: the clean sample
+    assert torch.allclose(x[3], x[1], atol=1e-5, rtol=0)     # nothing restored: the corrupted sample
     assert not torch.equal(x[0], x[1]) and not torch.equal(x[4], x[1]) and not torch.equal(x[4], x[0])
 
 
