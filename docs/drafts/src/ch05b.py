@@ -28,7 +28,7 @@ models = ["sd14"]                    # paper: subset of sd14, sd15, sd21, openjo
 attributes = ["style", "objects", "facts"]
 m_values = [1, 2, 3]                 # window sizes searched
 sdxl_m_values = [3, 5]               # SD-XL's window sizes (70 layers at 1024 px; the dissertation's m)
-window_batch = None                  # rows per LocoGen sampling loop (None: every window of a pair at once; paper: e.g. 16)
+window_batch = None                  # rows per LocoGen sampling loop (None: tiny every window of a pair at once, paper 16)
 window_threshold = 0.8               # LocoGen picks the smallest m whose best window reaches this share of the all-layer change
 n_prompts = 6                        # prompt pairs per attribute (spread over its concepts)
 n_verification = 33                  # (clean, altered) pairs of the human-study analogue
@@ -288,7 +288,8 @@ def locogen(name, kind, seed):
     images, scores, clips = [], [], []
     for i, (T, T2, wanted, _) in enumerate(tqdm(pairs[kind], desc=f"LocoGen: {name} / {kind}", leave=False)):
         imgs = conditioning.sample_windows(pipe, pipe.encode([T]), pipe.encode([T2]), flat, seed=seed + i,
-                                           batch_size=window_batch, **added(pipe, [T]), **sampler)
+                                           batch_size=window_batch or (None if ch.tiny else 16), **added(pipe, [T]),
+                                           **sampler)
         if ch.tiny or i < n_kept:
             images.append(keep(imgs))
         scores.append(score(imgs, wanted))

@@ -18,7 +18,7 @@ def main():
     diffusion.DeepFloydIF.from_pretrained = classmethod(lambda *a, **k: fast(tiny_random.deepfloyd_if(max_length=77)))
     diffusion.ClipScore.from_pretrained = classmethod(fake_clip_score)
     run_draft("ch05b", dict(profile="paper", models=["sd14", "openjourney", "sdxl", "deepfloyd"], n_prompts=2, n_verification=3,
-                            sdxl_m_values=[3], window_batch=16,
+                            sdxl_m_values=[3],
                             n_trace=1, n_preserve_prompts=4, device="cpu", num_inference_steps=2))
 
 
