@@ -368,3 +368,24 @@ def test_paper_backbone_offline_is_a_clear_error(monkeypatch):
         E.load_backbone("resnet18")
     with pytest.raises(BadParameter):
         E.load_backbone("resnet9000")
+
+
+def test_image_pools_embed_files_and_decoded_images_alike(tmp_path):
+    import timm
+    from PIL import Image
+
+    from interplab.models import extractors as E
+    gen = np.random.default_rng(0)
+    arrays = [gen.integers(0, 256, (20, 24, 3), dtype=np.uint8) for _ in range(3)]
+    for i, a in enumerate(arrays):
+        (tmp_path / f"class{i}").mkdir()
+        Image.fromarray(a).save(tmp_path / f"class{i}" / "0.png")
+    by_file = data._image_folder("objectnet", tmp_path, "*/*.png")
+    in_memory = data.ImagePool([], by_file.y, {}, by_file.class_names, "arrays", images=arrays)
+    assert by_file.items == by_file.files and in_memory.items is arrays
+    model = timm.create_model("resnet18", pretrained=False, num_classes=0).eval()
+    model.pretrained_cfg = dict(model.pretrained_cfg, input_size=(3, 32, 32), crop_pct=1.0)
+    a, b = E.embed_images(model, by_file.items), E.embed_images(model, in_memory.items, batch=2)
+    assert a.shape == (3, 512) and torch.allclose(a, b, atol=1e-5)   # PNG is lossless: the same pixels
+    assert export.pool_hash(in_memory) != export.pool_hash(data.ImagePool([], by_file.y, {}, {}, "x", images=arrays[::-1]))
+    assert export.pool_hash(by_file) == export.pool_hash(data._image_folder("objectnet", tmp_path, "*/*.png"))

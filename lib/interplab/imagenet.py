@@ -5,7 +5,7 @@ model's own input pipeline, and the chapter's text facts (feature instantiations
     files(split, n, seed)           n (path, label) of imagenet/<split>/<wnid>/*.JPEG, a seeded sample
     waterbirds(name)                paths, bird labels (1 = waterbird) and groups of a Waterbirds archive
     input_config(model)             (size, crop_pct, mean, std) the model was trained with
-    load(paths, size, crop_pct)     [0, 1] images (N, 3, size, size), short side resized, centre crop
+    load(items, size, crop_pct)     [0, 1] images (N, 3, size, size) of files or arrays: short side resized, centre crop
     normalise(model)                [0, 1] images -> what the model reads
     text_embeddings(model, tok, phrases, templates)   open_clip text, template-averaged, unit norm
 
@@ -116,13 +116,14 @@ def input_config(model) -> tuple:
     return int(size), float(cfg.get("crop_pct", 1.0)), tuple(cfg["mean"]), tuple(cfg["std"])
 
 
-def load(image_paths, size: int = 224, crop_pct: float = 1.0) -> torch.Tensor:
-    """[0, 1] RGB images (N, 3, size, size): short side resized to size / crop_pct (bicubic), centre crop."""
+def load(images, size: int = 224, crop_pct: float = 1.0) -> torch.Tensor:
+    """[0, 1] RGB images (N, 3, size, size) of image files or decoded (H, W, 3) uint8 arrays: short side
+    resized to size / crop_pct (bicubic), centre crop."""
     from PIL import Image
     out = []
-    for path in image_paths:
-        img = Image.open(path).convert("RGB")
-        x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1)[None]
+    for item in images:
+        img = Image.fromarray(np.asarray(item)) if isinstance(item, np.ndarray) else Image.open(item)
+        x = torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)[None]
         scale = size / crop_pct / min(x.shape[-2:])
         x = F.interpolate(x, size=(round(x.shape[-2] * scale), round(x.shape[-1] * scale)), mode="bicubic",
                           align_corners=False, antialias=True)

@@ -169,16 +169,23 @@ DOWNLOAD = {
 
 @dataclass
 class ImagePool:
-    """A paper-profile pool: image file paths, class ids and per-image annotations."""
+    """A paper-profile pool: image file paths (or, for Meta-Dataset, decoded images (H, W, 3) uint8 in
+    ``images``), class ids and per-image annotations."""
     files: list
     y: np.ndarray
     annotations: dict
     class_names: dict
     id: str
+    images: list | None = None
+
+    @property
+    def items(self) -> list:
+        """What each example is read from: its decoded image or its file."""
+        return self.images if self.images is not None else self.files
 
 
-def meta_dataset(source: str, root=None):
-    """The test classes of one Meta-Dataset source as arrays (images, labels).
+def meta_dataset(source: str, root=None) -> ImagePool:
+    """The test classes of one Meta-Dataset source as an ``ImagePool`` of decoded images.
 
     Reads ``data/meta_dataset_h5/<source>.h5`` (datasets ``images`` (n, H, W, 3) uint8 and
     ``labels`` (n,)) or the official TFRecords under ``data/meta_dataset/<source>/``.
@@ -193,10 +200,14 @@ def meta_dataset(source: str, root=None):
         except ImportError:
             raise resource_unavailable("h5py (to read Meta-Dataset .h5 files)", "run `pip install h5py`") from None
         with h5py.File(h5, "r") as f:
-            return np.asarray(f["images"]), np.asarray(f["labels"])
-    if (rec / "dataset_spec.json").exists():
-        return _md_tfrecords(rec)
-    raise resource_unavailable(f"Meta-Dataset source {source!r} (looked for {h5} and {rec})", DOWNLOAD["meta_dataset"])
+            images, labels = list(np.asarray(f["images"])), np.asarray(f["labels"])
+    elif (rec / "dataset_spec.json").exists():
+        images, labels = _md_tfrecords(rec)
+    else:
+        raise resource_unavailable(f"Meta-Dataset source {source!r} (looked for {h5} and {rec})",
+                                   DOWNLOAD["meta_dataset"])
+    return ImagePool([], labels, {}, {int(c): f"{source} class {c}" for c in np.unique(labels)},
+                     id=f"meta_dataset/{source}", images=images)
 
 
 def _md_tfrecords(folder):

@@ -33,9 +33,17 @@ VERSION = 1
 
 
 def pool_hash(pool) -> str:
-    """sha256 of a pool's images and labels: a reload must see the very same pixels."""
+    """sha256 of a pool's images and labels: a reload must see the very same pixels (a pool of image
+    files: their names and sizes, not their bytes, which would mean reading the whole dataset)."""
     h = hashlib.sha256()
-    h.update(np.ascontiguousarray(pool.x).tobytes())
+    if hasattr(pool, "x"):
+        h.update(np.ascontiguousarray(pool.x).tobytes())
+    elif pool.images is not None:
+        for image in pool.images:
+            h.update(np.ascontiguousarray(image).tobytes())
+    else:
+        for f in pool.files:
+            h.update(f"{Path(f).name}:{Path(f).stat().st_size};".encode())
     h.update(np.ascontiguousarray(pool.y).tobytes())
     return h.hexdigest()
 

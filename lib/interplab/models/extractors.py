@@ -118,6 +118,18 @@ def embed(model: nn.Module, x: np.ndarray, batch: int = 1024) -> torch.Tensor:
     return torch.cat(feats)
 
 
+@torch.no_grad()
+def embed_images(model: nn.Module, items, batch: int = 64) -> torch.Tensor:
+    """Frozen features (n, dim) on the CPU of image files or decoded (H, W, 3) uint8 arrays, each read
+    with the model's own resize, crop and normalisation (``imagenet.input_config``)."""
+    from .. import imagenet
+    model.eval()
+    size, crop_pct, _, _ = imagenet.input_config(model)
+    pixels = imagenet.normalise(model)
+    return torch.cat([_features(model, pixels(imagenet.load(items[i:i + batch], size, crop_pct))).float().cpu()
+                      for i in range(0, len(items), batch)])
+
+
 def _features(model, x):
     out = model.forward_features(x)
     if hasattr(model, "forward_head"):  # timm: pooled pre-logits features

@@ -1,0 +1,75 @@
+"""Run notebooks/ch04_hard_md.ipynb's paper profile end to end offline (development check, not a result): fake
+Meta-Dataset sources (decoded noise images: reading the real ones needs h5py or TensorFlow), ORBIT / CURE-OR /
+ObjectNet trees of noise JPEGs in the layouts `fewshot.data` reads, and one small random ResNet-18 at 32 px in
+place of each of the 13 backbones (their architectures are tested in tests/test_fewshot.py).
+
+    OMP_NUM_THREADS=2 INTERPLAB_OUT_ROOT=build/draft_paper python docs/drafts/src/ch04_paper_smoke.py
+"""
+import json
+import tempfile
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import timm
+from PIL import Image
+
+from interplab import imagenet
+from interplab.fewshot import data
+from interplab.models import extractors as E
+from smoke import run_notebook
+
+NOTEBOOK = Path(__file__).parents[3] / "notebooks" / "ch04_hard_md.ipynb"
+CLASSES, PER_CLASS = 6, 20
+rng = np.random.default_rng(0)
+
+
+def noise(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(path)
+
+
+def fake_tree(root: Path) -> None:
+    for c in range(CLASSES):
+        for j in range(PER_CLASS):
+            noise(root / "objectnet-1.0" / "images" / f"class{c}" / f"{j}.png")
+            noise(root / "orbit" / "test" / "user0" / f"object{c}" / "clean" / f"video{c}" / f"{j}.jpg")
+        (root / "orbit" / "annotations").mkdir(parents=True, exist_ok=True)
+        (root / "orbit" / "annotations" / f"video{c}.json").write_text(json.dumps(
+            {f"{j}.jpg": {"issues": [data.ORBIT_ISSUES[j % len(data.ORBIT_ISSUES)]] if j % 2 else []}
+             for j in range(PER_CLASS)}))
+    rows = ["file,object,viewpoint"]
+    for c in range(CLASSES):
+        for j in range(5 * PER_CLASS // 2):   # 10 front views per object: Fig 4.5's front-only query sets
+            f = f"bg0/dev0/object{c}/{j}.jpg"
+            noise(root / "cure_or" / f)
+            rows.append(f"{f},object{c},{('front', 'back', 'side', 'top', 'bottom')[j % 5]}")
+    (root / "cure_or" / "annotations.csv").write_text("\n".join(rows) + "\n")
+
+
+def fake_meta_dataset(source, root=None):
+    y = np.repeat(np.arange(CLASSES), PER_CLASS)
+    images = [rng.integers(0, 256, (36, 36, 3), dtype=np.uint8) for _ in y]
+    return data.ImagePool([], y, {}, {c: f"{source} class {c}" for c in range(CLASSES)}, f"meta_dataset/{source}", images)
+
+
+def small_backbone(name, device="cpu"):
+    model = timm.create_model("resnet18", pretrained=False, num_classes=0).eval()
+    model.pretrained_cfg = dict(model.pretrained_cfg, input_size=(3, 32, 32), crop_pct=1.0)
+    return model.to(device)
+
+
+def main():
+    with tempfile.TemporaryDirectory() as tmp:
+        fake_tree(Path(tmp))
+        for name in ("orbit", "cure_or", "objectnet"):
+            setattr(data, name, partial(getattr(data, name), root=Path(tmp)))
+        data.meta_dataset = fake_meta_dataset
+        E.load_backbone = small_backbone
+        assert imagenet.input_config(small_backbone("x"))[0] == 32
+        run_notebook(NOTEBOOK, dict(profile="paper", n_md_tasks=2, n_fixed_tasks=2, n_property_tasks=3, steps=1,
+                                    restarts=1, greedy_rounds=1, timing_repeats=1, device="cpu"))
+
+
+if __name__ == "__main__":
+    main()
