@@ -26,20 +26,9 @@ from timing import best_of, machine  # noqa: E402
 OUT = Path(__file__).resolve().parent / "results" / "bench_decompose.json"
 
 
-def representation(model, batch_size: int = 64):
-    """The forward pass decompose reproduces, z (N, d) of images, in decompose's batches of 64."""
-    if hasattr(model, "encode_image"):
-        z = model.encode_image
-    elif type(model).__name__ == "MaxxVit":
-        z = lambda x: model.forward_features(x).mean((2, 3))  # noqa: E731
-    else:
-        z = lambda x: model.forward_head(model.forward_features(x), pre_logits=True)  # noqa: E731
-    return lambda x: torch.cat([z(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
-
-
 def case(name, model, side, start, ns, repeats, tokens):
     rows = []
-    forward = representation(model)
+    forward = lambda x: D.representation(model, x)  # noqa: E731  (the model's own forward, batches of 64)
     for n in ns:
         x = torch.rand(n, 3, side, side, generator=torch.Generator().manual_seed(n))
         with torch.inference_mode():

@@ -92,6 +92,13 @@ def cases():
 
 
 @pytest.mark.parametrize("name", CASES)
+def test_representation_is_the_z_decompose_splits(cases, name):
+    model, x, z, _ = cases[name]
+    assert torch.equal(dec.representation(model, x).float(), z)
+    assert torch.allclose(dec.representation(model, x, batch_size=2).float(), z, rtol=0, atol=1e-6)  # 2 + 1
+
+
+@pytest.mark.parametrize("name", CASES)
 def test_contributions_sum_to_the_models_own_representation(cases, name):
     model, x, z, c = cases[name]
     assert torch.equal(c.z, z)  # z is the model's own forward pass, not the sum
@@ -292,6 +299,7 @@ def test_maxvit_units_decompose_exactly_across_stage_downsamples():
         assert torch.equal(c.z, z)
         assert torch.allclose(c.total(), c.z, rtol=0, atol=ATOL), (c.total() - c.z).abs().max()
         assert torch.allclose(c.heads.sum(2) + c.attn_bias, c.attns, rtol=0, atol=ATOL)
+    assert torch.allclose(dec.representation(model, x), z, rtol=0, atol=1e-6)
     c = decompose(model, x)
     assert c.n_heads == (0, 2, 2, 0, 4, 4)            # MBConv layers have no heads; their branch is the mlp
     assert c.heads[:, 0].abs().max() == 0 and c.mlps[:, 0].abs().max() > 0

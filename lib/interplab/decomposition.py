@@ -267,6 +267,17 @@ def decompose(model: nn.Module, images: torch.Tensor, start: int = 0, tokens: bo
     return Contributions.cat(parts)  # outside inference mode: ordinary tensors
 
 
+def representation(model: nn.Module, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """z (N, d) of images (N, 3, H, W): the representation ``decompose`` splits, from the model's own
+    forward pass alone (no hooks, no decomposition), ``batch_size`` images at a time."""
+    build = _builder(model)
+    if model.training:
+        raise BadParameter("representation needs model.eval(), as decompose does")
+    spec = build(model)
+    with torch.inference_mode():
+        return torch.cat([spec.represent(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
+
+
 def _check_start(start: int, n_layers: int) -> int:
     if not -n_layers <= start < n_layers:
         raise BadParameter(f"start={start} is out of range for a model with {n_layers} layers")
@@ -409,12 +420,15 @@ class _VitSpec:
     proj: Optional[torch.Tensor] = None       # (C, d)
     proj_bias: Optional[torch.Tensor] = None  # (d,)
 
+    def represent(self, images) -> torch.Tensor:
+        return self.run(images)
+
     def decompose(self, images, start, tokens) -> Contributions:
         blocks = self.blocks[start:]
         ins = [self.blocks[start].path, self.norm_path] + [b.heads for b in blocks]
         outs = [p for b in blocks for p in (b.attn_write, b.mlp_write, *(b.qkv_paths if tokens else ()))]
         with hooks.trace(self.tower, ins, at="input") as t_in, hooks.trace(self.tower, outs) as t_out:
-            z = self.run(images).float()
+            z = self.represent(images).float()
         read = self._readout(t_in, t_in[self.blocks[start].path].shape[1])
         per_block = [_vit_block_terms(b, read, t_in, t_out, tokens) for b in blocks]
         return _assemble(self.family, z, read(t_in[self.blocks[start].path]), per_block,
@@ -723,6 +737,9 @@ class _SwinSpec:
     stages: list   # stage index of each block
     family: str = "timm_swin"
 
+    def represent(self, images) -> torch.Tensor:
+        return self.model.forward_head(self.model.forward_features(images), pre_logits=True)
+
     def decompose(self, images, start, tokens) -> Contributions:
         model, blocks = self.model, self.blocks[start:]
         merge_stages = [t for t, stage in enumerate(model.layers) if not isinstance(stage.downsample, nn.Identity)]
@@ -735,7 +752,7 @@ class _SwinSpec:
             t_out = stack.enter_context(hooks.trace(model, outs))
             for b in blocks if tokens else ():
                 stack.enter_context(_record_call(hooks.get_module(model, f"{b}.attn"), calls, b))
-            z = model.forward_head(model.forward_features(images), pre_logits=True).float()
+            z = self.represent(images).float()
         read = self._readout(t_in, merge_stages)
         first = self.stages[start]
         per_block = [self._block_terms(b, s, read, t_in, t_out, calls, tokens)
@@ -841,6 +858,9 @@ class _MaxVitSpec:
     blocks: list   # unit paths, forward order
     family: str = "timm_maxvit"
 
+    def represent(self, images) -> torch.Tensor:
+        return self.model.forward_features(images).mean((2, 3))
+
     def decompose(self, images, start, tokens) -> Contributions:
         if tokens:
             raise UnsupportedModel("decompose(tokens=True) is not implemented for MaxViT")
@@ -852,7 +872,7 @@ class _MaxVitSpec:
         ins = [units[0], *[f"{u}.attn.proj" for u in attns], *[f"{u}.norm2" for u in attns], *attns]
         outs = [*attns, *[f"{u}.conv3_1x1" for u in convs]]
         with hooks.trace(model, ins, at="input") as t_in, hooks.trace(model, outs) as t_out:
-            z = model.forward_features(images).float().mean((2, 3))
+            z = self.represent(images).float()
         downs = self._downsamples(start)
         embed = t_in[units[0]].float()
         embed = embed if units[0].endswith((".attn_block", ".attn_grid")) else embed.permute(0, 2, 3, 1)

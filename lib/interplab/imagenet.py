@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from . import paths
 from .errors import check_choice, resource_unavailable
+from .models.clip_students import resize_crop
 
 ROOT = paths.DATA / "paper" / "ch07"
 DOWNLOAD = {
@@ -124,11 +125,7 @@ def load(images, size: int = 224, crop_pct: float = 1.0) -> torch.Tensor:
     for item in images:
         img = Image.fromarray(np.asarray(item)) if isinstance(item, np.ndarray) else Image.open(item)
         x = torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)[None]
-        scale = size / crop_pct / min(x.shape[-2:])
-        x = F.interpolate(x, size=(round(x.shape[-2] * scale), round(x.shape[-1] * scale)), mode="bicubic",
-                          align_corners=False, antialias=True)
-        top, left = (x.shape[-2] - size) // 2, (x.shape[-1] - size) // 2
-        out.append(x[0, :, top:top + size, left:left + size].clamp(0, 1))
+        out.append(resize_crop(x, size, crop_pct)[0].clamp(0, 1))
     return torch.stack(out)
 
 
@@ -141,12 +138,12 @@ def normalise(model):
 
 
 @torch.inference_mode()
-def text_embeddings(model, tokenizer, phrases, templates=("{}",)) -> torch.Tensor:
+def text_embeddings(model, tokenizer, phrases, templates=("{}",), batch_size: int = 512) -> torch.Tensor:
     """(n, d) unit-norm open_clip text embeddings of ``phrases``, each the normalised mean over the
-    templates of the normalised template embeddings (CLIP's prompt ensembling)."""
+    templates of the normalised template embeddings (CLIP's prompt ensembling); every phrase x template
+    runs in batches of ``batch_size``."""
     device = next(model.parameters()).device
-    out = []
-    for phrase in phrases:
-        e = model.encode_text(tokenizer([t.format(phrase) for t in templates]).to(device)).float()
-        out.append(F.normalize(F.normalize(e, dim=-1).mean(0), dim=-1))
-    return torch.stack(out).cpu()
+    texts = [t.format(p) for p in phrases for t in templates]
+    e = torch.cat([F.normalize(model.encode_text(tokenizer(texts[i:i + batch_size]).to(device)).float(), dim=-1)
+                   for i in range(0, len(texts), batch_size)])
+    return F.normalize(e.view(len(phrases), len(templates), -1).mean(1), dim=-1).cpu()

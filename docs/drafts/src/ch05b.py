@@ -713,10 +713,11 @@ def activations(prompts_):
         pos = [ids.shape[1] - 1] * len(ids)
     out = {}
     with torch.no_grad():
-        for p in projs:
-            layer = p.rsplit(".", 1)[0]
+        for layer in style_layers:   # what the layer's projections read, once per layer
             h = editing.xattn_inputs(pipe.unet, layer, states)[torch.arange(len(ids)), pos]
-            out[p] = pipe.unet.get_submodule(p)(h).float()
+            for p in projs:
+                if p.rsplit(".", 1)[0] == layer:
+                    out[p] = pipe.unet.get_submodule(p)(h).float()
     return out
 
 

@@ -137,13 +137,14 @@ def tokenizer(name: str, context_length: int = 77):
                                 return_tensors="pt").input_ids
 
 
-def resize_crop(images: torch.Tensor, size: int) -> torch.Tensor:
-    """(N, 3, H, W) -> (N, 3, size, size): bicubic, antialiased resize of the short side to ``size``, then the
-    centre crop (CLIP's preprocessing geometry, differentiable)."""
+def resize_crop(images: torch.Tensor, size: int, crop_pct: float = 1.0) -> torch.Tensor:
+    """(N, 3, H, W) -> (N, 3, size, size): bicubic, antialiased resize of the short side to ``size / crop_pct``,
+    then the centre crop (CLIP's preprocessing geometry at crop_pct 1; timm's crop_pct, e.g. 0.9; differentiable)."""
     h, w = images.shape[-2:]
-    scale = size / min(h, w)
+    short = round(size / crop_pct)
+    scale = short / min(h, w)
     if scale != 1:
-        images = F.interpolate(images, size=(max(size, round(h * scale)), max(size, round(w * scale))),
+        images = F.interpolate(images, size=(max(short, round(h * scale)), max(short, round(w * scale))),
                                mode="bicubic", align_corners=False, antialias=True)
     h, w = images.shape[-2:]
     top, left = (h - size) // 2, (w - size) // 2
