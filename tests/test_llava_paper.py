@@ -183,3 +183,49 @@ def test_paper_prompt_pair_finds_the_constraint_from_character_spans(model):
     assert pair.answer == int(logits.argmax())
     with pytest.raises(BadParameter, match="same-length"):
         llava.paper_prompt_pair(model, tok, processor, {**rec, "corruption": "eiffel"}, image)
+
+
+def test_text_only_pair_names_the_subject_and_corrupts_it_in_place():
+    """Fig 6.1's Vicuna trace: the record's subject in place of the visual constraint, no image."""
+    from interplab import vqa
+    from interplab.models import llms
+    tok = _word_tokenizer()
+    q = "which city is this landmark in ?"
+    rec = vqa.ConstraintRecord.from_json(dict(
+        id="k1", dataset="known", question=q, visual_constraint="this landmark", visual_constraint_span=[14, 27],
+        answers=["paris"], corruption="big ben", subject="eiffel tower", subject_corruption="big ben",
+        image_path="x.jpg"))
+    llm = llms.random_model("vicuna-7b-v1.5")
+    pair = llava.paper_prompt_pair(llm, tok, None, rec.named(), None)
+    ids = tok(llava.paper_prompt("which city is eiffel tower in ?", image=False))["input_ids"]
+    assert tok.convert_ids_to_tokens([ids[p] for p in pair.spans["constraint"]]) == ["eiffel", "tower"]
+    assert "image_positions" not in pair.meta and pair.meta["question_start"] == 1 + 2  # <s> USER :
+    differs = (pair.clean["inputs_embeds"] != pair.corrupted["inputs_embeds"]).any(-1)[0].nonzero().flatten()
+    assert differs.tolist() == pair.spans["constraint"]
+    with pytest.raises(BadParameter, match="subject"):
+        vqa.ConstraintRecord.from_json({**rec.raw, "subject": None, "subject_corruption": None}).named()
+
+
+def test_greedy_generate_batches_left_padded_prompts_like_single_ones(model):
+    import numpy as np
+    from PIL import Image
+    from transformers import CLIPImageProcessor
+    tok = _word_tokenizer()
+    processor = CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 255, (300, 400, 3), dtype=np.uint8))
+    inputs = [llava.paper_inputs(model, tok, processor, q, image)["inputs_embeds"]
+              for q in ("which city ?", "this landmark is in which country ?")]
+    assert inputs[0].shape[1] < inputs[1].shape[1]
+    alone = [llava.greedy_generate(model, [x], max_new_tokens=4)[0] for x in inputs]
+    batched = llava.greedy_generate(model, inputs, max_new_tokens=4)
+    assert batched == alone and all(len(a) == 4 for a in alone)
+    first = model(inputs_embeds=inputs[0]).logits[0, -1].argmax()
+    assert alone[0][0] == int(first)
+    stop = alone[1][1]
+    assert llava.greedy_generate(model, inputs[1:], max_new_tokens=4, eos_token_id=stop)[0] == alone[1][:1]
+
+
+def test_answer_token_is_the_answer_tokenised_after_the_prompt():
+    tok = _word_tokenizer()
+    prompt = llava.paper_prompt("which city ?")
+    assert llava.answer_token(tok, prompt, "paris") == tok.convert_tokens_to_ids("paris")

@@ -350,3 +350,35 @@ def test_llava_anatomy_also_finds_the_transformers_4_51_layout():
     assert anatomy.resolve(old, "head", family="llava").path == "language_model.lm_head"
     assert anatomy.resolve(old, "vision_encoder.layer[0]", family="llava").path == "vision_tower.encoder.layers.0"
     assert anatomy.n_layers(old, "language_model", family="llava") == 2
+
+
+def test_constraint_records_read_like_toy_records(tmp_path):
+    from interplab import vqa
+    w = tf.world()
+    toy = tf.probe_records(w, "toy_okvqa_multi", 1, 0)[0]
+    rec = vqa.ConstraintRecord.from_json({**toy.to_json(), "image_path": "img/0.jpg"}, root=tmp_path)
+    assert (rec.question, rec.constraint, rec.corruption, rec.text_constraint) == \
+        (toy.question, toy.constraint, toy.corruption, toy.text_constraint)
+    assert tuple(rec.answers) == toy.answers and rec.image_path == str(tmp_path / "img/0.jpg")
+    assert rec.corrupted().question == toy.corrupted().question
+    assert rec.entity is None and "_" in rec.relation and toy.constraint not in rec.relation
+    with pytest.raises(AttributeError):
+        rec.colour  # noqa: B018
+    assert vqa.score({"dataset": "okvqa", "answers": ["two"] * 3 + ["one"] * 7}, "2") == pytest.approx(
+        vqa.vqa_accuracy("2", ["two"] * 3 + ["one"] * 7))
+    assert vqa.score(rec, f"it is {toy.answers[0]} .") == 1.0 and vqa.score(rec, "nothing") == 0.0
+
+
+def test_pairs_carry_their_question_start_and_image_positions():
+    w = tf.world()
+    tok = vlm.tokenizer(w)
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(vlm.config(tok, CLIPVisionConfig(image_size=32, patch_size=4, hidden_size=32,
+                                                                           intermediate_size=64, num_hidden_layers=2,
+                                                                           num_attention_heads=2), layers=2,
+                                                     width=32, d_ff=48)).eval()
+    rec = tf.probe_records(w, "toy_known", 1, 0)[0]
+    pair = vlm.prompt_pair(model, tok, rec, 0)
+    assert pair.meta["image_positions"] == vlm.IMAGE_POSITIONS and pair.meta["question_start"] == vlm.QUESTION_START
+    text = vlm.prompt_pair(model, tok, rec, 0, visual=False)
+    assert "image_positions" not in text.meta and text.meta["question_start"] == vlm.TEXT_QUESTION_START

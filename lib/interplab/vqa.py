@@ -4,10 +4,14 @@
     vqa_accuracy("two", ten_answers) VQA accuracy (Agrawal et al.): mean over the 10 leave-one-out
                                      subsets of 9 annotators of min(1, #matches / 3)
     contains_answer(text, golds)    Movies / Known style: the normalised generation contains a gold answer
+    score(record, generation)       the record's dataset's measure: VQA accuracy (OK-VQA) or containment
     check_record / read_records / paper_records   Chapter 6's constraint records (spec 2.2), both profiles
+    ConstraintRecord                a checked record with the attribute names of the toy world's records
+                                    (``toyworld.facts.Record``), so one notebook reads both profiles
 """
 import json
 import re
+from dataclasses import dataclass, replace
 from itertools import combinations
 from pathlib import Path
 
@@ -51,7 +55,10 @@ RECORD_FIELDS = {"id": str, "dataset": str, "question": str, "visual_constraint"
                  "visual_constraint_span": list, "answers": list, "corruption": str}
 OPTIONAL_FIELDS = {"image_path": str, "image_spec": dict, "text_constraint": (str, type(None)),
                    "text_constraint_span": (list, type(None)), "text_corruption": (str, type(None)),
-                   "paraphrases": list, "split": str}
+                   "paraphrases": list, "split": str,
+                   # the entity the visual constraint refers to, and another one of the same token count: the
+                   # text-only LLM's question names it (Fig 6.1's Vicuna trace corrupts the name)
+                   "subject": str, "subject_corruption": str}
 PAPER_DATASETS = {"okvqa": "OK-VQA val (COCO val2014 images), visual constraints annotated",
                   "known": "ROME's known_1000 with the subject replaced by a visual constraint + one image per subject",
                   "movies": "WikiMovies-derived director questions of Yuksekgonul et al. (2023) with director images",
@@ -76,7 +83,76 @@ def check_record(record: dict, where: str = "record") -> dict:
                                    f"question, not {record[text]!r}")
     if record.get("text_constraint") and not record.get("text_corruption"):
         raise BadParameter(f"{where}: a textual constraint needs text_corruption")
+    if record.get("subject_corruption") and not record.get("subject"):
+        raise BadParameter(f"{where}: subject_corruption without a subject")
     return record
+
+
+def score(record, generation: str) -> float:
+    """How right a generated answer is: VQA accuracy against OK-VQA's annotators, else 1.0 when the
+    generation contains a gold answer (Movies, Known, Encyclopedic-VQA; spec 2.8)."""
+    dataset, answers = (record["dataset"], record["answers"]) if isinstance(record, dict) else \
+        (record.dataset, record.answers)
+    if dataset.startswith("okvqa"):
+        return vqa_accuracy(generation, answers)
+    return float(contains_answer(generation, answers))
+
+
+def _swap(question: str, swaps) -> str:
+    """``question`` with each (start, end, text) replacing its character span (spans must not overlap)."""
+    for start, end, text in sorted(swaps, reverse=True):
+        question = question[:start] + text + question[end:]
+    return question
+
+
+@dataclass(frozen=True)
+class ConstraintRecord:
+    """A spec-2.2 record under the attribute names of ``toyworld.facts.Record`` (``constraint``,
+    ``entity``, ``corrupted()``, ``named()``); ``raw`` is the checked JSON object, ``image_path`` absolute."""
+    raw: dict
+
+    @classmethod
+    def from_json(cls, record: dict, root=None) -> "ConstraintRecord":
+        record = dict(check_record(record, str(record.get("id", "record"))))
+        if root is not None and "image_path" in record:
+            record["image_path"] = str(Path(root) / record["image_path"])
+        return cls(record)
+
+    def __getattr__(self, name):
+        aliases = {"constraint": "visual_constraint", "entity": "subject"}
+        raw = self.__dict__["raw"]
+        key = aliases.get(name, name)
+        if key in raw or key in OPTIONAL_FIELDS:
+            return raw.get(key)
+        raise AttributeError(name)
+
+    @property
+    def relation(self) -> str:
+        """The question with its visual constraint cut out: what is asked about the entity."""
+        start, end = self.raw["visual_constraint_span"]
+        return self.raw["question"][:start] + "_" + self.raw["question"][end:]
+
+    def corrupted(self) -> "ConstraintRecord":
+        """The record whose question has the corruption(s) in place of its constraint(s)."""
+        swaps = [(*self.raw["visual_constraint_span"], self.raw["corruption"])]
+        if self.raw.get("text_constraint_span"):
+            swaps.append((*self.raw["text_constraint_span"], self.raw["text_corruption"]))
+        return ConstraintRecord({**self.raw, "question": _swap(self.raw["question"], swaps)})
+
+    def named(self) -> dict:
+        """The text-only LLM's question as a record: the subject in place of the visual constraint, the
+        subject's corruption as its corruption (BadParameter without ``subject`` / ``subject_corruption``)."""
+        if not (self.raw.get("subject") and self.raw.get("subject_corruption")):
+            raise BadParameter(f"record {self.raw['id']!r} has no subject / subject_corruption for the text-only LLM")
+        start, end = self.raw["visual_constraint_span"]
+        question = _swap(self.raw["question"], [(start, end, self.raw["subject"])])
+        return {**self.raw, "question": question, "visual_constraint": self.raw["subject"],
+                "visual_constraint_span": [start, start + len(self.raw["subject"])],
+                "corruption": self.raw["subject_corruption"], "text_constraint": None, "text_constraint_span": None}
+
+    def with_question(self, question: str) -> "ConstraintRecord":
+        """The record asking ``question`` (a paraphrase); spans no longer apply, so only clean runs use it."""
+        return replace(self, raw={**self.raw, "question": question, "visual_constraint_span": None})
 
 
 def read_records(path) -> list:

@@ -9,7 +9,9 @@ The paper profile (spec 4): ``paper_config()`` (LLaVA-1.5-7B/13B configs written
 ``reduced_config()`` / ``random_model()`` (same module tree and 576-token image geometry, tiny widths),
 ``load_paper_llava()`` / ``load_paper_bunny()`` (hub or cache; offline they raise ResourceUnavailable naming
 the ``hf download`` command), ``paper_prompt()`` and ``paper_prompt_pair()`` (a spec-2.2 record -> a
-``tracing.PromptPair`` with token spans from character offsets).
+``tracing.PromptPair`` with token spans from character offsets; also for the text-only Vicuna),
+``paper_inputs()`` (one clean prompt), ``answer_token()`` and ``greedy_generate()`` (batched greedy
+answers from embeddings, for the correctness labels and the specificity of edits).
 
 Module paths go through ``interplab.anatomy`` (Composite "llava"), which knows both layouts of
 transformers' LlavaForConditionalGeneration (>= 4.52: ``model.language_model``; <= 4.51:
@@ -61,15 +63,17 @@ def language_logits(model, embeds: torch.Tensor, attention_mask: torch.Tensor = 
 # and the remote code was written for transformers 4.x: under 5.x it may fail to import.
 
 PAPER_PROMPT = "USER: <image>\n{question} ASSISTANT:"
+TEXT_PROMPT = "USER: {question} ASSISTANT:"     # the text-only LLM (Vicuna-7B-v1.5), subject named
 SHORT_ANSWER = " Answer the question using a single word or phrase."
 BUNNY_PROMPT = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
                 "helpful, detailed, and polite answers to the user's questions. USER: <image>\n{question} ASSISTANT:")
 BUNNY_IMAGE_TOKEN = -200
 
 
-def paper_prompt(question: str, short: bool = False) -> str:
-    """The llava-hf prompt (spec 2.3); ``short`` appends LLaVA-1.5's short-answer VQA instruction."""
-    return PAPER_PROMPT.format(question=question + (SHORT_ANSWER if short else ""))
+def paper_prompt(question: str, short: bool = False, image: bool = True) -> str:
+    """The llava-hf prompt (spec 2.3); ``short`` appends LLaVA-1.5's short-answer VQA instruction;
+    ``image=False`` gives the text-only LLM's prompt."""
+    return (PAPER_PROMPT if image else TEXT_PROMPT).format(question=question + (SHORT_ANSWER if short else ""))
 
 
 @torch.no_grad()
@@ -79,7 +83,7 @@ def prompt_pair(model, ids: torch.Tensor, pixel_values: torch.Tensor, spans: dic
     The vision tower runs once, on ``pixel_values`` (1, 3, H, W) (None: a text-only LM); the corrupted
     embeddings are the clean ones with the differing token rows re-embedded, so both runs share the image.
     ``last`` is position T - 1; ``answer`` None takes the clean greedy token and keeps its distribution
-    (V,) in ``meta["next_token_probs"]``.
+    (V,) in ``meta["next_token_probs"]``; ``meta["image_positions"]`` lists the visual token positions.
     """
     from ..tracing import PromptPair
 
@@ -90,22 +94,26 @@ def prompt_pair(model, ids: torch.Tensor, pixel_values: torch.Tensor, spans: dic
     differ = ids[0] != ids[1]
     corrupted[0, differ] = embed(ids[1, differ]).to(clean.dtype)
     last = ids.shape[1] - 1
+    if pixel_values is not None:
+        meta["image_positions"] = (ids[0] == model.config.image_token_index).nonzero().flatten().tolist()
     if answer is None:
         meta["next_token_probs"] = model(inputs_embeds=clean).logits[0, last].float().softmax(-1)
         answer = int(meta["next_token_probs"].argmax())
     return PromptPair({"inputs_embeds": clean}, {"inputs_embeds": corrupted}, spans, last, answer, meta)
 
 
-def _swap_spans(question: str, swaps) -> str:
-    """``question`` with each (start, end, text) replacing its character span (spans must not overlap)."""
-    for start, end, text in sorted(swaps, reverse=True):
-        question = question[:start] + text + question[end:]
-    return question
-
-
 def _token_span(offsets, start: int, end: int) -> list:
     """Positions of the tokens whose character offsets overlap [start, end)."""
     return [i for i, (a, b) in enumerate(offsets) if b > a and a < end and b > start]
+
+
+def _expand_image(model, prompt: str) -> str:
+    return prompt.replace("<image>", "<image>" * n_image_tokens(model.config))
+
+
+def _pixels(model, image_processor, image) -> torch.Tensor:
+    param = next(model.parameters())
+    return image_processor(images=image, return_tensors="pt")["pixel_values"].to(param.device, param.dtype)
 
 
 @torch.no_grad()
@@ -117,31 +125,89 @@ def paper_prompt_pair(model, tokenizer, image_processor, record: dict, image, an
     does); the corrupted prompt swaps the record's corruption into ``visual_constraint_span`` (and
     ``text_corruption`` into ``text_constraint_span``). Token spans "constraint" (and "text") come from the
     tokenizer's character offsets; the pair is built by ``prompt_pair`` (one vision pass, (1, T, d) per run).
-    ``meta["question_start"]``: the first question position (everything before it is shared by both runs,
-    the prefix ``tracing.cached_prefix`` can reuse). BadParameter when the corruption changes the token
-    count, since restoring a position then compares different tokens.
+    ``image`` None: a text-only LM (``model`` a causal LM, ``TEXT_PROMPT``; Fig 6.1's Vicuna on
+    ``ConstraintRecord.named()``). ``meta["question_start"]``: the first question position (everything
+    before it is shared by both runs, the prefix ``tracing.cached_prefix`` can reuse). BadParameter when
+    the corruption changes the token count, since restoring a position then compares different tokens.
     """
+    from ..vqa import _swap
+
     question = record["question"]
     bad = [(*record["visual_constraint_span"], record["corruption"])]
     if record.get("text_constraint_span"):
         bad.append((*record["text_constraint_span"], record["text_corruption"]))
-    prompts = [paper_prompt(q, short).replace("<image>", "<image>" * n_image_tokens(model.config))
-               for q in (question, _swap_spans(question, bad))]
+    prompts = [paper_prompt(q, short, image is not None) for q in (question, _swap(question, bad))]
+    if image is not None:
+        prompts = [_expand_image(model, p) for p in prompts]
     enc = tokenizer(prompts, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
     if len(ids[0]) != len(ids[1]):
         raise BadParameter(f"record {record.get('id')!r}: the corruption {record['corruption']!r} changes the prompt "
                            f"from {len(ids[0])} to {len(ids[1])} tokens; MultimodalCausalTrace needs a same-length one")
-    q_at = prompts[0].index(question, prompts[0].index("<image>"))
+    q_at = prompts[0].index(question, prompts[0].index("<image>") if image is not None else 0)
     spans = {"constraint": _token_span(offsets[0], q_at + record["visual_constraint_span"][0],
                                        q_at + record["visual_constraint_span"][1])}
     if record.get("text_constraint_span"):
         spans["text"] = _token_span(offsets[0], q_at + record["text_constraint_span"][0],
                                     q_at + record["text_constraint_span"][1])
     question_start = _token_span(offsets[0], q_at, q_at + len(question))[0]
-    param = next(model.parameters())
-    pixels = image_processor(images=image, return_tensors="pt")["pixel_values"].to(param.device, param.dtype)
+    pixels = _pixels(model, image_processor, image) if image is not None else None
     return prompt_pair(model, ids, pixels, spans, {"record": record, "question_start": question_start}, answer)
+
+
+@torch.no_grad()
+def paper_inputs(model, tokenizer, image_processor, question: str, image, short: bool = False) -> dict:
+    """``{"inputs_embeds": (1, T, d)}`` of one clean prompt (paraphrases, specificity questions); the
+    answer is predicted at position T - 1."""
+    ids = tokenizer(_expand_image(model, paper_prompt(question, short)), return_tensors="pt")["input_ids"]
+    return {"inputs_embeds": inputs_embeds(model, ids.to(next(model.parameters()).device),
+                                           _pixels(model, image_processor, image))}
+
+
+def answer_token(tokenizer, prompt: str, answer: str) -> int:
+    """The first token of ``answer`` as it follows ``prompt`` (SentencePiece tokenises a word differently
+    at the start of a text and after a space, so the answer is tokenised in place)."""
+    head = tokenizer(prompt)["input_ids"]
+    full = tokenizer(prompt + " " + answer)["input_ids"]
+    if full[:len(head)] != head or len(full) == len(head):
+        raise BadParameter(f"the answer {answer!r} does not extend the prompt's tokens")
+    return full[len(head)]
+
+
+@torch.no_grad()
+def greedy_generate(model, inputs: list, max_new_tokens: int = 10, eos_token_id: int = None,
+                    batch_size: int = 16) -> list:
+    """Greedy answers (lists of new token ids) to prompts given as embeddings (1, T_i, d) each.
+
+    Prompts are left-padded into batches with position ids counted from each prompt's first real token,
+    so a batched answer equals the answer to the prompt alone; generation stops at ``eos_token_id``.
+    """
+    from transformers import DynamicCache
+
+    out = []
+    embed = model.get_input_embeddings()
+    for b in range(0, len(inputs), batch_size):
+        rows = [x[0] for x in inputs[b:b + batch_size]]
+        width = max(len(r) for r in rows)
+        x = torch.stack([torch.cat([r.new_zeros(width - len(r), r.shape[-1]), r]) for r in rows])
+        mask = torch.stack([torch.arange(width, device=x.device) >= width - len(r) for r in rows]).long()
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache, done, new = DynamicCache(), torch.zeros(len(rows), dtype=torch.bool, device=x.device), []
+        for _ in range(max_new_tokens):
+            logits = model(inputs_embeds=x, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                           use_cache=True).logits[:, -1]
+            token = logits.argmax(-1)
+            new.append(token)
+            if eos_token_id is not None:
+                done |= token == eos_token_id
+                if bool(done.all()):
+                    break
+            x, pos = embed(token)[:, None], pos[:, -1:] + 1
+            mask = torch.cat([mask, mask.new_ones(len(rows), 1)], 1)
+        tokens = torch.stack(new, 1).tolist()
+        for row in tokens:
+            out.append(row[:row.index(eos_token_id)] if eos_token_id in row else row)
+    return out
 
 
 @dataclass(frozen=True)

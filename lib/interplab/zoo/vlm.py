@@ -423,7 +423,8 @@ def positions_of(prompt: str, phrase: str, after: int = 0) -> list:
 def prompt_pair(model, tok, record: tf.Record, seed: int, visual: bool = True, answer: int = None):
     """``tracing.PromptPair`` of a record (``llava.prompt_pair``): clean and corrupted ``inputs_embeds``
     sharing one render of the scene, spans "constraint" (and "text" for multi-constraint), the last
-    position, and the answer token (the clean greedy answer when ``answer`` is None)."""
+    position, the answer token (the clean greedy answer when ``answer`` is None) and, in ``meta``,
+    ``question_start`` (the first question position) and ``image_positions``."""
     from ..models import llava
     rec = record if visual else record.named()
     bad = rec.corrupted() if visual else _corrupt_named(record)
@@ -434,7 +435,7 @@ def prompt_pair(model, tok, record: tf.Record, seed: int, visual: bool = True, a
     if record.text_constraint:
         spans["text"] = positions_of(prompts[0], record.text_constraint, spans["constraint"][-1])
     pair = llava.prompt_pair(model, ids, images_of([record.scene], seed) if visual else None, spans,
-                             {"record": record, "visual": visual}, answer)
+                             {"record": record, "visual": visual, "question_start": start + 1}, answer)
     assert pair.last == len(words_of(prompts[0]))  # encode pads nothing: both prompts have the same words
     return pair
 
