@@ -92,3 +92,12 @@ def test_atomic_write_keeps_old_file_on_error(tmp_path):
     with pytest.raises(RuntimeError):
         provenance.atomic_write(target, broken)
     assert target.read_text() == "old" and list(tmp_path.iterdir()) == [target]
+
+
+def test_an_undefined_value_never_holds_and_infinity_compares(tmp_path):
+    import numpy as np
+    ch = make(tmp_path, profile="paper")
+    for op in (">=", "<=", "<", ">"):
+        assert not ch.claim(f"nan{op}", "undefined", dissertation=0.7, reproduced=float("nan"), threshold=0.7, op=op).holds
+    assert ch.claim("inf", "x >= 1", dissertation=1, reproduced=np.float64("inf"), threshold=1.0, op=">=").holds
+    assert ch.claims[-1].reproduced == "inf"

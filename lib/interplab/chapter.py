@@ -160,7 +160,10 @@ class Chapter:
         if op is not None:
             if op not in OPS:
                 raise BadParameter(f"claim {id!r}: op={op!r}; use one of {', '.join(OPS)}")
-            holds = bool(OPS[op](_plain(reproduced), threshold))
+            value = _plain(reproduced)
+            # a non-finite float is kept as "nan" / "inf"; compared as a float, nan never holds (an AUROC of
+            # one class, a mean of nothing: an undefined result is not a reproduced one)
+            holds = bool(OPS[op](float(value) if isinstance(value, str) else value, threshold))
             threshold = f"{op} {_plain(threshold)}"
         if any(c.id == id for c in self.claims):
             raise BadParameter(f"claim id {id!r} recorded twice; ids must be unique")

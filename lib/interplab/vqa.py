@@ -11,7 +11,7 @@
 """
 import json
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
 
@@ -59,6 +59,7 @@ OPTIONAL_FIELDS = {"image_path": str, "image_spec": dict, "text_constraint": (st
                    # the entity the visual constraint refers to, and another one of the same token count: the
                    # text-only LLM's question names it (Fig 6.1's Vicuna trace corrupts the name)
                    "subject": str, "subject_corruption": str}
+ROOT = paths.DATA / "paper" / "ch06"   # the paper profile's record files and images
 PAPER_DATASETS = {"okvqa": "OK-VQA val (COCO val2014 images), visual constraints annotated",
                   "known": "ROME's known_1000 with the subject replaced by a visual constraint + one image per subject",
                   "movies": "WikiMovies-derived director questions of Yuksekgonul et al. (2023) with director images",
@@ -150,10 +151,6 @@ class ConstraintRecord:
                 "visual_constraint_span": [start, start + len(self.raw["subject"])],
                 "corruption": self.raw["subject_corruption"], "text_constraint": None, "text_constraint_span": None}
 
-    def with_question(self, question: str) -> "ConstraintRecord":
-        """The record asking ``question`` (a paraphrase); spans no longer apply, so only clean runs use it."""
-        return replace(self, raw={**self.raw, "question": question, "visual_constraint_span": None})
-
 
 def read_records(path) -> list:
     """Chapter 6's probe records from a JSONL file (one record a line), each checked by ``check_record``."""
@@ -166,9 +163,26 @@ def paper_records(dataset: str, root=None) -> list:
     """The paper profile's records of ``dataset`` from data/paper/ch06/DATASET.jsonl (images relative to that
     folder); ResourceUnavailable says what to put there when the file is absent."""
     check_choice("dataset", dataset, tuple(PAPER_DATASETS))
-    path = (root or paths.DATA / "paper" / "ch06") / f"{dataset}.jsonl"
+    path = Path(root or ROOT) / f"{dataset}.jsonl"
     if not path.exists():
         raise resource_unavailable(f"Chapter 6 dataset {dataset!r} ({PAPER_DATASETS[dataset]})",
                                    f"write its records as {path} (one JSON object a line, fields of spec 2.2: "
                                    f"{', '.join(RECORD_FIELDS)}, image_path) with the images beside it")
     return read_records(path)
+
+
+def probe_records(dataset: str, n: int = None, seed: int = 0, root=None) -> list:
+    """``ConstraintRecord``s of a paper dataset: "okvqa", "known", "movies", "encyclopedic", or "okvqa_multi" /
+    "movies_multi" (the records of okvqa / movies with a textual constraint; the plain names keep those without).
+    ``n`` None: all of them in file order; else a seeded random subset of n, kept in file order."""
+    import numpy as np
+    multi = dataset.endswith("_multi")
+    base = dataset.removesuffix("_multi")
+    root = root or ROOT
+    recs = [r for r in paper_records(base, root) if bool(r.get("text_constraint")) == multi]
+    if not recs:
+        raise BadParameter(f"{base}.jsonl has no {'multi' if multi else 'single'}-constraint records")
+    if n is not None and n < len(recs):
+        keep = np.sort(np.random.default_rng([seed, 6]).choice(len(recs), n, replace=False))
+        recs = [recs[i] for i in keep]
+    return [ConstraintRecord.from_json(r, root) for r in recs]
