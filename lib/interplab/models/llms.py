@@ -98,6 +98,14 @@ def closed_book_prompt(tokenizer, question: str, instruction: str = CLOSED_BOOK_
     return _render(tokenizer, instruction, f"Question: {question}") + answer_prefix
 
 
+def add_special_tokens(tokenizer, prompt: str) -> bool:
+    """The ``add_special_tokens`` that tokenises a chat-template prompt with exactly one BOS (as ``encode``):
+    True for Vicuna (its tokenizer adds ``<s>``), False for Llama-3 (the template writes it) and SmolLM2 (none)."""
+    bos, bos_id = tokenizer.bos_token, tokenizer.bos_token_id
+    wants_bos = bos_id is not None and tokenizer("a").input_ids[:1] == [bos_id]
+    return wants_bos and not (bos and prompt.startswith(bos))
+
+
 def encode(tokenizer, prompts, return_offsets: bool = False, padding_side: str = "left"):
     """Tokenise chat-template prompts as a padded batch, with exactly one BOS where the model wants one.
 
