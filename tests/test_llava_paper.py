@@ -204,6 +204,8 @@ def test_text_only_pair_names_the_subject_and_corrupts_it_in_place():
     assert differs.tolist() == pair.spans["constraint"]
     with pytest.raises(BadParameter, match="subject"):
         vqa.ConstraintRecord.from_json({**rec.raw, "subject": None, "subject_corruption": None}).named()
+    with pytest.raises(BadParameter, match="come together"):
+        vqa.check_record({k: v for k, v in rec.raw.items() if k != "subject_corruption"})
 
 
 def test_greedy_generate_batches_left_padded_prompts_like_single_ones(model):

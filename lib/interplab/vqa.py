@@ -84,8 +84,9 @@ def check_record(record: dict, where: str = "record") -> dict:
                                    f"question, not {record[text]!r}")
     if record.get("text_constraint") and not record.get("text_corruption"):
         raise BadParameter(f"{where}: a textual constraint needs text_corruption")
-    if record.get("subject_corruption") and not record.get("subject"):
-        raise BadParameter(f"{where}: subject_corruption without a subject")
+    if bool(record.get("subject")) != bool(record.get("subject_corruption")):
+        raise BadParameter(f"{where}: subject and subject_corruption come together (the text-only LLM's question "
+                           "names the subject and its trace corrupts it)")
     return record
 
 
