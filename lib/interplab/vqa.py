@@ -100,7 +100,7 @@ def score(record, generation: str) -> float:
     return float(contains_answer(generation, answers))
 
 
-def _swap(question: str, swaps) -> str:
+def swap_spans(question: str, swaps) -> str:
     """``question`` with each (start, end, text) replacing its character span (spans must not overlap)."""
     for start, end, text in sorted(swaps, reverse=True):
         question = question[:start] + text + question[end:]
@@ -139,7 +139,7 @@ class ConstraintRecord:
         swaps = [(*self.raw["visual_constraint_span"], self.raw["corruption"])]
         if self.raw.get("text_constraint_span"):
             swaps.append((*self.raw["text_constraint_span"], self.raw["text_corruption"]))
-        return ConstraintRecord({**self.raw, "question": _swap(self.raw["question"], swaps)})
+        return ConstraintRecord({**self.raw, "question": swap_spans(self.raw["question"], swaps)})
 
     def named(self) -> dict:
         """The text-only LLM's question as a record: the subject in place of the visual constraint, the
@@ -147,7 +147,7 @@ class ConstraintRecord:
         if not (self.raw.get("subject") and self.raw.get("subject_corruption")):
             raise BadParameter(f"record {self.raw['id']!r} has no subject / subject_corruption for the text-only LLM")
         start, end = self.raw["visual_constraint_span"]
-        question = _swap(self.raw["question"], [(start, end, self.raw["subject"])])
+        question = swap_spans(self.raw["question"], [(start, end, self.raw["subject"])])
         return {**self.raw, "question": question, "visual_constraint": self.raw["subject"],
                 "visual_constraint_span": [start, start + len(self.raw["subject"])],
                 "corruption": self.raw["subject_corruption"], "text_constraint": None, "text_constraint_span": None}

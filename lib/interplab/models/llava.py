@@ -130,13 +130,13 @@ def paper_prompt_pair(model, tokenizer, image_processor, record: dict, image, an
     before it is shared by both runs, the prefix ``tracing.cached_prefix`` can reuse). BadParameter when
     the corruption changes the token count, since restoring a position then compares different tokens.
     """
-    from ..vqa import _swap
+    from ..vqa import swap_spans
 
     question = record["question"]
     bad = [(*record["visual_constraint_span"], record["corruption"])]
     if record.get("text_constraint_span"):
         bad.append((*record["text_constraint_span"], record["text_corruption"]))
-    prompts = [paper_prompt(q, short, image is not None) for q in (question, _swap(question, bad))]
+    prompts = [paper_prompt(q, short, image is not None) for q in (question, swap_spans(question, bad))]
     if image is not None:
         prompts = [_expand_image(model, p) for p in prompts]
     enc = tokenizer(prompts, return_offsets_mapping=True)
