@@ -2,6 +2,7 @@
 import math
 from contextlib import ExitStack
 
+import numpy as np
 import pytest
 import torch
 from transformers import AttentionInterface
@@ -249,6 +250,30 @@ def test_ablate_direct(model):
         past = model(ids[:, :5], use_cache=True).past_key_values
         step = model(ids[:, 5:], past_key_values=past).logits
     assert torch.allclose(step, ablated[:, 5:], atol=1e-5)
+
+
+def test_ablation_table_scores_the_circuit_random_sets_and_the_model(model, pair):
+    """Each row: the metric under the circuit's ablation, the mean over random same-size ablations, and as is."""
+    ids = pair["clean_ids"]
+    with torch.no_grad():
+        base = model(ids).logits
+
+    def change(name):  # how far the logits moved: 0 exactly when nothing is ablated
+        with torch.no_grad():
+            return float((model(ids).logits - base).abs().max())
+
+    heads = pair["clean"].nodes("head")
+    rows = circuits.ablation_table(model, heads[:2], heads, change, ["a", "b"], n_random=3,
+                                   rng=np.random.default_rng(0))
+    assert [r["dataset"] for r in rows] == ["a", "b"] and all(r["original"] == 0.0 for r in rows)
+    with circuits.ablate_direct(model, heads[:2]):
+        assert rows[0]["circuit ablated"] == change("a") > 0
+    randoms = circuits.random_circuits(heads, heads[:2], 3, np.random.default_rng(0))
+    expected = []
+    for r in randoms:
+        with circuits.ablate_direct(model, r):
+            expected.append(change("a"))
+    assert rows[0]["random ablated"] == pytest.approx(np.mean(expected))
 
 
 # ------------------------------------------------------------------ attention plan

@@ -393,6 +393,22 @@ def ablate_direct(model, nodes, means=None):
 # ------------------------------------------------------------------ attention rows
 
 
+def ablation_table(model, nodes, family_nodes, accuracy, datasets, n_random: int = 5, rng=None) -> list:
+    """Fig 8.4's rows: ``accuracy(dataset)`` with the direct paths of ``nodes`` ablated, with each of
+    ``n_random`` random same-size sets of ``family_nodes`` ablated (their mean), and of the model as is."""
+    rows = []
+    for name in datasets:
+        with ablate_direct(model, nodes):
+            circuit = accuracy(name)
+        rand = []
+        for r in random_circuits(family_nodes, nodes, n_random, rng):
+            with ablate_direct(model, r):
+                rand.append(accuracy(name))
+        rows.append({"dataset": name, "original": accuracy(name), "circuit ablated": circuit,
+                     "random ablated": float(np.mean(rand))})
+    return rows
+
+
 def context_entropy(attn_rows: torch.Tensor, ctx_mask: torch.Tensor) -> torch.Tensor:
     """Entropy (nats) of attention restricted to context keys and renormalised: (..., T_k) -> (...).
 

@@ -19,3 +19,14 @@ def identity_line(ax, **kw) -> None:
     ax.plot([lo, hi], [lo, hi], ls="--", lw=1, color=kw.pop("color", "#2ca02c"), label=kw.pop("label", "y = x"), **kw)
     ax.set_xlim(lo, hi)
     ax.set_ylim(lo, hi)
+
+
+def grouped_bars(table, index: str, ylabel: str, title: str, figsize=(9, 3.2), color=None, legend_cols: int = 3):
+    """A figure of grouped bars: one group per row of ``table`` (a DataFrame) named by column ``index``, one bar
+    per other column."""
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=figsize)
+    table.set_index(index).plot.bar(ax=ax, rot=0, color=color)
+    ax.set(ylabel=ylabel, title=title)
+    ax.legend(fontsize=7, ncol=legend_cols)
+    return fig

@@ -52,6 +52,7 @@ import torch
 import interplab
 from interplab import attribution as A, circuits as C, paths, qaworld as qw
 from interplab.attention import attention_plan
+from interplab.plotting import grouped_bars
 from interplab.models import load
 from interplab.zoo import qa_lm
 
@@ -68,6 +69,17 @@ ch = interplab.start("ch08_extractive_qa_circuits", profile=profile, seed=seed, 
 PAPER = json.loads((paths.DATA / "ch08" / "dissertation_components.json").read_text())
 rng = np.random.default_rng(seed)
 torch.set_grad_enabled(False)
+
+
+def fig_8_6(hit, steer, probe_name, title):
+    """Fig 8.6: (a) the attribution head's hits on the dashed sentence, (b/c) QA accuracy by prompting method."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3), gridspec_kw={"width_ratios": [1, 2.2]})
+    axes[0].bar(["attribution head"], [hit], color="#c44e52")
+    axes[0].set(ylim=(0, 1), ylabel="arg-max in the dashed sentence", title=f"Fig 8.6a: {probe_name}")
+    steer.set_index("dataset").plot.bar(ax=axes[1], rot=0)
+    axes[1].set(ylabel="extractive-QA accuracy", title=title)
+    axes[1].legend(fontsize=7)
+    return fig
 
 # %% [markdown]
 # ## The subject and its probe sets (§8.3.1)
@@ -217,23 +229,11 @@ if ch.tiny:
         pred = qa_lm.first_token_logits(model, tok, prompts or [it.prompt for it in items]).argmax(-1)
         return float((pred == ids).float().mean())
 
-    abl = []
-    for name in ("NQ-tiny", "NQ-Swap-tiny 2"):
-        items = tests[name]
-        with C.ablate_direct(model, heads_ctx):
-            circuit_acc = accuracy(items)
-        rand_acc = []
-        for r in C.random_circuits(all_heads, heads_ctx, n_random, rng):
-            with C.ablate_direct(model, r):
-                rand_acc.append(accuracy(items))
-        abl.append({"dataset": name, "original": accuracy(items), "circuit ablated": circuit_acc,
-                    "random ablated": float(np.mean(rand_acc))})
-    abl = pd.DataFrame(abl)
+    abl = pd.DataFrame(C.ablation_table(model, heads_ctx, all_heads, lambda name: accuracy(tests[name]),
+                                        ("NQ-tiny", "NQ-Swap-tiny 2"), n_random, rng))
     ch.table(abl, "fig8_4_ablation")
-    fig, ax = plt.subplots(figsize=(6, 3))
-    abl.set_index("dataset").plot.bar(ax=ax, rot=0, color=["#4c72b0", "#c44e52", "#8c8c8c"])
-    ax.set(ylabel="extractive-QA accuracy", title=f"Fig 8.4 analogue: direct-path ablation of {len(heads_ctx)} circuit heads")
-    ch.figure(fig, "fig8_4_ablation")
+    ch.figure(grouped_bars(abl, "dataset", "extractive-QA accuracy", f"Fig 8.4 analogue: direct-path ablation of "
+                           f"{len(heads_ctx)} circuit heads", (6, 3), ["#4c72b0", "#c44e52", "#8c8c8c"]), "fig8_4_ablation")
     plt.show()
     print(abl.to_string(index=False))
     nq = abl.set_index("dataset").loc["NQ-tiny"]
@@ -331,11 +331,8 @@ if ch.tiny:
         rows_out.append({"dataset": name, **score})
     fig85 = pd.DataFrame(rows_out)
     ch.table(fig85, "fig8_5_attribution")
-    fig, ax = plt.subplots(figsize=(9, 3.2))
-    fig85.set_index("dataset").plot.bar(ax=ax, rot=0)
-    ax.set(ylabel="top-1 attribution accuracy", title=f"Fig 8.5 analogue: ATTNATTRIB with head {head} vs baselines")
-    ax.legend(fontsize=7, ncol=3)
-    ch.figure(fig, "fig8_5_attribution")
+    ch.figure(grouped_bars(fig85, "dataset", "top-1 attribution accuracy",
+                           f"Fig 8.5 analogue: ATTNATTRIB with head {head} vs baselines"), "fig8_5_attribution")
     plt.show()
     print(fig85.round(3).to_string(index=False))
     ch.compare("ATTNATTRIB vs baselines", "HotpotQA F1 about +20% over baselines; beats them on every dataset",
@@ -423,13 +420,7 @@ if ch.tiny:
                       "ATTNATTRIB hint": accuracy(items, hinted), "random hint": accuracy(items, rand_hint)})
     steer = pd.DataFrame(steer)
     ch.table(steer, "fig8_6_steering")
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3), gridspec_kw={"width_ratios": [1, 2.2]})
-    axes[0].bar(["attribution head"], [hit], color="#c44e52")
-    axes[0].set(ylim=(0, 1), ylabel="arg-max in the dashed sentence", title="Fig 8.6a: D_memory-tiny")
-    steer.set_index("dataset").plot.bar(ax=axes[1], rot=0)
-    axes[1].set(ylabel="extractive-QA accuracy", title="Fig 8.6b/c: steering toward the context")
-    axes[1].legend(fontsize=7)
-    ch.figure(fig, "fig8_6_steering")
+    ch.figure(fig_8_6(hit, steer, "D_memory-tiny", "Fig 8.6b/c: steering toward the context"), "fig8_6_steering")
     plt.show()
     print(steer.round(3).to_string(index=False))
     s2 = steer.set_index("dataset").loc["NQ-Swap-tiny 2"]
@@ -700,22 +691,11 @@ if not ch.tiny:
 
     heads = real_circ["context"]["head"]
     heads_ctx = heads.nodes if heads.reached else heads.ranked[:14]
-    abl = []
-    for name in ("NQ-Swap 2", "Natural Questions", "HotpotQA"):
-        with C.ablate_direct(sm, heads_ctx):
-            circuit_acc = qa_accuracy(name)
-        rand_acc = []
-        for r in C.random_circuits(real_sets["context"][1].nodes("head"), heads_ctx, n_random, rng):
-            with C.ablate_direct(sm, r):
-                rand_acc.append(qa_accuracy(name))
-        abl.append({"dataset": name, "original": qa_accuracy(name), "circuit ablated": circuit_acc,
-                    "random ablated": float(np.mean(rand_acc))})
-    abl = pd.DataFrame(abl)
+    abl = pd.DataFrame(C.ablation_table(sm, heads_ctx, real_sets["context"][1].nodes("head"), qa_accuracy,
+                                        ("NQ-Swap 2", "Natural Questions", "HotpotQA"), n_random, rng))
     ch.table(abl, "fig8_4_ablation")
-    fig, ax = plt.subplots(figsize=(6, 3))
-    abl.set_index("dataset").plot.bar(ax=ax, rot=0, color=["#4c72b0", "#c44e52", "#8c8c8c"])
-    ax.set(ylabel="extractive-QA accuracy", title=f"Fig 8.4: direct-path ablation of {len(heads_ctx)} context heads, {real_name}")
-    ch.figure(fig, "fig8_4_ablation")
+    ch.figure(grouped_bars(abl, "dataset", "extractive-QA accuracy", f"Fig 8.4: direct-path ablation of {len(heads_ctx)} "
+                           f"context heads, {real_name}", (6, 3), ["#4c72b0", "#c44e52", "#8c8c8c"]), "fig8_4_ablation")
     plt.show()
     ch.compare("Fig 8.4 ablation", "n/a (figure only): large drop for the circuit, none for random",
                abl.set_index("dataset").round(3).to_dict("index"))
@@ -754,11 +734,9 @@ if not ch.tiny:
         rows_out.append({"dataset": name, **score})
     fig85 = pd.DataFrame(rows_out)
     ch.table(fig85, "fig8_5_attribution")
-    fig, ax = plt.subplots(figsize=(10, 3.2))
-    fig85.set_index("dataset").plot.bar(ax=ax, rot=0)
-    ax.set(ylabel="top-1 accuracy (HotpotQA: F1)", title=f"Fig 8.5: ATTNATTRIB with head {real_head} vs baselines, {real_name}")
-    ax.legend(fontsize=7, ncol=3)
-    ch.figure(fig, "fig8_5_attribution")
+    ch.figure(grouped_bars(fig85, "dataset", "top-1 accuracy (HotpotQA: F1)",
+                           f"Fig 8.5: ATTNATTRIB with head {real_head} vs baselines, {real_name}", (10, 3.2)),
+              "fig8_5_attribution")
     plt.show()
     f = fig85.set_index("dataset")
     margin = (f["ATTNATTRIB"] - f.drop(columns="ATTNATTRIB").max(axis=1))
@@ -838,12 +816,8 @@ if not ch.tiny:
                       "ATTNATTRIB hint": qa_accuracy(name, hinted)})
     steer = pd.DataFrame(steer)
     ch.table(steer, "fig8_6_steering")
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3), gridspec_kw={"width_ratios": [1, 2.2]})
-    axes[0].bar(["attribution head"], [hit], color="#c44e52")
-    axes[0].set(ylim=(0, 1), ylabel="arg-max in the dashed sentence", title="Fig 8.6a: D_memory")
-    steer.set_index("dataset").plot.bar(ax=axes[1], rot=0)
-    axes[1].set(ylabel="extractive-QA accuracy", title=f"Fig 8.6b/c: steering toward the context, {real_name}")
-    ch.figure(fig, "fig8_6_steering")
+    ch.figure(fig_8_6(hit, steer, "D_memory", f"Fig 8.6b/c: steering toward the context, {real_name}"),
+              "fig8_6_steering")
     plt.show()
     gain = (steer["ATTNATTRIB hint"] - steer[["baseline", "CAD"]].max(axis=1))
     ch.compare("attribution-augmented prompting gain over the better of baseline and CAD", "up to +9 %",
