@@ -6,7 +6,10 @@ architectures of Table 3.1 and short training.
 
 Slow on a CPU: on 2026-12-05 it ran Figs 3.1-3.4 through the paper branch (MNIST from torchvision's files) without an
 error in 25 min and was stopped in Fig 3.5's exact-Hessian studies; the appendix MLP's group refits dominate.
+``--from-fig35`` runs the setup cells and then only Fig 3.5, Table 3.1, §3.10.4 and Table 11.1 (the fake MNIST then
+has the 5500 training images of the small-CNN study).
 """
+import sys
 import struct
 import tempfile
 from pathlib import Path
@@ -26,11 +29,11 @@ def idx(path: Path, array: np.ndarray) -> None:
         f.write(array.astype(np.uint8).tobytes())
 
 
-def fake_mnist(root: Path) -> None:
+def fake_mnist(root: Path, n_train: int = 300) -> None:
     rng = np.random.default_rng(0)
     raw = root / "MNIST" / "raw"
     raw.mkdir(parents=True)
-    for prefix, n in (("train", 300), ("t10k", 60)):
+    for prefix, n in (("train", n_train), ("t10k", 60)):
         y = np.arange(n) % 10
         x = rng.integers(0, 60, (n, 28, 28))
         for i, c in enumerate(y):      # a class-dependent bar, so the models have something to learn
@@ -41,12 +44,14 @@ def fake_mnist(root: Path) -> None:
 
 
 def main():
+    fig35 = "--from-fig35" in sys.argv
     with tempfile.TemporaryDirectory() as tmp:
-        fake_mnist(Path(tmp))
+        fake_mnist(Path(tmp), 6000 if fig35 else 300)
         datasets.TORCHVISION_ROOT = Path(tmp)
         run_notebook(NOTEBOOK, dict(profile="paper", device="cpu", paper_models=["small_cnn", "lenet"],
                                     train_steps=50, retrain_steps=10, n_groups=6, fig32_groups=4, nn_groups=2,
-                                    iris_seeds=1, iris_depths=[1, 2], iris_widths=[8]))
+                                    iris_seeds=1, iris_depths=[1, 2], iris_widths=[8]),
+                     cells=[1, 2, 17, 18, 19, 22, 24, 26] if fig35 else None)
 
 
 if __name__ == "__main__":

@@ -15,11 +15,13 @@ def run_draft(name: str, overrides: dict) -> None:
     _run((HERE / f"{name}.py").read_text(), overrides, HERE / f"{name}.py")
 
 
-def run_notebook(path, overrides: dict) -> None:
-    """Execute the code cells of a notebook (e.g. notebooks/ch07_rep_decompose.ipynb) the same way."""
+def run_notebook(path, overrides: dict, cells=None) -> None:
+    """Execute the code cells of a notebook (e.g. notebooks/ch07_rep_decompose.ipynb) the same way;
+    ``cells``: only these cell indices (the parameters cell must be among them)."""
     import nbformat
     nb = nbformat.read(path, as_version=4)
-    _run("\n\n".join(c.source for c in nb.cells if c.cell_type == "code"), overrides, path)
+    _run("\n\n".join(c.source for i, c in enumerate(nb.cells) if c.cell_type == "code"
+                      and (cells is None or i in cells)), overrides, path)
 
 
 def _run(src: str, overrides: dict, where) -> None:
