@@ -114,3 +114,14 @@ def test_sdxl_unet_tracing_carries_the_pooled_conditioning_and_batches_like_one_
     assert torch.allclose(batched[:2], base, atol=1e-5)
     alone = tracing.trace_unet_layers(pipe, conds[:1], conds[1:2], picks[1:2], steps=2, added=added)
     assert torch.allclose(batched[3], alone[2], atol=1e-5)
+
+
+@pytest.mark.parametrize("cls", ["StableDiffusion", "StableDiffusionXL", "DeepFloydIF", "ClipScore"])
+def test_offline_pipelines_name_the_hf_command(cls, monkeypatch, tmp_path):
+    """huggingface_hub >= 1 ships the ``hf`` command only; the hint must be one a user can run."""
+    from interplab.errors import ResourceUnavailable
+    from interplab.models import diffusion
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    with pytest.raises(ResourceUnavailable, match="`hf download "):
+        getattr(diffusion, cls).from_pretrained(device="cpu")

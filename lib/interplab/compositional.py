@@ -209,7 +209,7 @@ class BlipVqa:
             tok = AutoTokenizer.from_pretrained(model_id)
         except (OSError, ValueError) as err:
             raise resource_unavailable(f"BLIP-VQA `{model_id}` ({type(err).__name__})",
-                                       f"run `huggingface-cli download {model_id}` on a machine with hub access") from None
+                                       f"run `hf download {model_id}` on a machine with hub access") from None
         return cls(model, tok)
 
 

@@ -254,7 +254,7 @@ class StableDiffusion(Text2Image):
             tok = CLIPTokenizer.from_pretrained(model_id, subfolder="tokenizer")
         except (OSError, ValueError) as err:
             raise resource_unavailable(f"model `{model_id}` ({type(err).__name__})",
-                                       f"run `huggingface-cli download {model_id}` on a machine with hub access "
+                                       f"run `hf download {model_id}` on a machine with hub access "
                                        "(accept the licence first) and set HF_HOME") from None
         return cls(unet.to(device).eval(), text.to(device).eval(), tok, vae.to(device).eval())
 
@@ -324,7 +324,7 @@ class StableDiffusionXL(StableDiffusion):
             tok_2 = CLIPTokenizer.from_pretrained(model_id, subfolder="tokenizer_2")
         except (OSError, ValueError) as err:
             raise resource_unavailable(f"model `{model_id}` or VAE `{vae_id}` ({type(err).__name__})",
-                                       f"run `huggingface-cli download {model_id}` (and `{vae_id}`) on a machine with "
+                                       f"run `hf download {model_id}` (and `{vae_id}`) on a machine with "
                                        "hub access and set HF_HOME") from None
         return cls(unet.to(device).eval(), text.to(device).eval(), tok, vae.to(device).eval(),
                    text_2.to(device).eval(), tok_2)
@@ -386,7 +386,7 @@ class DeepFloydIF(Text2Image):
 
 def _if_unavailable(model_id, err):
     return resource_unavailable(f"model `{model_id}` ({type(err).__name__})",
-                                f"accept the licence on the model page, run `huggingface-cli download {model_id}` "
+                                f"accept the licence on the model page, run `hf download {model_id}` "
                                 "on a machine with hub access and set HF_HOME")
 
 
@@ -433,7 +433,7 @@ class ClipScore:
             proc = CLIPProcessor.from_pretrained(model_id)
         except (OSError, ValueError) as err:
             raise resource_unavailable(f"CLIP-Score evaluator `{model_id}` ({type(err).__name__})",
-                                       f"run `huggingface-cli download {model_id}` on a machine with hub access") from None
+                                       f"run `hf download {model_id}` on a machine with hub access") from None
 
         def unit(x):
             x = x if torch.is_tensor(x) else x.pooler_output
