@@ -4,6 +4,9 @@ llava.random_model) and a reduced random Vicuna stand in for the hub's weights, 
 llava-hf's special ids for theirs, and a fake data/paper/ch06 of spec-2.2 records over noise JPEGs.
 
     OMP_NUM_THREADS=2 INTERPLAB_OUT_ROOT=build/draft_paper python docs/drafts/src/ch06_paper_smoke.py
+
+2026-12-05: end to end in 597 s on one thread (most of it Fig 6.3's full-sequence checks and Fig 11.7's noise
+traces over ~590-token prompts); random weights, so its numbers mean nothing.
 """
 import json
 import tempfile
