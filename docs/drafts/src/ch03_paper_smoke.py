@@ -7,7 +7,10 @@ architectures of Table 3.1 and short training.
 Slow on a CPU: on 2026-12-05 it ran Figs 3.1-3.4 through the paper branch (MNIST from torchvision's files) without an
 error in 25 min and was stopped in Fig 3.5's exact-Hessian studies; the appendix MLP's group refits dominate.
 ``--from-fig35`` runs the setup cells and then only Fig 3.5, Table 3.1, §3.10.4 and Table 11.1 (the fake MNIST then
-has the 5500 training images of the small-CNN study).
+has the 5500 training images of the small-CNN study). With the exact path for the small CNN (2506 parameters, float64
+L-BFGS on 5500 images) that ran 45 min on one thread inside the first cell's fits (2026-12-05, stopped);
+``--budget-path`` sets ``exact_max_params`` to 1000 and one weight decay, so every net takes the paper's path for
+large nets (minibatch Adam, CG on Hessian-vector products, budgeted SGD refits).
 """
 import sys
 import struct
@@ -50,7 +53,8 @@ def main():
         datasets.TORCHVISION_ROOT = Path(tmp)
         run_notebook(NOTEBOOK, dict(profile="paper", device="cpu", paper_models=["small_cnn", "lenet"],
                                     train_steps=50, retrain_steps=10, n_groups=6, fig32_groups=4, nn_groups=2,
-                                    iris_seeds=1, iris_depths=[1, 2], iris_widths=[8]),
+                                    iris_seeds=1, iris_depths=[1, 2], iris_widths=[8],
+                                    **(dict(exact_max_params=1000, wd_sweep=[0.01]) if "--budget-path" in sys.argv else {})),
                      cells=[1, 2, 17, 18, 19, 22, 24, 26] if fig35 else None)
 
 
