@@ -101,3 +101,10 @@ def test_an_undefined_value_never_holds_and_infinity_compares(tmp_path):
         assert not ch.claim(f"nan{op}", "undefined", dissertation=0.7, reproduced=float("nan"), threshold=0.7, op=op).holds
     assert ch.claim("inf", "x >= 1", dissertation=1, reproduced=np.float64("inf"), threshold=1.0, op=">=").holds
     assert ch.claims[-1].reproduced == "inf"
+
+
+def test_by_profile_fills_only_what_was_left_at_none():
+    assert interplab.by_profile(None, "tiny", 64, 300) == 64 and interplab.by_profile(None, "paper", 64, 300) == 300
+    assert interplab.by_profile(7, "paper", 64, 300) == 7
+    with pytest.raises(UnknownProfile):
+        interplab.by_profile(None, "huge", 64, 300)

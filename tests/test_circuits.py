@@ -402,3 +402,19 @@ def test_bad_input_names_the_fix(model, pair):
         with attention.attention_plan(model, upweight=[0], beta=0):
             pass
     assert model.config._attn_implementation == "eager"
+
+
+def test_answer_rate_in_chunks_equals_one_batch_and_reads_the_interventions(model, pair):
+    ids, mask = pair["clean_ids"], pair["clean_mask"]
+    last = mask.sum(1) - 1
+    answers = pair["answers"]
+    assert circuits.answer_rate(model, ids, mask, last, answers) == 1.0          # the greedy answers themselves
+    heads = pair["clean"].nodes("head")[:3]
+    one = circuits.answer_rate(model, ids, mask, last, answers, ablate=heads)
+    assert circuits.answer_rate(model, ids, mask, last, answers, ablate=heads, batch_size=3) == one
+    with circuits.ablate_direct(model, heads), torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    assert one == float((logits[torch.arange(len(last)), last].argmax(-1) == answers).float().mean())
+    ctx = mask.bool()
+    up = circuits.answer_rate(model, ids, mask, last, answers, upweight=[0], beta=1.0, context=ctx, batch_size=2)
+    assert up == 1.0  # beta = 1 changes nothing

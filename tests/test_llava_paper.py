@@ -208,23 +208,26 @@ def test_text_only_pair_names_the_subject_and_corrupts_it_in_place():
         vqa.check_record({k: v for k, v in rec.raw.items() if k != "subject_corruption"})
 
 
-def test_greedy_generate_batches_left_padded_prompts_like_single_ones(model):
+def test_greedy_generate_answers_embedded_prompts_batched_like_single_ones(model):
+    """attribution.greedy_generate on LLaVA's spliced embeddings: left-padded batches equal each prompt alone."""
     import numpy as np
     from PIL import Image
     from transformers import CLIPImageProcessor
+
+    from interplab import attribution
     tok = _word_tokenizer()
     processor = CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
     image = Image.fromarray(np.random.default_rng(1).integers(0, 255, (300, 400, 3), dtype=np.uint8))
     inputs = [llava.paper_inputs(model, tok, processor, q, image)["inputs_embeds"]
               for q in ("which city ?", "this landmark is in which country ?")]
     assert inputs[0].shape[1] < inputs[1].shape[1]
-    alone = [llava.greedy_generate(model, [x], max_new_tokens=4)[0] for x in inputs]
-    batched = llava.greedy_generate(model, inputs, max_new_tokens=4)
-    assert batched == alone and all(len(a) == 4 for a in alone)
+    run = lambda xs, stop=(): [g.ids for g in attribution.greedy_generate(  # noqa: E731
+        model, tok, xs, max_new_tokens=4, stop_ids=list(stop), stop_on_newline=False)]
+    alone = [run([x])[0] for x in inputs]
+    assert run(inputs) == alone and all(len(a) == 4 for a in alone)
     first = model(inputs_embeds=inputs[0]).logits[0, -1].argmax()
     assert alone[0][0] == int(first)
-    stop = alone[1][1]
-    assert llava.greedy_generate(model, inputs[1:], max_new_tokens=4, eos_token_id=stop)[0] == alone[1][:1]
+    assert run(inputs[1:], stop=[alone[1][1]])[0] == alone[1][:1]
 
 
 def test_answer_token_is_the_answer_tokenised_after_the_prompt():

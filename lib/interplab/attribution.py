@@ -251,18 +251,29 @@ class _Stopper:
         return self.seen[t]
 
 
+def _is_embeds(seq) -> bool:
+    return torch.is_tensor(seq) and seq.is_floating_point()
+
+
 def _left_pad(seqs, pad_id, device):
-    """(B, T) ids, mask and position ids for left-padded sequences, and each row's pad count (B,)."""
+    """The first step's inputs for left-padded sequences ({"input_ids": (B, T)} for id lists,
+    {"inputs_embeds": (B, T, d)} for (T_i, d) embeddings, zero rows as padding), the mask and
+    position ids (B, T), and each row's pad count (B,)."""
     T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), T), dtype=torch.long)
     for b, s in enumerate(seqs):
-        ids[b, T - len(s):] = torch.as_tensor(s, dtype=torch.long)
         mask[b, T - len(s):] = 1
+    if _is_embeds(seqs[0]):
+        first = {"inputs_embeds": torch.stack([torch.cat([s.new_zeros(T - len(s), s.shape[-1]), s]) for s in seqs])}
+    else:
+        ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+        for b, s in enumerate(seqs):
+            ids[b, T - len(s):] = torch.as_tensor(s, dtype=torch.long)
+        first = {"input_ids": ids.to(device)}
     # positions count real tokens only, so a padded row sees the same rotary/absolute positions
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     pads = [T - len(s) for s in seqs]
-    return ids.to(device), mask.to(device), pos.to(device), pads
+    return first, mask.to(device), pos.to(device), pads
 
 
 def _read_rows(attentions, head, n_keys: int) -> torch.Tensor:
@@ -281,18 +292,19 @@ def _read_rows(attentions, head, n_keys: int) -> torch.Tensor:
 def _decode(model, seqs, max_new_tokens: int, stop, pad_id: int, head=None):
     """Greedy decoding of a left-padded batch with KV cache.
 
-    seqs: B prompt id lists. Returns per row the answer ids (stop token excluded) and, when ``head``
-    is given, the (J, T_b) attention rows over that row's own prompt keys for the queries predicting
-    each answer token, read from the same forward passes.
+    seqs: B prompt id lists, or B (T_b, d) prompt embeddings (a multimodal LM's spliced image tokens; the
+    answer tokens are then fed back as ids). Returns per row the answer ids (stop token excluded) and, when
+    ``head`` is given, the (J, T_b) attention rows over that row's own prompt keys for the queries
+    predicting each answer token, read from the same forward passes.
     """
-    ids, mask, pos, pads = _left_pad(seqs, pad_id, _device(model))
-    T = ids.shape[1]
+    x, mask, pos, pads = _left_pad(seqs, pad_id, _device(model))
+    T = mask.shape[1]
     answers = [[] for _ in seqs]
     rows = [[] for _ in seqs]
     done = [False] * len(seqs)
-    past, x = None, ids
+    past = None
     for _ in range(max_new_tokens):
-        out = model(input_ids=x, attention_mask=mask, position_ids=pos, past_key_values=past,
+        out = model(**x, attention_mask=mask, position_ids=pos, past_key_values=past,
                     use_cache=True, output_attentions=head is not None)
         past = out.past_key_values
         nxt = out.logits[:, -1].argmax(-1)                            # (B,)
@@ -308,7 +320,7 @@ def _decode(model, seqs, max_new_tokens: int, stop, pad_id: int, head=None):
                 rows[b].append(got[b, pads[b]:])                      # drop the left padding keys
         if all(done):
             break
-        x = nxt[:, None]
+        x = {"input_ids": nxt[:, None]}
         mask = torch.cat([mask, mask.new_ones(len(seqs), 1)], dim=1)
         pos = pos[:, -1:] + 1
     if head is None:
@@ -330,6 +342,8 @@ def _progress(it, total, desc, progress):
 
 
 def _encode(tokenizer, prompt, add_special_tokens):
+    if _is_embeds(prompt):
+        return prompt.reshape(-1, prompt.shape[-1])   # (1, T, d) or (T, d) -> (T, d)
     if isinstance(prompt, str):
         return list(tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"])
     return [int(t) for t in prompt]
@@ -338,7 +352,8 @@ def _encode(tokenizer, prompt, add_special_tokens):
 def greedy_generate(model, tokenizer, prompts, max_new_tokens: int = 32, stop_ids=None,
                     stop_on_newline: bool = True, batch_size: int = 16,
                     add_special_tokens: bool = True, progress: bool = False) -> list[Generation]:
-    """Greedy answers for prompts (strings or id lists), batched with left padding.
+    """Greedy answers for prompts (strings, id lists or (T, d) / (1, T, d) input embeddings), batched with
+    left padding.
 
     Batches group prompts of similar length; results come back in input order. stop_ids default to
     the EOS ids; a token whose text contains a newline also stops when ``stop_on_newline``.

@@ -409,6 +409,35 @@ def ablation_table(model, nodes, family_nodes, accuracy, datasets, n_random: int
     return rows
 
 
+@torch.no_grad()
+def answer_rate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, last: torch.Tensor, target,
+                upweight=None, ablate=(), beta: float = 10.0, context: torch.Tensor = None,
+                batch_size: int = None) -> float:
+    """Share of prompts whose greedy token at ``last`` (N,) is ``target`` (an id or (N,) ids) while the direct
+    paths of ``ablate`` are removed (``ablate_direct``) and, with ``upweight``, attention is up-weighted by
+    ``beta`` (``attention.attention_plan`` over ``context`` keys (N, T), from the query at ``last``): §8.3.3's
+    switching from the memory circuit to the context circuit. input_ids / attention_mask: (N, T), right-padded;
+    ``batch_size`` None runs them as one batch."""
+    from .attention import attention_plan
+    dev = next(model.parameters()).device
+    target = torch.as_tensor(target).expand(len(last))
+    step = batch_size or len(last)
+    hits = []
+    for at in range(0, len(last), step):
+        sl = slice(at, at + step)
+        inputs = dict(input_ids=input_ids[sl].to(dev), attention_mask=attention_mask[sl].to(dev))
+        with ablate_direct(model, list(ablate)):
+            if upweight is None:
+                logits = model(**inputs).logits
+            else:
+                with attention_plan(model, upweight=upweight, beta=beta, context=context[sl].to(dev),
+                                    queries=last[sl].to(dev)):
+                    logits = model(**inputs).logits
+        pred = logits[torch.arange(len(logits)), last[sl].to(dev)].argmax(-1).cpu()
+        hits.append(pred == target[sl])
+    return float(torch.cat(hits).float().mean())
+
+
 def context_entropy(attn_rows: torch.Tensor, ctx_mask: torch.Tensor) -> torch.Tensor:
     """Entropy (nats) of attention restricted to context keys and renormalised: (..., T_k) -> (...).
 

@@ -51,18 +51,14 @@ import torch
 
 import interplab
 from interplab import attribution as A, circuits as C, paths, qaworld as qw
-from interplab.attention import attention_plan
 from interplab.plotting import grouped_bars
 from interplab.models import load
 from interplab.zoo import qa_lm
 
-def by_profile(value, tiny, paper):
-    """A parameter left at None takes its profile's value."""
-    return value if value is not None else (tiny if profile == "tiny" else paper)
-
-
-model_name, n_probe = by_profile(model_name, "qa_lm", "vicuna-7b"), by_profile(n_probe, 300, 1000)
-delta, n_attrib = by_profile(delta, 0.8, 0.95), by_profile(n_attrib, 200, 1000)
+model_name = interplab.by_profile(model_name, profile, "qa_lm", "vicuna-7b")
+n_probe = interplab.by_profile(n_probe, profile, 300, 1000)
+delta = interplab.by_profile(delta, profile, 0.8, 0.95)
+n_attrib = interplab.by_profile(n_attrib, profile, 200, 1000)
 ch = interplab.start("ch08_extractive_qa_circuits", profile=profile, seed=seed, device=device, out_dir=out_dir,
                      params=dict(model_name=model_name, n_probe=n_probe, delta=delta, beta=beta, cad_alpha=cad_alpha,
                                  n_random=n_random, n_attrib=n_attrib, real_model=real_model, n_real=n_real))
@@ -362,13 +358,7 @@ if ch.tiny:
     ctx_m = torch.stack([it.token_layout(b["input_ids"].shape[1])[0] for it in pm["items"]])
 
     def dash_rate(upweight=None, ablate=(), factor=beta):
-        with C.ablate_direct(model, list(ablate)):
-            if upweight is None:
-                logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-            else:
-                with attention_plan(model, upweight=upweight, beta=factor, context=ctx_m, queries=b["last"]):
-                    logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-        return float((logits[torch.arange(len(b["last"])), b["last"]].argmax(-1) == dash).float().mean())
+        return C.answer_rate(model, b["input_ids"], b["attention_mask"], b["last"], dash, upweight, ablate, factor, ctx_m)
 
     top_layers = [n[1] for n in circ["context"]["attn"].ranked[:2]]
     other_layers = [l for l in range(model.config.num_hidden_layers) if l not in top_layers]
@@ -763,21 +753,8 @@ if not ch.tiny:
 
     def dash_rate(upweight=None, ablate=(), factor=beta):
         """Share of D_memory questions now answered with the context's token (the dash)."""
-        out = []
-        dev = next(sm.parameters()).device
-        for at in range(0, len(items_m), 16):
-            sl = slice(at, at + 16)
-            inputs = dict(input_ids=enc_m["input_ids"][sl].to(dev), attention_mask=enc_m["attention_mask"][sl].to(dev))
-            with C.ablate_direct(sm, list(ablate)):
-                if upweight is None:
-                    logits = sm(**inputs).logits
-                else:
-                    with attention_plan(sm, upweight=upweight, beta=factor, context=ctx_m[sl].to(dev),
-                                        queries=last_m[sl].to(dev)):
-                        logits = sm(**inputs).logits
-            pred = logits[torch.arange(len(logits)), last_m[sl].to(dev)].argmax(-1).cpu()
-            out.append(pred == dash_ids[sl])
-        return float(torch.cat(out).float().mean())
+        return C.answer_rate(sm, enc_m["input_ids"], enc_m["attention_mask"], last_m, dash_ids, upweight, ablate,
+                             factor, ctx_m, batch_size=16)
 
     top_layers = [n[1] for n in real_circ["context"]["attn"].ranked[:3]]
     others = [l for l in range(sm.config.num_hidden_layers) if l not in top_layers]

@@ -10,8 +10,8 @@ The paper profile (spec 4): ``paper_config()`` (LLaVA-1.5-7B/13B configs written
 ``load_paper_llava()`` / ``load_paper_bunny()`` (hub or cache; offline they raise ResourceUnavailable naming
 the ``hf download`` command), ``paper_prompt()`` and ``paper_prompt_pair()`` (a spec-2.2 record -> a
 ``tracing.PromptPair`` with token spans from character offsets; also for the text-only Vicuna),
-``paper_inputs()`` (one clean prompt), ``answer_token()`` and ``greedy_generate()`` (batched greedy
-answers from embeddings, for the correctness labels and the specificity of edits).
+``paper_inputs()`` (one clean prompt; ``attribution.greedy_generate`` answers such embeddings in batches) and
+``answer_token()``.
 
 Module paths go through ``interplab.anatomy`` (Composite "llava"), which knows both layouts of
 transformers' LlavaForConditionalGeneration (>= 4.52: ``model.language_model``; <= 4.51:
@@ -172,42 +172,6 @@ def answer_token(tokenizer, prompt: str, answer: str) -> int:
     if full[:len(head)] != head or len(full) == len(head):
         raise BadParameter(f"the answer {answer!r} does not extend the prompt's tokens")
     return full[len(head)]
-
-
-@torch.no_grad()
-def greedy_generate(model, inputs: list, max_new_tokens: int = 10, eos_token_id: int = None,
-                    batch_size: int = 16) -> list:
-    """Greedy answers (lists of new token ids) to prompts given as embeddings (1, T_i, d) each.
-
-    Prompts are left-padded into batches with position ids counted from each prompt's first real token,
-    so a batched answer equals the answer to the prompt alone; generation stops at ``eos_token_id``.
-    """
-    from transformers import DynamicCache
-
-    out = []
-    embed = model.get_input_embeddings()
-    for b in range(0, len(inputs), batch_size):
-        rows = [x[0] for x in inputs[b:b + batch_size]]
-        width = max(len(r) for r in rows)
-        x = torch.stack([torch.cat([r.new_zeros(width - len(r), r.shape[-1]), r]) for r in rows])
-        mask = torch.stack([torch.arange(width, device=x.device) >= width - len(r) for r in rows]).long()
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache, done, new = DynamicCache(), torch.zeros(len(rows), dtype=torch.bool, device=x.device), []
-        for _ in range(max_new_tokens):
-            logits = model(inputs_embeds=x, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                           use_cache=True).logits[:, -1]
-            token = logits.argmax(-1)
-            new.append(token)
-            if eos_token_id is not None:
-                done |= token == eos_token_id
-                if bool(done.all()):
-                    break
-            x, pos = embed(token)[:, None], pos[:, -1:] + 1
-            mask = torch.cat([mask, mask.new_ones(len(rows), 1)], 1)
-        tokens = torch.stack(new, 1).tolist()
-        for row in tokens:
-            out.append(row[:row.index(eos_token_id)] if eos_token_id in row else row)
-    return out
 
 
 @dataclass(frozen=True)
