@@ -201,3 +201,41 @@ def test_answer_metrics():
     assert not at.attribution_correct([(2, 0.9), (0, 0.1)], 0)
     assert at.attribution_correct([2, 0], 0, k=2)
     assert at.sentence_f1([(1, 0.5), (3, 0.2)], [1, 2]) == pytest.approx(0.5)
+
+
+def test_quotes_map_to_the_sentence_of_highest_token_f1():
+    sentences = ["Zor blat is in Paris.", "Mek dul owns Acme.", "Zor blat attracts many visitors."]
+    assert at.token_f1("the Eiffel tower", "Eiffel Tower!") == 1.0 and at.token_f1("a b", "c") == 0.0
+    assert at.token_f1("zor blat is in rome", "zor blat is in paris") == pytest.approx(2 * 4 / 10)
+    assert at.quoted_sentence("\"zor blat is located in paris\"", sentences)[0][0] == 0
+    assert at.quoted_sentence("Acme is owned by mek dul", sentences)[0][0] == 1
+    assert [s for s, _ in at.quoted_sentence("nothing matches", sentences)] == [0, 1, 2]  # ties keep order
+
+
+def test_self_attribution_replies_are_split_at_the_evidence_marker():
+    assert at.split_self_attribution("Answer: Paris Evidence: Zor blat is in Paris.") == ("Paris", "Zor blat is in Paris.")
+    assert at.split_self_attribution("Paris\nevidence : It is in Paris.") == ("Paris", "It is in Paris.")
+    assert at.split_self_attribution("Paris, because it is in Paris.") == ("Paris, because it is in Paris.",) * 2
+
+
+def test_prompted_baselines_rank_the_quoted_sentence(monkeypatch):
+    sentences = ["Zor blat is in Paris.", "Mek dul owns Acme."]
+    replies = iter([["Answer: Acme Evidence: Mek dul owns Acme."], ["The sentence is: zor blat is in paris"]])
+    monkeypatch.setattr(at, "greedy_generate", lambda *a, **k: [at.Generation([], t) for t in next(replies)])
+    (answer, ranking), = at.self_attribution(None, None, ["prompt"], [sentences])
+    assert answer == "Acme" and ranking[0][0] == 1
+    assert at.iterative_attribution(None, None, ["prompt"], [sentences])[0][0][0] == 0
+
+
+def test_sentence_embeddings_ignore_padding_and_rank_the_answer_sentence_first(tok):
+    from transformers import MPNetConfig, MPNetModel
+    torch.manual_seed(0)
+    enc = MPNetModel(MPNetConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                 intermediate_size=32, max_position_embeddings=64, pad_token_id=tok.pad_token_id)).eval()
+    texts = ["zor blat is in paris .", "mek dul owns acme .", "paris"]
+    batch = at.embed_sentences(enc, tok, texts)
+    alone = torch.cat([at.embed_sentences(enc, tok, [t]) for t in texts])
+    assert batch.shape == (3, 16) and torch.allclose(batch.norm(dim=-1), torch.ones(3), atol=1e-6)
+    assert torch.allclose(batch, alone, atol=1e-5)
+    ranking = at.similarity_attrib(enc, tok, ["mek dul owns acme .", "paris", "zor blat is in paris ."], "paris")
+    assert ranking[0][0] == 1 and ranking[0][1] == pytest.approx(1.0, abs=1e-5)

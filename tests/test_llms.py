@@ -143,6 +143,21 @@ def test_qa_prompt_context_span(template, ends):
         assert prompt.startswith(llms.QA_INSTRUCTION + " USER: Context: ")
 
 
+@pytest.mark.parametrize("template", [llms.VICUNA_CHAT_TEMPLATE, LLAMA3_TEMPLATE, NO_SYSTEM_TEMPLATE, None])
+def test_attribution_prompts_keep_their_instruction_context_and_answer(template):
+    tok = _toy_tokenizer(template)
+    self_attr = llms.self_attribution_prompt(tok, CONTEXT, QUESTION)
+    assert llms.SELF_ATTRIBUTION_INSTRUCTION in self_attr and f"Context: {CONTEXT}\nQuestion: {QUESTION}" in self_attr
+    evidence = llms.evidence_prompt(tok, CONTEXT, QUESTION, "New York")
+    assert llms.EVIDENCE_INSTRUCTION in evidence and evidence.index(CONTEXT) < evidence.index("Answer: New York")
+
+
+def test_offline_sentence_encoder_names_the_download(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ResourceUnavailable, match="hf download sentence-transformers/all-mpnet-base-v2"):
+        llms.load_sentence_encoder("cpu", cache_dir=tmp_path)
+
+
 def test_one_bos_whether_the_tokenizer_or_the_template_writes_it():
     from tokenizers import processors
     tok = _toy_tokenizer(llms.VICUNA_CHAT_TEMPLATE)

@@ -501,6 +501,77 @@ def tfidf_attrib(context_sentences, question: str, answer_text: str) -> Ranking:
     return _sorted({i: float(v) for i, v in enumerate(sims)})
 
 
+def token_f1(a: str, b: str) -> float:
+    """SQuAD token F1 between two texts after ``normalize_answer``."""
+    x, y = normalize_answer(a).split(), normalize_answer(b).split()
+    common = sum(min(x.count(w), y.count(w)) for w in set(x))
+    return 0.0 if common == 0 else 2 * common / (len(x) + len(y))
+
+
+def quoted_sentence(quote: str, context_sentences) -> Ranking:
+    """Rank the sentences by token F1 with a free-form quote (how a prompted baseline's citation is
+    mapped to the context, §8.4.2). Ties keep sentence order."""
+    return _sorted({i: token_f1(quote, s) for i, s in enumerate(context_sentences)})
+
+
+_EVIDENCE = re.compile(r"\bevidence\s*:", re.IGNORECASE)
+_ANSWER = re.compile(r"^\s*answer\s*:", re.IGNORECASE)
+
+
+def split_self_attribution(reply: str) -> tuple[str, str]:
+    """(answer, evidence) of a reply in the form "Answer: ... Evidence: ..."; without the marker the
+    whole reply serves as both (small models often skip the format)."""
+    parts = _EVIDENCE.split(reply, maxsplit=1)
+    answer = _ANSWER.sub("", parts[0]).strip()
+    return (answer, parts[1].strip()) if len(parts) == 2 else (answer, reply.strip())
+
+
+def self_attribution(model, tokenizer, prompts, context_sentences, max_new_tokens: int = 96, batch_size: int = 16,
+                     add_special_tokens: bool = True, progress: bool = False) -> list:
+    """Self-Attribution baseline: one prompt asks for the answer and a quoted supporting sentence
+    (``llms.self_attribution_prompt``). prompts: N strings; context_sentences: N lists of sentences.
+    Returns N (answer text, Ranking of the sentences by token F1 with the quote)."""
+    gens = greedy_generate(model, tokenizer, prompts, max_new_tokens, stop_on_newline=False, batch_size=batch_size,
+                           add_special_tokens=add_special_tokens, progress=progress)
+    out = []
+    for g, sentences in zip(gens, context_sentences):
+        answer, evidence = split_self_attribution(g.text)
+        out.append((answer, quoted_sentence(evidence, sentences)))
+    return out
+
+
+def iterative_attribution(model, tokenizer, prompts, context_sentences, max_new_tokens: int = 64,
+                          batch_size: int = 16, add_special_tokens: bool = True, progress: bool = False) -> list:
+    """Iterative Prompting baseline: the answer is generated first; ``prompts`` (N strings) already
+    hold it and ask which context sentence supports it (``llms.evidence_prompt``). Returns N Rankings
+    of the sentences by token F1 with the generated quote."""
+    gens = greedy_generate(model, tokenizer, prompts, max_new_tokens, stop_on_newline=False, batch_size=batch_size,
+                           add_special_tokens=add_special_tokens, progress=progress)
+    return [quoted_sentence(g.text, sentences) for g, sentences in zip(gens, context_sentences)]
+
+
+@torch.no_grad()
+def embed_sentences(encoder, tokenizer, texts, batch_size: int = 64, max_length: int = 384) -> torch.Tensor:
+    """(N, d) unit-norm sentence embeddings: the encoder's last hidden states mean-pooled over the
+    non-padding tokens, then L2-normalised (sentence-transformers' all-mpnet-base-v2 recipe)."""
+    out = []
+    device = _device(encoder)
+    for i in range(0, len(texts), batch_size):
+        batch = tokenizer(list(texts[i:i + batch_size]), padding=True, truncation=True, max_length=max_length,
+                          return_tensors="pt").to(device)
+        h = encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state.float()
+        mask = batch["attention_mask"][..., None].to(h.dtype)
+        out.append(torch.nn.functional.normalize((h * mask).sum(1) / mask.sum(1).clamp(min=1), dim=-1).cpu())
+    return torch.cat(out)
+
+
+def similarity_attrib(encoder, tokenizer, context_sentences, answer_text: str) -> Ranking:
+    """Sentence-similarity baseline: cosine between the generated answer's embedding and each
+    sentence's (``embed_sentences``); the dissertation's encoder is all-mpnet-base-v2."""
+    emb = embed_sentences(encoder, tokenizer, [answer_text] + list(context_sentences))
+    return _sorted({i: float(v) for i, v in enumerate(emb[1:] @ emb[0])})
+
+
 def random_attrib(n_sentences: int, rng) -> Ranking:
     """Baseline: a uniformly random order (rng: numpy Generator or seed); scores are 1/rank."""
     rng = np.random.default_rng(rng)

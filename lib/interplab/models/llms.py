@@ -10,6 +10,7 @@
     paper_config()       their real architecture configs, written here as facts (no download), and
     reduced_config()     a same-structure miniature (same head / kv-head counts and module names, 2 layers,
     random_model()       tiny widths) for tests of hooks and module paths.
+    load_sentence_encoder()  all-mpnet-base-v2, the sentence-similarity baseline of §8.4.2 (hub/cache).
     qa_prompt()          the Chapter 8 prompt (spec 2.2) through the model's chat template, with the char span
                          of the context inside it; ``encode()`` tokenises such prompts (BOS handled once).
 
@@ -96,6 +97,22 @@ def closed_book_prompt(tokenizer, question: str, instruction: str = CLOSED_BOOK_
                        answer_prefix: str = "") -> str:
     """The question without context (does the model know the fact?)."""
     return _render(tokenizer, instruction, f"Question: {question}") + answer_prefix
+
+
+# §8.4.2's prompted attribution baselines (the dissertation does not print its prompts; these are ours)
+SELF_ATTRIBUTION_INSTRUCTION = ("Answer the question based on the context, then quote the one sentence of the context "
+                                "that supports your answer. Reply as: Answer: <short answer> Evidence: <quoted sentence>")
+EVIDENCE_INSTRUCTION = "Quote the one sentence of the context that supports the answer. Reply with the sentence only."
+
+
+def self_attribution_prompt(tokenizer, context: str, question: str) -> str:
+    """Self-Attribution: the answer and its supporting sentence from one prompt (Gao et al. 2023)."""
+    return _render(tokenizer, SELF_ATTRIBUTION_INSTRUCTION, f"Context: {context}\nQuestion: {question}")
+
+
+def evidence_prompt(tokenizer, context: str, question: str, answer: str) -> str:
+    """Iterative Prompting's second turn: which context sentence supports an answer already generated."""
+    return _render(tokenizer, EVIDENCE_INSTRUCTION, f"Context: {context}\nQuestion: {question}\nAnswer: {answer}")
 
 
 def add_special_tokens(tokenizer, prompt: str) -> bool:
@@ -241,7 +258,7 @@ def smollm2(dtype: torch.dtype = torch.float32, device: str | torch.device = "cp
 class LLMSpec:
     name: str
     hub_id: str
-    family: str            # "llama" (LlamaForCausalLM) or "phi3" (Phi3ForCausalLM)
+    family: str            # "llama" (LlamaForCausalLM), "phi3" (Phi3ForCausalLM); "mpnet" the sentence encoder
     arch: dict             # config.json facts of the released checkpoint
     size: str              # bf16 weight size, for the download hint
     gated: bool = False
@@ -416,3 +433,19 @@ def load_paper_llm(name: str, device: str | torch.device = "cuda", dtype: torch.
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
     return model.eval(), tok
+
+
+SENTENCE_ENCODER = LLMSpec("all-mpnet-base-v2", "sentence-transformers/all-mpnet-base-v2", "mpnet", {}, "0.4 GB")
+
+
+def load_sentence_encoder(device: str | torch.device = "cuda", cache_dir: str | Path | None = None):
+    """all-mpnet-base-v2 (§8.4.2's sentence-similarity baseline) -> (MPNetModel, tokenizer), from the HF
+    cache or the hub; pool with ``attribution.embed_sentences`` (mean over tokens, L2-normalised, as its
+    sentence-transformers config does)."""
+    from transformers import AutoModel, AutoTokenizer
+
+    def load(cache):
+        tok = AutoTokenizer.from_pretrained(SENTENCE_ENCODER.hub_id, cache_dir=cache)
+        return AutoModel.from_pretrained(SENTENCE_ENCODER.hub_id, cache_dir=cache).to(device).eval(), tok
+
+    return from_hub(SENTENCE_ENCODER, load, cache_dir)
