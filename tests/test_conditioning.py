@@ -1,8 +1,9 @@
-"""interplab.conditioning: diffusion scores, CLP / WiCLP, SWITCH-OFF on the zoo's t2i architecture."""
+"""interplab.conditioning and interplab.guidance: diffusion scores, CLP / WiCLP, SWITCH-OFF, Composable Diffusion and
+Attend-and-Excite on the zoo's t2i architecture."""
 import pytest
 import torch
 
-from interplab import anatomy, conditioning
+from interplab import anatomy, conditioning, guidance
 from interplab.errors import BadParameter
 
 
@@ -303,3 +304,61 @@ def test_fit_text_encoder_trains_a_copy_of_the_chosen_blocks_and_leaves_the_pipe
     encode2, _ = conditioning.fit_text_encoder(pipe, prompts, latents, last_layers=1, transform=proj, steps=2,
                                                lr=1e-2, batch_size=4, progress=False)
     assert not torch.equal(proj.linear.weight[:, c.shape[-1]:2 * c.shape[-1]], torch.eye(c.shape[-1]))  # trained jointly
+
+
+def test_composed_splits_conjuncts_and_pads_with_the_unconditional_conditioning():
+    pipe = _toy()
+    prompts = ["a red circle and a blue square", "a green star"]
+    cond = conditioning.composed(pipe, prompts)
+    assert cond.shape == (2, 2, *pipe.encode(["a"]).shape[1:])
+    assert torch.allclose(cond[0], pipe.encode(["a red circle", "a blue square"]), atol=1e-6)
+    assert torch.allclose(cond[1, 0], pipe.encode(["a green star"])[0], atol=1e-6)
+    assert torch.allclose(cond[1, 1], pipe.uncond_conditioning()[0], atol=1e-6)
+    # the padded row samples as its one conjunct alone (the padding's guidance term is zero)
+    alone = pipe.sample(pipe.encode(["a green star"]), seed=0, steps=2, noise=pipe.draw_noise(2, 0)[1:])
+    padded = pipe.sample(cond[1:], seed=0, steps=2, noise=pipe.draw_noise(2, 0)[1:])
+    assert torch.allclose(alone, padded, atol=1e-5)
+    with pytest.raises(BadParameter):
+        conditioning.composed(pipe, ["a red circle and "])
+
+
+# ---------------------------------------------------------------- Attend-and-Excite (interplab.guidance)
+
+
+def test_excite_loss_is_zero_when_every_subject_owns_a_pixel_and_high_when_one_is_neglected():
+    # 4 pixels, tokens: BOS, w1, w2, w3, EOS; subjects at 1 and 3
+    owned = torch.zeros(1, 4, 5)
+    owned[0, 0, 1] = owned[0, 1, 3] = 1.0            # pixel 0 reads w1 only, pixel 1 reads w3 only
+    owned[0, 2:, 2] = 1.0
+    neglected = owned.clone()
+    neglected[0, 1] = 0.0
+    neglected[0, 1, 2] = 1.0                         # nobody reads w3 any more
+    loss = guidance.excite_loss(torch.cat([owned, neglected]), torch.tensor([[1, 3], [1, 3]]), torch.tensor([4, 4]))
+    centre = (1 / (1 + 2 * torch.exp(torch.tensor(-2.0)))) ** 2   # a lone peak keeps the 3 x 3 Gaussian's centre weight
+    assert loss[0] == pytest.approx(1 - float(centre), abs=2e-3) and loss[1] > 0.99
+    # BOS and EOS never compete: all mass on them leaves the text tokens uniform
+    bos_eos = torch.zeros(1, 4, 5)
+    bos_eos[0, :, 0] = bos_eos[0, :, 4] = 0.5
+    assert guidance.excite_loss(bos_eos, torch.tensor([[1, 3]]), torch.tensor([4])) == pytest.approx(2 / 3, abs=1e-5)
+
+
+def test_a_gradient_step_on_the_latents_lowers_the_excite_loss():
+    pipe = _toy()
+    cond = pipe.encode(["a red circle and a blue square"])
+    x = pipe.draw_noise(1, 0).requires_grad_(True)
+    args = (pipe, x, torch.tensor(500), cond, [[3, 7]], [8], [2, 4, 5])
+    before = guidance.excite_loss_at(*args)
+    (grad,) = torch.autograd.grad(before.sum(), x)
+    after = guidance.excite_loss_at(pipe, x.detach() - 1e-2 * grad / grad.norm(), *args[2:])
+    assert after < before
+
+
+def test_attend_and_excite_only_moves_the_first_steps_and_checks_its_positions():
+    pipe = _toy()
+    cond = pipe.encode(["a red circle and a blue square", "a blue ring and a red star"])
+    plain = pipe.sample(cond, seed=0, steps=2)
+    kw = dict(subjects=[[3, 7]] * 2, eos=[8] * 2, layers=[2, 4, 5], seed=0, steps=2)
+    assert torch.allclose(guidance.attend_and_excite(pipe, cond, alter_share=0.0, **kw), plain, atol=1e-6)
+    assert not torch.allclose(guidance.attend_and_excite(pipe, cond, scale=1e3, **kw), plain, atol=1e-4)
+    with pytest.raises(BadParameter):
+        guidance.attend_and_excite(pipe, cond, **{**kw, "subjects": [[3, 8]] * 2})

@@ -4,6 +4,7 @@ import torch
 
 from interplab import anatomy, tracing
 from interplab.models import tiny_random
+from interplab.errors import BadParameter
 from interplab.models.diffusion import SD_TEXT, random_sd
 
 
@@ -31,6 +32,20 @@ def test_stable_diffusion_samples_decodes_and_traces_with_random_weights():
     out = tracing.trace_unet_layers(pipe, cond[:1], cond[1:], [layers[1], layers[28]], steps=2)
     assert out.shape == (4, 3, 8, 8)
     assert not torch.equal(out[2], out[1]) and torch.allclose(out[:2], tracing.sample_rows(pipe, cond, steps=2), atol=1e-5)
+
+
+def test_composed_conditionings_are_a_sum_of_guidance_terms():
+    pipe = _tiny_sd()
+    cond = pipe.encode(["a red star", "a blue ring"])
+    plain = pipe.sample(cond, seed=0, steps=2, guidance=3.0)
+    assert torch.allclose(pipe.sample(cond[:, None], seed=0, steps=2, guidance=3.0), plain, atol=1e-5)  # K = 1: CFG
+    # the same part twice is CFG at twice the guidance: eps_u + g (2 eps_c - 2 eps_u)
+    twice = pipe.sample(torch.stack([cond, cond], 1), seed=0, steps=2, guidance=1.5)
+    assert torch.allclose(twice, plain, atol=1e-5)
+    both = pipe.sample(torch.stack([cond, cond.flip(0)], 1), seed=0, steps=2, guidance=3.0)
+    assert not torch.allclose(both, plain, atol=1e-3)
+    with pytest.raises(BadParameter):
+        pipe.sample(torch.stack([cond, cond], 1), steps=2, switch=(500, cond))
 
 
 def _small_sdxl():

@@ -12,6 +12,8 @@
     SWITCH-OFF                             ``pipe.sample(c, switch=(tau, c_late))``: the projected conditioning
                                            at noisy steps (t >= tau) only
     cross_attention_maps(pipe, cond, layer)   what each pixel of a cross-attention layer reads (Fig 9.8)
+    composed(pipe, prompts)                Composable Diffusion's AND (Table 9.2's baseline): one conditioning
+                                           per conjunct, (N, K, T, d), for ``pipe.sample``
 
     altered_cross_attention(unet, plan, alt)   LocoGen's altered model (§5.8.1): the cross-attention
                                            layers of ``plan`` read ``alt`` in the conditional rows
@@ -217,6 +219,33 @@ class WindowProjection(nn.Module):
         return self.linear(self.window(c))
 
 
+def composed(pipe, prompts, sep: str = " and ") -> torch.Tensor:
+    """Composable Diffusion's conjunction (Liu et al. 2022; Table 9.2's "Composable"): each prompt split at
+    ``sep`` into its K conjuncts, one conditioning each, (N, K, T, d) for ``pipe.sample`` (which then
+    guides with ``sum_k (eps_k - eps_u)``). Prompts with fewer conjuncts than the longest are padded with
+    the unconditional conditioning, whose guidance term is zero."""
+    parts = [[p.strip() for p in prompt.split(sep)] for prompt in prompts]
+    k = max(len(p) for p in parts)
+    if any(not all(p) for p in parts):
+        raise BadParameter(f"an empty conjunct in {prompts!r}")
+    cond = pipe.encode([p for row in parts for p in row])
+    uncond = pipe.uncond_conditioning().to(cond)
+    out, i = [], 0
+    for row in parts:
+        out.append(torch.cat([cond[i:i + len(row)], uncond.expand(k - len(row), -1, -1)]))
+        i += len(row)
+    return torch.stack(out)
+
+
+def attention_probs(module, x: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+    """(N, HW, T): a diffusers cross-attention module's weights, averaged over heads, recomputed from its
+    own q / k projections for pixels x (N, HW, c) and tokens ctx (N, T, d) (differentiable in both)."""
+    heads = module.heads
+    q = module.to_q(x).unflatten(-1, (heads, -1)).transpose(1, 2)   # (N, heads, HW, dh)
+    k = module.to_k(ctx).unflatten(-1, (heads, -1)).transpose(1, 2)  # (N, heads, T, dh)
+    return (q @ k.transpose(-1, -2) * module.scale).softmax(-1).mean(1)
+
+
 def cross_attention_maps(pipe, cond: torch.Tensor, layer, seed: int = 0, **sampler) -> tuple:
     """(maps (N, T, h, w), images (N, 3, H, W)): how much each pixel of cross-attention ``layer``
     (index or path, or a list of them at one resolution: averaged) attends to each text token while
@@ -230,11 +259,7 @@ def cross_attention_maps(pipe, cond: torch.Tensor, layer, seed: int = 0, **sampl
         def record(module, args, kwargs):
             x, ctx = (args[0] if args else kwargs["hidden_states"]), kwargs["encoder_hidden_states"]
             n = x.shape[0] // 2
-            x, ctx = x[n:], ctx[n:]                                        # the conditional rows
-            heads = module.heads
-            q = module.to_q(x).unflatten(-1, (heads, -1)).transpose(1, 2)   # (N, heads, HW, dh)
-            k = module.to_k(ctx).unflatten(-1, (heads, -1)).transpose(1, 2)  # (N, heads, T, dh)
-            probs = (q @ k.transpose(-1, -2) * module.scale).softmax(-1).mean(1)  # (N, HW, T)
+            probs = attention_probs(module, x[n:], ctx[n:])                # the conditional rows
             total, calls = totals.get(path, (0, 0))
             totals[path] = (total + probs, calls + 1)
         return record

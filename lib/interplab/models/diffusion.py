@@ -73,7 +73,8 @@ class Text2Image:
     @torch.no_grad()
     def sample(self, cond: torch.Tensor, seed: int = 0, steps: int = None, guidance: float = None,
                uncond: torch.Tensor | None = None, batch_size: int = 256, noise: torch.Tensor | None = None,
-               eta: float = None, switch: tuple | None = None, added: dict | None = None) -> torch.Tensor:
+               eta: float = None, switch: tuple | None = None, added: dict | None = None,
+               latent_update=None) -> torch.Tensor:
         """Images (N, 3, H, W) in [0, 1] for conditionings (N, T, d): DDIM with CFG
         ``eps_u + guidance (eps_c - eps_u)`` (diffusers' form; Eq. 5.3's alpha = guidance - 1).
 
@@ -86,8 +87,14 @@ class Text2Image:
         below timestep tau condition on ``late`` (N, T, d) instead (SWITCH-OFF, §9.2.5).
         ``added``: the UNet's extra conditioning of the conditional rows, {name: (N or 1, ...)}
         (SD-XL's pooled text embedding and time ids, ``added_conditions``); the unconditional rows
-        get ``uncond_added``'s.
+        get ``uncond_added``'s. cond (N, K, T, d): K conditionings per image composed with Composable
+        Diffusion's AND (Liu et al. 2022), ``eps_u + guidance * sum_k (eps_k - eps_u)``; K = 1 is CFG.
+        ``latent_update(x, t, k, rows) -> x``: moves the latents of rows ``rows`` (a slice of cond)
+        before step k (Attend-and-Excite, ``guidance.attend_and_excite``).
         """
+        composed = cond.dim() == 4
+        if composed and (switch is not None or added is not None):
+            raise BadParameter("composed conditionings (N, K, T, d) take neither switch nor added conditioning")
         if added is None and self.needs_added:
             raise BadParameter(f"{type(self).__name__} conditions its UNet on pooled text too: pass "
                                "added=pipe.added_conditions(prompts) (generate does)")
@@ -122,13 +129,18 @@ class Text2Image:
                 a = {k: v.to(self.device, dtype) for k, v in a.items()}
                 a_u = self.uncond_added(a)
                 extra["added_cond_kwargs"] = {k: torch.cat([a_u[k], a[k]]) for k in a}
+            parts = c.shape[1] if composed else 1
             for k, t in enumerate(sched.timesteps):
+                if latent_update is not None:
+                    x = latent_update(x, t, k, slice(i, i + len(c)))
                 c_t = late[i:i + batch_size] if late is not None and t < tau else c
-                out_t = self.unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([u, c_t]), **extra).sample
+                x_in = torch.cat([x, x.repeat_interleave(parts, 0)])
+                out_t = self.unet(x_in, t, encoder_hidden_states=torch.cat([u, c_t.flatten(0, 1) if composed else c_t]),
+                                  **extra).sample
                 eps = self.noise_prediction(out_t)
-                e_u, e_c = eps.chunk(2)
+                e_u, e_c = eps[:len(x)], eps[len(x):].unflatten(0, (len(x), parts))
                 z = step_noise[k][i:i + batch_size].to(x) if eta else None
-                x = sched.step(e_u + guidance * (e_c - e_u), t, x, eta=eta, variance_noise=z).prev_sample
+                x = sched.step(e_u + guidance * (e_c - e_u[:, None]).sum(1), t, x, eta=eta, variance_noise=z).prev_sample
             out.append(self.decode(x).float().cpu())
         return torch.cat(out)
 
