@@ -1,5 +1,5 @@
-"""Chapter 6 paper profile: LLaVA-1.5 configs as facts, a reduced random LLaVA-1.5 with the real module tree
-and 576-token image geometry, the Phi ("Bunny" LM) anatomy family, the prompt and the offline errors."""
+"""Chapter 6 paper profile: LLaVA-1.5 and Bunny-v1.0-3B configs as facts, reduced random builds with the real module
+trees and image geometry (576 / 729 tokens), Bunny's checkpoint names, the prompts and the offline errors."""
 import pytest
 import torch
 
@@ -49,11 +49,77 @@ def test_paper_config_parameter_count(name, billions):
     assert abs(n - billions) / billions < 0.005, n
 
 
-def test_bunny_has_no_llava_config():
-    with pytest.raises(BadParameter, match="load_paper_bunny"):
-        llava.paper_config("bunny")
+def test_unknown_model_names_the_known_ones():
     with pytest.raises(BadParameter, match="unknown Chapter 6 model"):
         llava.reduced_config("llava-2")
+
+
+def test_bunny_config_facts_and_size():
+    """Bunny-v1.0-3B as a LLaVA: SigLIP-SO400M-384 read at layer -2 with all 729 patches, Phi-2 (2.78 B)."""
+    from transformers import LlavaForConditionalGeneration
+    c = llava.paper_config("BAAI/Bunny-v1_0-3B")
+    t, v = c.text_config, c.vision_config
+    assert (t.model_type, t.num_hidden_layers, t.hidden_size, t.intermediate_size, t.vocab_size) == ("phi", 32, 2560, 10240, 51200)
+    assert t.rope_parameters["partial_rotary_factor"] == 0.4 and t.hidden_act == "gelu_new"
+    assert (v.model_type, v.image_size, v.patch_size, v.hidden_size, v.num_hidden_layers) == ("siglip_vision_model", 384, 14, 1152, 27)
+    assert llava.n_image_tokens(c) == 729 == c.image_seq_length and c.vision_feature_select_strategy == "full"
+    with torch.device("meta"):
+        m = LlavaForConditionalGeneration(c)
+    lm = sum(p.numel() for n, p in m.named_parameters() if n.startswith(("model.language_model.", "lm_head.")))
+    assert abs(lm - 2.7797e9) / 2.7797e9 < 0.005, lm     # Phi-2's 2,779,683,840
+    proj = sum(p.numel() for n, p in m.named_parameters() if "multi_modal_projector" in n)
+    assert proj == 1152 * 2560 + 2560 + 2560 * 2560 + 2560   # "mlp2x_gelu"
+
+
+def _as_bunny_checkpoint(state: dict) -> dict:
+    """Our LLaVA-layout tensors under the names Bunny's remote code stores (written out independently of
+    llava.BUNNY_RENAMES): model.{embed_tokens,layers,final_layernorm}, model.mm_projector.{0,2},
+    model.vision_tower.vision_tower.vision_model.*, lm_head."""
+    out = {}
+    for k, v in state.items():
+        if k.startswith("model.language_model."):
+            out["model." + k[len("model.language_model."):]] = v
+        elif k.startswith("model.multi_modal_projector.linear_"):
+            i = {"1": "0", "2": "2"}[k[len("model.multi_modal_projector.linear_")]]
+            out[f"model.mm_projector.{i}." + k.rsplit(".", 1)[1]] = v
+        elif k.startswith("model.vision_tower."):
+            rest = k[len("model.vision_tower."):]
+            out["model.vision_tower.vision_tower.vision_model." + rest.removeprefix("vision_model.")] = v
+        else:
+            out[k] = v
+    return out
+
+
+def test_bunny_checkpoint_names_load_into_the_llava_layout():
+    bunny = llava.random_model("bunny", seed=0)
+    state = bunny.state_dict()
+    assert any(k.startswith("model.language_model.layers.0.mlp.fc2") for k in state)
+    converted = llava.bunny_state_dict(_as_bunny_checkpoint(state), state.keys())
+    assert converted.keys() == state.keys() and all(torch.equal(converted[k], state[k]) for k in state)
+    fresh = llava.random_model("bunny", seed=1)
+    fresh.load_state_dict(converted, strict=True)
+    with pytest.raises(BadParameter, match="no place"):
+        llava.bunny_state_dict({"vision_resampler.weight": torch.zeros(1)}, state.keys())
+
+
+def test_bunny_prompt_splices_729_patches_and_the_phi_anatomy_resolves():
+    import numpy as np
+    from PIL import Image
+    bunny = llava.random_model("bunny", seed=0)
+    tok = _word_tokenizer()
+    bunny.config.image_token_index = tok.convert_tokens_to_ids("<image>")
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 400, 3), dtype=np.uint8))
+    pixels = llava.BunnyImageProcessor()(image)["pixel_values"]
+    assert pixels.shape == (1, 3, 384, 384)
+    assert llava.BunnyImageProcessor.pad_to_square(image).size == (400, 400)
+    prompt = llava.paper_prompt("which city ?", template=llava.prompt_template(bunny))
+    assert prompt.startswith("A chat between") and prompt.endswith("USER: <image>\nwhich city ? ASSISTANT:")
+    emb = llava.paper_inputs(bunny, tok, llava.BunnyImageProcessor(), "which city ?", image)["inputs_embeds"]
+    n_text = len(tok(prompt)["input_ids"]) - 1
+    assert emb.shape == (1, n_text + 729, bunny.config.text_config.hidden_size)
+    assert anatomy.resolve(bunny, "language_model.layer[1].mlp.neurons").path == "model.language_model.layers.1.mlp.fc2"
+    assert anatomy.resolve(bunny, "language_model.layer[1].attn.out").path == "model.language_model.layers.1.self_attn.dense"
+    assert torch.isfinite(bunny(inputs_embeds=emb).logits).all()
 
 
 def test_reduced_model_keeps_the_module_tree(model):
@@ -234,3 +300,25 @@ def test_answer_token_is_the_answer_tokenised_after_the_prompt():
     tok = _word_tokenizer()
     prompt = llava.paper_prompt("which city ?")
     assert llava.answer_token(tok, prompt, "paris") == tok.convert_tokens_to_ids("paris")
+
+
+def test_load_paper_bunny_builds_from_a_bunny_snapshot(tmp_path, monkeypatch):
+    """The loader end to end on a fake snapshot: Bunny-named tensors of a reduced build in two shards, a tokenizer,
+    strict loading of every tensor, the "<image>" id written into the config."""
+    import huggingface_hub
+    from safetensors.torch import save_file
+    reduced = llava.reduced_config("bunny", n_layers=2)
+    source = llava.random_model("bunny", n_layers=2, seed=3)
+    tensors = {k: v.contiguous() for k, v in _as_bunny_checkpoint(source.state_dict()).items()}
+    names = sorted(tensors)
+    save_file({k: tensors[k] for k in names[:len(names) // 2]}, tmp_path / "model-00001-of-00002.safetensors")
+    save_file({k: tensors[k] for k in names[len(names) // 2:]}, tmp_path / "model-00002-of-00002.safetensors")
+    tok = _word_tokenizer()
+    tok.save_pretrained(tmp_path)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: str(tmp_path))
+    monkeypatch.setattr(llava, "from_hub", lambda spec, load, cache_dir=None: load(cache_dir))
+    model, processor = llava.load_paper_bunny(device="cpu", dtype=torch.float32, config=reduced)
+    assert model.config.image_token_index == processor.tokenizer.convert_tokens_to_ids("<image>")
+    loaded = model.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in source.state_dict().items())
+    assert isinstance(processor.image_processor, llava.BunnyImageProcessor)

@@ -284,3 +284,17 @@ def test_probe_facts_are_data():
     pools = qa_probes.pools()
     for f in qa_probes.FACTS:
         assert f.answer in pools[f.answer_type] and "{s}" not in f.question
+
+
+def test_phi2_is_the_language_model_of_multimodal_phi2():
+    """Chapter 6's text-only counterpart of Bunny-v1.0-3B: the same Phi-2 facts, a parallel block with fc2 biased."""
+    from interplab import anatomy
+    from interplab.models import llava
+    phi, bunny = llms.paper_config("phi-2"), llava.paper_config("bunny").text_config
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size",
+                "hidden_act", "rope_parameters"):
+        assert getattr(phi, key) == getattr(bunny, key), key
+    model = llms.random_model("phi-2", num_layers=2)
+    fc2 = model.get_submodule(anatomy.resolve(model, "layer[1].mlp.neurons").path)
+    assert fc2.bias is not None and anatomy.resolve(model, "layer[1].attn.out").path == "model.layers.1.self_attn.dense"
+    assert model(torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, 256)

@@ -197,6 +197,26 @@ def test_contributions_sum_to_the_attention_output_with_grouped_query_heads(tiny
         assert terms[l][:, 0, 68:].abs().max() == 0  # causal: query 67 reads no later token
 
 
+def test_contributions_of_phi_parallel_blocks_add_up_with_the_dense_bias():
+    """Multi-modal Phi-2 (reduced Bunny): v_proj and dense carry biases; the terms plus dense's bias are the output."""
+    from interplab.models import llava
+    model = llava.random_model("bunny", n_layers=2)
+    with torch.no_grad():   # initialised at zero: give every bias a value, or the check could not see one
+        for m in model.model.language_model.modules():
+            if isinstance(m, torch.nn.Linear) and m.bias is not None:
+                m.bias.normal_(0, 0.1)
+    embeds = torch.randn(1, 12, model.config.text_config.hidden_size) * 0.02
+    terms = attention.attention_contributions(model, [0, 1], [5, 11], tower="language_model", inputs_embeds=embeds)
+    paths = [anatomy.resolve(model, f"language_model.layer[{l}].attn").path for l in (0, 1)]
+    with torch.no_grad(), hooks.trace(model, paths) as seen:
+        model(inputs_embeds=embeds)
+    for l, path in zip((0, 1), paths):
+        bias = attention.output_bias(model, l, "language_model")
+        assert isinstance(bias, torch.Tensor) and bias.abs().max() > 0
+        torch.testing.assert_close(terms[l].sum(2) + bias, seen[path][:, [5, 11]], atol=1e-5, rtol=0)
+    assert attention.output_bias(llava.random_model(n_layers=1), 0, "language_model") == 0.0
+
+
 # ---------------------------------------------------------------- MULTEDIT
 
 

@@ -292,10 +292,13 @@ def attention_contributions(model: torch.nn.Module, layers, queries, tower: str 
 
     One eager forward of ``model(**inputs, output_attentions=True)`` (e.g. ``inputs_embeds=...``);
     the attention input u_j is read at the module's ``hidden_states`` (after the pre-norm), values
-    by the module's own ``v_proj``. Works for Llama-style modules (q/k/v/o_proj, GQA).
+    by the module's own ``v_proj`` (its bias included), the output projection found by anatomy
+    (Llama's ``o_proj``, Phi's ``dense``; GQA aware). Summed over T a layer's terms are the attention
+    output less the output projection's bias (``output_bias``).
     """
     prefix = f"{tower}." if tower else ""
     paths = {l: anatomy.resolve(model, f"{prefix}layer[{l}].attn").path for l in layers}
+    outs = {l: model.get_submodule(anatomy.resolve(model, f"{prefix}layer[{l}].attn.out").path) for l in layers}
     with hooks.trace(model, list(paths.values()), at="input:hidden_states") as seen:
         out = model(**inputs, output_attentions=True)
     idx = torch.as_tensor(queries).reshape(-1)
@@ -306,5 +309,13 @@ def attention_contributions(model: torch.nn.Module, layers, queries, tower: str 
         B, T, _ = u.shape
         values = attn.v_proj(u).view(B, T, -1, attn.head_dim)
         probs = out.attentions[l][:, :, idx]
-        result[l] = weighted_contributions(probs, values, attn.o_proj.weight)
+        result[l] = weighted_contributions(probs, values, outs[l].weight)
     return result
+
+
+def output_bias(model: torch.nn.Module, layer: int, tower: str = None):
+    """The bias (d,) of a layer's attention output projection (Phi's ``dense``), or 0.0 (Llama's ``o_proj``
+    has none): what ``attention_contributions``' terms add up to the attention output without."""
+    prefix = f"{tower}." if tower else ""
+    bias = model.get_submodule(anatomy.resolve(model, f"{prefix}layer[{layer}].attn.out").path).bias
+    return 0.0 if bias is None else bias.detach()

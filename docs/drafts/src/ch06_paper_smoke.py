@@ -3,7 +3,10 @@ result): a reduced random LLaVA-1.5 (the real module tree, vocabulary ids and 33
 llava.random_model) and a reduced random Vicuna stand in for the hub's weights, a word-level tokenizer with
 llava-hf's special ids for theirs, and a fake data/paper/ch06 of spec-2.2 records over noise JPEGs.
 
-    OMP_NUM_THREADS=2 INTERPLAB_OUT_ROOT=build/draft_paper python docs/drafts/src/ch06_paper_smoke.py
+    OMP_NUM_THREADS=2 INTERPLAB_OUT_ROOT=build/draft_paper python docs/drafts/src/ch06_paper_smoke.py [--bunny]
+
+``--bunny`` runs S6.b's branch instead: a reduced random Bunny-v1.0-3B (SigLIP 384 px, 729 visual tokens, Phi-2's
+parallel blocks) and a reduced random Phi-2.
 
 2026-12-05: end to end in 597 s on one thread (most of it Fig 6.3's full-sequence checks and Fig 11.7's noise
 traces over ~590-token prompts); random weights, so its numbers mean nothing.
@@ -89,12 +92,20 @@ def word_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
-def main():
+def random_bunny(tok, device="cpu"):
+    """A reduced random Bunny-v1.0-3B (SigLIP 384 px / 729 tokens, parallel Phi blocks) with the word tokenizer."""
+    model = llava.random_model("bunny", n_layers=4).to(device)
+    model.config.image_token_index = tok.convert_tokens_to_ids("<image>")
+    return model, SimpleNamespace(tokenizer=tok, image_processor=llava.BunnyImageProcessor())
+
+
+def main(bunny: bool = False):
     from transformers import CLIPImageProcessor
     tok = word_tokenizer()
     processor = SimpleNamespace(tokenizer=tok, image_processor=CLIPImageProcessor(
         size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}))
     llava.load_paper_llava = lambda *a, device="cpu", **k: (llava.random_model(n_layers=4).to(device), processor)
+    llava.load_paper_bunny = lambda *a, device="cpu", **k: random_bunny(tok, device)
     llms.load_paper_llm = lambda name, device="cpu", dtype=torch.float32, **k: (
         llms.random_model(name, num_layers=4).to(device, dtype), tok)
     filtered = tracing.effective_pairs
@@ -108,8 +119,10 @@ def main():
         fake_data(Path(tmp))
         vqa.ROOT = Path(tmp)
         run_notebook(NOTEBOOK, dict(profile="paper", device="cpu", n_probe=4, n_multi=2, windows=[1, 3], tau_clean=0.0,
-                                    n_noise=1, n_noise_questions=2, n_specificity=4, edit_steps=2, n_ft=1))
+                                    n_noise=1, n_noise_questions=2, n_specificity=4, edit_steps=2, n_ft=1,
+                                    mllm="bunny" if bunny else "llava-1.5-7b"))
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+    main(bunny="--bunny" in sys.argv)

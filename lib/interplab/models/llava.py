@@ -23,7 +23,7 @@ import torch
 
 from .. import anatomy
 from ..errors import BadParameter
-from .llms import from_hub
+from .llms import PHI_2, from_hub
 
 
 def _module(model, name: str):
@@ -54,26 +54,34 @@ def language_logits(model, embeds: torch.Tensor, attention_mask: torch.Tensor = 
 # ----------------------------------------------------------------------------------------------------------
 # the paper's MLLMs (spec sections 2.1 and 4): LLaVA-1.5 as config facts, reduced random builds, hub loaders
 #
-# Multi-modal Phi-2 (BAAI/Bunny-v1_0-3B) is remote code (model_type "bunny-phi"): a SigLIP-SO400M-384 tower
-# (729 visual tokens), an MLP projector and a Phi-2 LM whose blocks are *parallel*
-# (h + self_attn(ln(h)) + mlp(ln(h))), attention output projection ``self_attn.dense``, W_proj ``mlp.fc2``
-# (a Linear with bias), layers at ``model.layers``. Its classes live in ``transformers_modules``, so
-# anatomy does not detect them: resolve its names with ``family="phi"`` (load_paper_bunny checks that they
-# resolve). Its image placeholder is the id -200 spliced between the tokenised prompt halves (BUNNY_PROMPT),
-# and the remote code was written for transformers 4.x: under 5.x it may fail to import.
+# Multi-modal Phi-2 (BAAI/Bunny-v1_0-3B) ships as remote code (model_type "bunny-phi", written for
+# transformers 4.x). Its parts are all native transformers classes in LLaVA's arrangement: a SigLIP-SO400M-384
+# tower read at hidden_states[-2] with every one of its 729 patch tokens (SigLIP has no CLS), the projector
+# Linear(1152, 2560) -> GELU -> Linear(2560, 2560) ("mlp2x_gelu" = LLaVA's linear_1 / act / linear_2), and a
+# Phi-2 LM whose blocks are *parallel* (h + self_attn(ln(h)) + mlp(ln(h))), attention output projection
+# ``self_attn.dense``, W_proj ``mlp.fc2`` (a Linear with bias). So it is built here as a
+# LlavaForConditionalGeneration from config facts (``paper_config("bunny")``) and its checkpoint's tensors
+# are renamed into it (``bunny_state_dict``): no remote code, and every LLaVA function of this module
+# serves it. Its image placeholder (the id -200 between the separately tokenised prompt halves) becomes an
+# added "<image>" token (id 50295, a row of the padded 51200-row embedding that the visual features overwrite):
+# a fast tokenizer splits text at added tokens, so the halves are tokenised separately as Bunny does.
 
 PAPER_PROMPT = "USER: <image>\n{question} ASSISTANT:"
 TEXT_PROMPT = "USER: {question} ASSISTANT:"     # the text-only LLM (Vicuna-7B-v1.5), subject named
 SHORT_ANSWER = " Answer the question using a single word or phrase."
-BUNNY_PROMPT = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
-                "helpful, detailed, and polite answers to the user's questions. USER: <image>\n{question} ASSISTANT:")
-BUNNY_IMAGE_TOKEN = -200
 
 
-def paper_prompt(question: str, short: bool = False, image: bool = True) -> str:
-    """The llava-hf prompt (spec 2.3); ``short`` appends LLaVA-1.5's short-answer VQA instruction;
-    ``image=False`` gives the text-only LLM's prompt."""
-    return (PAPER_PROMPT if image else TEXT_PROMPT).format(question=question + (SHORT_ANSWER if short else ""))
+def prompt_template(model) -> str:
+    """The chat template of a paper MLLM: LLaVA-1.5's, or Bunny's (Vicuna-style with a system line) for a
+    LLaVA whose LM is Phi."""
+    text = getattr(getattr(model, "config", None), "text_config", None)
+    return PAPER_MLLMS["bunny-v1.0-3b"].template if getattr(text, "model_type", None) == "phi" else PAPER_PROMPT
+
+
+def paper_prompt(question: str, short: bool = False, image: bool = True, template: str = PAPER_PROMPT) -> str:
+    """The llava-hf prompt (spec 2.3; ``template`` = ``prompt_template(model)`` for Bunny); ``short`` appends
+    LLaVA-1.5's short-answer VQA instruction; ``image=False`` gives the text-only LLM's prompt."""
+    return (template if image else TEXT_PROMPT).format(question=question + (SHORT_ANSWER if short else ""))
 
 
 @torch.no_grad()
@@ -136,7 +144,8 @@ def paper_prompt_pair(model, tokenizer, image_processor, record: dict, image, an
     bad = [(*record["visual_constraint_span"], record["corruption"])]
     if record.get("text_constraint_span"):
         bad.append((*record["text_constraint_span"], record["text_corruption"]))
-    prompts = [paper_prompt(q, short, image is not None) for q in (question, swap_spans(question, bad))]
+    template = prompt_template(model)
+    prompts = [paper_prompt(q, short, image is not None, template) for q in (question, swap_spans(question, bad))]
     if image is not None:
         prompts = [_expand_image(model, p) for p in prompts]
     enc = tokenizer(prompts, return_offsets_mapping=True)
@@ -159,7 +168,8 @@ def paper_prompt_pair(model, tokenizer, image_processor, record: dict, image, an
 def paper_inputs(model, tokenizer, image_processor, question: str, image, short: bool = False) -> dict:
     """``{"inputs_embeds": (1, T, d)}`` of one clean prompt (paraphrases, specificity questions); the
     answer is predicted at position T - 1."""
-    ids = tokenizer(_expand_image(model, paper_prompt(question, short)), return_tensors="pt")["input_ids"]
+    ids = tokenizer(_expand_image(model, paper_prompt(question, short, template=prompt_template(model))),
+                    return_tensors="pt")["input_ids"]
     return {"inputs_embeds": inputs_embeds(model, ids.to(next(model.parameters()).device),
                                            _pixels(model, image_processor, image))}
 
@@ -179,12 +189,15 @@ class MLLMSpec:
     name: str
     hub_id: str
     size: str               # fp16 weight size, for the download hint
-    text: dict = field(default_factory=dict)    # LlamaConfig facts of the LM (empty: not written here)
-    vision: dict = field(default_factory=dict)  # CLIPVisionConfig facts of the tower
+    text: dict = field(default_factory=dict)    # config facts of the LM
+    vision: dict = field(default_factory=dict)  # config facts of the tower
     top: dict = field(default_factory=dict)     # LlavaConfig facts outside the two sub-configs
     gated: bool = False
     note: str = ""
     aliases: tuple = ()
+    lm_family: str = "llama"                    # "llama" (Vicuna) or "phi" (Phi-2)
+    tower: str = "clip"                         # "clip" (CLIPVisionConfig) or "siglip" (SiglipVisionConfig)
+    template: str = "USER: <image>\n{question} ASSISTANT:"
 
 
 CLIP_VIT_L14_336 = dict(image_size=336, patch_size=14, hidden_size=1024, num_hidden_layers=24,
@@ -198,6 +211,13 @@ _VICUNA_7B_V15 = dict(hidden_size=4096, num_hidden_layers=32, num_attention_head
                       rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
                       hidden_act="silu")
 
+SIGLIP_SO400M_384 = dict(image_size=384, patch_size=14, hidden_size=1152, num_hidden_layers=27,
+                         num_attention_heads=16, intermediate_size=4304, hidden_act="gelu_pytorch_tanh",
+                         layer_norm_eps=1e-6)
+BUNNY_IMAGE_ID = 50295   # the added "<image>" token: the first id after Phi-2's 50295 tokenizer entries
+BUNNY = dict(image_token_index=BUNNY_IMAGE_ID, image_seq_length=729, vision_feature_layer=-2,
+             vision_feature_select_strategy="full", projector_hidden_act="gelu", tie_word_embeddings=False)
+
 PAPER_MLLMS: dict[str, MLLMSpec] = {s.name: s for s in [
     MLLMSpec("llava-1.5-7b", "llava-hf/llava-1.5-7b-hf", "14 GB", _VICUNA_7B_V15, CLIP_VIT_L14_336, LLAVA_15,
              note="LM = Vicuna-7B-v1.5 with 64 extra vocabulary rows (<image> = 32000, <pad> = 32001)",
@@ -206,9 +226,13 @@ PAPER_MLLMS: dict[str, MLLMSpec] = {s.name: s for s in [
              {**_VICUNA_7B_V15, "hidden_size": 5120, "num_hidden_layers": 40, "num_attention_heads": 40,
               "num_key_value_heads": 40, "intermediate_size": 13824}, CLIP_VIT_L14_336, LLAVA_15,
              note="LM = Vicuna-13B-v1.5", aliases=("llava-13b",)),
-    MLLMSpec("bunny-v1.0-3b", "BAAI/Bunny-v1_0-3B", "~6.5 GB",
-             note="multi-modal Phi-2: remote code (trust_remote_code), SigLIP-SO400M-384, 729 visual tokens",
-             aliases=("bunny", "bunny-3b")),
+    MLLMSpec("bunny-v1.0-3b", "BAAI/Bunny-v1_0-3B", "~6.5 GB", PHI_2, SIGLIP_SO400M_384, BUNNY,
+             note="multi-modal Phi-2: SigLIP-SO400M-384 (729 visual tokens) + Phi-2, rebuilt as a "
+                  "LlavaForConditionalGeneration from its checkpoint (no remote code)",
+             aliases=("bunny", "bunny-3b"), lm_family="phi", tower="siglip",
+             template=("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+                       "helpful, detailed, and polite answers to the user's questions. USER: <image>\n{question} "
+                       "ASSISTANT:")),
 ]}
 
 
@@ -222,48 +246,53 @@ def resolve(name: str) -> str:
 
 
 def _llava_spec(name: str) -> MLLMSpec:
-    spec = PAPER_MLLMS[resolve(name)]
-    if not spec.text:
-        raise BadParameter(f"{spec.name} is not a LlavaForConditionalGeneration; load it with load_paper_bunny()")
-    return spec
+    return PAPER_MLLMS[resolve(name)]
 
 
 def n_image_tokens(config) -> int:
-    """Visual tokens per image of a LlavaConfig: (image_size / patch_size)^2 (+1 CLS with strategy "full")."""
+    """Visual tokens per image of a LlavaConfig: (image_size / patch_size)^2, +1 for a CLIP tower's CLS
+    with strategy "full" (SigLIP has none)."""
     v = config.vision_config
-    return (v.image_size // v.patch_size) ** 2 + (config.vision_feature_select_strategy == "full")
+    cls = config.vision_feature_select_strategy == "full" and v.model_type == "clip_vision_model"
+    return (v.image_size // v.patch_size) ** 2 + cls
 
 
-def _llava_config(text: dict, vision: dict, top: dict):
-    from transformers import CLIPVisionConfig, LlavaConfig
+def _llava_config(spec: MLLMSpec, text: dict, vision: dict):
+    from transformers import CLIPVisionConfig, LlavaConfig, SiglipVisionConfig
 
     from .llms import _make_config
-    return LlavaConfig(vision_config=CLIPVisionConfig(**vision), text_config=_make_config("llama", text), **top,
+    tower = {"clip": CLIPVisionConfig, "siglip": SiglipVisionConfig}[spec.tower]
+    text_config = _make_config(spec.lm_family, text)
+    return LlavaConfig(vision_config=tower(**vision), text_config=text_config, **spec.top,
                        architectures=["LlavaForConditionalGeneration"])
 
 
 def paper_config(name: str = "llava-1.5-7b"):
-    """The released LlavaConfig of LLaVA-1.5 (7b / 13b), from the facts above (no download)."""
+    """The released LlavaConfig of LLaVA-1.5 (7b / 13b), or Bunny-v1.0-3B's as a LLaVA, from the facts above
+    (no download)."""
     spec = _llava_spec(name)
-    return _llava_config(spec.text, spec.vision, spec.top)
+    return _llava_config(spec, spec.text, spec.vision)
 
 
-def reduced_config(name: str = "llava-1.5-7b", n_layers: int = 4, num_heads: int = None, head_dim: int = 4,
+def reduced_config(name: str = "llava-1.5-7b", n_layers: int = 4, num_heads: int = None, head_dim: int = None,
                    vision_width: int = 32, vision_layers: int = 2, vision_heads: int = 2):
     """A miniature LLaVA-1.5: same module tree, ids, vocabulary and image geometry, tiny widths.
 
-    The tower keeps 336 px / patch 14, so an image still gives 576 visual tokens (features taken at layer -2,
-    CLS dropped). LM: ``n_layers`` layers, ``num_heads`` (default the real count) heads of ``head_dim``;
-    hidden = num_heads * head_dim and the MLP keeps the real intermediate/hidden ratio.
+    The tower keeps its image geometry (LLaVA-1.5: 336 px / patch 14, 576 visual tokens at layer -2, CLS
+    dropped; Bunny: 384 px, 729). LM: ``n_layers`` layers, ``num_heads`` (default the real count) heads of
+    ``head_dim`` (default 4; Phi 10); hidden = num_heads * head_dim and the MLP keeps the real ratio.
     """
     spec = _llava_spec(name)
+    head_dim = head_dim or (10 if spec.lm_family == "phi" else 4)   # Phi-2 rotates 40 %: an even 4 of 10
     t, n = spec.text, num_heads or spec.text["num_attention_heads"]
     hidden = n * head_dim
     text = dict(t, hidden_size=hidden, num_hidden_layers=n_layers, num_attention_heads=n, num_key_value_heads=n,
                 head_dim=head_dim, intermediate_size=round(hidden * t["intermediate_size"] / t["hidden_size"]))
     vision = dict(spec.vision, hidden_size=vision_width, num_hidden_layers=vision_layers,
-                  num_attention_heads=vision_heads, intermediate_size=4 * vision_width, projection_dim=vision_width)
-    return _llava_config(text, vision, spec.top)
+                  num_attention_heads=vision_heads, intermediate_size=4 * vision_width)
+    if spec.tower == "clip":
+        vision["projection_dim"] = vision_width
+    return _llava_config(spec, text, vision)
 
 
 def random_model(name: str = "llava-1.5-7b", seed: int = 0, **reduce):
@@ -298,31 +327,96 @@ def load_paper_llava(name: str = "llava-1.5-7b", device="cuda", dtype: torch.dty
     return model.eval(), processor
 
 
-def load_paper_bunny(device="cuda", dtype: torch.dtype = torch.float16, attn_implementation: str = "eager",
-                     cache_dir=None):
-    """Multi-modal Phi-2 (BAAI/Bunny-v1_0-3B, remote code) -> (model in eval mode, tokenizer).
+# Bunny-v1.0-3B's tensor names -> this module's LlavaForConditionalGeneration (first match wins)
+BUNNY_RENAMES = (("model.vision_tower.vision_tower.vision_model.", "model.vision_tower.vision_model."),
+                 ("model.mm_projector.0.", "model.multi_modal_projector.linear_1."),
+                 ("model.mm_projector.2.", "model.multi_modal_projector.linear_2."),
+                 ("model.", "model.language_model."),
+                 ("lm_head.", "lm_head."))
 
-    Images go through ``model.process_images([pil], model.config)`` -> (B, 3, 384, 384), passed as
-    ``images=``; the prompt's image placeholder is BUNNY_IMAGE_TOKEN (see the note above this section).
-    Raises anatomy.UnsupportedModel when the LM's blocks are not at the Phi paths anatomy's "phi" family names.
+
+def bunny_state_dict(tensors: dict, target_keys) -> dict:
+    """Bunny's checkpoint tensors renamed to the keys ``target_keys`` of ``paper_config("bunny")``'s model.
+    transformers 5 keeps SigLIP's layers directly under ``vision_tower`` (4.x: ``vision_tower.vision_model``);
+    both are matched. BadParameter for a tensor no rename covers."""
+    target_keys, out = set(target_keys), {}
+    for key, value in tensors.items():
+        old, new = next(((o, n) for o, n in BUNNY_RENAMES if key.startswith(o)), (None, None))
+        if old is None:
+            raise BadParameter(f"Bunny checkpoint tensor {key!r} has no place in the LLaVA layout")
+        name = new + key[len(old):]
+        flat = name.replace("vision_tower.vision_model.", "vision_tower.", 1)
+        out[flat if name not in target_keys and flat in target_keys else name] = value
+    return out
+
+
+class BunnyImageProcessor:
+    """Bunny's preprocessing: pad to a square with the mean grey (its ``image_aspect_ratio = "pad"``), then
+    SigLIP's 384 px bicubic resize and normalisation with mean = std = 0.5."""
+
+    def __init__(self, size: int = 384):
+        from transformers import SiglipImageProcessor
+        self.siglip = SiglipImageProcessor(size={"height": size, "width": size}, image_mean=[0.5] * 3,
+                                           image_std=[0.5] * 3)
+
+    @staticmethod
+    def pad_to_square(image):
+        from PIL import Image
+        w, h = image.size
+        if w == h:
+            return image
+        square = Image.new(image.mode, (max(w, h),) * 2, (127,) * len(image.getbands()))
+        square.paste(image, ((max(w, h) - w) // 2, (max(w, h) - h) // 2))
+        return square
+
+    def __call__(self, images, return_tensors="pt"):
+        images = images if isinstance(images, (list, tuple)) else [images]
+        return self.siglip(images=[self.pad_to_square(im.convert("RGB")) for im in images], return_tensors=return_tensors)
+
+
+def load_paper_bunny(device="cuda", dtype: torch.dtype = torch.float16, attn_implementation: str = "eager",
+                     cache_dir=None, config=None):
+    """Multi-modal Phi-2 (BAAI/Bunny-v1_0-3B) -> (LlavaForConditionalGeneration in eval mode, processor with
+    ``.tokenizer`` and ``.image_processor``), rebuilt natively from its checkpoint (see the note above
+    ``PAPER_PROMPT``); no remote code. The tokenizer gets the "<image>" token; images are padded to squares
+    and resized to 384 px (``BunnyImageProcessor``). If the checkpoint holds no SigLIP weights they are read
+    from google/siglip-so400m-patch14-384. ResourceUnavailable offline without the files. ``config``: the
+    LlavaConfig to build (default ``paper_config("bunny")``; tests pass a reduced one).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from types import SimpleNamespace
+
+    from huggingface_hub import snapshot_download
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer, LlavaForConditionalGeneration, SiglipVisionModel
 
     spec = PAPER_MLLMS["bunny-v1.0-3b"]
 
     def load(cache):
-        tok = AutoTokenizer.from_pretrained(spec.hub_id, trust_remote_code=True, cache_dir=cache)
-        model = AutoModelForCausalLM.from_pretrained(
-            spec.hub_id, dtype=dtype, device_map=str(device), attn_implementation=attn_implementation,
-            trust_remote_code=True, cache_dir=cache)
-        return model, tok
+        root = snapshot_download(spec.hub_id, cache_dir=cache, allow_patterns=["*.json", "*.safetensors", "*.txt"])
+        tok = AutoTokenizer.from_pretrained(root)
+        tensors = {}
+        for f in sorted(__import__("pathlib").Path(root).glob("*.safetensors")):
+            tensors.update(load_file(f))
+        return tok, tensors
 
-    model, tok = from_hub(spec, load, cache_dir)
-    try:
-        fc2 = model.get_submodule(anatomy.resolve(model, "layer[0].mlp.neurons", family="phi").path)
-        anatomy.resolve(model, "layer[0].attn.out", family="phi")
-    except anatomy.UnknownComponent as e:
-        raise anatomy.UnsupportedModel(f"{spec.hub_id}: its LM is not laid out as Phi ({e})") from e
-    if fc2.bias is None:
-        raise anatomy.UnsupportedModel(f"{spec.hub_id}: mlp.fc2 has no bias; not the Phi-2 LM this chapter edits")
-    return model.eval(), tok
+    tok, tensors = from_hub(spec, load, cache_dir)
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    config = config or paper_config("bunny")
+    config.image_token_index = tok.convert_tokens_to_ids("<image>")
+    if config.image_token_index >= config.text_config.vocab_size:
+        raise BadParameter(f"<image> got id {config.image_token_index}, outside Phi-2's {config.text_config.vocab_size} rows")
+    with torch.device(device):   # built where it runs (non-persistent buffers such as RoPE's are not in the file)
+        model = LlavaForConditionalGeneration._from_config(config, attn_implementation=attn_implementation, dtype=dtype)
+    state = bunny_state_dict(tensors, model.state_dict().keys())
+    if not any(k.startswith("model.vision_tower.") for k in state):
+        tower = from_hub(MLLMSpec("siglip-so400m-384", "google/siglip-so400m-patch14-384", "0.9 GB"),
+                         lambda cache: SiglipVisionModel.from_pretrained("google/siglip-so400m-patch14-384",
+                                                                         cache_dir=cache), cache_dir)
+        state.update(bunny_state_dict({f"model.vision_tower.vision_tower.{k}": v for k, v in tower.state_dict().items()},
+                                      model.state_dict().keys()))
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return model, SimpleNamespace(tokenizer=tok, image_processor=BunnyImageProcessor())

@@ -279,6 +279,10 @@ _PHI3_MINI = dict(hidden_size=3072, num_hidden_layers=32, num_attention_heads=32
                   original_max_position_embeddings=4096, rms_norm_eps=1e-5, sliding_window=2047,
                   bos_token_id=1, eos_token_id=32000, pad_token_id=32000, tie_word_embeddings=False,
                   hidden_act="silu")
+PHI_2 = dict(hidden_size=2560, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+             intermediate_size=10240, vocab_size=51200, partial_rotary_factor=0.4, rope_theta=10000.0,
+             max_position_embeddings=2048, layer_norm_eps=1e-5, hidden_act="gelu_new", qk_layernorm=False,
+             bos_token_id=50256, eos_token_id=50256, tie_word_embeddings=False)
 
 PAPER_LLMS: dict[str, LLMSpec] = {s.name: s for s in [
     LLMSpec("vicuna-7b", "lmsys/vicuna-7b-v1.3", "llama", _VICUNA_7B,
@@ -286,6 +290,8 @@ PAPER_LLMS: dict[str, LLMSpec] = {s.name: s for s in [
     LLMSpec("vicuna-7b-v1.5", "lmsys/vicuna-7b-v1.5", "llama",
             {**_VICUNA_7B, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5},
             "13.5 GB", note="Chapter 6: the language model LLaVA-1.5 was tuned from", aliases=("vicuna-v1.5",)),
+    LLMSpec("phi-2", "microsoft/phi-2", "phi", PHI_2, "5.6 GB",
+            note="Chapter 6: the language model of multi-modal Phi-2 (Bunny-v1.0-3B), text only"),
     LLMSpec("llama-3-8b", "meta-llama/Meta-Llama-3-8B-Instruct", "llama", _LLAMA3_8B, "16 GB", gated=True,
             aliases=("llama3-8b", "llama-3-8b-instruct")),
     LLMSpec("phi-3", "microsoft/Phi-3-mini-4k-instruct", "phi3", _PHI3_MINI, "7.6 GB",
@@ -320,12 +326,16 @@ def resolve(name: str) -> str:
 
 
 def _make_config(family: str, arch: dict):
-    from transformers import LlamaConfig, Phi3Config
+    from transformers import LlamaConfig, Phi3Config, PhiConfig
 
-    kw = {k: v for k, v in arch.items() if k not in ("rope_theta", "rope_scaling_type")}
+    kw = {k: v for k, v in arch.items() if k not in ("rope_theta", "rope_scaling_type", "partial_rotary_factor")}
     kw["rope_parameters"] = {"rope_type": "default", "rope_theta": arch["rope_theta"]}
+    if "partial_rotary_factor" in arch:   # Phi-2 rotates 40 % of each head's dimensions
+        kw["rope_parameters"]["partial_rotary_factor"] = arch["partial_rotary_factor"]
     if family == "phi3":
         return Phi3Config(**kw, architectures=["Phi3ForCausalLM"])
+    if family == "phi":
+        return PhiConfig(**kw, architectures=["PhiForCausalLM"])
     return LlamaConfig(**kw, architectures=["LlamaForCausalLM"])
 
 
@@ -339,14 +349,16 @@ def paper_config(name: str):
     return _make_config(family, arch)
 
 
-def reduced_config(name: str, num_layers: int = 2, head_dim: int = 4, num_heads: int | None = None,
+def reduced_config(name: str, num_layers: int = 2, head_dim: int | None = None, num_heads: int | None = None,
                    vocab_size: int = 256, max_positions: int = 256):
     """A miniature with the same family, module names, query-head count and GQA ratio.
 
     ``num_heads`` (default: the real count) may shrink the heads; kv heads shrink by the same ratio.
-    hidden = num_heads * head_dim; the MLP keeps the real intermediate/hidden ratio.
+    hidden = num_heads * head_dim (default 4; Phi-2, which rotates 40 % of a head, 10); the MLP keeps
+    the real intermediate/hidden ratio.
     """
     family, arch = ARCHITECTURES[resolve(name)]
+    head_dim = head_dim or (10 if family == "phi" else 4)
     h, kv = arch["num_attention_heads"], arch["num_key_value_heads"]
     group = h // kv
     n = num_heads or h
@@ -358,8 +370,9 @@ def reduced_config(name: str, num_layers: int = 2, head_dim: int = 4, num_heads:
                  intermediate_size=max(4, round(hidden * arch["intermediate_size"] / arch["hidden_size"])),
                  vocab_size=vocab_size, max_position_embeddings=max_positions, bos_token_id=1, eos_token_id=2,
                  pad_token_id=0)
-    if family == "phi3":
+    if family in ("phi3", "phi"):
         small.pop("head_dim")
+    if family == "phi3":
         small.update(original_max_position_embeddings=max_positions, sliding_window=None)
     return _make_config(family, small)
 
