@@ -362,3 +362,17 @@ def test_attend_and_excite_only_moves_the_first_steps_and_checks_its_positions()
     assert not torch.allclose(guidance.attend_and_excite(pipe, cond, scale=1e3, **kw), plain, atol=1e-4)
     with pytest.raises(BadParameter):
         guidance.attend_and_excite(pipe, cond, **{**kw, "subjects": [[3, 8]] * 2})
+
+
+def test_structured_values_align_phrases_and_reduce_to_plain_sampling_when_values_equal_keys():
+    pipe = _toy()
+    prompts = ["a red circle and a blue square"]
+    c, c_bar = conditioning.structured_values(pipe, prompts)
+    phrases = pipe.encode(["a red circle", "a blue square"])
+    expected = (c[0] + torch.cat([c[0, :1], phrases[0, 1:4], c[0, 4:]]) + torch.cat([c[0, :5], phrases[1, 1:4], c[0, 8:]])) / 3
+    torch.testing.assert_close(c_bar[0], expected)     # <bos> a red circle | and | a blue square | <eos> ...
+    plain = pipe.sample(c, seed=0, steps=2)
+    assert torch.allclose(conditioning.sample_structured(pipe, c, c, seed=0, steps=2), plain, atol=1e-6)
+    assert not torch.allclose(conditioning.sample_structured(pipe, c, c_bar, seed=0, steps=2), plain, atol=1e-4)
+    with pytest.raises(BadParameter, match="not found"):
+        conditioning._span_of([1, 2, 3], [4])

@@ -14,6 +14,8 @@
     cross_attention_maps(pipe, cond, layer)   what each pixel of a cross-attention layer reads (Fig 9.8)
     composed(pipe, prompts)                Composable Diffusion's AND (Table 9.2's baseline): one conditioning
                                            per conjunct, (N, K, T, d), for ``pipe.sample``
+    structured_values / sample_structured  Structured Diffusion (Table 9.2's baseline): keys read the prompt,
+                                           values the mean of the prompt and its noun-phrase-aligned encodings
 
     altered_cross_attention(unet, plan, alt)   LocoGen's altered model (§5.8.1): the cross-attention
                                            layers of ``plan`` read ``alt`` in the conditional rows
@@ -235,6 +237,61 @@ def composed(pipe, prompts, sep: str = " and ") -> torch.Tensor:
         out.append(torch.cat([cond[i:i + len(row)], uncond.expand(k - len(row), -1, -1)]))
         i += len(row)
     return torch.stack(out)
+
+
+def _span_of(ids: list, part: list) -> int:
+    """Start of the token list ``part`` inside ``ids``; BadParameter when it is not there."""
+    for i in range(len(ids) - len(part) + 1):
+        if ids[i:i + len(part)] == part:
+            return i
+    raise BadParameter(f"phrase tokens {part} not found in prompt tokens {ids}")
+
+
+@torch.no_grad()
+def structured_values(pipe, prompts, sep: str = " and ") -> tuple:
+    """Structured Diffusion (Feng et al. 2023; Table 9.2's "Structured"): (c, c_bar), each (N, T, d).
+
+    Keys read the prompt's states c; values read c_bar, the mean of c and, per noun phrase (the prompt split at
+    ``sep``), c with that phrase's tokens replaced by the phrase's own encoding, aligned where its tokens sit
+    in the prompt. ``to_v`` is affine, so the mean of the value sequences is ``to_v`` of this mean of states.
+    """
+    c = pipe.encode(prompts)
+    ids = pipe.tokenize(prompts).tolist()
+    eos = pipe.tokenizer.eos_token_id
+    c_bar = []
+    for row, (prompt, prompt_ids) in enumerate(zip(prompts, ids)):
+        phrases = [p.strip() for p in prompt.split(sep)]
+        encoded = pipe.encode(phrases)
+        aligned = [c[row]]
+        for phrase_ids, states in zip(pipe.tokenize(phrases).tolist(), encoded):
+            words = phrase_ids[1:phrase_ids.index(eos, 1)]                 # between BOS and the first EOS
+            at = _span_of(prompt_ids, words)
+            seq = c[row].clone()
+            seq[at:at + len(words)] = states[1:1 + len(words)]
+            aligned.append(seq)
+        c_bar.append(torch.stack(aligned).mean(0))
+    return c, torch.stack(c_bar)
+
+
+def sample_structured(pipe, c: torch.Tensor, c_bar: torch.Tensor, seed: int = 0, batch_size: int = 256,
+                      **sampler) -> torch.Tensor:
+    """Images (N, 3, H, W) whose cross-attention layers take keys from c (N, T, d) and values from c_bar
+    (``structured_values``), in the conditional CFG rows; ``batch_size`` rows per sampling call."""
+    if getattr(pipe.unet, "encoder_hid_proj", None) is not None:
+        raise BadParameter("Structured Diffusion swaps to_v's input: a UNet that projects its text first (IF) is not supported")
+    paths = [f"{p}.to_v" for p in anatomy.items(pipe.unet, "xattn")]
+    out = []
+    for i in range(0, len(c), batch_size):
+        values = c_bar[i:i + batch_size].to(pipe.device, pipe.unet.dtype)
+
+        def swap(h):
+            return torch.cat([h[:len(values)], values.to(h.dtype)]) if len(h) == 2 * len(values) else h
+
+        with ExitStack() as stack:
+            for path in paths:
+                stack.enter_context(hooks.edit(pipe.unet, path, swap, at="input"))
+            out.append(pipe.sample(c[i:i + batch_size], seed=seed + i, batch_size=batch_size, **sampler))
+    return torch.cat(out)
 
 
 def attention_probs(module, x: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:

@@ -347,7 +347,7 @@ excite_layers = [i for i, path in enumerate(anatomy.items(pipe.unet, "xattn")) i
 
 def attend_excite_vqa(items, n=samples_per_prompt):
     """Mean score with Attend-and-Excite (release step scale 20, 50 % of the steps); prompts of another form
-    have no nouns to excite and are sampled plainly. Returns (mean, number of prompts excited)."""
+    have no nouns to excite and are sampled plainly. Returns (mean, number of prompts excited, images)."""
     caps = [cap for cap, _, _ in items]
     pos = [cb.conjunction_positions(pipe.tokenizer, cap) for cap in caps]
     excited = [i for i, p in enumerate(pos) if p]
@@ -365,7 +365,8 @@ def attend_excite_vqa(items, n=samples_per_prompt):
             drawn = pipe.sample(pipe.encode([caps[i] for i in plain]).repeat_interleave(n, 0), seed=seed, **SAMPLE)
         for j, i in enumerate(plain):
             images[i] = drawn[j * n:(j + 1) * n]
-    return float(vqa_scores(torch.cat(images), items, n).mean()), len(excited)
+    images = torch.cat(images)
+    return float(vqa_scores(images, items, n).mean()), len(excited), images
 
 
 if ch.tiny:
@@ -497,7 +498,9 @@ ch.claim("better_embeddings_exist", "VQA(c*) >= VQA(c) + 0.15 on the optimised p
 # Trained on renders of the train prompts (their attribute-shape combinations never appear in the test prompts),
 # AdamW lr 1e-3, batch 16, identity initialisation, applied to the conditional branch only. Composable Diffusion
 # (the dissertation's SD v2 baseline) samples each prompt as the conjunction of its " and "-separated phrases:
-# `eps_u + guidance * sum_k (eps_k - eps_u)` (`conditioning.composed`). Attend-and-Excite (`guidance.attend_and_excite`)
+# `eps_u + guidance * sum_k (eps_k - eps_u)` (`conditioning.composed`). Structured Diffusion takes every cross-attention
+# layer's keys from the prompt and its values from the mean of the prompt and its phrase-aligned encodings
+# (`conditioning.structured_values`; phrases = the " and "-separated parts, as for Composable). Attend-and-Excite (`guidance.attend_and_excite`)
 # moves the latents in the first half of the steps until both nouns win some pixel of the cross-attention maps
 # (release settings: step scale 20, refinement at 0 / 20 / 40 % of the steps to peaks 0.05 / 0.5 / 0.8).
 
@@ -523,7 +526,12 @@ for c in categories:
     row = dict(category=c, baseline=base[c])
     with torch.no_grad():
         row["Composable"], _ = vqa(conditioning.composed(pipe, [cap for cap, _, _ in test_items[c]]), test_items[c])
-    row["Attn-Exct"], row["prompts excited"] = attend_excite_vqa(test_items[c])
+    with torch.no_grad():
+        keys_c, values_c = conditioning.structured_values(pipe, [cap for cap, _, _ in test_items[c]])
+        images = conditioning.sample_structured(pipe, keys_c.repeat_interleave(samples_per_prompt, 0),
+                                                values_c.repeat_interleave(samples_per_prompt, 0), seed=seed, **SAMPLE)
+    row["Structured"] = float(vqa_scores(images, test_items[c]).mean())
+    row["Attn-Exct"], row["prompts excited"], _ = attend_excite_vqa(test_items[c])
     for name, s in (("CLP", 0), ("WiCLP", 1)):
         proj, _ = conditioning.fit_conditioning(pipe, conds, lat, transform=conditioning.WindowProjection(conds.shape[-1], s),
                                                 steps=train_steps, lr=1e-3 if ch.tiny else 1e-4, batch_size=16, seed=seed)
@@ -540,17 +548,21 @@ for c, col in zip(categories, range(3)):
     ch.compare(f"Table 9.2 {c}: baseline / CLP / WiCLP", dissertation=" / ".join(str(TABLE_9_2[m][col]) for m in TABLE_9_2),
                reproduced=" / ".join(f"{table92.set_index('category').loc[c, m]:.4f}" for m in TABLE_9_2),
                note="SD v1.4 rows (printed as SDXL in the dissertation)")
-others = table92[["baseline", "Composable", "Attn-Exct"]].mean()
+others = table92[["baseline", "Composable", "Structured", "Attn-Exct"]].mean()
 ch.compare("Table 9.2 baselines (colour / texture / shape)",
            dissertation="SD v2: baseline 0.5065 / 0.4922 / 0.4221, Composable 0.4063 / 0.3645 / 0.3299, "
-                        "Attn-Exct 0.6400 / 0.5963 / 0.4517",
+                        "Structured 0.4990 / 0.4900 / 0.4218, Attn-Exct 0.6400 / 0.5963 / 0.4517",
            reproduced={r["category"]: f"baseline {r['baseline']:.4f}, Composable {r['Composable']:.4f}, "
+                                      f"Structured {r['Structured']:.4f}, "
                                       f"Attn-Exct {r['Attn-Exct']:.4f} ({r['prompts excited']} prompts excited)"
                        for _, r in table92.iterrows()},
            note="tiny: the toy t2i" if ch.tiny else "SD v1.4 (the dissertation ran these baselines on SD v2)")
 ch.claim("composable_below_baseline", "Composable Diffusion's mean VQA over the categories < the baseline's", kind="soft",
          dissertation="below the baseline in every category (SD v2, Table 9.2)",
          reproduced=f"{others.Composable:.3f} vs {others.baseline:.3f}", holds=others.Composable < others.baseline)
+ch.claim("structured_near_baseline", "Structured Diffusion's mean VQA over the categories within 0.05 of the baseline's",
+         kind="soft", dissertation="SD v2: -0.008 / -0.002 / -0.000 (Table 9.2)",
+         reproduced=f"{others.Structured:.3f} vs {others.baseline:.3f}", holds=abs(others.Structured - others.baseline) <= 0.05)
 ch.claim("attend_excite_helps", "Attend-and-Excite's mean VQA over the categories >= the baseline's + 0.05", kind="soft",
          dissertation="SD v2: +0.13 / +0.10 / +0.03 (Table 9.2)",
          reproduced=f"{others['Attn-Exct']:.3f} vs {others.baseline:.3f}", holds=others["Attn-Exct"] >= others.baseline + 0.05)
@@ -732,7 +744,7 @@ if 800 in at and 0 in at and 1000 in at:
 #
 # Fig 11.11: prompts without and with WiCLP (same noise). Fig 11.12: one prompt with WiCLP switched on from
 # timestep τ (τ = 1000: never). Fig 9.9: the methods of this notebook side by side (the dissertation's other
-# baselines, Structured Diffusion and GORS, are not implemented here).
+# baseline GORS, a fine-tuned SD v2 from T2I-CompBench, is not implemented here).
 
 # %%
 FIG_11_11 = ["A red book and a yellow vase", "A bathroom has brown wall and gold counters", "A blue backpack and a red chair",
@@ -764,6 +776,10 @@ methods = {"baseline": lambda p: pipe.encode(p), "Composable": lambda p: conditi
            "WiCLP": lambda p: proj_c(pipe.encode(p))} | {k: v for k, v in tuned_encoders.items()}
 with torch.no_grad():
     rows = {k: pipe.sample(f(shown_prompts[:4]), seed=seed, **SAMPLE) for k, f in methods.items()}
+    rows["Structured"] = conditioning.sample_structured(pipe, *conditioning.structured_values(pipe, shown_prompts[:4]),
+                                                        seed=seed, **SAMPLE)
+rows["Attn-Exct"] = attend_excite_vqa([(p, None, None) for p in shown_prompts[:4]] if not ch.tiny else
+                                      test_items["colour"][:4], n=1)[2]
 fig, axes = plt.subplots(len(rows), 4, figsize=(6, 1.5 * len(rows)), squeeze=False)
 for r, (k, imgs) in enumerate(rows.items()):
     for j in range(4):
