@@ -526,16 +526,22 @@ def split_self_attribution(reply: str) -> tuple[str, str]:
     return (answer, parts[1].strip()) if len(parts) == 2 else (answer, reply.strip())
 
 
+def _replies(model, tokenizer, prompts, max_new_tokens, batch_size, add_special_tokens, progress) -> list:
+    """Greedy free-form replies (newlines allowed: a quoted sentence may follow one)."""
+    return [g.text for g in greedy_generate(model, tokenizer, prompts, max_new_tokens, stop_on_newline=False,
+                                            batch_size=batch_size, add_special_tokens=add_special_tokens,
+                                            progress=progress)]
+
+
 def self_attribution(model, tokenizer, prompts, context_sentences, max_new_tokens: int = 96, batch_size: int = 16,
                      add_special_tokens: bool = True, progress: bool = False) -> list:
     """Self-Attribution baseline: one prompt asks for the answer and a quoted supporting sentence
     (``llms.self_attribution_prompt``). prompts: N strings; context_sentences: N lists of sentences.
     Returns N (answer text, Ranking of the sentences by token F1 with the quote)."""
-    gens = greedy_generate(model, tokenizer, prompts, max_new_tokens, stop_on_newline=False, batch_size=batch_size,
-                           add_special_tokens=add_special_tokens, progress=progress)
     out = []
-    for g, sentences in zip(gens, context_sentences):
-        answer, evidence = split_self_attribution(g.text)
+    for reply, sentences in zip(_replies(model, tokenizer, prompts, max_new_tokens, batch_size, add_special_tokens,
+                                         progress), context_sentences):
+        answer, evidence = split_self_attribution(reply)
         out.append((answer, quoted_sentence(evidence, sentences)))
     return out
 
@@ -545,9 +551,8 @@ def iterative_attribution(model, tokenizer, prompts, context_sentences, max_new_
     """Iterative Prompting baseline: the answer is generated first; ``prompts`` (N strings) already
     hold it and ask which context sentence supports it (``llms.evidence_prompt``). Returns N Rankings
     of the sentences by token F1 with the generated quote."""
-    gens = greedy_generate(model, tokenizer, prompts, max_new_tokens, stop_on_newline=False, batch_size=batch_size,
-                           add_special_tokens=add_special_tokens, progress=progress)
-    return [quoted_sentence(g.text, sentences) for g, sentences in zip(gens, context_sentences)]
+    replies = _replies(model, tokenizer, prompts, max_new_tokens, batch_size, add_special_tokens, progress)
+    return [quoted_sentence(reply, sentences) for reply, sentences in zip(replies, context_sentences)]
 
 
 @torch.no_grad()

@@ -257,18 +257,20 @@ def structured_values(pipe, prompts, sep: str = " and ") -> tuple:
     """
     c = pipe.encode(prompts)
     ids = pipe.tokenize(prompts).tolist()
+    phrases = [[p.strip() for p in prompt.split(sep)] for prompt in prompts]
+    flat = [p for row in phrases for p in row]
+    encoded, phrase_ids = pipe.encode(flat), pipe.tokenize(flat).tolist()   # one pass for every phrase
     eos = pipe.tokenizer.eos_token_id
-    c_bar = []
-    for row, (prompt, prompt_ids) in enumerate(zip(prompts, ids)):
-        phrases = [p.strip() for p in prompt.split(sep)]
-        encoded = pipe.encode(phrases)
+    c_bar, j = [], 0
+    for row, prompt_ids in enumerate(ids):
         aligned = [c[row]]
-        for phrase_ids, states in zip(pipe.tokenize(phrases).tolist(), encoded):
-            words = phrase_ids[1:phrase_ids.index(eos, 1)]                 # between BOS and the first EOS
+        for _ in phrases[row]:
+            words = phrase_ids[j][1:phrase_ids[j].index(eos, 1)]          # between BOS and the first EOS
             at = _span_of(prompt_ids, words)
             seq = c[row].clone()
-            seq[at:at + len(words)] = states[1:1 + len(words)]
+            seq[at:at + len(words)] = encoded[j, 1:1 + len(words)]
             aligned.append(seq)
+            j += 1
         c_bar.append(torch.stack(aligned).mean(0))
     return c, torch.stack(c_bar)
 
@@ -276,7 +278,8 @@ def structured_values(pipe, prompts, sep: str = " and ") -> tuple:
 def sample_structured(pipe, c: torch.Tensor, c_bar: torch.Tensor, seed: int = 0, batch_size: int = 256,
                       **sampler) -> torch.Tensor:
     """Images (N, 3, H, W) whose cross-attention layers take keys from c (N, T, d) and values from c_bar
-    (``structured_values``), in the conditional CFG rows; ``batch_size`` rows per sampling call."""
+    (``structured_values``), in the conditional CFG rows; ``batch_size`` rows per sampling call (the chunk
+    from row i samples with seed ``seed + i``)."""
     if getattr(pipe.unet, "encoder_hid_proj", None) is not None:
         raise BadParameter("Structured Diffusion swaps to_v's input: a UNet that projects its text first (IF) is not supported")
     paths = [f"{p}.to_v" for p in anatomy.items(pipe.unet, "xattn")]
@@ -285,7 +288,10 @@ def sample_structured(pipe, c: torch.Tensor, c_bar: torch.Tensor, seed: int = 0,
         values = c_bar[i:i + batch_size].to(pipe.device, pipe.unet.dtype)
 
         def swap(h):
-            return torch.cat([h[:len(values)], values.to(h.dtype)]) if len(h) == 2 * len(values) else h
+            if len(h) != 2 * len(values):
+                raise BadParameter(f"to_v saw a batch of {len(h)} rows; Structured Diffusion expects [uncond, cond] "
+                                   f"of {len(values)} each")
+            return torch.cat([h[:len(values)], values.to(h.dtype)])
 
         with ExitStack() as stack:
             for path in paths:
@@ -309,7 +315,7 @@ def cross_attention_maps(pipe, cond: torch.Tensor, layer, seed: int = 0, **sampl
     ``cond`` (N, T, d) is sampled, averaged over heads and denoising steps, from the conditional CFG
     rows, and the images that sampling drew. Recomputed from the layers' own q / k projections
     (diffusers' processors do not return the weights); Fig 9.8's maps (SD: the 16 x 16 layers)."""
-    paths = [_xattn_path(pipe.unet, one) for one in (layer if isinstance(layer, (list, tuple)) else [layer])]
+    paths = xattn_paths(pipe.unet, layer)
     totals = {}
 
     def recorder(path):
@@ -336,6 +342,11 @@ def cross_attention_maps(pipe, cond: torch.Tensor, layer, seed: int = 0, **sampl
 
 
 # ---------------------------------------------------------------- LocoGen: altered inputs per layer (§5.8)
+
+
+def xattn_paths(unet, layers) -> list:
+    """Paths of cross-attention ``layers``: one index or path, or a list of them (``_xattn_path`` each)."""
+    return [_xattn_path(unet, one) for one in (layers if isinstance(layers, (list, tuple)) else [layers])]
 
 
 def _xattn_path(unet, layer) -> str:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .conditioning import _xattn_path, attention_probs
+from .conditioning import attention_probs, xattn_paths
 from .errors import BadParameter
 
 
@@ -48,7 +48,7 @@ def excite_loss(maps: torch.Tensor, subjects: torch.Tensor, eos: torch.Tensor) -
 def excite_loss_at(pipe, x: torch.Tensor, t, cond: torch.Tensor, subjects, eos, layers) -> torch.Tensor:
     """(N,) ``excite_loss`` of latents x (N, *latent_shape) at timestep t: one conditional UNet pass
     (cond (N, T, d)), the maps of ``layers`` (one resolution) averaged; differentiable in x."""
-    paths = [_xattn_path(pipe.unet, one) for one in (layers if isinstance(layers, (list, tuple)) else [layers])]
+    paths = xattn_paths(pipe.unet, layers)
     maps = []
 
     def record(module, args, kwargs):
@@ -87,7 +87,7 @@ def attend_and_excite(pipe, cond: torch.Tensor, subjects, eos, layers, seed: int
     n_alter = int(round(alter_share * steps))
     refine = {int(round(share * steps)): target for share, target in (refine_at or {0: 0.05, 0.2: 0.5, 0.4: 0.8}).items()}
     step_size = scale * np.sqrt(np.linspace(1.0, 0.5, steps))
-    paths = [_xattn_path(pipe.unet, one) for one in (layers if isinstance(layers, (list, tuple)) else [layers])]
+    paths = xattn_paths(pipe.unet, layers)
     cond = cond.detach().to(pipe.device, pipe.unet.dtype)
 
     def loss_of(x, t, rows):

@@ -383,6 +383,7 @@ def load_paper_bunny(device="cuda", dtype: torch.dtype = torch.float16, attn_imp
     from google/siglip-so400m-patch14-384. ResourceUnavailable offline without the files. ``config``: the
     LlavaConfig to build (default ``paper_config("bunny")``; tests pass a reduced one).
     """
+    from pathlib import Path
     from types import SimpleNamespace
 
     from huggingface_hub import snapshot_download
@@ -395,7 +396,7 @@ def load_paper_bunny(device="cuda", dtype: torch.dtype = torch.float16, attn_imp
         root = snapshot_download(spec.hub_id, cache_dir=cache, allow_patterns=["*.json", "*.safetensors", "*.txt"])
         tok = AutoTokenizer.from_pretrained(root)
         tensors = {}
-        for f in sorted(__import__("pathlib").Path(root).glob("*.safetensors")):
+        for f in sorted(Path(root).glob("*.safetensors")):
             tensors.update(load_file(f))
         return tok, tensors
 
