@@ -242,6 +242,26 @@ def test_compbench_training_latents_keep_each_prompts_best_scored_images():
     assert ((lat - bright).flatten(2).norm(dim=-1) < (lat - dark).flatten(2).norm(dim=-1)).all()
 
 
+def test_compbench_rewarded_samples_keep_the_pipelines_own_images_above_the_threshold_with_their_scores():
+    pipe = tiny_random.stable_diffusion()
+
+    class Bright:
+        def yes_probability(self, images, questions):
+            return images.mean(dim=(1, 2, 3))
+    # image k of a prompt has brightness (k + 0.5) / 4: 0.125, 0.375, 0.625, 0.875
+    pipe.generate = lambda prompts, seed=0: ((torch.arange(len(prompts)) + 0.5) / 4).view(-1, 1, 1, 1).expand(
+        -1, 3, 16, 16).clone()
+    kept, lat, reward = cb.compbench_rewarded_samples(pipe, ["a red star", "a blue ring"], per_prompt=4, vqa=Bright(),
+                                                      threshold=0.5, image_size=8, chunker=lambda p: [p],
+                                                      progress=False)
+    assert kept == ["a red star"] * 2 + ["a blue ring"] * 2
+    assert lat.shape == (4, *pipe.latent_shape) and torch.allclose(reward, torch.tensor([0.625, 0.875] * 2))
+    assert torch.allclose(lat[1], pipe.encode_images(torch.full((1, 3, 8, 8), 0.875))[0], atol=1e-5)
+    none = cb.compbench_rewarded_samples(pipe, ["a red star"], 4, Bright(), threshold=0.9, image_size=8,
+                                         chunker=lambda p: [p], progress=False)
+    assert none[0] == [] and none[1].shape == (0, *pipe.latent_shape)
+
+
 def test_frechet_distance_and_inception_features_for_fid():
     from torchvision.models import inception_v3
     g = torch.Generator().manual_seed(0)

@@ -278,6 +278,18 @@ def coco_stream(pairs: list, batch_size: int = 32, size: int = 224):
     return draw
 
 
+def _generated_and_scored(generators: dict, prompt: str, per_generator: int, vqa: BlipVqa, chunker, seed: int):
+    """``per_generator`` images of one prompt from each generator (name -> pipeline with ``generate``),
+    (G per_generator, 3, H, W) on the CPU, and their disentangled VQA scores (G per_generator,)."""
+    images = torch.cat([g.generate([prompt] * per_generator, seed=seed).float().cpu() for g in generators.values()])
+    return images, disentangled_vqa(vqa, images, [prompt] * len(images), chunker).cpu()
+
+
+def _encoded(pipe, images: torch.Tensor, image_size: int) -> torch.Tensor:
+    resized = F.interpolate(images, size=(image_size, image_size), mode="bilinear", antialias=True)
+    return pipe.encode_images(resized.to(pipe.device)).cpu()
+
+
 def compbench_training_latents(pipe, generators: dict, prompts, per_generator: int, keep: int, vqa: BlipVqa,
                                image_size: int = 512, chunker=noun_phrases, seed: int = 0,
                                progress: bool = True) -> torch.Tensor:
@@ -287,12 +299,29 @@ def compbench_training_latents(pipe, generators: dict, prompts, per_generator: i
     from tqdm.auto import tqdm
     out = []
     for i, prompt in enumerate(tqdm(prompts, desc="generate and filter", disable=not progress)):
-        images = torch.cat([g.generate([prompt] * per_generator, seed=seed + 7919 * i).float().cpu()
-                            for g in generators.values()])
-        best = disentangled_vqa(vqa, images, [prompt] * len(images), chunker).topk(keep).indices
-        out.append(pipe.encode_images(F.interpolate(images[best], size=(image_size, image_size), mode="bilinear",
-                                                    antialias=True).to(pipe.device)).cpu())
+        images, score = _generated_and_scored(generators, prompt, per_generator, vqa, chunker, seed + 7919 * i)
+        out.append(_encoded(pipe, images[score.topk(keep).indices], image_size))
     return torch.stack(out)
+
+
+def compbench_rewarded_samples(pipe, prompts, per_prompt: int, vqa: BlipVqa, threshold: float,
+                               image_size: int = 512, chunker=noun_phrases, seed: int = 0,
+                               progress: bool = True) -> tuple:
+    """GORS's training set (T2I-CompBench): ``per_prompt`` images of each prompt from ``pipe`` itself,
+    scored by the disentangled VQA; those scoring above ``threshold`` are kept with their score as the
+    reward. Returns (prompts of the kept images (N,), latents (N, *pipe.latent_shape), rewards (N,))."""
+    from tqdm.auto import tqdm
+    kept, latents, rewards = [], [], []
+    for i, prompt in enumerate(tqdm(prompts, desc="generate and score", disable=not progress)):
+        images, score = _generated_and_scored({"self": pipe}, prompt, per_prompt, vqa, chunker, seed + 7919 * i)
+        good = torch.nonzero(score > threshold).flatten()
+        if len(good):
+            kept += [prompt] * len(good)
+            latents.append(_encoded(pipe, images[good], image_size))
+            rewards.append(score[good])
+    if not kept:
+        return [], torch.empty(0, *pipe.latent_shape), torch.empty(0)
+    return kept, torch.cat(latents), torch.cat(rewards)
 
 
 def embed_files(model, files, size: int, bboxes=None, batch_size: int = 64) -> torch.Tensor:
