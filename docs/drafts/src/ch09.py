@@ -43,7 +43,10 @@ fid_images = 128            # paper: 10000 MS-COCO val captions
 students = ["ViT-B/32"]     # paper: Table 9.1's students (keys of clip_students.STUDENTS)
 teacher = "v1"              # paper: the SD version that scores, teaches and generates
 sds_lambda = 0.001          # paper: 11.8.5 (learning rate 5e-5, batch 32)
-per_generator = 70          # paper: images per prompt per data generator before the VQA filter (keep 30)
+per_generator = 8           # own samples per train prompt before the rating filter (tiny: the oracle); paper: 70
+keep_best = 1               # best-rated samples kept per train prompt for CLP / WiCLP; paper: 30
+gors_steps = 1000           # GORS LoRA fine-tuning steps at batch 16; paper: 15000 (the release)
+gors_threshold = None       # rating an image must exceed; None: the release's (colour 0.92, texture 0.9, shape 0.85)
 
 # %%
 import time
@@ -54,7 +57,7 @@ import pandas as pd
 import torch
 
 import interplab
-from interplab import anatomy, attention, conditioning, distillation, guidance
+from interplab import anatomy, attention, conditioning, distillation, guidance, lora
 from interplab import compositional as cb
 from interplab import toyworld as tw
 from interplab.models import clip_students
@@ -71,7 +74,8 @@ ch = interplab.start("ch09_compositionality", profile=profile, seed=seed, device
                                  n_test_prompts=n_test_prompts, samples_per_prompt=samples_per_prompt,
                                  train_prompts=train_prompts, train_steps=train_steps, cstar_prompts=cstar_prompts,
                                  cstar_steps=cstar_steps, switch_taus=switch_taus, fid_images=fid_images,
-                                 students=students, teacher=teacher, sds_lambda=sds_lambda, per_generator=per_generator))
+                                 students=students, teacher=teacher, sds_lambda=sds_lambda, per_generator=per_generator,
+                                 keep_best=keep_best, gors_steps=gors_steps, gors_threshold=gors_threshold))
 COMPBENCH = dict(zip(("colour", "texture", "size"), cb.COMPBENCH_CATEGORIES))  # tiny category -> T2I-CompBench's
 if ch.tiny:
     pipe, oracle = load_zoo("t2i"), load_zoo("oracle")
@@ -495,7 +499,8 @@ ch.claim("better_embeddings_exist", "VQA(c*) >= VQA(c) + 0.15 on the optimised p
 # %% [markdown]
 # ## Table 9.2 — CLP and WiCLP on held-out prompts (check 13)
 #
-# Trained on renders of the train prompts (their attribute-shape combinations never appear in the test prompts),
+# Trained, as in §9.2.6, on the model's own best-rated samples of the train prompts (tiny: the best `keep_best` of
+# `per_generator` by the oracle's score; their attribute-shape combinations never appear in the test prompts),
 # AdamW lr 1e-3, batch 16, identity initialisation, applied to the conditional branch only. Composable Diffusion
 # (the dissertation's SD v2 baseline) samples each prompt as the conjunction of its " and "-separated phrases:
 # `eps_u + guidance * sum_k (eps_k - eps_u)` (`conditioning.composed`). Structured Diffusion takes every cross-attention
@@ -503,24 +508,58 @@ ch.claim("better_embeddings_exist", "VQA(c*) >= VQA(c) + 0.15 on the optimised p
 # (`conditioning.structured_values`; phrases = the " and "-separated parts, as for Composable). Attend-and-Excite (`guidance.attend_and_excite`)
 # moves the latents in the first half of the steps until both nouns win some pixel of the cross-attention maps
 # (release settings: step scale 20, refinement at 0 / 20 / 40 % of the steps to peaks 0.05 / 0.5 / 0.8).
+# GORS (T2I-CompBench's fine-tuning, `lora.gors_finetune`) samples the model on the train prompts, keeps the images
+# rated above the release's threshold (colour 0.92, texture 0.9, shape 0.85; tiny: the oracle's score, paper:
+# BLIP-VQA) and fine-tunes rank-4 LoRA adapters on the UNet's and the text encoder's attention layers with each
+# image's denoising loss weighted by its rating (release: AdamW, lr 1e-4 / 5e-6, batch 16).
 
 # %%
+def train_items(category):
+    """tiny: the train prompts as (caption, scene, phrases); their attribute-shape pairs never meet in the test prompts."""
+    return tw.composition_prompts(category, "train", train_prompts, seed + 9900, pal=zt.DARK)
+
+
+def own_best(items, n, keep, seed_):
+    """tiny D_p, §9.2.6's recipe with the toy t2i as the only generator: ``n`` of the model's own samples per prompt,
+    rated by the oracle, the best ``keep`` of each prompt encoded. Returns latents (P, keep, ...) and all images
+    (P n, 3, H, W) with their ratings (P n,) (GORS thresholds the same pool)."""
+    with torch.no_grad():
+        images = pipe.sample(pipe.encode([cap for cap, _, _ in items]).repeat_interleave(n, 0), seed=seed_)
+    rating = torch.from_numpy(vqa_scores(images, items, n)).float()
+    best = (rating.view(len(items), n).topk(keep, dim=1).indices + n * torch.arange(len(items))[:, None]).flatten()
+    return pipe.encode_images(images[best]).view(len(items), keep, *pipe.latent_shape), images, rating
+
+
 def train_pairs(category):
-    """The train prompts (P), their conditionings (P, T, d) and latents (P, R, ...) of their images: tiny, one
-    render each; paper, the best 30 of ``per_generator`` samples by BLIP-VQA (§9.2.6; SD v1.4 the only generator)."""
+    """The train prompts (P), their conditionings (P, T, d) and latents (P, R, ...) of their images: the best
+    ``keep_best`` of ``per_generator`` of the model's own samples (tiny: rated by the oracle; paper: by BLIP-VQA,
+    §9.2.6, SD v1.4 the only generator)."""
     if ch.tiny:
-        items = tw.composition_prompts(category, "train", train_prompts, seed + 9900, pal=zt.DARK)
-        lat = pipe.encode_images(torch.from_numpy(tw.render_batch([s for _, s, _ in items], seed=seed, noise=0.0)[0]))[:, None]
+        items = train_items(category)
+        lat, images, rating = own_best(items, per_generator, keep_best, seed + 1)
+        own_pools[category] = images, rating
         prompts_c = [cap for cap, _, _ in items]
     else:
         prompts_c = cb.compbench_prompts(COMPBENCH[category], "train")[:train_prompts]
-        lat = cb.compbench_training_latents(pipe, {"sd": pipe}, prompts_c, per_generator, min(30, per_generator), blip,
-                                            seed=seed)
+        lat = cb.compbench_training_latents(pipe, {"sd": pipe}, prompts_c, per_generator,
+                                            min(keep_best, per_generator), blip, seed=seed)
     return prompts_c, pipe.encode(prompts_c), lat
 
 
+def gors_set(category, prompts_c):
+    """GORS's data: ``per_generator`` of the model's own images per train prompt, rated (tiny: the oracle's score,
+    the pool CLP's data came from; paper: BLIP-VQA); those above the release's threshold for the category, with
+    their rating as the reward."""
+    threshold = lora.GORS_THRESHOLDS[COMPBENCH[category]] if gors_threshold is None else gors_threshold
+    if not ch.tiny:
+        return cb.compbench_rewarded_samples(pipe, prompts_c, per_generator, blip, threshold, seed=seed + 1)
+    images, rating = own_pools[category]
+    keep = torch.nonzero(rating > threshold).flatten()
+    return [prompts_c[k // per_generator] for k in keep], pipe.encode_images(images[keep]), rating[keep]
+
+
 table92 = []
-projections, train_data = {}, {}
+projections, train_data, gors_adapters, own_pools = {}, {}, {}, {}
 for c in categories:
     prompts_c, conds, lat = train_data[c] = train_pairs(c)
     row = dict(category=c, baseline=base[c])
@@ -532,6 +571,15 @@ for c in categories:
                                                 values_c.repeat_interleave(samples_per_prompt, 0), seed=seed, **SAMPLE)
     row["Structured"] = float(vqa_scores(images, test_items[c]).mean())
     row["Attn-Exct"], row["prompts excited"], _ = attend_excite_vqa(test_items[c])
+    gors_prompts, gors_latents, gors_rewards = gors_set(c, prompts_c)
+    row["GORS images"] = len(gors_prompts)
+    if gors_prompts:
+        adapters = gors_adapters[c] = lora.gors_finetune(pipe, gors_prompts, gors_latents, gors_rewards,
+                                                         steps=gors_steps, seed=seed)[0]
+        with torch.no_grad(), adapters.attached(pipe):
+            row["GORS"], _ = vqa(pipe.encode([cap for cap, _, _ in test_items[c]]), test_items[c])
+    else:
+        row["GORS"] = float("nan")
     for name, s in (("CLP", 0), ("WiCLP", 1)):
         proj, _ = conditioning.fit_conditioning(pipe, conds, lat, transform=conditioning.WindowProjection(conds.shape[-1], s),
                                                 steps=train_steps, lr=1e-3 if ch.tiny else 1e-4, batch_size=16, seed=seed)
@@ -548,13 +596,15 @@ for c, col in zip(categories, range(3)):
     ch.compare(f"Table 9.2 {c}: baseline / CLP / WiCLP", dissertation=" / ".join(str(TABLE_9_2[m][col]) for m in TABLE_9_2),
                reproduced=" / ".join(f"{table92.set_index('category').loc[c, m]:.4f}" for m in TABLE_9_2),
                note="SD v1.4 rows (printed as SDXL in the dissertation)")
-others = table92[["baseline", "Composable", "Structured", "Attn-Exct"]].mean()
+others = table92[["baseline", "Composable", "Structured", "Attn-Exct", "GORS"]].mean()
 ch.compare("Table 9.2 baselines (colour / texture / shape)",
            dissertation="SD v2: baseline 0.5065 / 0.4922 / 0.4221, Composable 0.4063 / 0.3645 / 0.3299, "
-                        "Structured 0.4990 / 0.4900 / 0.4218, Attn-Exct 0.6400 / 0.5963 / 0.4517",
+                        "Structured 0.4990 / 0.4900 / 0.4218, Attn-Exct 0.6400 / 0.5963 / 0.4517, "
+                        "GORS 0.6414 / 0.6025 / 0.4546",
            reproduced={r["category"]: f"baseline {r['baseline']:.4f}, Composable {r['Composable']:.4f}, "
                                       f"Structured {r['Structured']:.4f}, "
-                                      f"Attn-Exct {r['Attn-Exct']:.4f} ({r['prompts excited']} prompts excited)"
+                                      f"Attn-Exct {r['Attn-Exct']:.4f} ({r['prompts excited']} prompts excited), "
+                                      f"GORS {r['GORS']:.4f} ({r['GORS images']} images kept)"
                        for _, r in table92.iterrows()},
            note="tiny: the toy t2i" if ch.tiny else "SD v1.4 (the dissertation ran these baselines on SD v2)")
 ch.claim("composable_below_baseline", "Composable Diffusion's mean VQA over the categories < the baseline's", kind="soft",
@@ -566,6 +616,9 @@ ch.claim("structured_near_baseline", "Structured Diffusion's mean VQA over the c
 ch.claim("attend_excite_helps", "Attend-and-Excite's mean VQA over the categories >= the baseline's + 0.05", kind="soft",
          dissertation="SD v2: +0.13 / +0.10 / +0.03 (Table 9.2)",
          reproduced=f"{others['Attn-Exct']:.3f} vs {others.baseline:.3f}", holds=others["Attn-Exct"] >= others.baseline + 0.05)
+ch.claim("gors_helps", "GORS's mean VQA over the categories >= the baseline's + 0.05", kind="soft",
+         dissertation="SD v2: +0.13 / +0.11 / +0.03 (Table 9.2)",
+         reproduced=f"{others.GORS:.3f} vs {others.baseline:.3f}", holds=bool(others.GORS >= others.baseline + 0.05))
 ch.claim("projections_help", "on held-out prompts WiCLP >= baseline + 0.08, CLP >= baseline + 0.04, WiCLP >= CLP - 0.02",
          kind="hard" if ch.tiny else "soft", dissertation="WiCLP > CLP > baseline (Table 9.2)", reproduced=" / ".join(f"{v:.3f}" for v in mean92),
          holds=mean92.WiCLP >= mean92.baseline + 0.08 and mean92.CLP >= mean92.baseline + 0.04 and mean92.WiCLP >= mean92.CLP - 0.02)
@@ -738,13 +791,21 @@ if 800 in at and 0 in at and 1000 in at:
              reproduced=f"{at[800].vqa:.3f} vs baseline {at[1000].vqa:.3f}, always-on {at[0].vqa:.3f}; "
                         f"FID {at[1000].fid:.2f} / {at[800].fid:.2f} / {at[0].fid:.2f}",
              holds=gain_0 > 0 and gain_800 >= 0.7 * gain_0)
+if categories[0] in gors_adapters and 0 in at:   # the dissertation compares WiCLP's FID with GORS's
+    with torch.no_grad(), gors_adapters[categories[0]].attached(pipe):
+        cond_g = pipe.encode(fid_caps)
+        fid_gors = fid(cond_g, (1000, cond_g))
+    ch.compare("FID: WiCLP (always on) / GORS", dissertation="27.40 / 30.54 (MS-COCO prompts)",
+               reproduced=f"{at[0].fid:.2f} / {fid_gors:.2f} (plain {at[1000].fid:.2f})" if 1000 in at else
+               f"{at[0].fid:.2f} / {fid_gors:.2f}",
+               note=f"tiny: toy-FID, GORS adapters of {categories[0]}" if ch.tiny else f"GORS adapters of {categories[0]}")
 
 # %% [markdown]
 # ## Figs 11.11, 11.12 and 9.9 — the images
 #
 # Fig 11.11: prompts without and with WiCLP (same noise). Fig 11.12: one prompt with WiCLP switched on from
-# timestep τ (τ = 1000: never). Fig 9.9: the methods of this notebook side by side (the dissertation's other
-# baseline GORS, a fine-tuned SD v2 from T2I-CompBench, is not implemented here).
+# timestep τ (τ = 1000: never). Fig 9.9: the methods of this notebook side by side (GORS: the colour adapters,
+# fine-tuned from the model this notebook samples rather than the release's SD v2 checkpoint).
 
 # %%
 FIG_11_11 = ["A red book and a yellow vase", "A bathroom has brown wall and gold counters", "A blue backpack and a red chair",
@@ -778,6 +839,9 @@ with torch.no_grad():
     rows = {k: pipe.sample(f(shown_prompts[:4]), seed=seed, **SAMPLE) for k, f in methods.items()}
     rows["Structured"] = conditioning.sample_structured(pipe, *conditioning.structured_values(pipe, shown_prompts[:4]),
                                                         seed=seed, **SAMPLE)
+if "colour" in gors_adapters:
+    with torch.no_grad(), gors_adapters["colour"].attached(pipe):
+        rows["GORS"] = pipe.sample(pipe.encode(shown_prompts[:4]), seed=seed, **SAMPLE)
 rows["Attn-Exct"] = attend_excite_vqa([(p, None, None) for p in shown_prompts[:4]] if not ch.tiny else
                                       test_items["colour"][:4], n=1)[2]
 fig, axes = plt.subplots(len(rows), 4, figsize=(6, 1.5 * len(rows)), squeeze=False)

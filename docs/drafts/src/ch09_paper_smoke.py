@@ -106,7 +106,7 @@ def main():
     run_draft("ch09", dict(profile="paper", n_winoground=2, n_aro=2, diffusion_samples=2, ft_steps=1, n_ft_seeds=1,
                            n_test_prompts=2, samples_per_prompt=1, train_prompts=2, train_steps=1, cstar_prompts=2,
                            cstar_steps=1, switch_taus=[1000, 800, 0], fid_images=4, students=["ViT-B/32", "RN50"],
-                           per_generator=2, device="cpu"))
+                           per_generator=2, keep_best=2, gors_steps=2, gors_threshold=0.0, device="cpu"))
 
 
 if __name__ == "__main__":
