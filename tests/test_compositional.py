@@ -260,6 +260,11 @@ def test_compbench_rewarded_samples_keep_the_pipelines_own_images_above_the_thre
     none = cb.compbench_rewarded_samples(pipe, ["a red star"], 4, Bright(), threshold=0.9, image_size=8,
                                          chunker=lambda p: [p], progress=False)
     assert none[0] == [] and none[1].shape == (0, *pipe.latent_shape)
+    # one generation pass serves both sets: the best image of each prompt and the rewarded images
+    best, both = cb.compbench_training_sets(pipe, {"self": pipe}, ["a red star", "a blue ring"], 4, 1, Bright(), 0.5,
+                                            image_size=8, chunker=lambda p: [p], progress=False)
+    assert best.shape == (2, 1, *pipe.latent_shape) and torch.allclose(best[:, 0], lat[1::2], atol=1e-6)
+    assert both[0] == kept and torch.equal(both[1], lat) and torch.equal(both[2], reward)
 
 
 def test_frechet_distance_and_inception_features_for_fid():

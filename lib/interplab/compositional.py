@@ -290,38 +290,47 @@ def _encoded(pipe, images: torch.Tensor, image_size: int) -> torch.Tensor:
     return pipe.encode_images(resized.to(pipe.device)).cpu()
 
 
+def compbench_training_sets(pipe, generators: dict, prompts, per_generator: int, keep: int, vqa: BlipVqa,
+                            threshold: float | None = None, image_size: int = 512, chunker=noun_phrases, seed: int = 0,
+                            progress: bool = True) -> tuple:
+    """§9.2.6's and GORS's training sets from one pass of generation: per prompt, ``per_generator`` images
+    from each generator (name -> pipeline with ``generate``) scored by the disentangled VQA; the best ``keep``
+    of each prompt, and (``threshold`` given) every image scoring above it with its score as the reward, are
+    encoded by ``pipe`` at its ``image_size``. Returns (latents (P, keep, *pipe.latent_shape), rewarded):
+    rewarded is (prompts of the kept images (N,), latents (N, *latent_shape), rewards (N,)), or None."""
+    from tqdm.auto import tqdm
+    best, kept, latents, rewards = [], [], [], []
+    for i, prompt in enumerate(tqdm(prompts, desc="generate and score", disable=not progress)):
+        images, score = _generated_and_scored(generators, prompt, per_generator, vqa, chunker, seed + 7919 * i)
+        best.append(_encoded(pipe, images[score.topk(keep).indices], image_size) if keep else
+                    torch.empty(0, *pipe.latent_shape))
+        good = torch.nonzero(score > threshold).flatten() if threshold is not None else []
+        if len(good):
+            kept += [prompt] * len(good)
+            latents.append(_encoded(pipe, images[good], image_size))
+            rewards.append(score[good])
+    if threshold is None:
+        return torch.stack(best), None
+    if not kept:
+        return torch.stack(best), ([], torch.empty(0, *pipe.latent_shape), torch.empty(0))
+    return torch.stack(best), (kept, torch.cat(latents), torch.cat(rewards))
+
+
 def compbench_training_latents(pipe, generators: dict, prompts, per_generator: int, keep: int, vqa: BlipVqa,
                                image_size: int = 512, chunker=noun_phrases, seed: int = 0,
                                progress: bool = True) -> torch.Tensor:
-    """§9.2.6's training set: per prompt, ``per_generator`` images from each generator (name ->
-    pipeline with ``generate``), scored by the disentangled VQA, the best ``keep`` encoded by ``pipe``
-    (the model WiCLP is fitted to) at its ``image_size``. Returns latents (P, keep, *pipe.latent_shape)."""
-    from tqdm.auto import tqdm
-    out = []
-    for i, prompt in enumerate(tqdm(prompts, desc="generate and filter", disable=not progress)):
-        images, score = _generated_and_scored(generators, prompt, per_generator, vqa, chunker, seed + 7919 * i)
-        out.append(_encoded(pipe, images[score.topk(keep).indices], image_size))
-    return torch.stack(out)
+    """§9.2.6's training set alone: the best ``keep`` of each prompt's images, (P, keep, *pipe.latent_shape)."""
+    return compbench_training_sets(pipe, generators, prompts, per_generator, keep, vqa, None, image_size, chunker,
+                                   seed, progress)[0]
 
 
 def compbench_rewarded_samples(pipe, prompts, per_prompt: int, vqa: BlipVqa, threshold: float,
                                image_size: int = 512, chunker=noun_phrases, seed: int = 0,
                                progress: bool = True) -> tuple:
-    """GORS's training set (T2I-CompBench): ``per_prompt`` images of each prompt from ``pipe`` itself,
-    scored by the disentangled VQA; those scoring above ``threshold`` are kept with their score as the
-    reward. Returns (prompts of the kept images (N,), latents (N, *pipe.latent_shape), rewards (N,))."""
-    from tqdm.auto import tqdm
-    kept, latents, rewards = [], [], []
-    for i, prompt in enumerate(tqdm(prompts, desc="generate and score", disable=not progress)):
-        images, score = _generated_and_scored({"self": pipe}, prompt, per_prompt, vqa, chunker, seed + 7919 * i)
-        good = torch.nonzero(score > threshold).flatten()
-        if len(good):
-            kept += [prompt] * len(good)
-            latents.append(_encoded(pipe, images[good], image_size))
-            rewards.append(score[good])
-    if not kept:
-        return [], torch.empty(0, *pipe.latent_shape), torch.empty(0)
-    return kept, torch.cat(latents), torch.cat(rewards)
+    """GORS's training set alone (T2I-CompBench): ``per_prompt`` images of each prompt from ``pipe`` itself,
+    those scoring above ``threshold`` with their score. Returns (prompts (N,), latents (N, ...), rewards (N,))."""
+    return compbench_training_sets(pipe, {"self": pipe}, prompts, per_prompt, 0, vqa, threshold, image_size, chunker,
+                                   seed, progress)[1]
 
 
 def embed_files(model, files, size: int, bboxes=None, batch_size: int = 64) -> torch.Tensor:

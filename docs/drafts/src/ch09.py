@@ -541,20 +541,24 @@ def train_pairs(category):
         prompts_c = [cap for cap, _, _ in items]
     else:
         prompts_c = cb.compbench_prompts(COMPBENCH[category], "train")[:train_prompts]
-        lat = cb.compbench_training_latents(pipe, {"sd": pipe}, prompts_c, per_generator,
-                                            min(keep_best, per_generator), blip, seed=seed)
+        lat, own_pools[category] = cb.compbench_training_sets(pipe, {"sd": pipe}, prompts_c, per_generator,
+                                                              min(keep_best, per_generator), blip,
+                                                              gors_threshold_of(category), seed=seed + 1)
     return prompts_c, pipe.encode(prompts_c), lat
 
 
+def gors_threshold_of(category):
+    return lora.GORS_THRESHOLDS[COMPBENCH[category]] if gors_threshold is None else gors_threshold
+
+
 def gors_set(category, prompts_c):
-    """GORS's data: ``per_generator`` of the model's own images per train prompt, rated (tiny: the oracle's score,
-    the pool CLP's data came from; paper: BLIP-VQA); those above the release's threshold for the category, with
+    """GORS's data, from the pool CLP's data came from (``per_generator`` own images per train prompt, rated;
+    tiny: by the oracle, paper: by BLIP-VQA): the images above the release's threshold for the category, with
     their rating as the reward."""
-    threshold = lora.GORS_THRESHOLDS[COMPBENCH[category]] if gors_threshold is None else gors_threshold
     if not ch.tiny:
-        return cb.compbench_rewarded_samples(pipe, prompts_c, per_generator, blip, threshold, seed=seed + 1)
+        return own_pools[category]
     images, rating = own_pools[category]
-    keep = torch.nonzero(rating > threshold).flatten()
+    keep = torch.nonzero(rating > gors_threshold_of(category)).flatten()
     return [prompts_c[k // per_generator] for k in keep], pipe.encode_images(images[keep]), rating[keep]
 
 
