@@ -29,7 +29,7 @@ def attention_linears(model: nn.Module) -> list:
     for name, module in model.named_modules():
         if type(module).__name__.endswith("Attention"):
             paths += [f"{name}.{sub}" for sub, m in module.named_modules() if sub and isinstance(m, nn.Linear)]
-    return sorted(set(paths), key=paths.index)
+    return list(dict.fromkeys(paths))   # a Linear inside nested attention modules once, first-seen order
 
 
 class LoRA(nn.Module):
@@ -141,6 +141,7 @@ def gors_finetune(pipe, prompts, latents: torch.Tensor, rewards, steps: int = GO
     sched = pipe.training_scheduler()
     ids = pipe.tokenize(prompts)
     gen = torch.Generator().manual_seed(seed)
+    unet_dtype = next(pipe.unet.parameters()).dtype
     losses = []
     with frozen(pipe.unet), frozen(pipe.text_model), adapters.attached(pipe):
         pipe.unet.train()
@@ -151,7 +152,6 @@ def gors_finetune(pipe, prompts, latents: torch.Tensor, rewards, steps: int = GO
             t = torch.randint(0, sched.config.num_train_timesteps, (batch_size,), generator=gen).to(x0.device)
             zt = sched.add_noise(x0, eps, t)
             cond = pipe.text_model(input_ids=ids[i].to(pipe.text_model.device)).last_hidden_state
-            unet_dtype = next(pipe.unet.parameters()).dtype
             out = pipe.unet(zt.to(unet_dtype), t, encoder_hidden_states=cond.to(unet_dtype)).sample.float()
             per_sample = ((out - denoising_target(sched, x0, eps, t)) ** 2).flatten(1).mean(1)
             loss = (rewards[i].to(per_sample.device) * per_sample).mean()
