@@ -131,7 +131,8 @@ def test_sdxl_unet_tracing_carries_the_pooled_conditioning_and_batches_like_one_
     assert torch.allclose(batched[3], alone[2], atol=1e-5)
 
 
-@pytest.mark.parametrize("cls", ["StableDiffusion", "StableDiffusionXL", "DeepFloydIF", "ClipScore"])
+@pytest.mark.parametrize("cls", ["StableDiffusion", "StableDiffusionXL", "DeepFloydIF", "PixArtAlpha",
+                                 "StableDiffusion3", "ClipScore"])
 def test_offline_pipelines_name_the_hf_command(cls, monkeypatch, tmp_path):
     """huggingface_hub >= 1 ships the ``hf`` command only; the hint must be one a user can run."""
     from interplab.errors import ResourceUnavailable
@@ -140,3 +141,90 @@ def test_offline_pipelines_name_the_hf_command(cls, monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     with pytest.raises(ResourceUnavailable, match="`hf download "):
         getattr(diffusion, cls).from_pretrained(device="cpu")
+
+
+def test_pixart_and_sd3_configs_are_the_released_models():
+    """Built on the meta device from the facts in models.diffusion: PixArt-alpha's 0.6 B DiT (28 blocks with
+    cross-attention from T5's 4096-wide states into 1152) and SD3 medium's 2 B MMDiT (24 joint blocks, text
+    sequence 4096 wide projected to 1536, pooled 2048)."""
+    from diffusers import PixArtTransformer2DModel, SD3Transformer2DModel
+
+    from interplab.models.diffusion import PIXART_TRANSFORMER, SD3_TRANSFORMER
+    with torch.device("meta"):
+        pixart, sd3 = PixArtTransformer2DModel(**PIXART_TRANSFORMER), SD3Transformer2DModel(**SD3_TRANSFORMER)
+    assert sum(p.numel() for p in pixart.parameters()) == 611_349_152
+    assert len(pixart.transformer_blocks) == 28 and pixart.use_additional_conditions  # the 1024 model
+    assert pixart.caption_projection.linear_1.in_features == 4096
+    assert all(b.attn2.to_k.in_features == 1152 and b.attn2.heads == 16 for b in pixart.transformer_blocks)
+    assert sum(p.numel() for p in sd3.parameters()) == 2_028_328_000
+    assert len(sd3.transformer_blocks) == 24 and sd3.transformer_blocks[-1].context_pre_only
+    assert (sd3.context_embedder.in_features, sd3.context_embedder.out_features) == (4096, 1536)
+    assert sd3.time_text_embed.text_embedder.linear_1.in_features == 2048
+
+
+def test_pixart_never_reads_masked_padding_and_samples_alike_in_any_batch():
+    pipe = tiny_random.pixart_alpha()
+    prompts = ["a red book and a yellow vase", "a cat"]
+    cond, added = pipe.encode(prompts), pipe.added_conditions(prompts)
+    mask = added["encoder_attention_mask"]
+    assert cond.shape == (2, 16, 32) and mask[1].sum() < mask[0].sum() < 16
+    z, t = torch.randn(2, *pipe.latent_shape), torch.tensor([500, 500])
+    noisy = cond + 10 * torch.randn_like(cond) * (1 - mask)[..., None]   # change only what the mask hides
+    with torch.no_grad():
+        assert torch.allclose(pipe.denoise(z, t, cond, added), pipe.denoise(z, t, noisy, added), atol=1e-5)
+        assert not torch.allclose(pipe.denoise(z, t, cond), pipe.denoise(z, t, noisy), atol=1e-3)
+    images = pipe.sample(cond, seed=0, steps=3, added=added)
+    assert images.shape == (2, 3, 8, 8)
+    # DPM-Solver keeps a history: one solver per batch, so batches of one give the same images
+    assert torch.allclose(pipe.sample(cond, seed=0, steps=3, added=added, batch_size=1), images, atol=1e-5)
+    with pytest.raises(BadParameter):
+        pipe.sample(cond, steps=3, added=added, eta=1.0)
+    size_conditioned = tiny_random.pixart_alpha(use_additional_conditions=True)
+    assert size_conditioned.generate(prompts[:1], steps=2).shape == (1, 3, 8, 8)
+
+
+def test_sd3_conditions_on_padded_clip_then_t5_and_pooled_projections():
+    pipe = tiny_random.stable_diffusion_3()
+    prompts = ["a red book and a yellow vase", "a cat"]
+    cond, added = pipe.encode(prompts), pipe.added_conditions(prompts)
+    assert cond.shape == (2, 77 + 8, 64) and added["pooled_projections"].shape == (2, 16 + 24)
+    assert cond[:, :77, 16 + 24:].abs().max() == 0                     # CLIP-L ; CLIP-G, zero-padded to T5's width
+    ids = pipe.tokenizer_3(prompts, padding="max_length", max_length=8, truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.allclose(cond[:, 77:], pipe.text_model_3(input_ids=ids).last_hidden_state, atol=1e-6)
+    with pytest.raises(BadParameter):
+        pipe.denoise(torch.zeros(1, *pipe.latent_shape), 500, cond[:1])
+    images = pipe.sample(cond, seed=0, steps=3, added=added)
+    assert images.shape == (2, 3, 8, 8)
+    assert torch.allclose(pipe.sample(cond, seed=0, steps=3, added=added, batch_size=1), images, atol=1e-5)
+
+
+def test_rectified_flow_noise_and_target_agree_with_the_eps_the_losses_use():
+    from interplab import conditioning, lora
+    sched = tiny_random.stable_diffusion_3().training_scheduler()
+    x0, eps = torch.randn(3, 16, 8, 8), torch.randn(3, 16, 8, 8)
+    t = torch.tensor([0, 400, 999])
+    zt = sched.add_noise(x0, eps, t)
+    assert torch.allclose(zt[0], x0[0]) and torch.allclose(zt[1], 0.6 * x0[1] + 0.4 * eps[1], atol=1e-6)
+    v = lora.denoising_target(sched, x0, eps, t)
+    assert torch.allclose(conditioning.predicted_noise(sched, v, zt, t), eps, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["stable_diffusion_xl", "pixart_alpha", "stable_diffusion_3"])
+def test_wiclp_trains_with_each_familys_added_conditioning_and_starts_as_a_no_op(family):
+    """Table 9.2's WiCLP on SD-XL, PixArt-alpha and SD3: the identity projection samples the same images bit
+    for bit; fitting it (their pooled text / mask held fixed) moves only the projection."""
+    from interplab import conditioning
+    pipe = getattr(tiny_random, family)()
+    prompts = ["a red book and a yellow vase", "a blue bear and a brown boat"]
+    cond, added = pipe.encode(prompts), pipe.added_conditions(prompts)
+    proj = conditioning.WindowProjection(cond.shape[-1], 1)
+    with torch.no_grad():
+        assert torch.equal(pipe.sample(proj(cond), seed=0, steps=2, added=added), pipe.sample(cond, seed=0, steps=2, added=added))
+    before = [p.detach().clone() for p in pipe.unet.parameters()]
+    latents = torch.randn(2, 1, *pipe.latent_shape)
+    proj, losses = conditioning.fit_conditioning(pipe, cond, latents, transform=proj, steps=2, lr=1e-2, batch_size=2,
+                                                 progress=False, added=added)
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert not torch.equal(proj.linear.weight, conditioning.WindowProjection(cond.shape[-1], 1).linear.weight)
+    assert all(torch.equal(a, b) for a, b in zip(before, pipe.unet.parameters()))

@@ -40,24 +40,30 @@ from .errors import BadParameter
 
 def predicted_noise(sched, out: torch.Tensor, zt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """The UNet's output as a noise prediction: itself for epsilon models; for v-prediction
-    eps = sqrt(abar_t) v + sqrt(1 - abar_t) z_t. The dissertation's errors are in eps."""
+    eps = sqrt(abar_t) v + sqrt(1 - abar_t) z_t; for rectified flow (SD3, velocity eps - x0)
+    eps = z_t + (1 - s) v. The dissertation's errors are in eps."""
     if sched.config.prediction_type == "epsilon":
         return out
+    if sched.config.prediction_type == "flow":
+        return zt + (1 - sched.sigma(t, zt)) * out
     if sched.config.prediction_type != "v_prediction":
         raise BadParameter(f"prediction_type {sched.config.prediction_type!r} is not supported")
     abar = sched.alphas_cumprod.to(zt.device)[t].view(-1, *[1] * (zt.dim() - 1)).to(zt.dtype)
     return abar.sqrt() * out + (1 - abar).sqrt() * zt
 
 
-def sds_loss(pipe, z: torch.Tensor, cond: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+def sds_loss(pipe, z: torch.Tensor, cond: torch.Tensor, gen: torch.Generator, added: dict | None = None) -> torch.Tensor:
     """||eps_theta(z_t, t, c) - eps||^2 averaged over the batch, t ~ U{0..T-1}: z (N, *latent_shape)
-    from the student (gradients flow through the frozen UNet into z), cond (N, T, d)."""
+    from the student (gradients flow through the frozen UNet into z), cond (N, T, d); ``added``: the
+    denoiser's extra inputs of these rows, {name: (N, ...)} (SD-XL, PixArt, SD3)."""
     sched = pipe.training_scheduler()
     t = torch.randint(0, sched.config.num_train_timesteps, (len(z),), generator=gen).to(z.device)
     eps = torch.randn(z.shape, generator=gen).to(z)
     zt = sched.add_noise(z, eps, t)
-    out = pipe.unet(zt, t, encoder_hidden_states=cond.to(z)).sample
-    return F.mse_loss(predicted_noise(sched, out, zt, t), eps)
+    if added is not None:
+        added = {k: v.to(z) for k, v in added.items()}
+    out = pipe.noise_prediction(pipe.denoise(zt, t, cond.to(z), added))
+    return F.mse_loss(predicted_noise(sched, out.to(z), zt, t), eps)
 
 
 @torch.no_grad()
@@ -83,8 +89,8 @@ def diffusion_score(pipe, images: torch.Tensor, conds: torch.Tensor, n: int = 50
         # every caption against the same n draws, all in one batch of C x n rows
         z_all, t_all, eps_all = zt.repeat(C, 1, 1, 1), t.repeat(C), eps.repeat(C, 1, 1, 1)
         cond = conds.to(x0).repeat_interleave(n, dim=0)
-        pred = torch.cat([pipe.unet(z_all[k:k + batch_size], t_all[k:k + batch_size],
-                                    encoder_hidden_states=cond[k:k + batch_size]).sample
+        pred = torch.cat([pipe.noise_prediction(pipe.denoise(z_all[k:k + batch_size], t_all[k:k + batch_size],
+                                                             cond[k:k + batch_size]))
                           for k in range(0, C * n, batch_size)])
         err = (predicted_noise(sched, pred, z_all, t_all) - eps_all) ** 2
         out[i] = err.view(C, -1).mean(1).cpu()
@@ -106,9 +112,10 @@ def frozen(module: nn.Module):
 
 
 def _fit(pipe, params: list, condition, latents: torch.Tensor, steps: int, lr: float, batch_size: int, seed: int,
-         weight_decay: float, progress: bool, desc: str) -> list:
+         weight_decay: float, progress: bool, desc: str, added: dict | None = None) -> list:
     """AdamW on ``params``: each step draws ``batch_size`` (prompt i, image r) pairs of latents (P, R, ...)
-    and lowers the frozen UNet's denoising error of image r under ``condition(i)`` (B, T, d)."""
+    and lowers the frozen UNet's denoising error of image r under ``condition(i)`` (B, T, d) and the
+    prompts' extra inputs ``added`` {name: (P, ...)}."""
     from tqdm.auto import tqdm
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
@@ -117,7 +124,8 @@ def _fit(pipe, params: list, condition, latents: torch.Tensor, steps: int, lr: f
         for _ in tqdm(range(steps), desc=desc, disable=not progress, leave=False):
             i = torch.randint(0, len(latents), (batch_size,), generator=gen)
             r = torch.randint(0, latents.shape[1], (batch_size,), generator=gen)
-            loss = sds_loss(pipe, latents[i, r].to(pipe.device), condition(i), gen)
+            extra = None if added is None else {k: v[i] for k, v in added.items()}
+            loss = sds_loss(pipe, latents[i, r].to(pipe.device), condition(i), gen, extra)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -127,23 +135,25 @@ def _fit(pipe, params: list, condition, latents: torch.Tensor, steps: int, lr: f
 
 def fit_conditioning(pipe, conds: torch.Tensor, latents: torch.Tensor, transform: nn.Module | None = None,
                      steps: int = 120, lr: float = 1e-2, batch_size: int = 16, seed: int = 0,
-                     weight_decay: float = 0.0, progress: bool = True):
+                     weight_decay: float = 0.0, progress: bool = True, added: dict | None = None):
     """Fit a conditioning to real images by their denoising error (Eq. 9.1), the UNet frozen.
 
     conds (P, T, d): the prompts' conditionings c; latents (P, R, *latent_shape): R encoded
     renders of each prompt. ``transform`` None: optimise c itself (§9.2.5's c*; returns (P, T, d));
     a module (CLP / WiCLP): train it on every c (returns the module). Each Adam(W) step draws
-    ``batch_size`` (prompt, render) pairs; losses are ``sds_loss``'s. Returns (result, losses).
+    ``batch_size`` (prompt, render) pairs; losses are ``sds_loss``'s. ``added`` {name: (P, ...)}: the
+    prompts' extra denoiser inputs, kept fixed (SD-XL's pooled text, PixArt's mask, SD3's pooled
+    projections; ``pipe.added_conditions(prompts)``). Returns (result, losses).
     """
     conds = conds.detach().to(pipe.device)
     if transform is None:
         target = conds.clone().requires_grad_(True)
         losses = _fit(pipe, [target], lambda i: target[i], latents, steps, lr, batch_size, seed, weight_decay,
-                      progress, "fit conditioning")
+                      progress, "fit conditioning", added)
         return target.detach(), losses
     target = transform.to(pipe.device).train()
     losses = _fit(pipe, list(target.parameters()), lambda i: target(conds[i]), latents, steps, lr, batch_size, seed,
-                  weight_decay, progress, "fit conditioning")
+                  weight_decay, progress, "fit conditioning", added)
     return target.eval(), losses
 
 

@@ -57,7 +57,7 @@ def excite_loss_at(pipe, x: torch.Tensor, t, cond: torch.Tensor, subjects, eos, 
 
     handles = [pipe.unet.get_submodule(p).register_forward_pre_hook(record, with_kwargs=True) for p in paths]
     try:
-        pipe.unet(x, t, encoder_hidden_states=cond)
+        pipe.denoise(x, t, cond)
     finally:
         for h in handles:
             h.remove()

@@ -101,10 +101,13 @@ GORS_THRESHOLDS = {"color": 0.92, "shape": 0.85, "texture": 0.9}
 
 
 def denoising_target(sched, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """What the UNet is trained to output for z_t = add_noise(x0, eps, t): eps, or v for v-prediction."""
+    """What the UNet is trained to output for z_t = add_noise(x0, eps, t): eps, v for v-prediction, or the
+    velocity eps - x0 for rectified flow (SD3)."""
     kind = sched.config.prediction_type
     if kind == "epsilon":
         return eps
+    if kind == "flow":
+        return eps - x0
     if kind == "v_prediction":
         return sched.get_velocity(x0, eps, t)
     raise BadParameter(f"prediction_type {kind!r} is not supported")
@@ -152,7 +155,7 @@ def gors_finetune(pipe, prompts, latents: torch.Tensor, rewards, steps: int = GO
             t = torch.randint(0, sched.config.num_train_timesteps, (batch_size,), generator=gen).to(x0.device)
             zt = sched.add_noise(x0, eps, t)
             cond = pipe.text_model(input_ids=ids[i].to(pipe.text_model.device)).last_hidden_state
-            out = pipe.unet(zt.to(unet_dtype), t, encoder_hidden_states=cond.to(unet_dtype)).sample.float()
+            out = pipe.noise_prediction(pipe.denoise(zt.to(unet_dtype), t, cond.to(unet_dtype))).float()
             per_sample = ((out - denoising_target(sched, x0, eps, t)) ** 2).flatten(1).mean(1)
             loss = (rewards[i].to(per_sample.device) * per_sample).mean()
             opt.zero_grad()

@@ -8,8 +8,11 @@ the zoo's toy model and Stable Diffusion:
 ``Text2Image`` holds the sampling loop; ``StableDiffusion`` (VAE latents, paper profile) says how
 latents become images, and ``zoo.t2i.ToyDiffusion`` is the same pipeline at toy size.
 ``StableDiffusionXL`` adds the second text tower and the pooled / time-id conditioning,
-``DeepFloydIF`` samples IF's stage I in pixel space from T5 states. The
-unconditional conditioning is ``encode([""])``, never corrupted, restored or edited.
+``DeepFloydIF`` samples IF's stage I in pixel space from T5 states, ``PixArtAlpha`` (a DiT on T5
+states, DPM-Solver++) and ``StableDiffusion3`` (an MMDiT on CLIP-L / CLIP-G / T5 states, rectified
+flow) are the other families of Table 9.2. ``pipe.denoise(z, t, cond, added)`` is the one forward pass
+every sampler and loss calls. The unconditional conditioning is ``encode([""])``, never corrupted,
+restored or edited.
 
 Paper-profile architectures are written here as facts (``SD_UNET``, ``SD_TEXT``) so tests can build
 them with random weights offline; ``StableDiffusion.from_pretrained`` loads real weights by hub id.
@@ -19,6 +22,7 @@ from __future__ import annotations
 import inspect
 
 import torch
+import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler
 
 from ..errors import BadParameter, resource_unavailable
@@ -110,10 +114,11 @@ class Text2Image:
             noise = self.draw_noise(rows, seed)
         dtype = self.unet.dtype
         noise = noise.expand(len(cond), *self.latent_shape).to(self.device, dtype)
-        sched = DDIMScheduler(**self.schedule)
-        sched.set_timesteps(steps)
+        if eta and not self.stochastic_steps:
+            raise BadParameter(f"{type(self).__name__} samples with a deterministic solver: eta must be 0")
+        n_steps = len(self.sampling_scheduler(steps).timesteps)
         step_noise = [self.draw_noise(rows, seed * 7919 + k + 1).expand(len(cond), *self.latent_shape)
-                      for k in range(len(sched.timesteps))] if eta else None
+                      for k in range(n_steps)] if eta else None
         cond, uncond = cond.to(self.device, dtype), uncond.to(self.device, dtype)
         tau, late = switch if switch is not None else (-1, None)
         late = late.to(self.device, dtype) if late is not None else None
@@ -122,27 +127,46 @@ class Text2Image:
             c = cond[i:i + batch_size]
             u = uncond.expand(len(c), -1, -1) if len(uncond) == 1 else uncond[i:i + batch_size]
             x = noise[i:i + batch_size]
-            extra = {}
+            a_both = None
             if added is not None:
                 a = {k: (v if len(v) == 1 else v[i:i + batch_size]).expand(len(c), *v.shape[1:])
                      for k, v in added.items()}
                 a = {k: v.to(self.device, dtype) for k, v in a.items()}
                 a_u = self.uncond_added(a)
-                extra["added_cond_kwargs"] = {k: torch.cat([a_u[k], a[k]]) for k in a}
+                a_both = {k: torch.cat([a_u[k], a[k]]) for k in a}
             parts = c.shape[1] if composed else 1
+            sched = self.sampling_scheduler(steps)  # one per batch: multistep and flow solvers keep state
             for k, t in enumerate(sched.timesteps):
                 if latent_update is not None:
                     x = latent_update(x, t, k, slice(i, i + len(c)))
                 c_t = late[i:i + batch_size] if late is not None and t < tau else c
                 x_in = torch.cat([x, x.repeat_interleave(parts, 0)])
-                out_t = self.unet(x_in, t, encoder_hidden_states=torch.cat([u, c_t.flatten(0, 1) if composed else c_t]),
-                                  **extra).sample
+                out_t = self.denoise(x_in, t, torch.cat([u, c_t.flatten(0, 1) if composed else c_t]), a_both)
                 eps = self.noise_prediction(out_t)
                 e_u, e_c = eps[:len(x)], eps[len(x):].unflatten(0, (len(x), parts))
                 z = step_noise[k][i:i + batch_size].to(x) if eta else None
-                x = sched.step(e_u + guidance * (e_c - e_u[:, None]).sum(1), t, x, eta=eta, variance_noise=z).prev_sample
+                x = self.scheduler_step(sched, e_u + guidance * (e_c - e_u[:, None]).sum(1), t, x, eta, z)
             out.append(self.decode(x).float().cpu())
         return torch.cat(out)
+
+    def denoise(self, z: torch.Tensor, t, cond: torch.Tensor, added: dict | None = None) -> torch.Tensor:
+        """The denoiser's raw output (N, C_out, h, w) for noisy latents z (N, *latent_shape) at timestep t
+        (a scalar or (N,)), reading cond (N, T, d); ``added``: its extra inputs, {name: (N, ...)} (SD-XL's
+        pooled text and time ids). Every forward pass of the library's samplers and losses goes through here."""
+        extra = {} if added is None else {"added_cond_kwargs": added}
+        return self.unet(z, t, encoder_hidden_states=cond, **extra).sample
+
+    stochastic_steps = True  # DDIM takes eta > 0; deterministic solvers (DPM-Solver, flow Euler) set False
+
+    def sampling_scheduler(self, steps: int):
+        """A fresh sampler with its timesteps set (DDIM on ``schedule``)."""
+        sched = DDIMScheduler(**self.schedule)
+        sched.set_timesteps(steps)
+        return sched
+
+    def scheduler_step(self, sched, out: torch.Tensor, t, x: torch.Tensor, eta: float, noise) -> torch.Tensor:
+        """x_{t-1} (N, *latent_shape) from the guided prediction ``out`` (N, *latent_shape)."""
+        return sched.step(out, t, x, eta=eta, variance_noise=noise).prev_sample
 
     def noise_prediction(self, out: torch.Tensor) -> torch.Tensor:
         """What the scheduler steps with, from the UNet's output (IF: its first half; the rest is variance)."""
@@ -245,13 +269,15 @@ class StableDiffusion(Text2Image):
         self.latent_shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
 
     def decode(self, latents):
-        x = self.vae.decode(latents / self.vae.config.scaling_factor).sample
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0  # SD3's VAE centres its latents
+        x = self.vae.decode(latents / self.vae.config.scaling_factor + shift).sample
         return ((x.float() + 1) / 2).clamp(0, 1)
 
     @torch.no_grad()
     def encode_images(self, images):
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         x = (images * 2 - 1).to(self.device, self.vae.dtype)
-        return self.vae.encode(x).latent_dist.mean * self.vae.config.scaling_factor
+        return (self.vae.encode(x).latent_dist.mean - shift) * self.vae.config.scaling_factor
 
     @classmethod
     def from_pretrained(cls, model_id: str = SD_IDS["v1"], device="cuda", dtype=torch.float16):
@@ -400,6 +426,223 @@ def _if_unavailable(model_id, err):
     return resource_unavailable(f"model `{model_id}` ({type(err).__name__})",
                                 f"accept the licence on the model page, run `hf download {model_id}` "
                                 "on a machine with hub access and set HF_HOME")
+
+
+def _per_row(t, z: torch.Tensor) -> torch.Tensor:
+    """Timestep t (scalar or (N,)) as (N,) on z's device: what the DiTs' timestep embeddings take."""
+    t = torch.as_tensor(t, device=z.device)
+    return t.expand(len(z)) if t.dim() == 0 else t
+
+
+# PixArt-alpha/PixArt-XL-2-1024-MS (and -512x512: sample_size 64): a DiT of 28 blocks (16 heads x 72) with
+# cross-attention to T5 v1.1 XXL states (120 tokens, 4096 wide, projected to 1152); it predicts noise and a
+# variance (8 channels), trained on the linear beta schedule 1e-4 .. 2e-2; the pipeline samples with
+# DPM-Solver++ (order 2), 20 steps, guidance 4.5. The 1024 model also reads resolution and aspect ratio.
+PIXART_TRANSFORMER = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
+                          cross_attention_dim=1152, caption_channels=4096, sample_size=128, patch_size=2,
+                          norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
+                          activation_fn="gelu-approximate", attention_bias=True, num_embeds_ada_norm=1000)
+PIXART_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
+                       prediction_type="epsilon", algorithm_type="dpmsolver++", solver_order=2)
+PIXART_IDS = {512: "PixArt-alpha/PixArt-XL-2-512x512", 1024: "PixArt-alpha/PixArt-XL-2-1024-MS"}
+
+
+class PixArtAlpha(StableDiffusion):
+    """PixArt-alpha: ``unet`` is its DiT (``PixArtTransformer2DModel``; the name is the interface's), reading
+    T5 states through cross-attention with the prompt's attention mask (padding is never attended: the mask
+    travels as the added conditioning ``encoder_attention_mask``; the unconditional branch reads the empty
+    prompt's states and mask, as the pipeline's). Samples with DPM-Solver++. The pipeline's caption
+    cleaning (lower case, no URLs) is not applied."""
+    schedule = PIXART_SCHEDULE
+    sampler = dict(steps=20, guidance=4.5, eta=0.0)
+    needs_added = True
+    stochastic_steps = False
+
+    def __init__(self, transformer, text_model, tokenizer, vae, max_length: int = 120):
+        super().__init__(transformer, text_model, tokenizer, vae)
+        self.max_length = max_length
+
+    @property
+    def transformer(self):
+        return self.unet
+
+    def _tokens(self, prompts):
+        return self.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=self.max_length,
+                              add_special_tokens=True, return_tensors="pt")
+
+    def tokenize(self, prompts) -> torch.Tensor:
+        return self._tokens(prompts).input_ids
+
+    @torch.no_grad()
+    def encode(self, prompts) -> torch.Tensor:
+        """(N, 120, 4096): T5 states of the prompt, padding masked inside the encoder."""
+        tok = self._tokens(prompts).to(self.text_model.device)
+        return self.text_model(input_ids=tok.input_ids, attention_mask=tok.attention_mask).last_hidden_state
+
+    def added_conditions(self, prompts) -> dict:
+        """{"encoder_attention_mask": (N, 120)}: which tokens cross-attention may read."""
+        return {"encoder_attention_mask": self._tokens(prompts).attention_mask.float()}
+
+    def uncond_added(self, added: dict) -> dict:
+        mask = self.added_conditions([""])["encoder_attention_mask"]
+        return {"encoder_attention_mask": mask.to(added["encoder_attention_mask"]).expand_as(added["encoder_attention_mask"])}
+
+    def denoise(self, z, t, cond, added=None):
+        size = {}
+        if self.unet.use_additional_conditions:  # the 1024 model: [h, w] in pixels and h / w
+            px = self.latent_shape[-1] * 8
+            size = dict(resolution=torch.tensor([[px, px]]).to(z).expand(len(z), 2), aspect_ratio=torch.ones(len(z), 1).to(z))
+        mask = None if added is None else added["encoder_attention_mask"]
+        return self.unet(z, encoder_hidden_states=cond, timestep=_per_row(t, z), encoder_attention_mask=mask,
+                         added_cond_kwargs=dict(dict(resolution=None, aspect_ratio=None), **size)).sample
+
+    def noise_prediction(self, out):
+        return out[:, :self.latent_shape[0]]
+
+    def sampling_scheduler(self, steps: int):
+        from diffusers import DPMSolverMultistepScheduler
+        sched = DPMSolverMultistepScheduler(**self.schedule)
+        sched.set_timesteps(steps)
+        return sched
+
+    def scheduler_step(self, sched, out, t, x, eta, noise):
+        return sched.step(out, t, x).prev_sample
+
+    @classmethod
+    def from_pretrained(cls, model_id: str = PIXART_IDS[512], device="cuda", dtype=torch.float16):
+        """The DiT and VAE in ``dtype``, T5-XXL in ``dtype`` too (4.7 B parameters); the released
+        scheduler config replaces ``schedule``. Offline without the weights: ``ResourceUnavailable``."""
+        from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtTransformer2DModel
+        from transformers import T5EncoderModel, T5Tokenizer
+        try:
+            dit = PixArtTransformer2DModel.from_pretrained(model_id, subfolder="transformer", torch_dtype=dtype)
+            vae = AutoencoderKL.from_pretrained(model_id, subfolder="vae", torch_dtype=dtype)
+            text = T5EncoderModel.from_pretrained(model_id, subfolder="text_encoder", torch_dtype=dtype)
+            tok = T5Tokenizer.from_pretrained(model_id, subfolder="tokenizer")
+            sched = dict(DPMSolverMultistepScheduler.from_pretrained(model_id, subfolder="scheduler").config)
+        except (OSError, ValueError) as err:
+            raise resource_unavailable(f"model `{model_id}` ({type(err).__name__})",
+                                       f"run `hf download {model_id}` on a machine with hub access and set HF_HOME") from None
+        pipe = cls(dit.to(device).eval(), text.to(device).eval(), tok, vae.to(device).eval())
+        pipe.schedule = {k: v for k, v in sched.items() if not k.startswith("_")}
+        return pipe
+
+
+class RectifiedFlow:
+    """SD3's training path in the shape of a diffusers scheduler: z_t = (1 - s) x0 + s eps with s = t / T,
+    the transformer predicting the velocity v = eps - x0 (``prediction_type`` "flow")."""
+
+    def __init__(self, num_train_timesteps: int = 1000):
+        from types import SimpleNamespace
+        self.config = SimpleNamespace(num_train_timesteps=num_train_timesteps, prediction_type="flow")
+
+    def sigma(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """s = t / T broadcast against ``like`` (N, ...)."""
+        return (t.to(like.device, like.dtype) / self.config.num_train_timesteps).view(-1, *[1] * (like.dim() - 1))
+
+    def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        s = self.sigma(t, x0)
+        return (1 - s) * x0 + s * eps
+
+
+# stabilityai/stable-diffusion-3-medium-diffusers: an MMDiT of 24 joint blocks (24 heads x 64), reading CLIP-L and
+# CLIP-G penultimate states (768 + 1280, zero-padded to 4096) followed by T5-XXL's (256 tokens) and the two
+# towers' pooled projections (768 + 1280 = 2048); 16-channel VAE latents; rectified flow sampled with
+# flow-matching Euler at shift 3, 28 steps, guidance 7.
+SD3_TRANSFORMER = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
+                       attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
+                       caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=192)
+SD3_SCHEDULE = dict(num_train_timesteps=1000, shift=3.0)
+SD3_ID = "stabilityai/stable-diffusion-3-medium-diffusers"
+
+
+class StableDiffusion3(StableDiffusion):
+    """SD3 medium: ``unet`` is its MMDiT (``SD3Transformer2DModel``), conditioned on the sequence
+    [CLIP-L ; CLIP-G | zero pad] (77 tokens) + T5 (``t5_length`` tokens), all 4096 wide: what WiCLP
+    projects. The pooled projections enter through ``added`` ({"pooled_projections": (N, 2048)}); the
+    unconditional branch reads the empty prompt's states and pooled projections, as the pipeline's."""
+    schedule = SD3_SCHEDULE
+    sampler = dict(steps=28, guidance=7.0, eta=0.0)
+    needs_added = True
+    stochastic_steps = False
+
+    def __init__(self, transformer, text_model, tokenizer, vae, text_model_2, tokenizer_2, text_model_3,
+                 tokenizer_3, t5_length: int = 256):
+        super().__init__(transformer, text_model, tokenizer, vae)
+        self.text_model_2, self.tokenizer_2 = text_model_2, tokenizer_2
+        self.text_model_3, self.tokenizer_3, self.t5_length = text_model_3, tokenizer_3, t5_length
+
+    @property
+    def transformer(self):
+        return self.unet
+
+    def _clip(self, prompts):
+        """[(penultimate states (N, 77, d_k), pooled projection (N, d_k)) for CLIP-L and CLIP-G]."""
+        out = []
+        for model, tok in ((self.text_model, self.tokenizer), (self.text_model_2, self.tokenizer_2)):
+            ids = tok(list(prompts), padding="max_length", truncation=True, max_length=tok.model_max_length,
+                      return_tensors="pt").input_ids.to(model.device)
+            o = model(input_ids=ids, output_hidden_states=True)
+            out.append((o.hidden_states[-2], o.text_embeds))
+        return out
+
+    @torch.no_grad()
+    def encode(self, prompts) -> torch.Tensor:
+        """(N, 77 + t5_length, 4096): the joint attention's text sequence."""
+        (l_states, _), (g_states, _) = self._clip(prompts)
+        ids = self.tokenizer_3(list(prompts), padding="max_length", truncation=True, max_length=self.t5_length,
+                               add_special_tokens=True, return_tensors="pt").input_ids
+        t5 = self.text_model_3(input_ids=ids.to(self.text_model_3.device)).last_hidden_state
+        clip = torch.cat([l_states, g_states], dim=-1).to(t5)
+        return torch.cat([F.pad(clip, (0, t5.shape[-1] - clip.shape[-1])), t5], dim=-2)
+
+    @torch.no_grad()
+    def added_conditions(self, prompts) -> dict:
+        (_, l_pooled), (_, g_pooled) = self._clip(prompts)
+        return {"pooled_projections": torch.cat([l_pooled, g_pooled], dim=-1)}
+
+    def uncond_added(self, added: dict) -> dict:
+        pooled = self.added_conditions([""])["pooled_projections"]
+        return {"pooled_projections": pooled.to(added["pooled_projections"]).expand_as(added["pooled_projections"])}
+
+    def denoise(self, z, t, cond, added=None):
+        if added is None:
+            raise BadParameter("SD3 reads pooled projections too: pass added=pipe.added_conditions(prompts)")
+        return self.unet(hidden_states=z, encoder_hidden_states=cond, pooled_projections=added["pooled_projections"],
+                         timestep=_per_row(t, z)).sample
+
+    def training_scheduler(self) -> RectifiedFlow:
+        return RectifiedFlow(self.schedule["num_train_timesteps"])
+
+    def sampling_scheduler(self, steps: int):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+        sched = FlowMatchEulerDiscreteScheduler(**self.schedule)
+        sched.set_timesteps(steps)
+        return sched
+
+    def scheduler_step(self, sched, out, t, x, eta, noise):
+        return sched.step(out, t, x).prev_sample
+
+    @classmethod
+    def from_pretrained(cls, model_id: str = SD3_ID, device="cuda", dtype=torch.float16):
+        """The MMDiT, VAE and T5 in ``dtype``, both CLIP towers in float32 (gated licence). Offline without
+        the weights: ``ResourceUnavailable``."""
+        from diffusers import AutoencoderKL, SD3Transformer2DModel
+        from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+        try:
+            dit = SD3Transformer2DModel.from_pretrained(model_id, subfolder="transformer", torch_dtype=dtype)
+            vae = AutoencoderKL.from_pretrained(model_id, subfolder="vae", torch_dtype=dtype)
+            towers = [CLIPTextModelWithProjection.from_pretrained(model_id, subfolder=f"text_encoder{k}",
+                                                                  torch_dtype=torch.float32) for k in ("", "_2")]
+            toks = [CLIPTokenizer.from_pretrained(model_id, subfolder=f"tokenizer{k}") for k in ("", "_2")]
+            t5 = T5EncoderModel.from_pretrained(model_id, subfolder="text_encoder_3", torch_dtype=dtype)
+            tok_3 = T5TokenizerFast.from_pretrained(model_id, subfolder="tokenizer_3")
+        except (OSError, ValueError) as err:
+            raise resource_unavailable(f"model `{model_id}` ({type(err).__name__})",
+                                       f"accept the licence on the model page, run `hf download {model_id}` "
+                                       "on a machine with hub access and set HF_HOME") from None
+        return cls(dit.to(device).eval(), towers[0].to(device).eval(), toks[0], vae.to(device).eval(),
+                   towers[1].to(device).eval(), toks[1], t5.to(device).eval(), tok_3)
 
 
 def clip_bpe_tokenizer(max_length: int = 77):

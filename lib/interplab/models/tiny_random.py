@@ -19,6 +19,10 @@ behave; the ``tiny`` profile's trained zoo has the same shapes.
     stable_diffusion_xl()  models.diffusion.StableDiffusionXL  SD-XL's topology at width 32, two 3-layer towers
                  (width 32), 8 x 8 latents, 64 px size ids, OpenAI's BPE at 77 tokens
     deepfloyd_if()  models.diffusion.DeepFloydIF  IF stage I's topology at width 32, 8 x 8 pixels, a 2-layer T5
+    pixart_alpha()  models.diffusion.PixArtAlpha  PixArt-alpha's DiT (2 blocks, 2 heads of 12), a 2-layer T5 of width 32,
+                 8 x 8 latents, OpenAI's BPE at 16 tokens
+    stable_diffusion_3()  models.diffusion.StableDiffusion3  SD3's MMDiT (2 joint blocks, 2 heads of 8), CLIP-L / CLIP-G
+                 / T5 towers of width 16 / 24 / 64, a 16-channel VAE, 8 x 8 latents
 """
 import torch
 
@@ -176,3 +180,45 @@ def deepfloyd_if(seed: int = SEED, max_length: int = 16):
     t5 = T5EncoderModel(T5Config(vocab_size=49408, d_model=cfg["encoder_hid_dim"], d_kv=8, d_ff=64, num_layers=2,
                                  num_heads=4)).eval()
     return DeepFloydIF(unet, t5, clip_bpe_tokenizer(77), max_length=max_length)
+
+
+def _tiny_vae(latent_channels: int = 4, **extra):
+    from diffusers import AutoencoderKL
+    return AutoencoderKL(block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",),
+                         up_block_types=("UpDecoderBlock2D",), latent_channels=latent_channels, norm_num_groups=8,
+                         sample_size=8, **extra).eval()
+
+
+def _t5(d_model: int):
+    from transformers import T5Config, T5EncoderModel
+    return T5EncoderModel(T5Config(vocab_size=49408, d_model=d_model, d_kv=8, d_ff=64, num_layers=2, num_heads=4)).eval()
+
+
+def pixart_alpha(seed: int = SEED, use_additional_conditions: bool = False, max_length: int = 16):
+    from diffusers import PixArtTransformer2DModel
+
+    from .diffusion import PIXART_TRANSFORMER, PixArtAlpha, clip_bpe_tokenizer
+    torch.manual_seed(seed)
+    # width 24: the size conditioning of the 1024 model splits the width in three
+    dit = PixArtTransformer2DModel(**dict(PIXART_TRANSFORMER, num_attention_heads=2, attention_head_dim=12, num_layers=2,
+                                          cross_attention_dim=24, caption_channels=32, sample_size=8,
+                                          use_additional_conditions=use_additional_conditions)).eval()
+    return PixArtAlpha(dit, _t5(32), clip_bpe_tokenizer(77), _tiny_vae(), max_length=max_length)
+
+
+def stable_diffusion_3(seed: int = SEED, t5_length: int = 8):
+    from diffusers import SD3Transformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from .diffusion import SD3_TRANSFORMER, StableDiffusion3, clip_bpe_tokenizer
+    torch.manual_seed(seed)
+    towers = [CLIPTextModelWithProjection(CLIPTextConfig(vocab_size=49408, hidden_size=w, intermediate_size=2 * w,
+                                                         num_hidden_layers=2, num_attention_heads=4,
+                                                         max_position_embeddings=77, projection_dim=w)).eval()
+              for w in (16, 24)]
+    dit = SD3Transformer2DModel(**dict(SD3_TRANSFORMER, sample_size=8, num_layers=2, attention_head_dim=8,
+                                       num_attention_heads=2, joint_attention_dim=64, caption_projection_dim=16,
+                                       pooled_projection_dim=16 + 24, pos_embed_max_size=16)).eval()
+    tok = clip_bpe_tokenizer(77)
+    vae = _tiny_vae(16, scaling_factor=1.5305, shift_factor=0.0609)
+    return StableDiffusion3(dit, towers[0], tok, vae, towers[1], tok, _t5(64), tok, t5_length=t5_length)
