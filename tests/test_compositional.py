@@ -267,6 +267,37 @@ def test_compbench_rewarded_samples_keep_the_pipelines_own_images_above_the_thre
     assert both[0] == kept and torch.equal(both[1], lat) and torch.equal(both[2], reward)
 
 
+
+def test_compbench_best_images_merge_generators_loaded_one_at_a_time_and_encode_for_any_family():
+    class Bright:
+        def yes_probability(self, images, questions):
+            return images.mean(dim=(1, 2, 3))
+
+    class Levels:   # image k of a prompt has brightness levels[k]
+        def __init__(self, levels):
+            self.levels = torch.tensor(levels)
+
+        def generate(self, prompts, seed=0):
+            return self.levels[:len(prompts)].view(-1, 1, 1, 1).expand(-1, 3, 16, 16).clone()
+    loads = []
+
+    def load_bright():
+        loads.append("bright")
+        return Levels([0.9, 0.3, 0.7])
+    gens = {"dark": Levels([0.2, 0.8, 0.1]), "bright": load_bright}
+    images, scores = cb.compbench_best_images(gens, ["a red star", "a blue ring"], per_generator=3, keep=2,
+                                              vqa=Bright(), size=8, chunker=lambda p: [p], progress=False)
+    assert loads == ["bright"]                                   # a loader is called once
+    assert images.shape == (2, 2, 3, 8, 8) and images.dtype == torch.uint8
+    expected = torch.tensor([0.9, 0.8])                          # the best two of both generators, best first
+    assert torch.allclose(scores, expected.expand(2, 2), atol=1e-6)
+    assert torch.allclose(images.float().mean(dim=(2, 3, 4)) / 255, expected.expand(2, 2), atol=3e-3)
+    for pipe in (tiny_random.stable_diffusion(), tiny_random.stable_diffusion_3()):
+        lat = cb.encode_at(pipe, images.flatten(0, 1))
+        assert lat.shape == (4, *pipe.latent_shape)
+        assert torch.allclose(lat[0], pipe.encode_images(images[0, :1].float() / 255)[0].float(), atol=1e-5)
+
+
 def test_frechet_distance_and_inception_features_for_fid():
     from torchvision.models import inception_v3
     g = torch.Generator().manual_seed(0)

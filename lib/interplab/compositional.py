@@ -7,6 +7,10 @@ released formats, and T2I-CompBench's disentangled BLIP-VQA score.
     compbench_prompts(category, split)   T2I-CompBench prompts (colour / texture / shape; train / val)
     coco_captions(split)            MS-COCO (image, caption) pairs: SDS-CLIP's fine-tuning stream
     BlipVqa, disentangled_vqa       P("yes") per noun phrase, multiplied over the phrases (§9.2.6)
+    compbench_training_sets         the best-rated own samples per prompt (CLP / WiCLP) and those above a
+                                    threshold (GORS), encoded by the pipeline
+    compbench_best_images, encode_at   the best-rated samples of other generators kept as images and
+                                    encoded by any family's VAE (WiCLP*)
 
 Every loader raises ResourceUnavailable naming what to put where when its files are absent.
 Layout under ``root`` (default data/paper/ch09):
@@ -285,18 +289,64 @@ def _generated_and_scored(generators: dict, prompt: str, per_generator: int, vqa
     return images, disentangled_vqa(vqa, images, [prompt] * len(images), chunker).cpu()
 
 
-def _encoded(pipe, images: torch.Tensor, image_size: int) -> torch.Tensor:
-    resized = F.interpolate(images, size=(image_size, image_size), mode="bilinear", antialias=True)
-    return pipe.encode_images(resized.to(pipe.device)).cpu()
+def _resized(images: torch.Tensor, size: int) -> torch.Tensor:
+    """images (N, 3, H, W), uint8 or floats in [0, 1] -> floats (N, 3, size, size) in [0, 1]."""
+    images = images.float() / 255 if images.dtype == torch.uint8 else images.float()
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images
+    return F.interpolate(images, size=(size, size), mode="bilinear", antialias=True).clamp(0, 1)
+
+
+def encode_at(pipe, images: torch.Tensor, image_size: int | None = None, batch_size: int = 16) -> torch.Tensor:
+    """Latents (N, *pipe.latent_shape) on the CPU of images (N, 3, H, W) (uint8 or [0, 1]) resized to the
+    pipeline's side (``image_size``; default ``pipe.image_size``): one image set, any family's VAE."""
+    size = pipe.image_size if image_size is None else image_size
+    if not len(images):
+        return torch.empty(0, *pipe.latent_shape)
+    return torch.cat([pipe.encode_images(_resized(images[i:i + batch_size], size).to(pipe.device)).float().cpu()
+                      for i in range(0, len(images), batch_size)])
+
+
+def _encoded(pipe, images: torch.Tensor, image_size: int | None) -> torch.Tensor:
+    return encode_at(pipe, images, image_size)
+
+
+def compbench_best_images(generators: dict, prompts, per_generator: int, keep: int, vqa: BlipVqa, size: int = 512,
+                          chunker=noun_phrases, seed: int = 0, progress: bool = True) -> tuple:
+    """§9.2.6's selection kept as images, for any family to encode with its own VAE (WiCLP*'s data): per
+    prompt the best ``keep`` of the ``per_generator`` images of every generator by the disentangled VQA.
+    ``generators``: name -> pipeline, or a zero-argument loader, called in turn and released after its
+    images, so one generator is in memory at a time. Returns images (P, keep, 3, size, size) uint8 on the
+    CPU and their scores (P, keep), best first."""
+    from tqdm.auto import tqdm
+    images, scores = None, None
+    for name, generator in generators.items():
+        pipe = generator if hasattr(generator, "generate") else generator()
+        drawn, rated = [], []
+        for i, prompt in enumerate(tqdm(prompts, desc=f"generate and score ({name})", disable=not progress)):
+            x = pipe.generate([prompt] * per_generator, seed=seed + 7919 * i).float().cpu()
+            s = disentangled_vqa(vqa, x, [prompt] * per_generator, chunker).cpu()
+            top = s.topk(min(keep, per_generator)).indices
+            drawn.append((_resized(x[top], size) * 255).round().to(torch.uint8))
+            rated.append(s[top])
+        del pipe
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        drawn, rated = torch.stack(drawn), torch.stack(rated)
+        if images is not None:
+            drawn, rated = torch.cat([images, drawn], 1), torch.cat([scores, rated], 1)
+        best = rated.topk(min(keep, rated.shape[1]), dim=1).indices
+        images, scores = drawn[torch.arange(len(prompts))[:, None], best], rated.gather(1, best)
+    return images, scores
 
 
 def compbench_training_sets(pipe, generators: dict, prompts, per_generator: int, keep: int, vqa: BlipVqa,
-                            threshold: float | None = None, image_size: int = 512, chunker=noun_phrases, seed: int = 0,
+                            threshold: float | None = None, image_size: int | None = None, chunker=noun_phrases, seed: int = 0,
                             progress: bool = True) -> tuple:
     """§9.2.6's and GORS's training sets from one pass of generation: per prompt, ``per_generator`` images
     from each generator (name -> pipeline with ``generate``) scored by the disentangled VQA; the best ``keep``
     of each prompt, and (``threshold`` given) every image scoring above it with its score as the reward, are
-    encoded by ``pipe`` at its ``image_size``. Returns (latents (P, keep, *pipe.latent_shape), rewarded):
+    encoded by ``pipe`` at ``image_size`` (default: its own). Returns (latents (P, keep, *pipe.latent_shape), rewarded):
     rewarded is (prompts of the kept images (N,), latents (N, *latent_shape), rewards (N,)), or None."""
     from tqdm.auto import tqdm
     best, kept, latents, rewards = [], [], [], []
@@ -317,7 +367,7 @@ def compbench_training_sets(pipe, generators: dict, prompts, per_generator: int,
 
 
 def compbench_training_latents(pipe, generators: dict, prompts, per_generator: int, keep: int, vqa: BlipVqa,
-                               image_size: int = 512, chunker=noun_phrases, seed: int = 0,
+                               image_size: int | None = None, chunker=noun_phrases, seed: int = 0,
                                progress: bool = True) -> torch.Tensor:
     """§9.2.6's training set alone: the best ``keep`` of each prompt's images, (P, keep, *pipe.latent_shape)."""
     return compbench_training_sets(pipe, generators, prompts, per_generator, keep, vqa, None, image_size, chunker,
@@ -325,7 +375,7 @@ def compbench_training_latents(pipe, generators: dict, prompts, per_generator: i
 
 
 def compbench_rewarded_samples(pipe, prompts, per_prompt: int, vqa: BlipVqa, threshold: float,
-                               image_size: int = 512, chunker=noun_phrases, seed: int = 0,
+                               image_size: int | None = None, chunker=noun_phrases, seed: int = 0,
                                progress: bool = True) -> tuple:
     """GORS's training set alone (T2I-CompBench): ``per_prompt`` images of each prompt from ``pipe`` itself,
     those scoring above ``threshold`` with their score. Returns (prompts (N,), latents (N, ...), rewards (N,))."""

@@ -268,6 +268,11 @@ class StableDiffusion(Text2Image):
         self.vae = vae
         self.latent_shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
 
+    @property
+    def image_size(self) -> int:
+        """Side of the images in pixels: the latent side times the VAE's downsampling."""
+        return self.latent_shape[-1] * 2 ** (len(self.vae.config.block_out_channels) - 1)
+
     def decode(self, latents):
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0  # SD3's VAE centres its latents
         x = self.vae.decode(latents / self.vae.config.scaling_factor + shift).sample
@@ -388,6 +393,10 @@ class DeepFloydIF(Text2Image):
     def tokenize(self, prompts) -> torch.Tensor:
         return self.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=self.max_length,
                               return_tensors="pt").input_ids
+
+    @property
+    def image_size(self) -> int:
+        return self.latent_shape[-1]
 
     def noise_prediction(self, out):
         return out[:, :3]
@@ -643,6 +652,21 @@ class StableDiffusion3(StableDiffusion):
                                        "on a machine with hub access and set HF_HOME") from None
         return cls(dit.to(device).eval(), towers[0].to(device).eval(), toks[0], vae.to(device).eval(),
                    towers[1].to(device).eval(), toks[1], t5.to(device).eval(), tok_3)
+
+
+# Table 9.2's models by name: (pipeline class, hub id)
+T2I_FAMILIES = {"sd-v1.4": ("StableDiffusion", SD_IDS["v1"]), "sd-v2": ("StableDiffusion", SD_IDS["v2"]),
+                "sdxl": ("StableDiffusionXL", SDXL_ID), "deepfloyd-if": ("DeepFloydIF", IF_ID),
+                "pixart-512": ("PixArtAlpha", PIXART_IDS[512]), "pixart-1024": ("PixArtAlpha", PIXART_IDS[1024]),
+                "sd3": ("StableDiffusion3", SD3_ID)}
+
+
+def load_t2i(name: str, device="cuda", dtype=torch.float16) -> Text2Image:
+    """One of ``T2I_FAMILIES`` by name, weights from the hub cache (``ResourceUnavailable`` offline)."""
+    from ..errors import check_choice
+    check_choice("text-to-image model", name, T2I_FAMILIES)
+    cls, model_id = T2I_FAMILIES[name]
+    return globals()[cls].from_pretrained(model_id, device=device, dtype=dtype)
 
 
 def clip_bpe_tokenizer(max_length: int = 77):
