@@ -298,12 +298,13 @@ def _resized(images: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def encode_at(pipe, images: torch.Tensor, image_size: int | None = None, batch_size: int = 16) -> torch.Tensor:
-    """Latents (N, *pipe.latent_shape) on the CPU of images (N, 3, H, W) (uint8 or [0, 1]) resized to the
-    pipeline's side (``image_size``; default ``pipe.image_size``): one image set, any family's VAE."""
+    """Latents (N, *pipe.latent_shape) on the CPU, in the VAE's dtype, of images (N, 3, H, W) (uint8 or
+    [0, 1]) resized to the pipeline's side (``image_size``; default ``pipe.image_size``): one image set,
+    any family's VAE."""
     size = pipe.image_size if image_size is None else image_size
     if not len(images):
         return torch.empty(0, *pipe.latent_shape)
-    return torch.cat([pipe.encode_images(_resized(images[i:i + batch_size], size).to(pipe.device)).float().cpu()
+    return torch.cat([pipe.encode_images(_resized(images[i:i + batch_size], size).to(pipe.device)).cpu()
                       for i in range(0, len(images), batch_size)])
 
 

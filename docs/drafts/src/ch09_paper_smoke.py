@@ -4,7 +4,8 @@ tiny files written in the benchmarks' released formats (development check, not a
     OMP_NUM_THREADS=1 INTERPLAB_OUT_ROOT=build/draft_paper python docs/drafts/src/ch09_paper_smoke.py
 
 Replaced: every hub loader (SD v1.4 -> its topology at width 32 with a small 4-level VAE, 16 x 16 latents
-and 2 sampling steps, the CLIP students -> clip_students.build(layers=1), BLIP-VQA and IF's T5 -> 1-layer
+and 2 sampling steps, also standing in for SD v2; SD-XL, PixArt-alpha 512 / 1024 and SD3 -> models.tiny_random's
+builds at their pipelines' default steps, the CLIP students -> clip_students.build(layers=1), BLIP-VQA and IF's T5 -> 1-layer
 random builds with word-level tokenizers, Inception -> random weights), spaCy -> " and "-split noun chunks, and the
 torchvision zero-shot splits (CIFAR's md5-checked pickles cannot be faked) -> a constant.
 """
@@ -18,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from interplab import compositional as cb
-from interplab.models import clip_students, diffusion
+from interplab.models import clip_students, diffusion, tiny_random
 from smoke import fake_sd, run_draft
 
 WORDS = "a an the red blue green yellow brown book vase bear boat car bench and on of is in cat dog sofa".split()
@@ -95,6 +96,10 @@ def main():
         noun_chunks=[types.SimpleNamespace(text=t) for t in text.split(" and ")]))
     sys.modules["spacy"] = spacy
     diffusion.StableDiffusion.from_pretrained = classmethod(lambda *a, **k: fake_sd(latent=16))
+    families = {"sd-v2": lambda: fake_sd(latent=16), "sdxl": tiny_random.stable_diffusion_xl,
+                "pixart-512": tiny_random.pixart_alpha, "pixart-1024": lambda: tiny_random.pixart_alpha(use_additional_conditions=True),
+                "sd3": tiny_random.stable_diffusion_3}
+    diffusion.load_t2i = lambda name, device="cpu", dtype=None: families[name]()
     diffusion.DeepFloydIF.text_encoder = staticmethod(fake_t5)
     cb.BlipVqa.from_pretrained = classmethod(fake_blip)
     cb.InceptionFeatures.from_pretrained = classmethod(fake_inception)
@@ -106,7 +111,7 @@ def main():
     run_draft("ch09", dict(profile="paper", n_winoground=2, n_aro=2, diffusion_samples=2, ft_steps=1, n_ft_seeds=1,
                            n_test_prompts=2, samples_per_prompt=1, train_prompts=2, train_steps=1, cstar_prompts=2,
                            cstar_steps=1, switch_taus=[1000, 800, 0], fid_images=4, students=["ViT-B/32", "RN50"],
-                           per_generator=2, keep_best=2, gors_steps=2, gors_threshold=0.0, device="cpu"))
+                           per_generator=2, keep_best=2, gors_steps=2, gors_threshold=0.0, star_size=16, device="cpu"))
 
 
 if __name__ == "__main__":
