@@ -132,7 +132,7 @@ def test_sdxl_unet_tracing_carries_the_pooled_conditioning_and_batches_like_one_
 
 
 @pytest.mark.parametrize("cls", ["StableDiffusion", "StableDiffusionXL", "DeepFloydIF", "PixArtAlpha",
-                                 "StableDiffusion3", "ClipScore"])
+                                 "StableDiffusion3", "ClipScore", "DeepFloydIFStageII"])
 def test_offline_pipelines_name_the_hf_command(cls, monkeypatch, tmp_path):
     """huggingface_hub >= 1 ships the ``hf`` command only; the hint must be one a user can run."""
     from interplab.errors import ResourceUnavailable
@@ -140,7 +140,10 @@ def test_offline_pipelines_name_the_hf_command(cls, monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     with pytest.raises(ResourceUnavailable, match="`hf download "):
-        getattr(diffusion, cls).from_pretrained(device="cpu")
+        if cls == "DeepFloydIFStageII":
+            diffusion.DeepFloydIFStageII.from_pretrained(tiny_random.deepfloyd_if(), device="cpu")
+        else:
+            getattr(diffusion, cls).from_pretrained(device="cpu")
 
 
 def test_pixart_and_sd3_configs_are_the_released_models():
@@ -228,3 +231,36 @@ def test_wiclp_trains_with_each_familys_added_conditioning_and_starts_as_a_no_op
     assert all(torch.isfinite(torch.tensor(losses)))
     assert not torch.equal(proj.linear.weight, conditioning.WindowProjection(cond.shape[-1], 1).linear.weight)
     assert all(torch.equal(a, b) for a, b in zip(before, pipe.unet.parameters()))
+
+
+def test_if_stage_2_is_the_released_upscaler_and_rereads_the_unaltered_prompt():
+    """IF-II-L's config as facts (1.2 B parameters on the meta device); attached to stage I, sample() upscales
+    stage I's images under the conditioning it was given, so a LocoGen window (hooks on stage I's UNet) changes
+    the 64 px image that stage II then re-reads with the original prompt."""
+    from diffusers import UNet2DConditionModel
+
+    from interplab import conditioning
+    from interplab.models.diffusion import sd_unet_config
+    with torch.device("meta"):
+        full = UNet2DConditionModel(**sd_unet_config("if-ii"))
+    assert sum(p.numel() for p in full.parameters()) == 1_187_608_070
+    assert full.conv_in.in_channels == 6 and full.class_embedding is not None
+    assert [type(b).__name__ for b in full.down_blocks][-2:] == ["SimpleCrossAttnDownBlock2D"] * 2
+    stage_1 = tiny_random.deepfloyd_if()
+    stage_2 = tiny_random.deepfloyd_if_stage_2(stage_1)
+    stage_2.sampler = dict(steps=2, guidance=4.0, eta=0.0)
+    cond = stage_1.encode(["a red star", "a blue ring"])
+    low = stage_1.sample(cond, seed=0, steps=2)
+    stage_1.stage_2 = stage_2
+    high = stage_1.sample(cond, seed=0, steps=2)
+    assert low.shape == (2, 3, 8, 8) and high.shape == (2, 3, 32, 32)
+    assert torch.equal(high, stage_2.upscale(low, cond, seed=0))
+    assert not torch.allclose(high, stage_2.upscale(low.flip(0), cond, seed=0), atol=1e-3)  # it reads the image
+    with pytest.raises(BadParameter):
+        stage_2.denoise(torch.zeros(1, 3, 32, 32), 500, cond[:1])
+    every = list(range(len(anatomy.items(stage_1.unet, "xattn"))))
+    # rows: clean, every layer reading the other prompt, the empty window, the window of every layer
+    windows = conditioning.sample_windows(stage_1, cond[:1], cond[1:], [[], every], steps=2)
+    assert windows.shape == (4, 3, 32, 32)
+    assert torch.allclose(windows[2], windows[0], atol=1e-5) and torch.allclose(windows[3], windows[1], atol=1e-5)
+    assert not torch.allclose(windows[1], windows[0], atol=1e-3)

@@ -43,6 +43,7 @@ n_preserve_prompts = 256             # ordinary captions for those rows (tiny: t
 neuron_counts = [30, 50, 100]        # of 1280 (SD-v1's width); tiny scales to its width
 neuron_mode = "zero"                 # "zero" (the text's dropout) or "mean" (the release's stored means)
 neuron_position = "last_subject"     # where activations are read for the z-scores: "last_subject" or "last_pad"
+if_stage_2 = True                    # paper: DeepFloyd's 64 px images pass IF stage II (256 px) with the prompt's own T5 states
 
 # %%
 import math
@@ -58,7 +59,7 @@ from interplab import anatomy, conditioning, editing, human_study, tracing
 from interplab import toyworld as tw
 from interplab.errors import BadParameter
 from interplab.models import load as load_zoo
-from interplab.models.diffusion import ClipScore, DeepFloydIF, StableDiffusion, StableDiffusionXL
+from interplab.models.diffusion import ClipScore, DeepFloydIF, DeepFloydIFStageII, StableDiffusion, StableDiffusionXL
 from interplab.zoo import clip as zc
 from interplab.zoo import oracle as zo
 
@@ -69,7 +70,7 @@ ch = interplab.start("ch05b_locogen", profile=profile, seed=seed, device=device,
                                  guidance_scale=guidance_scale, edit_lambda=edit_lambda, key_positions=key_positions,
                                  preserve_weight=preserve_weight, n_preserve_prompts=n_preserve_prompts,
                                  neuron_counts=neuron_counts, neuron_mode=neuron_mode, neuron_position=neuron_position,
-                                 human_study_csvs=human_study_csvs, n_trace=n_trace))
+                                 human_study_csvs=human_study_csvs, n_trace=n_trace, if_stage_2=if_stage_2))
 PAPER_IDS = {"sd14": "CompVis/stable-diffusion-v1-4", "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
              "sd21": "stabilityai/stable-diffusion-2-1", "openjourney": "prompthero/openjourney",
              "sdxl": "stabilityai/stable-diffusion-xl-base-1.0", "deepfloyd": "DeepFloyd/IF-I-XL-v1.0"}
@@ -84,6 +85,8 @@ else:
     if unknown:
         raise BadParameter(f"unknown models {unknown}; choose from {sorted(PAPER_IDS)}")
     pipes = {m: PIPELINES.get(m, StableDiffusion).from_pretrained(PAPER_IDS[m], device=ch.device) for m in models}
+    if if_stage_2 and "deepfloyd" in pipes:  # stage I is what LocoGen / LocoEdit act on; stage II re-reads the prompt
+        pipes["deepfloyd"].stage_2 = DeepFloydIFStageII.from_pretrained(pipes["deepfloyd"], device=ch.device)
     clip_score = ClipScore.from_pretrained("openai/clip-vit-base-patch16", device=ch.device)  # the release's evaluator
 sampler = {k: v for k, v in dict(steps=num_inference_steps, guidance=guidance_scale).items() if v is not None}
 name0 = next(iter(pipes))

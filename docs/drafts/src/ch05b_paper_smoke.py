@@ -16,6 +16,8 @@ def main():
     diffusion.StableDiffusion.from_pretrained = classmethod(lambda *a, **k: fake_sd(latent=16))
     diffusion.StableDiffusionXL.from_pretrained = classmethod(lambda *a, **k: fast(tiny_random.stable_diffusion_xl()))
     diffusion.DeepFloydIF.from_pretrained = classmethod(lambda *a, **k: fast(tiny_random.deepfloyd_if(max_length=77)))
+    diffusion.DeepFloydIFStageII.from_pretrained = classmethod(lambda cls, stage_1, **k: fast(
+        tiny_random.deepfloyd_if_stage_2(stage_1)))
     diffusion.ClipScore.from_pretrained = classmethod(fake_clip_score)
     run_draft("ch05b", dict(profile="paper", models=["sd14", "openjourney", "sdxl", "deepfloyd"], n_prompts=2, n_verification=3,
                             sdxl_m_values=[3],

@@ -217,6 +217,17 @@ SD_UNET = {
                down_block_types=("ResnetDownsampleBlock2D",) + ("SimpleCrossAttnDownBlock2D",) * 3,
                mid_block_type="UNetMidBlock2DSimpleCrossAttn",
                up_block_types=("SimpleCrossAttnUpBlock2D",) * 3 + ("ResnetUpsampleBlock2D",), norm_num_groups=32),
+    # DeepFloyd/IF-II-L-v1.0 (1.2 B): the 256 px upscaler; reads [noisy x ; stage I upsampled] (6 channels) and the
+    # augmentation's noise level as a class embedding, the same T5 states as stage I
+    "if-ii": dict(sample_size=256, in_channels=6, out_channels=6, layers_per_block=(2, 2, 3, 5, 5),
+                  block_out_channels=(160, 320, 640, 960, 1280), cross_attention_dim=1280, attention_head_dim=64,
+                  encoder_hid_dim=4096, encoder_hid_dim_type="text_proj", addition_embed_type="text",
+                  addition_embed_type_num_heads=64, class_embed_type="timestep", cross_attention_norm="group_norm",
+                  resnet_time_scale_shift="scale_shift", act_fn="gelu", mid_block_scale_factor=1.4142271248762552,
+                  resnet_out_scale_factor=1.4142271248762552, resnet_skip_time_act=True,
+                  down_block_types=("ResnetDownsampleBlock2D",) * 3 + ("SimpleCrossAttnDownBlock2D",) * 2,
+                  mid_block_type="UNetMidBlock2DSimpleCrossAttn",
+                  up_block_types=("SimpleCrossAttnUpBlock2D",) * 2 + ("ResnetUpsampleBlock2D",) * 3, norm_num_groups=32),
 }
 SD_TEXT = {  # v1: CLIP ViT-L/14's text tower; v2: OpenCLIP ViT-H/14's, cut at its penultimate block
     "v1": dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
@@ -230,16 +241,19 @@ SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
 
 
 def sd_unet_config(version: str = "v1", width: int | None = None) -> dict:
-    """The UNet config of SD v1 / v2 / XL or IF stage I (``version`` "v1", "v2", "xl", "if");
-    ``width`` scales block_out_channels to (w, 2w, 4w, 4w) for tests (same topology)."""
+    """The UNet config of SD v1 / v2 / XL or IF stage I / II (``version`` "v1", "v2", "xl", "if", "if-ii");
+    ``width`` scales block_out_channels to (w, 2w, 4w, 4w) (IF stage II: (w, 2w, 4w, 6w, 8w)) for tests
+    (same topology)."""
     cfg = dict(SD_UNET[version])
     if width is not None:
         cfg["block_out_channels"] = (width, 2 * width, 4 * width, 4 * width)[:len(cfg["block_out_channels"])]
+        if version == "if-ii":
+            cfg["block_out_channels"] = (width, 2 * width, 4 * width, 6 * width, 8 * width)
         if version == "v2":  # head_dim 64 at full width -> keep whole heads at reduced width
             cfg["attention_head_dim"] = (2, 4, 8, 8)
         if version == "xl":
             cfg["attention_head_dim"] = (1, 2, 4)
-        if version == "if":  # narrow text and time widths too, so a test model stays small
+        if version in ("if", "if-ii"):  # narrow text and time widths too, so a test model stays small
             cfg.update(attention_head_dim=width // 2, cross_attention_dim=4 * width, encoder_hid_dim=2 * width,
                        addition_embed_type_num_heads=2)
     return cfg
@@ -380,10 +394,20 @@ IF_SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", 
 class DeepFloydIF(Text2Image):
     """DeepFloyd IF stage I: a pixel-space UNet (64 x 64) reading a frozen T5 encoder's states through
     ``encoder_hid_proj`` into joint self/cross attentions, and pooling them into its time embedding.
-    The UNet predicts noise and a variance (6 channels); sampling steps with the noise half. Stage II
-    (the 256 px upscaler) is not part of this pipeline: LocoGen and LocoEdit act on stage I."""
+    The UNet predicts noise and a variance (6 channels); sampling steps with the noise half. LocoGen and
+    LocoEdit act on stage I; with ``stage_2`` (a ``DeepFloydIFStageII``) attached, ``sample`` passes its
+    64 px images through the 256 px upscaler reading the same conditioning (the prompt's, unaltered: hooks
+    and edits on stage I's UNet do not reach stage II's)."""
     schedule = IF_SCHEDULE
     sampler = dict(steps=100, guidance=7.0, eta=0.0)
+    stage_2 = None
+
+    def sample(self, cond: torch.Tensor, seed: int = 0, **kw) -> torch.Tensor:
+        images = super().sample(cond, seed=seed, **kw)
+        if self.stage_2 is None:
+            return images
+        shared = kw.get("noise") is not None and len(kw["noise"]) == 1  # rows that shared stage I's noise share II's
+        return self.stage_2.upscale(images, cond, seed=seed, shared_noise=shared, batch_size=kw.get("batch_size", 256))
 
     def __init__(self, unet, text_model, tokenizer, max_length: int = 77):
         super().__init__(unet, text_model, tokenizer)
@@ -429,6 +453,63 @@ class DeepFloydIF(Text2Image):
         except (OSError, ValueError) as err:
             raise _if_unavailable(model_id, err) from None
         return text.to(device).eval(), tok
+
+
+IF_II_ID = "DeepFloyd/IF-II-L-v1.0"
+
+
+class DeepFloydIFStageII(DeepFloydIF):
+    """DeepFloyd IF stage II: 64 -> 256 px. Its UNet reads the noisy image concatenated with stage I's image
+    upsampled bilinearly and noised to ``noise_level`` (250 in the pipeline), that level as a class embedding,
+    and the same T5 states as stage I; classifier-free guidance on the text alone (both halves read the same
+    low-resolution image). The pipeline's defaults: 50 steps, guidance 4."""
+    schedule = IF_SCHEDULE
+    sampler = dict(steps=50, guidance=4.0, eta=0.0)
+    needs_added = True
+
+    def __init__(self, unet, text_model, tokenizer, max_length: int = 77, noise_level: int = 250):
+        super().__init__(unet, text_model, tokenizer, max_length)
+        self.noise_level = noise_level
+        side = unet.config.sample_size or 256  # the hub config leaves it unset
+        self.latent_shape = (3, side, side)
+
+    def low_res_conditioning(self, images: torch.Tensor, seed: int = 0, shared_noise: bool = False) -> dict:
+        """{"image": (N, 3, S, S) stage I's images (N, 3, h, w) in [0, 1] upsampled and noised to ``noise_level``,
+        "noise_level": (N,)}: what every denoising step of ``upscale`` reads besides the text. ``shared_noise``:
+        one augmentation noise for every row."""
+        x = F.interpolate(images.float() * 2 - 1, size=self.latent_shape[1:], mode="bilinear", align_corners=True)
+        level = torch.full((len(x),), self.noise_level)
+        noise = torch.randn(1 if shared_noise else len(x), *x.shape[1:],
+                            generator=torch.Generator().manual_seed(seed * 7919 + 17)).expand_as(x)
+        return {"image": DDPMScheduler(beta_schedule="squaredcos_cap_v2").add_noise(x, noise, level), "noise_level": level}
+
+    def uncond_added(self, added: dict) -> dict:
+        return added
+
+    def denoise(self, z, t, cond, added=None):
+        if added is None:
+            raise BadParameter("stage II reads a low-resolution image: use upscale(images, cond)")
+        return self.unet(torch.cat([z, added["image"].to(z)], dim=1), t, encoder_hidden_states=cond,
+                         class_labels=added["noise_level"]).sample
+
+    def upscale(self, images: torch.Tensor, cond: torch.Tensor, seed: int = 0, shared_noise: bool = False,
+                **kw) -> torch.Tensor:
+        """(N, 3, S, S) in [0, 1]: stage I's images (N, 3, h, w) upscaled under conditionings cond (N, T, d);
+        ``shared_noise``: every row rides one noise draw (rows that differ only by stage I stay comparable)."""
+        if shared_noise:
+            kw["noise"] = self.draw_noise(1, seed)
+        return self.sample(cond, seed=seed, added=self.low_res_conditioning(images, seed, shared_noise), **kw)
+
+    @classmethod
+    def from_pretrained(cls, stage_1: DeepFloydIF, model_id: str = IF_II_ID, device="cuda", dtype=torch.float16):
+        """Stage II's UNet in ``dtype``, sharing stage I's T5 (4.7 B parameters are loaded once); gated
+        licence. Offline without the weights: ``ResourceUnavailable``."""
+        from diffusers import UNet2DConditionModel
+        try:
+            unet = UNet2DConditionModel.from_pretrained(model_id, subfolder="unet", torch_dtype=dtype)
+        except (OSError, ValueError) as err:
+            raise _if_unavailable(model_id, err) from None
+        return cls(unet.to(device).eval(), stage_1.text_model, stage_1.tokenizer, max_length=stage_1.max_length)
 
 
 def _if_unavailable(model_id, err):

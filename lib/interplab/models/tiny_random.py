@@ -19,6 +19,8 @@ behave; the ``tiny`` profile's trained zoo has the same shapes.
     stable_diffusion_xl()  models.diffusion.StableDiffusionXL  SD-XL's topology at width 32, two 3-layer towers
                  (width 32), 8 x 8 latents, 64 px size ids, OpenAI's BPE at 77 tokens
     deepfloyd_if()  models.diffusion.DeepFloydIF  IF stage I's topology at width 32, 8 x 8 pixels, a 2-layer T5
+    deepfloyd_if_stage_2(stage_1)  models.diffusion.DeepFloydIFStageII  IF stage II's topology at width 16, 8 -> 32
+                 pixels, stage I's T5
     pixart_alpha()  models.diffusion.PixArtAlpha  PixArt-alpha's DiT (2 blocks, 2 heads of 12), a 2-layer T5 of width 32,
                  8 x 8 latents, OpenAI's BPE at 16 tokens
     stable_diffusion_3()  models.diffusion.StableDiffusion3  SD3's MMDiT (2 joint blocks, 2 heads of 8), CLIP-L / CLIP-G
@@ -222,3 +224,14 @@ def stable_diffusion_3(seed: int = SEED, t5_length: int = 8):
     tok = clip_bpe_tokenizer(77)
     vae = _tiny_vae(16, scaling_factor=1.5305, shift_factor=0.0609)
     return StableDiffusion3(dit, towers[0], tok, vae, towers[1], tok, _t5(64), tok, t5_length=t5_length)
+
+
+def deepfloyd_if_stage_2(stage_1, seed: int = SEED):
+    from diffusers import UNet2DConditionModel
+
+    from .diffusion import DeepFloydIFStageII, sd_unet_config
+    torch.manual_seed(seed)
+    cfg = sd_unet_config("if-ii", 16)
+    cfg.update(sample_size=32, encoder_hid_dim=stage_1.text_model.config.d_model, norm_num_groups=8)
+    return DeepFloydIFStageII(UNet2DConditionModel(**cfg).eval(), stage_1.text_model, stage_1.tokenizer,
+                              max_length=stage_1.max_length)
