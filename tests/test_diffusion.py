@@ -132,7 +132,7 @@ def test_sdxl_unet_tracing_carries_the_pooled_conditioning_and_batches_like_one_
 
 
 @pytest.mark.parametrize("cls", ["StableDiffusion", "StableDiffusionXL", "DeepFloydIF", "PixArtAlpha",
-                                 "StableDiffusion3", "ClipScore", "DeepFloydIFStageII"])
+                                 "StableDiffusion3", "Flux", "ClipScore", "DeepFloydIFStageII"])
 def test_offline_pipelines_name_the_hf_command(cls, monkeypatch, tmp_path):
     """huggingface_hub >= 1 ships the ``hf`` command only; the hint must be one a user can run."""
     from interplab.errors import ResourceUnavailable
@@ -264,3 +264,30 @@ def test_if_stage_2_is_the_released_upscaler_and_rereads_the_unaltered_prompt():
     assert windows.shape == (4, 3, 32, 32)
     assert torch.allclose(windows[2], windows[0], atol=1e-5) and torch.allclose(windows[3], windows[1], atol=1e-5)
     assert not torch.allclose(windows[1], windows[0], atol=1e-3)
+
+
+def test_flux_is_the_released_guidance_distilled_model_and_packs_latents_inside_denoise():
+    """FLUX.1-dev's config as facts (11.9 B parameters on the meta device); one transformer pass per step with the
+    guidance value as an input, so an unconditional branch or composed conditionings are refused; the 2 x 2 token
+    packing is internal: a denoiser that returns its input token-wise gives the latents back."""
+    from diffusers import FluxTransformer2DModel
+
+    from interplab.models.diffusion import FLUX_TRANSFORMER
+    with torch.device("meta"):
+        full = FluxTransformer2DModel(**FLUX_TRANSFORMER)
+    assert sum(p.numel() for p in full.parameters()) == 11_901_408_320
+    assert (len(full.transformer_blocks), len(full.single_transformer_blocks)) == (19, 38)
+    pipe = tiny_random.flux()
+    prompts = ["a red book and a yellow vase", "a cat"]
+    cond, added = pipe.encode(prompts), pipe.added_conditions(prompts)
+    assert cond.shape == (2, 8, 32) and added["pooled_projections"].shape == (2, 16)
+    images = pipe.sample(cond, seed=0, steps=3, added=added)
+    assert images.shape == (2, 3, 8, 8)
+    assert torch.allclose(pipe.sample(cond, seed=0, steps=3, added=added, batch_size=1), images, atol=1e-5)
+    assert not torch.allclose(pipe.sample(cond, seed=0, steps=3, added=added, guidance=8.0), images, atol=1e-4)
+    for bad in (dict(uncond=cond[:1]), dict(switch=(800, cond)), dict(eta=1.0)):
+        with pytest.raises(BadParameter):
+            pipe.sample(cond, steps=2, added=added, **bad)
+    z = torch.randn(2, *pipe.latent_shape)
+    pipe.unet.forward = lambda hidden_states, **kw: type("Out", (), {"sample": hidden_states})()
+    assert torch.equal(pipe.denoise(z, 500, cond, dict(added, guidance=torch.ones(2))), z)

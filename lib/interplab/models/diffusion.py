@@ -9,8 +9,8 @@ the zoo's toy model and Stable Diffusion:
 latents become images, and ``zoo.t2i.ToyDiffusion`` is the same pipeline at toy size.
 ``StableDiffusionXL`` adds the second text tower and the pooled / time-id conditioning,
 ``DeepFloydIF`` samples IF's stage I in pixel space from T5 states, ``PixArtAlpha`` (a DiT on T5
-states, DPM-Solver++) and ``StableDiffusion3`` (an MMDiT on CLIP-L / CLIP-G / T5 states, rectified
-flow) are the other families of Table 9.2. ``pipe.denoise(z, t, cond, added)`` is the one forward pass
+states, DPM-Solver++), ``StableDiffusion3`` (an MMDiT on CLIP-L / CLIP-G / T5 states, rectified
+flow) and ``Flux`` (FLUX.1-dev, guidance-distilled) are the other families of Table 9.2. ``pipe.denoise(z, t, cond, added)`` is the one forward pass
 every sampler and loss calls. The unconditional conditioning is ``encode([""])``, never corrupted,
 restored or edited.
 
@@ -735,11 +735,135 @@ class StableDiffusion3(StableDiffusion):
                    towers[1].to(device).eval(), toks[1], t5.to(device).eval(), tok_3)
 
 
+# black-forest-labs/FLUX.1-dev (11.9 B): 19 double-stream and 38 single-stream blocks (24 heads x 128) over 2 x 2-packed
+# 16-channel latents and T5-XXL states (512 tokens), CLIP-L's pooled output and an embedded guidance value (the model is
+# guidance-distilled: one pass per step, no unconditional branch); rectified flow with a resolution-dependent shift.
+FLUX_TRANSFORMER = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+                        axes_dims_rope=(16, 56, 56))
+FLUX_SCHEDULE = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                     base_image_seq_len=256, max_image_seq_len=4096)
+FLUX_ID = "black-forest-labs/FLUX.1-dev"
+
+
+class Flux(StableDiffusion):
+    """FLUX.1-dev: ``unet`` is its transformer; latents (16, S, S) are packed into (S / 2)^2 tokens of 64 inside
+    ``denoise``, so the rest of the library sees ordinary latents. ``encode`` gives T5's states, the added
+    conditioning CLIP-L's pooled output; ``sample``'s guidance is the value the transformer embeds (3.5 in the
+    pipeline), not classifier-free guidance, which FLUX.1-dev does without (Table 9.2's FLUX row is a baseline)."""
+    schedule = FLUX_SCHEDULE
+    sampler = dict(steps=28, guidance=3.5, eta=0.0)
+    needs_added = True
+    stochastic_steps = False
+
+    def __init__(self, transformer, text_model, tokenizer, vae, text_model_2, tokenizer_2, size: int = 1024,
+                 t5_length: int = 512):
+        Text2Image.__init__(self, transformer, text_model, tokenizer)
+        self.vae, self.text_model_2, self.tokenizer_2, self.t5_length = vae, text_model_2, tokenizer_2, t5_length
+        side = size // 2 ** (len(vae.config.block_out_channels) - 1)
+        self.latent_shape = (vae.config.latent_channels, side, side)
+
+    @property
+    def transformer(self):
+        return self.unet
+
+    @torch.no_grad()
+    def encode(self, prompts) -> torch.Tensor:
+        """(N, t5_length, 4096): T5's states, what the double-stream blocks attend to."""
+        ids = self.tokenizer_2(list(prompts), padding="max_length", truncation=True, max_length=self.t5_length,
+                               return_tensors="pt").input_ids
+        return self.text_model_2(input_ids=ids.to(self.text_model_2.device)).last_hidden_state
+
+    @torch.no_grad()
+    def added_conditions(self, prompts) -> dict:
+        """{"pooled_projections": (N, 768)}: CLIP-L's pooled output."""
+        ids = self.tokenize(prompts).to(self.text_model.device)
+        return {"pooled_projections": self.text_model(input_ids=ids).pooler_output}
+
+    def denoise(self, z, t, cond, added=None):
+        if added is None:
+            raise BadParameter("FLUX reads CLIP's pooled output too: pass added=pipe.added_conditions(prompts)")
+        n, c, h, w = z.shape
+        tokens = z.view(n, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(n, h * w // 4, c * 4)
+        rows, cols = torch.meshgrid(torch.arange(h // 2), torch.arange(w // 2), indexing="ij")
+        img_ids = torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(-1, 3).to(z)
+        guidance = added.get("guidance") if self.unet.config.guidance_embeds else None
+        out = self.unet(hidden_states=tokens, encoder_hidden_states=cond, pooled_projections=added["pooled_projections"],
+                        timestep=_per_row(t, z).to(z) / 1000, img_ids=img_ids, txt_ids=cond.new_zeros(cond.shape[1], 3),
+                        guidance=guidance).sample
+        return out.view(n, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(n, c, h, w)
+
+    def training_scheduler(self) -> RectifiedFlow:
+        return RectifiedFlow(self.schedule["num_train_timesteps"])
+
+    def sampling_scheduler(self, steps: int):
+        """Flow-matching Euler on sigmas 1 .. 1 / steps, shifted for the image's token count as the pipeline does."""
+        import numpy as np
+        from diffusers import FlowMatchEulerDiscreteScheduler
+        sched = FlowMatchEulerDiscreteScheduler(**self.schedule)
+        cfg, seq = sched.config, self.latent_shape[1] * self.latent_shape[2] // 4
+        mu = cfg.base_shift + (cfg.max_shift - cfg.base_shift) * (seq - cfg.base_image_seq_len) / (
+            cfg.max_image_seq_len - cfg.base_image_seq_len)
+        sched.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+        return sched
+
+    @torch.no_grad()
+    def sample(self, cond: torch.Tensor, seed: int = 0, steps: int = None, guidance: float = None,
+               batch_size: int = 256, noise: torch.Tensor | None = None, added: dict | None = None, eta: float = None,
+               uncond=None, switch=None, latent_update=None) -> torch.Tensor:
+        """Images (N, 3, H, W) in [0, 1] for conditionings cond (N, T, d) and ``added`` {"pooled_projections":
+        (N or 1, 768)}: one transformer pass per step reading ``guidance`` as an input. Noise as in
+        ``Text2Image.sample``; no unconditional branch, so ``uncond``, ``switch``, ``latent_update`` and
+        composed conditionings are refused."""
+        if cond.dim() == 4 or any(x is not None for x in (uncond, switch, latent_update)) or eta:
+            raise BadParameter("FLUX.1-dev is guidance-distilled: no unconditional branch, composed conditionings, "
+                               "SWITCH-OFF, latent updates or eta")
+        if added is None:
+            raise BadParameter("pass added=pipe.added_conditions(prompts) (generate does)")
+        steps = self.sampler["steps"] if steps is None else steps
+        guidance = self.sampler["guidance"] if guidance is None else guidance
+        self.unet.eval()
+        dtype = self.unet.dtype
+        rows = 1 if noise is not None and len(noise) == 1 else len(cond)
+        noise = (self.draw_noise(rows, seed) if noise is None else noise).expand(len(cond), *self.latent_shape)
+        out = []
+        for i in range(0, len(cond), batch_size):
+            c = cond[i:i + batch_size].to(self.device, dtype)
+            pooled = added["pooled_projections"]
+            pooled = (pooled if len(pooled) == 1 else pooled[i:i + batch_size]).expand(len(c), -1).to(self.device, dtype)
+            a = {"pooled_projections": pooled, "guidance": torch.full((len(c),), float(guidance), device=self.device)}
+            x = noise[i:i + batch_size].to(self.device, dtype)
+            sched = self.sampling_scheduler(steps)
+            for t in sched.timesteps:
+                x = sched.step(self.denoise(x, t, c, a), t, x).prev_sample
+            out.append(self.decode(x).float().cpu())
+        return torch.cat(out)
+
+    @classmethod
+    def from_pretrained(cls, model_id: str = FLUX_ID, device="cuda", dtype=torch.bfloat16):
+        """The transformer, VAE and T5 in ``dtype`` (bfloat16, as released), CLIP-L in float32 (gated licence).
+        Offline without the weights: ``ResourceUnavailable``."""
+        from diffusers import AutoencoderKL, FluxTransformer2DModel
+        from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+        try:
+            dit = FluxTransformer2DModel.from_pretrained(model_id, subfolder="transformer", torch_dtype=dtype)
+            vae = AutoencoderKL.from_pretrained(model_id, subfolder="vae", torch_dtype=dtype)
+            clip = CLIPTextModel.from_pretrained(model_id, subfolder="text_encoder", torch_dtype=torch.float32)
+            tok = CLIPTokenizer.from_pretrained(model_id, subfolder="tokenizer")
+            t5 = T5EncoderModel.from_pretrained(model_id, subfolder="text_encoder_2", torch_dtype=dtype)
+            tok_2 = T5TokenizerFast.from_pretrained(model_id, subfolder="tokenizer_2")
+        except (OSError, ValueError) as err:
+            raise resource_unavailable(f"model `{model_id}` ({type(err).__name__})",
+                                       f"accept the licence on the model page, run `hf download {model_id}` "
+                                       "on a machine with hub access and set HF_HOME") from None
+        return cls(dit.to(device).eval(), clip.to(device).eval(), tok, vae.to(device).eval(), t5.to(device).eval(), tok_2)
+
+
 # Table 9.2's models by name: (pipeline class, hub id)
 T2I_FAMILIES = {"sd-v1.4": ("StableDiffusion", SD_IDS["v1"]), "sd-v2": ("StableDiffusion", SD_IDS["v2"]),
                 "sdxl": ("StableDiffusionXL", SDXL_ID), "deepfloyd-if": ("DeepFloydIF", IF_ID),
                 "pixart-512": ("PixArtAlpha", PIXART_IDS[512]), "pixart-1024": ("PixArtAlpha", PIXART_IDS[1024]),
-                "sd3": ("StableDiffusion3", SD3_ID)}
+                "sd3": ("StableDiffusion3", SD3_ID), "flux": ("Flux", FLUX_ID)}
 
 
 def load_t2i(name: str, device="cuda", dtype=torch.float16) -> Text2Image:

@@ -25,6 +25,8 @@ behave; the ``tiny`` profile's trained zoo has the same shapes.
                  8 x 8 latents, OpenAI's BPE at 16 tokens
     stable_diffusion_3()  models.diffusion.StableDiffusion3  SD3's MMDiT (2 joint blocks, 2 heads of 8), CLIP-L / CLIP-G
                  / T5 towers of width 16 / 24 / 64, a 16-channel VAE, 8 x 8 latents
+    flux()       models.diffusion.Flux  FLUX.1-dev's transformer (1 double, 1 single block, 2 heads of 8), CLIP-L / T5
+                 towers of width 16 / 32, a 16-channel VAE, 8 x 8 latents (16 tokens)
 """
 import torch
 
@@ -235,3 +237,19 @@ def deepfloyd_if_stage_2(stage_1, seed: int = SEED):
     cfg.update(sample_size=32, encoder_hid_dim=stage_1.text_model.config.d_model, norm_num_groups=8)
     return DeepFloydIFStageII(UNet2DConditionModel(**cfg).eval(), stage_1.text_model, stage_1.tokenizer,
                               max_length=stage_1.max_length)
+
+
+def flux(seed: int = SEED, t5_length: int = 8):
+    from diffusers import FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from .diffusion import FLUX_TRANSFORMER, Flux, clip_bpe_tokenizer
+    torch.manual_seed(seed)
+    clip = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                        num_attention_heads=4, max_position_embeddings=77)).eval()
+    dit = FluxTransformer2DModel(**dict(FLUX_TRANSFORMER, num_layers=1, num_single_layers=1, attention_head_dim=8,
+                                        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16,
+                                        axes_dims_rope=(2, 2, 4))).eval()
+    vae = _tiny_vae(16, scaling_factor=0.3611, shift_factor=0.1159)
+    tok = clip_bpe_tokenizer(77)
+    return Flux(dit, clip, tok, vae, _t5(32), tok, size=8, t5_length=t5_length)
