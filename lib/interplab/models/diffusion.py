@@ -23,7 +23,7 @@ import inspect
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
 
 from ..errors import BadParameter, resource_unavailable
 
@@ -156,17 +156,24 @@ class Text2Image:
         extra = {} if added is None else {"added_cond_kwargs": added}
         return self.unet(z, t, encoder_hidden_states=cond, **extra).sample
 
-    stochastic_steps = True  # DDIM takes eta > 0; deterministic solvers (DPM-Solver, flow Euler) set False
+    solver = DDIMScheduler   # PixArt-alpha: DPM-Solver++; SD3: flow-matching Euler (both deterministic)
+
+    @property
+    def stochastic_steps(self) -> bool:
+        """Whether the solver takes eta > 0 (DDIM does)."""
+        return self.solver is DDIMScheduler
 
     def sampling_scheduler(self, steps: int):
-        """A fresh sampler with its timesteps set (DDIM on ``schedule``)."""
-        sched = DDIMScheduler(**self.schedule)
+        """A fresh ``solver`` on ``schedule`` with its timesteps set."""
+        sched = self.solver(**self.schedule)
         sched.set_timesteps(steps)
         return sched
 
     def scheduler_step(self, sched, out: torch.Tensor, t, x: torch.Tensor, eta: float, noise) -> torch.Tensor:
         """x_{t-1} (N, *latent_shape) from the guided prediction ``out`` (N, *latent_shape)."""
-        return sched.step(out, t, x, eta=eta, variance_noise=noise).prev_sample
+        if self.stochastic_steps:
+            return sched.step(out, t, x, eta=eta, variance_noise=noise).prev_sample
+        return sched.step(out, t, x).prev_sample
 
     def noise_prediction(self, out: torch.Tensor) -> torch.Tensor:
         """What the scheduler steps with, from the UNet's output (IF: its first half; the rest is variance)."""
@@ -440,7 +447,7 @@ class DeepFloydIF(Text2Image):
         try:
             unet = UNet2DConditionModel.from_pretrained(model_id, subfolder="unet", torch_dtype=dtype)
         except (OSError, ValueError) as err:
-            raise _if_unavailable(model_id, err) from None
+            raise _gated_unavailable(model_id, err) from None
         return cls(unet.to(device).eval(), text, tok)
 
     @staticmethod
@@ -451,7 +458,7 @@ class DeepFloydIF(Text2Image):
             text = T5EncoderModel.from_pretrained(model_id, subfolder="text_encoder", torch_dtype=dtype)
             tok = T5TokenizerFast.from_pretrained(model_id, subfolder="tokenizer")
         except (OSError, ValueError) as err:
-            raise _if_unavailable(model_id, err) from None
+            raise _gated_unavailable(model_id, err) from None
         return text.to(device).eval(), tok
 
 
@@ -508,11 +515,11 @@ class DeepFloydIFStageII(DeepFloydIF):
         try:
             unet = UNet2DConditionModel.from_pretrained(model_id, subfolder="unet", torch_dtype=dtype)
         except (OSError, ValueError) as err:
-            raise _if_unavailable(model_id, err) from None
+            raise _gated_unavailable(model_id, err) from None
         return cls(unet.to(device).eval(), stage_1.text_model, stage_1.tokenizer, max_length=stage_1.max_length)
 
 
-def _if_unavailable(model_id, err):
+def _gated_unavailable(model_id, err):
     return resource_unavailable(f"model `{model_id}` ({type(err).__name__})",
                                 f"accept the licence on the model page, run `hf download {model_id}` "
                                 "on a machine with hub access and set HF_HOME")
@@ -546,7 +553,7 @@ class PixArtAlpha(StableDiffusion):
     schedule = PIXART_SCHEDULE
     sampler = dict(steps=20, guidance=4.5, eta=0.0)
     needs_added = True
-    stochastic_steps = False
+    solver = DPMSolverMultistepScheduler
 
     def __init__(self, transformer, text_model, tokenizer, vae, max_length: int = 120):
         super().__init__(transformer, text_model, tokenizer, vae)
@@ -589,20 +596,11 @@ class PixArtAlpha(StableDiffusion):
     def noise_prediction(self, out):
         return out[:, :self.latent_shape[0]]
 
-    def sampling_scheduler(self, steps: int):
-        from diffusers import DPMSolverMultistepScheduler
-        sched = DPMSolverMultistepScheduler(**self.schedule)
-        sched.set_timesteps(steps)
-        return sched
-
-    def scheduler_step(self, sched, out, t, x, eta, noise):
-        return sched.step(out, t, x).prev_sample
-
     @classmethod
     def from_pretrained(cls, model_id: str = PIXART_IDS[512], device="cuda", dtype=torch.float16):
         """The DiT and VAE in ``dtype``, T5-XXL in ``dtype`` too (4.7 B parameters); the released
         scheduler config replaces ``schedule``. Offline without the weights: ``ResourceUnavailable``."""
-        from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtTransformer2DModel
+        from diffusers import AutoencoderKL, PixArtTransformer2DModel
         from transformers import T5EncoderModel, T5Tokenizer
         try:
             dit = PixArtTransformer2DModel.from_pretrained(model_id, subfolder="transformer", torch_dtype=dtype)
@@ -654,7 +652,7 @@ class StableDiffusion3(StableDiffusion):
     schedule = SD3_SCHEDULE
     sampler = dict(steps=28, guidance=7.0, eta=0.0)
     needs_added = True
-    stochastic_steps = False
+    solver = FlowMatchEulerDiscreteScheduler
 
     def __init__(self, transformer, text_model, tokenizer, vae, text_model_2, tokenizer_2, text_model_3,
                  tokenizer_3, t5_length: int = 256):
@@ -704,15 +702,6 @@ class StableDiffusion3(StableDiffusion):
     def training_scheduler(self) -> RectifiedFlow:
         return RectifiedFlow(self.schedule["num_train_timesteps"])
 
-    def sampling_scheduler(self, steps: int):
-        from diffusers import FlowMatchEulerDiscreteScheduler
-        sched = FlowMatchEulerDiscreteScheduler(**self.schedule)
-        sched.set_timesteps(steps)
-        return sched
-
-    def scheduler_step(self, sched, out, t, x, eta, noise):
-        return sched.step(out, t, x).prev_sample
-
     @classmethod
     def from_pretrained(cls, model_id: str = SD3_ID, device="cuda", dtype=torch.float16):
         """The MMDiT, VAE and T5 in ``dtype``, both CLIP towers in float32 (gated licence). Offline without
@@ -728,9 +717,7 @@ class StableDiffusion3(StableDiffusion):
             t5 = T5EncoderModel.from_pretrained(model_id, subfolder="text_encoder_3", torch_dtype=dtype)
             tok_3 = T5TokenizerFast.from_pretrained(model_id, subfolder="tokenizer_3")
         except (OSError, ValueError) as err:
-            raise resource_unavailable(f"model `{model_id}` ({type(err).__name__})",
-                                       f"accept the licence on the model page, run `hf download {model_id}` "
-                                       "on a machine with hub access and set HF_HOME") from None
+            raise _gated_unavailable(model_id, err) from None
         return cls(dit.to(device).eval(), towers[0].to(device).eval(), toks[0], vae.to(device).eval(),
                    towers[1].to(device).eval(), toks[1], t5.to(device).eval(), tok_3)
 
@@ -754,7 +741,7 @@ class Flux(StableDiffusion):
     schedule = FLUX_SCHEDULE
     sampler = dict(steps=28, guidance=3.5, eta=0.0)
     needs_added = True
-    stochastic_steps = False
+    solver = FlowMatchEulerDiscreteScheduler
 
     def __init__(self, transformer, text_model, tokenizer, vae, text_model_2, tokenizer_2, size: int = 1024,
                  t5_length: int = 512):
@@ -799,8 +786,7 @@ class Flux(StableDiffusion):
     def sampling_scheduler(self, steps: int):
         """Flow-matching Euler on sigmas 1 .. 1 / steps, shifted for the image's token count as the pipeline does."""
         import numpy as np
-        from diffusers import FlowMatchEulerDiscreteScheduler
-        sched = FlowMatchEulerDiscreteScheduler(**self.schedule)
+        sched = self.solver(**self.schedule)
         cfg, seq = sched.config, self.latent_shape[1] * self.latent_shape[2] // 4
         mu = cfg.base_shift + (cfg.max_shift - cfg.base_shift) * (seq - cfg.base_image_seq_len) / (
             cfg.max_image_seq_len - cfg.base_image_seq_len)
@@ -853,9 +839,7 @@ class Flux(StableDiffusion):
             t5 = T5EncoderModel.from_pretrained(model_id, subfolder="text_encoder_2", torch_dtype=dtype)
             tok_2 = T5TokenizerFast.from_pretrained(model_id, subfolder="tokenizer_2")
         except (OSError, ValueError) as err:
-            raise resource_unavailable(f"model `{model_id}` ({type(err).__name__})",
-                                       f"accept the licence on the model page, run `hf download {model_id}` "
-                                       "on a machine with hub access and set HF_HOME") from None
+            raise _gated_unavailable(model_id, err) from None
         return cls(dit.to(device).eval(), clip.to(device).eval(), tok, vae.to(device).eval(), t5.to(device).eval(), tok_2)
 
 
