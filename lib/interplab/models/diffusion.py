@@ -8,14 +8,15 @@ the zoo's toy model and Stable Diffusion:
 ``Text2Image`` holds the sampling loop; ``StableDiffusion`` (VAE latents, paper profile) says how
 latents become images, and ``zoo.t2i.ToyDiffusion`` is the same pipeline at toy size.
 ``StableDiffusionXL`` adds the second text tower and the pooled / time-id conditioning,
-``DeepFloydIF`` samples IF's stage I in pixel space from T5 states, ``PixArtAlpha`` (a DiT on T5
-states, DPM-Solver++), ``StableDiffusion3`` (an MMDiT on CLIP-L / CLIP-G / T5 states, rectified
-flow) and ``Flux`` (FLUX.1-dev, guidance-distilled) are the other families of Table 9.2. ``pipe.denoise(z, t, cond, added)`` is the one forward pass
-every sampler and loss calls. The unconditional conditioning is ``encode([""])``, never corrupted,
-restored or edited.
+``DeepFloydIF`` samples IF's stage I in pixel space from T5 states (``DeepFloydIFStageII`` upscales
+to 256 px); ``PixArtAlpha`` (a DiT on T5 states, DPM-Solver++), ``StableDiffusion3`` (an MMDiT on
+CLIP-L / CLIP-G / T5 states, rectified flow) and ``Flux`` (FLUX.1-dev, guidance-distilled) are the
+other families of Table 9.2. ``pipe.denoise(z, t, cond, added)`` is the one forward pass every sampler
+and loss calls. The unconditional conditioning is ``encode([""])``, never corrupted, restored or edited.
 
-Paper-profile architectures are written here as facts (``SD_UNET``, ``SD_TEXT``) so tests can build
-them with random weights offline; ``StableDiffusion.from_pretrained`` loads real weights by hub id.
+Paper-profile architectures are written here as facts (``SD_UNET``, ``SD_TEXT``, ``PIXART_TRANSFORMER``,
+``SD3_TRANSFORMER``, ``FLUX_TRANSFORMER``) so tests can build them with random weights offline;
+``load_t2i(name)`` / each class's ``from_pretrained`` load real weights by hub id.
 """
 from __future__ import annotations
 
@@ -585,13 +586,13 @@ class PixArtAlpha(StableDiffusion):
         return {"encoder_attention_mask": mask.to(added["encoder_attention_mask"]).expand_as(added["encoder_attention_mask"])}
 
     def denoise(self, z, t, cond, added=None):
-        size = {}
+        size = dict(resolution=None, aspect_ratio=None)
         if self.unet.use_additional_conditions:  # the 1024 model: [h, w] in pixels and h / w
-            px = self.latent_shape[-1] * 8
+            px = self.image_size
             size = dict(resolution=torch.tensor([[px, px]]).to(z).expand(len(z), 2), aspect_ratio=torch.ones(len(z), 1).to(z))
         mask = None if added is None else added["encoder_attention_mask"]
         return self.unet(z, encoder_hidden_states=cond, timestep=_per_row(t, z), encoder_attention_mask=mask,
-                         added_cond_kwargs=dict(dict(resolution=None, aspect_ratio=None), **size)).sample
+                         added_cond_kwargs=size).sample
 
     def noise_prediction(self, out):
         return out[:, :self.latent_shape[0]]
