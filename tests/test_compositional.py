@@ -227,13 +227,13 @@ def test_compbench_training_latents_keep_each_prompts_best_scored_images():
             return images.mean(dim=(1, 2, 3))
 
     class Fake:
-        def __init__(self, level):
-            self.level = level
+        def __init__(self, level, side):
+            self.level, self.side = level, side
 
         def generate(self, prompts, seed=0):
             g = torch.Generator().manual_seed(seed)
-            return (self.level + 0.1 * torch.rand(len(prompts), 3, 16, 16, generator=g)).clamp(0, 1)
-    gens = {"dark": Fake(0.1), "bright": Fake(0.8)}
+            return (self.level + 0.1 * torch.rand(len(prompts), 3, self.side, self.side, generator=g)).clamp(0, 1)
+    gens = {"dark": Fake(0.1, 16), "bright": Fake(0.8, 12)}   # generators of different sizes (SD 512 px, IF 256 px)
     lat = cb.compbench_training_latents(pipe, gens, ["a red star", "a blue ring"], per_generator=3, keep=2,
                                         vqa=Bright(), image_size=8, chunker=lambda p: [p], progress=False)
     assert lat.shape == (2, 2, *pipe.latent_shape)

@@ -282,10 +282,12 @@ def coco_stream(pairs: list, batch_size: int = 32, size: int = 224):
     return draw
 
 
-def _generated_and_scored(generators: dict, prompt: str, per_generator: int, vqa: BlipVqa, chunker, seed: int):
-    """``per_generator`` images of one prompt from each generator (name -> pipeline with ``generate``),
-    (G per_generator, 3, H, W) on the CPU, and their disentangled VQA scores (G per_generator,)."""
-    images = torch.cat([g.generate([prompt] * per_generator, seed=seed).float().cpu() for g in generators.values()])
+def _generated_and_scored(generators: dict, prompt: str, per_generator: int, vqa: BlipVqa, chunker, seed: int,
+                          size: int):
+    """``per_generator`` images of one prompt from each generator (name -> pipeline with ``generate``), resized to
+    one side (generators differ: SD v1.4 512 px, IF 256 px), (G per_generator, 3, size, size) on the CPU, and their
+    disentangled VQA scores (G per_generator,)."""
+    images = torch.cat([_resized(g.generate([prompt] * per_generator, seed=seed).cpu(), size) for g in generators.values()])
     return images, disentangled_vqa(vqa, images, [prompt] * len(images), chunker).cpu()
 
 
@@ -306,10 +308,6 @@ def encode_at(pipe, images: torch.Tensor, image_size: int | None = None, batch_s
         return torch.empty(0, *pipe.latent_shape)
     return torch.cat([pipe.encode_images(_resized(images[i:i + batch_size], size).to(pipe.device)).cpu()
                       for i in range(0, len(images), batch_size)])
-
-
-def _encoded(pipe, images: torch.Tensor, image_size: int | None) -> torch.Tensor:
-    return encode_at(pipe, images, image_size)
 
 
 def compbench_best_images(generators: dict, prompts, per_generator: int, keep: int, vqa: BlipVqa, size: int = 512,
@@ -350,15 +348,16 @@ def compbench_training_sets(pipe, generators: dict, prompts, per_generator: int,
     encoded by ``pipe`` at ``image_size`` (default: its own). Returns (latents (P, keep, *pipe.latent_shape), rewarded):
     rewarded is (prompts of the kept images (N,), latents (N, *latent_shape), rewards (N,)), or None."""
     from tqdm.auto import tqdm
+    size = pipe.image_size if image_size is None else image_size
     best, kept, latents, rewards = [], [], [], []
     for i, prompt in enumerate(tqdm(prompts, desc="generate and score", disable=not progress)):
-        images, score = _generated_and_scored(generators, prompt, per_generator, vqa, chunker, seed + 7919 * i)
-        best.append(_encoded(pipe, images[score.topk(keep).indices], image_size) if keep else
+        images, score = _generated_and_scored(generators, prompt, per_generator, vqa, chunker, seed + 7919 * i, size)
+        best.append(encode_at(pipe, images[score.topk(keep).indices], size) if keep else
                     torch.empty(0, *pipe.latent_shape))
         good = torch.nonzero(score > threshold).flatten() if threshold is not None else []
         if len(good):
             kept += [prompt] * len(good)
-            latents.append(_encoded(pipe, images[good], image_size))
+            latents.append(encode_at(pipe, images[good], size))
             rewards.append(score[good])
     if threshold is None:
         return torch.stack(best), None

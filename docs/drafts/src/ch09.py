@@ -50,6 +50,7 @@ gors_threshold = None       # rating an image must exceed; None: the release's (
 table92_models = ["sd-v2", "sdxl", "pixart-512", "pixart-1024", "sd3", "flux"]  # paper: Table 9.2's other families; tiny: unused
 star_generators = ["sdxl", "sd3"]  # paper: the newer models whose best samples train WiCLP*
 star_size = 512             # paper: side in pixels at which WiCLP*'s images are kept before each family encodes them
+data_generators = ["sd-v1.4", "deepfloyd-if"]  # paper: the generators of CLP / WiCLP's images (the dissertation adds SynGen); tiny: unused
 
 # %%
 import time
@@ -65,7 +66,7 @@ from interplab import compositional as cb
 from interplab import toyworld as tw
 from interplab.models import clip_students
 from interplab.models import load as load_zoo
-from interplab.models.diffusion import SD_IDS, DeepFloydIF, StableDiffusion, load_t2i
+from interplab.models.diffusion import SD_IDS, DeepFloydIF, DeepFloydIFStageII, StableDiffusion, load_t2i
 from interplab.toyworld import binding
 from interplab.zoo import clip as zc
 from interplab.zoo import oracle as zo
@@ -79,7 +80,8 @@ ch = interplab.start("ch09_compositionality", profile=profile, seed=seed, device
                                  cstar_steps=cstar_steps, switch_taus=switch_taus, fid_images=fid_images,
                                  students=students, teacher=teacher, sds_lambda=sds_lambda, per_generator=per_generator,
                                  keep_best=keep_best, gors_steps=gors_steps, gors_threshold=gors_threshold,
-                                 table92_models=table92_models, star_generators=star_generators, star_size=star_size))
+                                 table92_models=table92_models, star_generators=star_generators, star_size=star_size,
+                                 data_generators=data_generators))
 COMPBENCH = dict(zip(("colour", "texture", "size"), cb.COMPBENCH_CATEGORIES))  # tiny category -> T2I-CompBench's
 if ch.tiny:
     pipe, oracle = load_zoo("t2i"), load_zoo("oracle")
@@ -507,9 +509,11 @@ ch.claim("better_embeddings_exist", "VQA(c*) >= VQA(c) + 0.15 on the optimised p
 # %% [markdown]
 # ## Table 9.2 — CLP and WiCLP on held-out prompts (check 13)
 #
-# Trained, as in §9.2.6, on the model's own best-rated samples of the train prompts (tiny: the best `keep_best` of
-# `per_generator` by the oracle's score; their attribute-shape combinations never appear in the test prompts),
-# AdamW lr 1e-3, batch 16, identity initialisation, applied to the conditional branch only. Composable Diffusion
+# Trained, as in §9.2.6, on the best-rated samples of the train prompts (tiny: the t2i's own, the best `keep_best` of
+# `per_generator` by the oracle's score; their attribute-shape combinations never appear in the test prompts; paper: the
+# best `keep_best` of `per_generator` samples of each of `data_generators`, SD v1.4 and DeepFloyd IF through stage II, by
+# BLIP-VQA; the dissertation's third generator, SynGen, is not wired), AdamW lr 1e-3 (paper 1e-4), batch 16, identity
+# initialisation, applied to the conditional branch only. Composable Diffusion
 # (the dissertation's SD v2 baseline) samples each prompt as the conjunction of its " and "-separated phrases:
 # `eps_u + guidance * sum_k (eps_k - eps_u)` (`conditioning.composed`). Structured Diffusion takes every cross-attention
 # layer's keys from the prompt and its values from the mean of the prompt and its phrase-aligned encodings
@@ -538,20 +542,38 @@ def own_best(items, n, keep, seed_):
     return pipe.encode_images(images[best]).view(len(items), keep, *pipe.latent_shape), images, rating
 
 
+def data_generator(name):
+    """paper: a generator of §9.2.6's images by ``load_t2i`` name, loaded once (the chapter's own SD v1.4 is ``pipe``;
+    DeepFloyd IF samples through stage II, 256 px, as its pipeline does)."""
+    if name == "sd-v1.4" and teacher == "v1":
+        return pipe
+    if name not in loaded_generators:
+        loaded_generators[name] = load_t2i(name, ch.device)
+        if name == "deepfloyd-if":
+            loaded_generators[name].stage_2 = DeepFloydIFStageII.from_pretrained(loaded_generators[name], device=ch.device)
+    return loaded_generators[name]
+
+
 def train_pairs(category):
     """The train prompts (P), their conditionings (P, T, d) and latents (P, R, ...) of their images: the best
-    ``keep_best`` of ``per_generator`` of the model's own samples (tiny: rated by the oracle; paper: by BLIP-VQA,
-    §9.2.6, SD v1.4 the only generator)."""
+    ``keep_best`` of ``per_generator`` samples per prompt (tiny: the t2i's own, rated by the oracle; paper: of every
+    generator in ``data_generators``, rated by BLIP-VQA, §9.2.6). GORS's pool is the chapter's model's own samples;
+    with it the only generator, one generation pass gives both."""
     if ch.tiny:
         items = train_items(category)
         lat, images, rating = own_best(items, per_generator, keep_best, seed + 1)
         own_pools[category] = images, rating
         prompts_c = [cap for cap, _, _ in items]
+        return prompts_c, pipe.encode(prompts_c), lat
+    prompts_c = cb.compbench_prompts(COMPBENCH[category], "train")[:train_prompts]
+    keep, threshold = min(keep_best, per_generator), gors_threshold_of(category)
+    gens = {g: data_generator(g) for g in data_generators}
+    if list(gens.values()) == [pipe]:
+        lat, own_pools[category] = cb.compbench_training_sets(pipe, gens, prompts_c, per_generator, keep, blip, threshold,
+                                                              seed=seed + 1)
     else:
-        prompts_c = cb.compbench_prompts(COMPBENCH[category], "train")[:train_prompts]
-        lat, own_pools[category] = cb.compbench_training_sets(pipe, {"sd": pipe}, prompts_c, per_generator,
-                                                              min(keep_best, per_generator), blip,
-                                                              gors_threshold_of(category), seed=seed + 1)
+        lat = cb.compbench_training_latents(pipe, gens, prompts_c, per_generator, keep, blip, seed=seed + 1)
+        own_pools[category] = cb.compbench_rewarded_samples(pipe, prompts_c, per_generator, blip, threshold, seed=seed + 1)
     return prompts_c, pipe.encode(prompts_c), lat
 
 
@@ -594,7 +616,7 @@ def baseline_methods(pipe_, items, gors_data):
 
 
 table92 = []
-projections, train_data, gors_adapters, own_pools = {}, {}, {}, {}
+projections, train_data, gors_adapters, own_pools, loaded_generators = {}, {}, {}, {}, {}
 for c in categories:
     prompts_c, conds, lat = train_data[c] = train_pairs(c)
     row = dict(category=c, baseline=base[c])

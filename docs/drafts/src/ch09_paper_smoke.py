@@ -4,7 +4,7 @@ tiny files written in the benchmarks' released formats (development check, not a
     OMP_NUM_THREADS=1 INTERPLAB_OUT_ROOT=build/draft_paper python docs/drafts/src/ch09_paper_smoke.py
 
 Replaced: every hub loader (SD v1.4 -> its topology at width 32 with a small 4-level VAE, 16 x 16 latents
-and 2 sampling steps, also standing in for SD v2; SD-XL, PixArt-alpha 512 / 1024, SD3 and FLUX -> models.tiny_random's
+and 2 sampling steps, also standing in for SD v2; SD-XL, PixArt-alpha 512 / 1024, SD3, FLUX and DeepFloyd IF (stages I and II) -> models.tiny_random's
 builds at their pipelines' default steps, the CLIP students -> clip_students.build(layers=1), BLIP-VQA and IF's T5 -> 1-layer
 random builds with word-level tokenizers, Inception -> random weights), spaCy -> " and "-split noun chunks, and the
 torchvision zero-shot splits (CIFAR's md5-checked pickles cannot be faked) -> a constant.
@@ -98,8 +98,9 @@ def main():
     diffusion.StableDiffusion.from_pretrained = classmethod(lambda *a, **k: fake_sd(latent=16))
     families = {"sd-v2": lambda: fake_sd(latent=16), "sdxl": tiny_random.stable_diffusion_xl,
                 "pixart-512": tiny_random.pixart_alpha, "pixart-1024": lambda: tiny_random.pixart_alpha(use_additional_conditions=True),
-                "sd3": tiny_random.stable_diffusion_3, "flux": tiny_random.flux}
+                "sd3": tiny_random.stable_diffusion_3, "flux": tiny_random.flux, "deepfloyd-if": tiny_random.deepfloyd_if}
     diffusion.load_t2i = lambda name, device="cpu", dtype=None: families[name]()
+    diffusion.DeepFloydIFStageII.from_pretrained = classmethod(lambda cls, stage_1, **k: tiny_random.deepfloyd_if_stage_2(stage_1))
     diffusion.DeepFloydIF.text_encoder = staticmethod(fake_t5)
     cb.BlipVqa.from_pretrained = classmethod(fake_blip)
     cb.InceptionFeatures.from_pretrained = classmethod(fake_inception)
