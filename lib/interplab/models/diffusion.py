@@ -2,8 +2,10 @@
 the zoo's toy model and Stable Diffusion:
 
     pipe.encode(prompts)            -> conditioning (N, T, d): the text encoder's last_hidden_state
-    pipe.sample(cond, seed, noise=) -> images (N, 3, H, W) in [0, 1], DDIM with classifier-free guidance
-    pipe.unet, pipe.text_model, pipe.tokenizer
+    pipe.sample(cond, seed, noise=) -> images (N, 3, H, W) in [0, 1], the family's solver (DDIM unless it
+                                       says otherwise) with classifier-free guidance
+    pipe.denoise(z, t, cond, added) -> the denoiser's raw output
+    pipe.unet (a DiT for PixArt-alpha, SD3, FLUX), pipe.text_model, pipe.tokenizer
 
 ``Text2Image`` holds the sampling loop; ``StableDiffusion`` (VAE latents, paper profile) says how
 latents become images, and ``zoo.t2i.ToyDiffusion`` is the same pipeline at toy size.
@@ -80,7 +82,7 @@ class Text2Image:
                uncond: torch.Tensor | None = None, batch_size: int = 256, noise: torch.Tensor | None = None,
                eta: float = None, switch: tuple | None = None, added: dict | None = None,
                latent_update=None) -> torch.Tensor:
-        """Images (N, 3, H, W) in [0, 1] for conditionings (N, T, d): DDIM with CFG
+        """Images (N, 3, H, W) in [0, 1] for conditionings (N, T, d): ``solver`` (DDIM here) with CFG
         ``eps_u + guidance (eps_c - eps_u)`` (diffusers' form; Eq. 5.3's alpha = guidance - 1).
 
         Every UNet call sees the batch [uncond of rows..., cond of rows...], the order
