@@ -265,6 +265,13 @@ def test_compbench_rewarded_samples_keep_the_pipelines_own_images_above_the_thre
                                             image_size=8, chunker=lambda p: [p], progress=False)
     assert best.shape == (2, 1, *pipe.latent_shape) and torch.allclose(best[:, 0], lat[1::2], atol=1e-6)
     assert both[0] == kept and torch.equal(both[1], lat) and torch.equal(both[2], reward)
+    # with another generator beside it, GORS's set stays the pipeline's own images (the other's are all bright)
+    other = type("Other", (), {"generate": lambda self, prompts, seed=0: torch.full((len(prompts), 3, 16, 16), 0.95)})()
+    best, own = cb.compbench_training_sets(pipe, {"self": pipe, "other": other}, ["a red star", "a blue ring"], 4, 1,
+                                           Bright(), 0.5, image_size=8, chunker=lambda p: [p], progress=False,
+                                           rewarded_from=["self"])
+    assert own[0] == kept and torch.allclose(own[2], reward)
+    assert torch.allclose(best[:, 0], pipe.encode_images(torch.full((1, 3, 8, 8), 0.95)).expand(2, -1, -1, -1), atol=1e-5)
 
 
 

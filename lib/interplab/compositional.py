@@ -323,10 +323,9 @@ def compbench_best_images(generators: dict, prompts, per_generator: int, keep: i
         pipe = generator if hasattr(generator, "generate") else generator()
         drawn, rated = [], []
         for i, prompt in enumerate(tqdm(prompts, desc=f"generate and score ({name})", disable=not progress)):
-            x = pipe.generate([prompt] * per_generator, seed=seed + 7919 * i).float().cpu()
-            s = disentangled_vqa(vqa, x, [prompt] * per_generator, chunker).cpu()
+            x, s = _generated_and_scored({name: pipe}, prompt, per_generator, vqa, chunker, seed + 7919 * i, size)
             top = s.topk(min(keep, per_generator)).indices
-            drawn.append((_resized(x[top], size) * 255).round().to(torch.uint8))
+            drawn.append((x[top] * 255).round().to(torch.uint8))
             rated.append(s[top])
         del pipe
         if torch.cuda.is_available():
@@ -341,20 +340,23 @@ def compbench_best_images(generators: dict, prompts, per_generator: int, keep: i
 
 def compbench_training_sets(pipe, generators: dict, prompts, per_generator: int, keep: int, vqa: BlipVqa,
                             threshold: float | None = None, image_size: int | None = None, chunker=noun_phrases, seed: int = 0,
-                            progress: bool = True) -> tuple:
+                            progress: bool = True, rewarded_from=None) -> tuple:
     """§9.2.6's and GORS's training sets from one pass of generation: per prompt, ``per_generator`` images
     from each generator (name -> pipeline with ``generate``) scored by the disentangled VQA; the best ``keep``
-    of each prompt, and (``threshold`` given) every image scoring above it with its score as the reward, are
-    encoded by ``pipe`` at ``image_size`` (default: its own). Returns (latents (P, keep, *pipe.latent_shape), rewarded):
+    of each prompt, and (``threshold`` given) every image of the generators named in ``rewarded_from`` (None:
+    all; GORS: the fine-tuned model's own) scoring above it with its score as the reward, are encoded by
+    ``pipe`` at ``image_size`` (default: its own). Returns (latents (P, keep, *pipe.latent_shape), rewarded):
     rewarded is (prompts of the kept images (N,), latents (N, *latent_shape), rewards (N,)), or None."""
     from tqdm.auto import tqdm
     size = pipe.image_size if image_size is None else image_size
+    eligible = torch.tensor([rewarded_from is None or name in rewarded_from for name in generators]
+                            ).repeat_interleave(per_generator)
     best, kept, latents, rewards = [], [], [], []
     for i, prompt in enumerate(tqdm(prompts, desc="generate and score", disable=not progress)):
         images, score = _generated_and_scored(generators, prompt, per_generator, vqa, chunker, seed + 7919 * i, size)
         best.append(encode_at(pipe, images[score.topk(keep).indices], size) if keep else
                     torch.empty(0, *pipe.latent_shape))
-        good = torch.nonzero(score > threshold).flatten() if threshold is not None else []
+        good = torch.nonzero((score > threshold) & eligible).flatten() if threshold is not None else []
         if len(good):
             kept += [prompt] * len(good)
             latents.append(encode_at(pipe, images[good], size))

@@ -557,8 +557,8 @@ def data_generator(name):
 def train_pairs(category):
     """The train prompts (P), their conditionings (P, T, d) and latents (P, R, ...) of their images: the best
     ``keep_best`` of ``per_generator`` samples per prompt (tiny: the t2i's own, rated by the oracle; paper: of every
-    generator in ``data_generators``, rated by BLIP-VQA, §9.2.6). GORS's pool is the chapter's model's own samples;
-    with it the only generator, one generation pass gives both."""
+    generator in ``data_generators``, rated by BLIP-VQA, §9.2.6). GORS's pool, from the same generation pass, is the
+    chapter's model's own samples alone."""
     if ch.tiny:
         items = train_items(category)
         lat, images, rating = own_best(items, per_generator, keep_best, seed + 1)
@@ -566,14 +566,10 @@ def train_pairs(category):
         prompts_c = [cap for cap, _, _ in items]
         return prompts_c, pipe.encode(prompts_c), lat
     prompts_c = cb.compbench_prompts(COMPBENCH[category], "train")[:train_prompts]
-    keep, threshold = min(keep_best, per_generator), gors_threshold_of(category)
     gens = {g: data_generator(g) for g in data_generators}
-    if list(gens.values()) == [pipe]:
-        lat, own_pools[category] = cb.compbench_training_sets(pipe, gens, prompts_c, per_generator, keep, blip, threshold,
-                                                              seed=seed + 1)
-    else:
-        lat = cb.compbench_training_latents(pipe, gens, prompts_c, per_generator, keep, blip, seed=seed + 1)
-        own_pools[category] = cb.compbench_rewarded_samples(pipe, prompts_c, per_generator, blip, threshold, seed=seed + 1)
+    lat, own_pools[category] = cb.compbench_training_sets(pipe, gens, prompts_c, per_generator, min(keep_best, per_generator),
+                                                          blip, gors_threshold_of(category), seed=seed + 1,
+                                                          rewarded_from=[g for g in gens if gens[g] is pipe])
     return prompts_c, pipe.encode(prompts_c), lat
 
 

@@ -329,6 +329,17 @@ class StableDiffusion(Text2Image):
 SDXL_ID = "stabilityai/stable-diffusion-xl-base-1.0"
 
 
+def _tower_outputs(towers, prompts) -> list:
+    """Each (CLIP text model, tokenizer)'s outputs with every hidden state, prompts padded to its context
+    (SD-XL's and SD3's two towers)."""
+    out = []
+    for model, tok in towers:
+        ids = tok(list(prompts), padding="max_length", truncation=True, max_length=tok.model_max_length,
+                  return_tensors="pt").input_ids.to(model.device)
+        out.append(model(input_ids=ids, output_hidden_states=True))
+    return out
+
+
 class StableDiffusionXL(StableDiffusion):
     """SD-XL base: two CLIP text towers whose penultimate states are concatenated (768 + 1280 =
     2048 per token: what every cross-attention reads), plus the second tower's pooled, projected EOS
@@ -343,12 +354,7 @@ class StableDiffusionXL(StableDiffusion):
         self.text_model_2, self.tokenizer_2, self.size = text_model_2, tokenizer_2, size
 
     def _states(self, prompts):
-        out = []
-        for model, tok in ((self.text_model, self.tokenizer), (self.text_model_2, self.tokenizer_2)):
-            ids = tok(list(prompts), padding="max_length", truncation=True, max_length=tok.model_max_length,
-                      return_tensors="pt").input_ids.to(model.device)
-            out.append(model(input_ids=ids, output_hidden_states=True))
-        return out
+        return _tower_outputs([(self.text_model, self.tokenizer), (self.text_model_2, self.tokenizer_2)], prompts)
 
     @torch.no_grad()
     def encode(self, prompts) -> torch.Tensor:
@@ -669,13 +675,8 @@ class StableDiffusion3(StableDiffusion):
 
     def _clip(self, prompts):
         """[(penultimate states (N, 77, d_k), pooled projection (N, d_k)) for CLIP-L and CLIP-G]."""
-        out = []
-        for model, tok in ((self.text_model, self.tokenizer), (self.text_model_2, self.tokenizer_2)):
-            ids = tok(list(prompts), padding="max_length", truncation=True, max_length=tok.model_max_length,
-                      return_tensors="pt").input_ids.to(model.device)
-            o = model(input_ids=ids, output_hidden_states=True)
-            out.append((o.hidden_states[-2], o.text_embeds))
-        return out
+        towers = [(self.text_model, self.tokenizer), (self.text_model_2, self.tokenizer_2)]
+        return [(o.hidden_states[-2], o.text_embeds) for o in _tower_outputs(towers, prompts)]
 
     @torch.no_grad()
     def encode(self, prompts) -> torch.Tensor:
