@@ -1,5 +1,6 @@
 """Chapter 9's paper profile: the CLIP students, the benchmarks' loaders and the disentangled BLIP-VQA,
 on the real architectures with random weights and on files written in the released formats."""
+import itertools
 import json
 
 import numpy as np
@@ -132,6 +133,8 @@ def test_disentangled_vqa_multiplies_each_images_phrase_probabilities():
                   "vision_model.encoder.layers.0.layer_norm2.weight", "text_model.final_layer_norm.weight",
                   "text_model.encoder.layers.0.layer_norm1.bias"}),
     ("RN50", {"model.ln_final.weight", "model.transformer.resblocks.0.ln_1.weight", "model.visual.attnpool.c_proj.weight"}),
+    ("CoCa ViT-B/32 LAION-2B", {"model.visual.ln_pre.weight", "model.visual.ln_post.bias", "model.text.ln_final.weight",
+                                "model.visual.transformer.resblocks.0.ln_2.weight"}),
 ])
 def test_sds_clip_trains_the_layer_norms_of_the_real_students_and_its_gradient_reaches_the_image_tower(name, norms):
     pipe = tiny_random.stable_diffusion()
@@ -172,6 +175,77 @@ def test_clip_pixels_resize_crop_and_normalise():
     x = torch.tensor(clip_students.CLIP_MEAN).view(1, 3, 1, 1).expand(2, 3, 30, 50)
     out = clip_students.pixels(x, 24)
     assert out.shape == (2, 3, 24, 24) and out.abs().max() < 1e-5
+
+
+# ---------------------------------------------------------------- word order (§11.8.4), CLEVR (§11.8.8), CC-3M (§11.8.6)
+
+
+def test_word_order_perturbations_reorder_the_captions_own_words_and_only_the_words_they_name():
+    from interplab import word_order
+    tag = word_order.tagged_by(["dog", "ball", "park"], ["red", "big"])
+    tagged = tag("a big dog chases the red ball in a park")
+    words = [w for w, _ in tagged]
+    rng = np.random.default_rng(0)
+    opts = word_order.options(tagged, rng)
+    assert opts[0] == " ".join(words) and len(opts) == 5
+    assert all(sorted(o.split()) == sorted(words) and o != opts[0] for o in opts[1:])
+    nouns = {1: "big", 2: "dog", 5: "red", 6: "ball", 9: "park"}  # and adjectives
+    for _ in range(20):
+        moved = word_order.perturb(tagged, "shuffle_nouns_and_adjectives", rng).split()
+        assert [moved[i] for i in range(10) if i not in nouns] == [words[i] for i in range(10) if i not in nouns]
+        assert {moved[i] for i in (2, 6, 9)} == {"dog", "ball", "park"} and {moved[i] for i in (1, 5)} == {"big", "red"}
+        rest = word_order.perturb(tagged, "shuffle_all_but_nouns_and_adjectives", rng).split()
+        assert [rest[i] for i in nouns] == list(nouns.values())
+        within = word_order.perturb(tagged, "shuffle_within_trigrams", rng).split()
+        assert all(sorted(within[k:k + 3]) == sorted(words[k:k + 3]) for k in range(0, 10, 3))
+        units = word_order.perturb(tagged, "shuffle_trigrams", rng).split()
+        tris = [" ".join(words[k:k + 3]) for k in range(0, 10, 3)]
+        assert " ".join(units) in {" ".join(p) for p in itertools.permutations(tris)}
+    with pytest.raises(ValueError, match="unknown perturbation"):
+        word_order.perturb(tagged, "reverse", rng)
+    # the true option must win outright: a tie is a miss
+    assert word_order.order_accuracy([[3, 1, 1, 1, 1], [2, 2, 1, 1, 1], [0, 1, 0, 0, 0]]) == pytest.approx(1 / 3)
+
+
+def test_aro_order_tiny_keeps_each_scenes_caption_first():
+    from interplab.toyworld import binding
+    a, b = binding.aro_order(6, 3), binding.aro_order(6, 3)
+    assert a["images"].shape == (6, 3, 32, 32) and torch.equal(a["images"], b["images"]) and a["options"] == b["options"]
+    assert all(len(o) == 5 and len(set(o)) == 5 for o in a["options"])
+    assert "and" in a["options"][0][0] and "to the left of" in a["options"][1][0]
+
+
+def test_order_clevr_and_cc3m_loaders_read_their_formats(tmp_path):
+    from interplab import word_order
+    for loader in (lambda root: cb.aro_order("coco", root=root), lambda root: cb.clevr_pairs(root),
+                   lambda root: cb.cc3m_pairs(root)):
+        with pytest.raises(ResourceUnavailable):
+            loader(tmp_path)
+    (tmp_path / "aro").mkdir()
+    (tmp_path / "aro" / "flickr30k_test.json").write_text(json.dumps([
+        {"image": "flickr30k-images/1.jpg", "caption": ["Two dogs play in the snow.", "A dog (brown) runs!"]},
+        {"image": "flickr30k-images/2.jpg", "caption": ["A man rides a red bike."]}]))
+    tag = word_order.tagged_by(["dogs", "dog", "snow", "man", "bike"], ["brown", "red"])
+    items = cb.aro_order("flickr30k", tagger=tag, root=tmp_path)
+    assert [it["options"][0] for it in items] == ["two dogs play in the snow", "a dog brown runs", "a man rides a red bike"]
+    assert items[2]["image"] == tmp_path / "flickr30k" / "flickr30k-images" / "2.jpg"
+    assert len(cb.aro_order("flickr30k", n=2, tagger=tag, root=tmp_path)) == 2
+    assert cb.aro_caption("A  b.c " + "w " * 40).split()[:3] == ["a", "b", "c"] and len(cb.aro_caption("w " * 40).split()) == 30
+
+    (tmp_path / "clevr").mkdir()
+    (tmp_path / "clevr" / "pairs.jsonl").write_text(
+        json.dumps({"image": "a.png", "true": "a red cube left of a ball", "false": "a red ball left of a cube",
+                    "kind": "spatial"}) + "\n")
+    [pair] = cb.clevr_pairs(tmp_path)
+    assert pair["image"] == tmp_path / "clevr" / "images" / "a.png" and pair["kind"] == "spatial"
+
+    for key, text in (("00000/000000001", "a cat"), ("00000/000000000", "a dog"), ("00001/000010000", "a hat")):
+        _write_image(tmp_path / "cc3m" / f"{key}.jpg")
+        (tmp_path / "cc3m" / f"{key}.txt").write_text(text + "\n")
+    pairs = cb.cc3m_pairs(tmp_path)
+    assert [c for _, c in pairs] == ["a dog", "a cat", "a hat"] and len(cb.cc3m_pairs(tmp_path, n=2)) == 2
+    images, captions = cb.coco_stream(pairs, batch_size=2, size=16)(np.random.default_rng(0))
+    assert images.shape == (2, 3, 16, 16) and set(captions) <= {"a dog", "a cat", "a hat"}
 
 
 # ---------------------------------------------------------------- attention contributions: CLIP vs T5 (Figs 9.4, 9.5)

@@ -376,3 +376,37 @@ def test_structured_values_align_phrases_and_reduce_to_plain_sampling_when_value
     assert not torch.allclose(conditioning.sample_structured(pipe, c, c_bar, seed=0, steps=2), plain, atol=1e-4)
     with pytest.raises(BadParameter, match="not found"):
         conditioning._span_of([1, 2, 3], [4])
+
+
+def test_feature_distillation_regresses_h_w_onto_frozen_unet_features_without_moving_the_unet():
+    from interplab import distillation
+    from interplab import toyworld as tw
+    from interplab.zoo import clip
+    pipe = _toy()
+    tok = tw.clip_tokenizer(clip.MAX_LENGTH)
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    cond = pipe.encode(["a red circle", "a blue square"])
+    with torch.no_grad():
+        z = pipe.encode_images(images)
+        out = pipe.denoise(z, torch.full((2,), 200), cond)
+    assert torch.allclose(distillation.unet_features(pipe, images, cond, t=200), out)      # Eq. 11.19 as written
+    mid = distillation.unet_features(pipe, images, cond, t=200, layer="mid_block")
+    assert mid.shape[1:] == distillation.feature_shape(pipe, layer="mid_block") != out.shape[1:]
+    # a larger batch is brought to the teacher's side first
+    assert distillation.unet_features(pipe, torch.rand(2, 3, 48, 48), cond).shape == out.shape
+
+    student = distillation.SdsClip(clip.CLIPModel(clip.config(len(tok), tok.eos_token_id)).eval(),
+                                   distillation.feature_shape(pipe, layer="mid_block"))
+    unet_before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+
+    def batches(rng):
+        return images, ["a red circle", "a blue square"]
+    losses = distillation.finetune(student, lambda c: tw.encode(tok, c)[0], pipe, batches, lam=1.0, steps=3,
+                                   objective="features", feature_layer="mid_block", lr_h=1e-2, progress=False)
+    # the first step's loss is ||0 - I||^2: h_w starts at zero
+    assert losses[0][1] == pytest.approx(float((mid ** 2).mean()), rel=1e-4)
+    assert losses[-1][1] < losses[0][1]
+    assert all(torch.equal(v, unet_before[k]) for k, v in pipe.unet.state_dict().items())
+    with pytest.raises(ValueError):
+        distillation.finetune(student, lambda c: tw.encode(tok, c)[0], pipe, batches, lam=1.0, steps=1,
+                              objective="dream", progress=False)

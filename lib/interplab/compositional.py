@@ -4,8 +4,11 @@ released formats, and T2I-CompBench's disentangled BLIP-VQA score.
     winoground()                    400 items (examples.jsonl + images/)          Table 9.1, Fig 9.1
     winoground_columns(S, items)    Table 9.1's six Winoground columns from similarities S (n, 2, 2)
     aro(kind)                       VG-Relation / VG-Attribution (true vs swapped caption, bbox crops)
+    aro_order(kind)                 COCO-Order / Flickr30k-Order: a caption vs its 4 word-order perturbations
+    clevr_pairs()                   CLEVR binary caption choice (§11.8.8)
     compbench_prompts(category, split)   T2I-CompBench prompts (colour / texture / shape; train / val)
     coco_captions(split)            MS-COCO (image, caption) pairs: SDS-CLIP's fine-tuning stream
+    cc3m_pairs()                    Conceptual Captions 3M pairs: the stream of §11.8.6
     BlipVqa, disentangled_vqa       P("yes") per noun phrase, multiplied over the phrases (§9.2.6)
     compbench_training_sets         the best-rated own samples per prompt (CLP / WiCLP) and those above a
                                     threshold (GORS), encoded by the pipeline
@@ -17,6 +20,10 @@ Layout under ``root`` (default data/paper/ch09):
 
     winoground/examples.jsonl, winoground/images/<image_0>.png     (facebook/winoground, gated)
     aro/visual_genome_{relation,attribution}.json, aro/images/      (the ARO release)
+    aro/coco_karpathy_test.json + coco/val2014/                     (COCO-Order: BLIP's Karpathy split, COCO 2014)
+    aro/flickr30k_test.json + flickr30k/flickr30k-images/           (Flickr30k-Order)
+    clevr/pairs.jsonl, clevr/images/                                 (CLEVR caption pairs; format below)
+    cc3m/<shard>/<key>.jpg + <key>.txt                              (img2dataset's "files" output of CC-3M)
     t2i_compbench/<category>_<split>.txt                            (T2I-CompBench examples/dataset)
     coco/annotations/captions_<split>.json, coco/<split>/           (MS-COCO 2017)
 """
@@ -40,7 +47,13 @@ DOWNLOAD = {
            "release (mertyg/vision-language-models-are-bows) there",
     "t2i_compbench": "copy examples/dataset/*.txt of T2I-CompBench (Karine-Huang/T2I-CompBench) there",
     "coco": "copy the MS-COCO 2017 captions annotations and images (cocodataset.org) there",
+    "aro_order": "copy BLIP's coco_karpathy_test.json / flickr30k_test.json (the files ARO's COCO_Order / "
+                 "Flickr30k_Order read) into aro/ and the COCO 2014 val images / Flickr30k images beside them",
+    "clevr": "write CLEVR image-text pairs as JSON lines {image, true, false, kind} (e.g. from GDBench's CLEVR "
+             "subset, Krojer et al. 2023) with the images under clevr/images/",
+    "cc3m": "download Conceptual Captions 3M with img2dataset (output_format files) there",
 }
+ORDER_SETS = {"coco": ("coco_karpathy_test.json", "coco"), "flickr30k": ("flickr30k_test.json", "flickr30k")}
 WINOGROUND_TAGS = ("Object", "Relation", "Both")
 COMPBENCH_CATEGORIES = ("color", "texture", "shape")
 
@@ -103,6 +116,42 @@ def aro(kind: str, root=None) -> list:
             for r in records]
 
 
+def aro_caption(caption: str, max_words: int = 30) -> str:
+    """The ARO / BLIP caption cleaning: lower case, the marks .!"()*#:;~ become spaces, one space between
+    words, at most ``max_words`` words."""
+    caption = re.sub(r"\s{2,}", " ", re.sub(r'([.!"()*#:;~])', " ", caption.lower())).strip()
+    return " ".join(caption.split()[:max_words])
+
+
+def spacy_tagger(model: str = "en_core_web_sm"):
+    """caption -> [(word, "NOUN" | "ADJ" | other)] by spaCy's fine tags (NN* nouns, JJ* adjectives), as
+    ARO perturbs its captions."""
+    nlp = _spacy(model, "the part-of-speech tags of ARO's word-order perturbations")
+    coarse = {"NN": "NOUN", "NNS": "NOUN", "NNP": "NOUN", "NNPS": "NOUN", "JJ": "ADJ", "JJR": "ADJ", "JJS": "ADJ"}
+    return lambda caption: [(t.text, coarse.get(t.tag_, t.tag_)) for t in nlp(caption)]
+
+
+def aro_order(kind: str, n: int | None = None, seed: int = 0, tagger=None, root=None) -> list:
+    """COCO-Order (kind "coco") or Flickr30k-Order ("flickr30k") items: dicts with image (path) and
+    options (the cleaned caption first, then its four ``word_order`` perturbations), one per caption of
+    the test split's images; ``n`` keeps the first n captions. tagger: default spaCy's en_core_web_sm."""
+    from . import word_order
+    check_choice("kind", kind, tuple(ORDER_SETS))
+    name, images = ORDER_SETS[kind]
+    records = json.loads(_file("aro_order", _folder("aro", root) / name).read_text())
+    image_root = Path(root or ROOT) / images
+    pairs = [(image_root / r["image"], aro_caption(c)) for r in records for c in r["caption"]][:n]
+    options = word_order.order_items([c for _, c in pairs], tagger or spacy_tagger(), seed)
+    return [dict(image=path, options=opts) for (path, _), opts in zip(pairs, options)]
+
+
+def clevr_pairs(root=None) -> list:
+    """CLEVR binary caption-choice items: dicts with image (path), true, false, kind."""
+    folder = _folder("clevr", root)
+    lines = _file("clevr", folder / "pairs.jsonl").read_text().splitlines()
+    return [dict(r, image=folder / "images" / r["image"]) for r in map(json.loads, filter(str.strip, lines))]
+
+
 def aro_accuracy(s_true: torch.Tensor, s_false: torch.Tensor, labels=None) -> dict:
     """Micro accuracy (true caption scored higher) and, given labels, the macro mean over them."""
     right = (torch.as_tensor(s_true) > torch.as_tensor(s_false)).float().numpy()
@@ -133,6 +182,16 @@ def coco_captions(split: str = "train2017", root=None) -> list:
     return [(files[a["image_id"]], a["caption"].strip()) for a in ann["annotations"]]
 
 
+def cc3m_pairs(root=None, n: int | None = None) -> list:
+    """(image path, caption) pairs of Conceptual Captions 3M as img2dataset's "files" output lays them out
+    (every <key>.jpg beside its <key>.txt), sorted by path; ``n`` keeps the first n."""
+    folder = _folder("cc3m", root)
+    images = sorted(folder.glob("*/*.jpg"))[:n]
+    if not images:
+        raise resource_unavailable(f"cc3m images (no <shard>/<key>.jpg under {folder})", DOWNLOAD["cc3m"])
+    return [(path, path.with_suffix(".txt").read_text().strip()) for path in images]
+
+
 # ---------------------------------------------------------------- T2I-CompBench (Part B)
 
 
@@ -144,15 +203,24 @@ def compbench_prompts(category: str, split: str = "val", root=None) -> list:
     return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
 
+_NLP = {}
+
+
+def _spacy(model: str, why: str):
+    """spaCy pipeline ``model``, loaded once."""
+    if model not in _NLP:
+        try:
+            import spacy
+            _NLP[model] = spacy.load(model)
+        except (ImportError, OSError):
+            raise resource_unavailable(f"spaCy's {model} ({why})",
+                                       f"run `pip install spacy && python -m spacy download {model}`") from None
+    return _NLP[model]
+
+
 def noun_phrases(prompt: str) -> list:
     """spaCy en_core_web_sm noun chunks of ``prompt``, T2I-CompBench's way of disentangling it."""
-    try:
-        import spacy
-        nlp = noun_phrases.nlp = getattr(noun_phrases, "nlp", None) or spacy.load("en_core_web_sm")
-    except (ImportError, OSError):
-        raise resource_unavailable("spaCy's en_core_web_sm (noun chunks of T2I-CompBench prompts)",
-                                   "run `pip install spacy && python -m spacy download en_core_web_sm`") from None
-    return [chunk.text for chunk in nlp(prompt).noun_chunks]
+    return [chunk.text for chunk in _spacy("en_core_web_sm", "noun chunks of T2I-CompBench prompts")(prompt).noun_chunks]
 
 
 _CONJUNCTION = re.compile(r"^(?:an? |the )?(\S+) (\S+) and (?:an? |the )?(\S+) (\S+)$", re.IGNORECASE)

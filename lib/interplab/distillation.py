@@ -8,8 +8,15 @@ teacher's latent shape (zero-initialised), eps_theta the frozen teacher UNet. On
 LayerNorms (both towers, collected by type) and h_w train (§9.1.3). The gradient of L_SDS reaches
 the image tower through z; the text tower learns from L_CLIP alone.
 
+The ablation of §11.8.2 (Eq. 11.19) regresses h_w(f_phi(x)) onto frozen UNet features of the real
+image instead, I(x, c) = eps_theta(v_alpha(x), t, c), so nothing back-propagates through the UNet:
+
+    L = L_CLIP + lam * ||h_w(f_phi(x)) - I(x, c)||^2          (objective="features")
+
     student = SdsClip(clip_model, pipe.latent_shape)
     losses = finetune(student, tokenize, pipe, batches, lam=1.0, steps=150, seed=0)
+    student = SdsClip(clip_model, feature_shape(pipe))        # Eq. 11.19's h_w maps to I's shape
+    losses = finetune(student, tokenize, pipe, batches, lam=1.0, objective="features")
 """
 import copy
 
@@ -19,7 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .conditioning import frozen, sds_loss
-from .errors import BadParameter
+from .errors import BadParameter, check_choice
+from .hooks import trace
 from .models.clip_students import features
 from .zoo.clip import infonce
 
@@ -29,8 +37,38 @@ def layer_norms(model: nn.Module) -> list:
     return [p for m in model.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters()]
 
 
+OBJECTIVES = ("sds", "features")
+
+
+@torch.no_grad()
+def unet_features(pipe, images: torch.Tensor, cond: torch.Tensor, t: int = 200, layer: str | None = None) -> torch.Tensor:
+    """I(x, c) of Eq. 11.19: the frozen UNet run on the clean latent v_alpha(x) of images (N, 3, H, W) in
+    [0, 1] at timestep ``t`` under cond (N, T, d). ``layer`` None: the UNet's output, as the equation
+    writes it; a module path (e.g. "mid_block"): that module's output instead. Images are resized to
+    the teacher's side first (a CLIP student's 224 px batch would give SD v1 a latent its UNet cannot
+    halve three times). Returns (N, ...) in float32."""
+    side = pipe.image_size
+    if images.shape[-1] != side or images.shape[-2] != side:
+        images = F.interpolate(images.float(), size=(side, side), mode="bilinear", antialias=True).clamp(0, 1)
+    z = pipe.encode_images(images.to(pipe.device))
+    steps = torch.full((len(z),), t, device=z.device, dtype=torch.long)
+    if layer is None:
+        return pipe.denoise(z, steps, cond.to(z)).float()
+    with trace(pipe.unet, layer) as seen:
+        pipe.denoise(z, steps, cond.to(z))
+    return seen[layer].float()
+
+
+def feature_shape(pipe, t: int = 200, layer: str | None = None) -> tuple:
+    """Shape of one image's ``unet_features`` (what h_w maps to under objective="features")."""
+    image = torch.zeros(1, 3, pipe.image_size, pipe.image_size)
+    with torch.no_grad():
+        return tuple(unet_features(pipe, image, pipe.encode([""]), t, layer).shape[1:])
+
+
 class SdsClip(nn.Module):
-    """A copy of a CLIPModel (the student; the original is left alone) plus h_w: embedding -> latent.
+    """A copy of a CLIPModel (the student; the original is left alone) plus h_w: embedding -> latent
+    (or, for Eq. 11.19, embedding -> ``feature_shape``).
 
     ``also_train``: paths of submodules of ``clip`` trained beside the LayerNorms (a ResNet image
     tower has none; ``models.clip_students.STUDENTS[name].also_train`` says which).
@@ -59,17 +97,21 @@ class SdsClip(nn.Module):
 
 
 def finetune(student: SdsClip, tokenize, teacher, batches, lam: float, steps: int = 150, lr_ln: float = 5e-4,
-             lr_h: float = 1e-3, seed: int = 0, pixel_values=lambda x: x * 2 - 1, progress: bool = True) -> list:
-    """Fine-tune the student's LayerNorms and h_w on L_CLIP + lam L_SDS (lam = 0: L_CLIP alone).
+             lr_h: float = 1e-3, seed: int = 0, pixel_values=lambda x: x * 2 - 1, progress: bool = True,
+             objective: str = "sds", feature_t: int = 200, feature_layer: str | None = None) -> list:
+    """Fine-tune the student's LayerNorms and h_w on L_CLIP + lam L_SDS (lam = 0: L_CLIP alone), or with
+    objective="features" on Eq. 11.19's L_CLIP + lam ||h_w(f_phi(x)) - I(x, c)||^2, I = ``unet_features``
+    at ``feature_t`` / ``feature_layer`` (the student's h_w must map to ``feature_shape``).
 
     batches(rng) -> (images (B, 3, H, W) in [0, 1], captions): the fine-tuning stream (seeded by
     ``seed``); tokenize(captions) -> the student's input ids (B, T). teacher: a
     ``models.diffusion.Text2Image`` whose UNet stays frozen. Returns the per-step losses
-    [(L_CLIP, L_SDS)].
+    [(L_CLIP, L_SDS or the feature loss)].
     """
     from tqdm.auto import tqdm
     if lam < 0:
         raise BadParameter(f"lam must be >= 0, got {lam}")
+    check_choice("objective", objective, OBJECTIVES)
     rng, gen = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
     tower = [p for p in student.clip.parameters() if p.requires_grad]  # LayerNorms (+ also_train)
     opt = torch.optim.AdamW([{"params": tower, "lr": lr_ln}, {"params": student.h_w.parameters(), "lr": lr_h}],
@@ -78,7 +120,8 @@ def finetune(student: SdsClip, tokenize, teacher, batches, lam: float, steps: in
     device = next(student.parameters()).device
     out = []
     with frozen(teacher.unet):
-        for _ in tqdm(range(steps), desc=f"SDS-CLIP (lam={lam})", disable=not progress, leave=False):
+        for _ in tqdm(range(steps), desc=f"{'SDS-CLIP' if objective == 'sds' else 'UNet features'} (lam={lam})",
+                      disable=not progress, leave=False):
             student.train()
             images, captions = batches(rng)
             ids = tokenize(captions).to(device)
@@ -90,7 +133,11 @@ def finetune(student: SdsClip, tokenize, teacher, batches, lam: float, steps: in
             if lam > 0:
                 with torch.no_grad():
                     cond = teacher.encode(captions)
-                l_sds = sds_loss(teacher, student.latent(img), cond, gen)
+                if objective == "sds":
+                    l_sds = sds_loss(teacher, student.latent(img), cond, gen)
+                else:
+                    target = unet_features(teacher, images, cond, feature_t, feature_layer).to(img)
+                    l_sds = F.mse_loss(student.latent(img), target)
             loss = l_clip + lam * l_sds
             opt.zero_grad()
             loss.backward()

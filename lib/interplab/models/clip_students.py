@@ -1,4 +1,4 @@
-"""The CLIP students of Chapter 9's paper profile (SDS-CLIP: Table 9.1, Tables 11.5 / 11.6).
+"""The CLIP students of Chapter 9's paper profile (SDS-CLIP: Table 9.1, Tables 11.5 / 11.6, CoCa of §11.8.10).
 
     build(name, layers=None)   the architecture with random weights (tests, timing); ``layers`` keeps
                                that many blocks per tower at full width
@@ -7,8 +7,8 @@
     pixels(images, size)       [0, 1] images (N, 3, S, S) -> CLIP-normalised pixel_values (N, 3, size, size)
     embed_images / embed_texts unit embeddings of any student (and of the zoo's CLIPModel)
 
-transformers' ``CLIPModel`` serves the four OpenAI ViTs. open_clip models (RN50 and the LAION
-ViT-B/16s) are wrapped by ``OpenClipStudent``, which offers the four things ``distillation.SdsClip``
+transformers' ``CLIPModel`` serves the four OpenAI ViTs. open_clip models (RN50, the LAION
+ViT-B/16s and CoCa, whose contrastive towers are used and whose caption decoder is not) are wrapped by ``OpenClipStudent``, which offers the four things ``distillation.SdsClip``
 reads: ``get_image_features``, ``get_text_features``, ``logit_scale``, ``config.projection_dim``.
 Architectures are facts from the released configs, so tests build them without the hub.
 """
@@ -43,6 +43,8 @@ STUDENTS = {
     "RN50": Student("open_clip", "RN50", "openai", also_train=("model.visual.attnpool",)),
     "ViT-B/16 LAION-400M": Student("open_clip", "ViT-B-16", "laion400m_e32"),    # Table 11.5
     "ViT-B/16 LAION-2B": Student("open_clip", "ViT-B-16", "laion2b_s34b_b88k"),  # Table 11.6
+    # §11.8.10's Open-CoCa "pre-trained on 2B image-text pairs"; the dissertation does not name the size
+    "CoCa ViT-B/32 LAION-2B": Student("open_clip", "coca_ViT-B-32", "laion2b_s13b_b90k"),
 }
 
 # OpenAI CLIP configs (transformers): vision (width, layers, heads, patch), text (width, layers, heads), projection
@@ -68,11 +70,11 @@ class OpenClipStudent(nn.Module):
 
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) normalised pixels -> unnormalised image embeddings (N, projection_dim)."""
-        return self.model.encode_image(pixel_values)
+        return self.model.encode_image(pixel_values, normalize=False)  # CoCa normalises by default
 
     def get_text_features(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(N, 77) open_clip token ids -> unnormalised text embeddings (N, projection_dim)."""
-        return self.model.encode_text(input_ids)
+        return self.model.encode_text(input_ids, normalize=False)
 
 
 def _student(name: str) -> Student:
@@ -100,13 +102,18 @@ def build(name: str, layers: int | None = None, seed: int = 0) -> nn.Module:
         from transformers import CLIPModel
         return CLIPModel(_clip_config(s.model, layers)).eval()
     import open_clip
-    from open_clip.model import CLIP
+    from open_clip.coca_model import CoCa
+    from open_clip.model import CLIP, CustomTextCLIP
     cfg = dict(open_clip.get_model_config(s.model))
     if layers:  # a ModifiedResNet counts blocks per stage, a ViT blocks
         resnet = isinstance(cfg["vision_cfg"]["layers"], (list, tuple))
         cfg["vision_cfg"] = dict(cfg["vision_cfg"], layers=(1, 1, 1, 1) if resnet else layers)
-        cfg["text_cfg"] = dict(cfg["text_cfg"], layers=layers)
-    return OpenClipStudent(CLIP(**cfg).eval()).eval()
+        for tower in ("text_cfg", "multimodal_cfg"):
+            if tower in cfg:
+                cfg[tower] = dict(cfg[tower], layers=layers)
+    cls = CoCa if "multimodal_cfg" in cfg else CustomTextCLIP if cfg.pop("custom_text", False) else CLIP
+    cfg.pop("custom_text", None)
+    return OpenClipStudent(cls(**cfg).eval()).eval()
 
 
 def load(name: str, device="cuda") -> nn.Module:

@@ -10,6 +10,9 @@ caption prefers its image), group (both); chance 0.25, 0.25, 1/6.
 
 ARO-tiny: one image, its caption and a false one: "attribution" swaps the two colours,
 "relation" swaps the relation's arguments; accuracy = P(true caption wins), chance 0.5.
+ARO-Order-tiny (§11.8.4's COCO-Order / Flickr-Order): one image, its caption (half "and", half
+"to the left of") and the caption's four word-order perturbations (``interplab.word_order``), tagged
+by the grammar (shapes are nouns; colours, textures, sizes adjectives); chance 0.2.
 Scenes are two objects of distinct shapes and colours, the rest of their attributes random;
 deterministic given the seed.
 """
@@ -18,7 +21,8 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from .attributes import SLOTS
+from .. import word_order
+from .attributes import COLOURS, SHAPES, SIZES, SLOTS, TEXTURES
 from .captions import Palette, random_object
 from .render import Scene, render_batch
 
@@ -85,6 +89,25 @@ def aro(n: int, seed: int, kind: str = "attribution", pal: Palette = PALETTE) ->
             false.append(f"a {b.colour} {b.shape} to the left of a {a.colour} {a.shape}")
         scenes.append(Scene((a, b), "dark"))
     return {"images": _render(scenes, seed), "true": true, "false": false}
+
+
+TAGGER = word_order.tagged_by(SHAPES, COLOURS + TEXTURES + SIZES)
+
+
+def aro_order(n: int, seed: int, pal: Palette = PALETTE) -> dict:
+    """{"images": (n, 3, 32, 32), "options": n lists of 5 captions, the true one first}."""
+    rng = np.random.default_rng(seed)
+    scenes, captions = [], []
+    for i in range(n):
+        if i % 2 == 0:
+            a, b = _two_objects(rng, pal, [str(s) for s in rng.permutation(SLOTS)[:2]])
+            captions.append(f"a {a.colour} {a.shape} and a {b.colour} {b.shape}")
+        else:
+            row = ("top", "bottom")[rng.integers(2)]
+            a, b = _two_objects(rng, pal, (f"{row} left", f"{row} right"))
+            captions.append(f"a {a.colour} {a.shape} to the left of a {b.colour} {b.shape}")
+        scenes.append(Scene((a, b), "dark"))
+    return {"images": _render(scenes, seed), "options": word_order.order_items(captions, TAGGER, seed)}
 
 
 def winoground_scores(S: torch.Tensor) -> dict:
