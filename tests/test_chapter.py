@@ -108,3 +108,16 @@ def test_by_profile_fills_only_what_was_left_at_none():
     assert interplab.by_profile(7, "paper", 64, 300) == 7
     with pytest.raises(UnknownProfile):
         interplab.by_profile(None, "huge", 64, 300)
+
+
+def test_schematic_draws_every_box_and_arrow():
+    import matplotlib
+    matplotlib.use("Agg")
+    from interplab.plotting import schematic
+    fig = schematic({"a": (0.2, 0.5, "first"), "b": (0.5, 0.5, "second"), "c": (0.8, 0.2, "third")},
+                    [("a", "b", "then"), ("b", "c")], "overview")
+    ax = fig.axes[0]
+    assert {t.get_text() for t in ax.texts} >= {"first", "second", "third", "then"}
+    assert sum(1 for c in ax.get_children() if type(c).__name__ == "Annotation") == 2
+    with pytest.raises(KeyError):
+        schematic({"a": (0.2, 0.5, "first")}, [("a", "missing")], "broken")

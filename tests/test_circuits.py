@@ -418,3 +418,58 @@ def test_answer_rate_in_chunks_equals_one_batch_and_reads_the_interventions(mode
     ctx = mask.bool()
     up = circuits.answer_rate(model, ids, mask, last, answers, upweight=[0], beta=1.0, context=ctx, batch_size=2)
     assert up == 1.0  # beta = 1 changes nothing
+
+
+# ------------------------------------------------------------------ hierarchy 1 (§11.7.1)
+
+
+@torch.no_grad()
+def _target_after_source(model, pair, source, target):
+    """Brute force: the clean run with ``source``'s output at the last position corrupted; a target MLP
+    also gets its own layer's attention pinned clean there, so that only the source moves its input.
+    Returns the target's term at the last position (N, d)."""
+    last = (pair["clean_mask"].sum(1) - 1)[:, None]
+    with ExitStack() as stack:
+        path = anatomy.resolve(model, _carrier(source)).path
+        stack.enter_context(hooks.replace(model, {path: pair["corr"].node(source)[:, None]}, positions=last))
+        if target[0] == "mlp":
+            attn = anatomy.resolve(model, f"layer[{target[1]}].attn.out").path
+            stack.enter_context(hooks.replace(model, {attn: pair["clean"].node(("attn", target[1]))[:, None]},
+                                              positions=last))
+        out = anatomy.resolve(model, _carrier(target)).path
+        seen = stack.enter_context(hooks.trace(model, out))
+        model(input_ids=pair["clean_ids"], attention_mask=pair["clean_mask"])
+    return seen[out][torch.arange(4), last[:, 0]]
+
+
+def test_second_order_recomputes_each_target_from_its_shifted_input_and_nothing_else(model, pair):
+    clean, corr, ids, mask = pair["clean"], pair["corr"], pair["clean_ids"], pair["clean_mask"]
+    source = ("mlp", 0)
+    r = circuits.second_order_resid(model, ids, mask, clean, corr, [("attn", 1), ("mlp", 1)],
+                                    [[source], [], [("mlp", 1)]], batch_size=5)
+    assert r.shape == (3, 4, clean.resid.shape[-1])
+    expected = clean.resid + sum(_target_after_source(model, pair, source, t) - clean.node(t) for t in [("attn", 1), ("mlp", 1)])
+    assert torch.allclose(r[0], expected, atol=1e-6)   # changes are ~3e-4
+    moved = (r[0] - clean.resid).norm(dim=-1) / clean.resid.norm(dim=-1)
+    assert (moved > 1e-3).all()                                      # the source does reach the targets
+    assert torch.allclose(r[1], clean.resid, atol=1e-6)               # no sources: the clean residual
+    assert torch.allclose(r[2], clean.resid, atol=1e-6)               # a source after its targets: nothing
+    # every head of a layer as targets = the layer as one target
+    heads = [("head", 1, h) for h in range(clean.n_heads)]
+    by_heads = circuits.second_order_resid(model, ids, mask, clean, corr, heads, [[source, ("attn", 0)]])
+    by_layer = circuits.second_order_resid(model, ids, mask, clean, corr, [("attn", 1)], [[source, ("attn", 0)]])
+    assert torch.allclose(by_heads, by_layer, atol=1e-6)
+    with pytest.raises(BadParameter, match="count twice"):
+        circuits.second_order_resid(model, ids, mask, clean, corr, [("attn", 1), ("head", 1, 0)], [[source]])
+
+
+def test_second_order_circuit_ranks_preceding_nodes_and_joins_them(model, pair):
+    clean, corr, a = pair["clean"], pair["corr"], pair["answers"]
+    targets = [("head", 1, 0), ("head", 1, 1)]
+    circ = circuits.second_order_circuit(model, pair["clean_ids"], pair["clean_mask"], clean, corr, a, targets,
+                                         "head", delta=0.5)
+    assert sorted(circ.ranked) == [("head", 0, h) for h in range(clean.n_heads)]   # only heads before layer 1
+    assert (circ.single[:-1] >= circ.single[1:]).all() and len(circ.curve) == clean.n_heads
+    top2 = circuits.second_order_resid(model, pair["clean_ids"], pair["clean_mask"], clean, corr, targets,
+                                       [circ.ranked[:2]])[0]
+    assert circ.curve[1].item() == pytest.approx(1 - circuits.answer_prob(model, top2, a).mean().item(), abs=1e-6)

@@ -39,3 +39,31 @@ def test_export_writes_one_sheet_per_pair_and_read_takes_the_strict_majority(tmp
         human_study.read([template])                                 # a blank template is not a verdict
     with pytest.raises(BadParameter, match="as many"):
         human_study.export(tmp_path, a, b[:2], ["p"] * 3, ["style"] * 3, "?")
+
+
+def test_preference_study_hides_the_sides_and_maps_votes_back_to_the_methods(tmp_path):
+    a, b = torch.zeros(6, 3, 8, 8), torch.ones(6, 3, 8, 8)
+    template = human_study.export_preference(tmp_path, a, b, [f"prompt {i}" for i in range(6)],
+                                             "Which image matches '{prompt}' better?", seed=3)
+    assert sorted(p.name for p in tmp_path.glob("pair_*.png")) == [f"pair_{i:03d}.png" for i in range(6)]
+    rows = list(csv.DictReader(open(template)))
+    assert "a_side" not in rows[0] and rows[2]["question"] == "Which image matches 'prompt 2' better?"
+    sides = {int(r["pair_id"]): r["a_side"] for r in csv.DictReader(open(tmp_path / "key.csv"))}
+    assert set(sides.values()) == {"left", "right"}            # drawn per pair, not fixed
+
+    def filled(name, vote):
+        path = tmp_path / name
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, human_study.COLUMNS)
+            w.writeheader()
+            w.writerows(dict(r, verdict=vote(int(r["pair_id"]))) for r in rows)
+        return path
+    other = {"left": "right", "right": "left"}
+    picks_a = filled("r1.csv", lambda i: sides[i])                          # always the side A is on
+    picks_b_or_tie = filled("r2.csv", lambda i: "tie" if i < 2 else other[sides[i]])
+    out = human_study.read_preference([picks_a, picks_b_or_tie], tmp_path / "key.csv")
+    assert out == {"a": 6 / 12, "b": 4 / 12, "tie": 2 / 12, "raters": 2}
+    with pytest.raises(BadParameter, match="left, right or tie"):
+        human_study.read_preference([filled("r3.csv", lambda i: "yes")], tmp_path / "key.csv")
+    with pytest.raises(BadParameter, match="A, .* B"):
+        human_study.export_preference(tmp_path, a, b[:5], ["p"] * 6, "?")

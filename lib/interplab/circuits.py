@@ -1,4 +1,5 @@
-"""Direct-effect circuits of a decoder LM at the last prompt position (Chapter 8, hierarchy 0).
+"""Direct-effect circuits of a decoder LM at the last prompt position (Chapter 8, hierarchy 0; hierarchy 1
+of §11.7.1 in ``second_order_circuit``).
 
 The pre-final-norm residual at the last position T is a sum of direct terms,
 
@@ -299,6 +300,116 @@ def greedy_circuit(clean: NodeCache, corr: NodeCache, model, answer_ids, family,
     ranked = [nodes[i] for i in order.tolist()]
     K = len(ranked) if max_k is None else max(0, min(max_k, len(ranked)))
     curve = cumulative_scores(clean, corr, model, answer_ids, ranked[:K])
+    return Circuit(ranked, single[order], curve, delta, k_star(curve, delta, len(ranked)))
+
+
+# ------------------------------------------------------------------ hierarchy 1 (§11.7.1)
+
+
+def _order(node) -> int:
+    """Place of a node in the forward pass: embed, then attention before MLP in each layer."""
+    return -1 if node[0] == "embed" else 2 * node[1] + (node[0] == "mlp")
+
+
+def second_order_resid(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, clean: NodeCache,
+                       corr: NodeCache, targets, source_sets, batch_size: int = 16) -> torch.Tensor:
+    """(S, N, d) residuals at the last position when the hierarchy-0 ``targets`` are recomputed with
+    their input at T shifted by the corrupted-minus-clean terms of each set's sources that precede them
+    (hierarchy 1: spec 2.3, §11.7.1).
+
+    Every target keeps its clean inputs at the other positions (its own attention over the context) and
+    only the targets' changed outputs at T reach r_T: r = r_clean + sum_t (o_t' - o_t). ``input_ids`` /
+    ``attention_mask`` (N, T): the clean prompts ``clean`` was cached from (right-padded). Targets: heads,
+    attention layers or MLPs (not a head and its own layer). One forward pass per (set, prompt) row.
+    """
+    targets = _nodes(clean, targets)
+    source_sets = [_nodes(clean, S) for S in source_sets]
+    attn_layers = sorted({t[1] for t in targets if t[0] in ("attn", "head")})
+    mlp_layers = sorted({t[1] for t in targets if t[0] == "mlp"})
+    if any(("attn", l) in targets and any(t[0] == "head" and t[1] == l for t in targets) for l in attn_layers):
+        raise BadParameter("targets hold an attention layer and one of its heads: the head would count twice")
+    if mlp_layers and anatomy.resolve(model, "layer[0].norm1").path.rpartition(".")[2] == \
+            anatomy.resolve(model, "layer[0].norm2").path.rpartition(".")[2]:
+        raise BadParameter("MLP targets need sequential blocks (attention, then MLP); this model's blocks are parallel")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    last_all = last_positions(attention_mask)
+    delta = {j: corr.node(j) - clean.node(j) for S in source_sets for j in S}          # (N, d) each
+    base = sum((clean.node(t) for t in targets), torch.zeros_like(clean.resid))
+    rows = [(s, i) for s in range(len(source_sets)) for i in range(clean.n)]
+    run_device = next(model.parameters()).device
+    got, out = {}, []
+
+    def shift(order):  # (R, d) summed source terms that precede a node at ``order``, for the running rows
+        return torch.stack([sum((delta[j][i] for j in source_sets[s] if _order(j) < order),
+                                torch.zeros_like(clean.resid[0])) for s, i in got["rows"]])
+
+    def shifted(order):
+        def fn(t):
+            t = t.clone()
+            t[got["at"], got["last"]] += shift(order).to(t)
+            return t
+        return fn
+
+    def restored(term):  # record the recomputed term at T, give the clean one back so later layers stay clean
+        def fn(t):
+            got[term[:2]] = t[got["at"], got["last"]].float()
+            t = t.clone()
+            clean_term = clean.attn if term[0] == "attn" else clean.mlp
+            t[got["at"], got["last"]] = clean_term[got["examples"], term[1]].to(t)
+            return t
+        return fn
+
+    def heads_of(l):
+        def fn(t):
+            w = weight_of(_module(model, f"layer[{l}].attn.out")).float()
+            got[("heads", l)] = head_contributions(t[got["at"], got["last"]].float(), w, clean.n_heads)
+            return t
+        return fn
+
+    with torch.inference_mode(), ExitStack() as stack:
+        for l in attn_layers:
+            stack.enter_context(_editing(model, f"layer[{l}].norm1", shifted(2 * l), at="input"))
+            stack.enter_context(_editing(model, f"layer[{l}].attn.heads", heads_of(l)))
+            stack.enter_context(_editing(model, f"layer[{l}].attn.out", restored(("attn", l))))
+        for l in mlp_layers:
+            stack.enter_context(_editing(model, f"layer[{l}].norm2", shifted(2 * l + 1), at="input"))
+            stack.enter_context(_editing(model, f"layer[{l}].mlp.out", restored(("mlp", l))))
+        for k in range(0, len(rows), batch_size):
+            got["rows"] = rows[k:k + batch_size]
+            got["examples"] = torch.tensor([i for _, i in got["rows"]])
+            got["at"] = torch.arange(len(got["rows"]), device=run_device)
+            got["last"] = last_all[got["examples"]].to(run_device)
+            model(input_ids=input_ids[got["examples"]].to(run_device),
+                  attention_mask=attention_mask[got["examples"]].to(run_device))
+            new = sum((got[("heads", t[1])][:, t[2]] if t[0] == "head" else got[t[:2]] for t in targets),
+                      torch.zeros_like(got["at"], dtype=torch.float32)[:, None])
+            out.append(clean.resid[got["examples"]] + new.to(clean.resid) - base[got["examples"]])
+    return torch.cat(out).view(len(source_sets), clean.n, -1)
+
+
+def _editing(model, name: str, fn, at: str = None):
+    """``hooks.edit`` at a component's resolved site (or its ``at``)."""
+    site = anatomy.resolve(model, name)
+    return hooks.edit(model, site.path, fn, at=at or site.at)
+
+
+def second_order_circuit(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, clean: NodeCache,
+                         corr: NodeCache, answer_ids, targets, family, delta: float, max_k: int = None,
+                         batch_size: int = 16) -> Circuit:
+    """Greedy hierarchy-1 circuit: the nodes of ``family`` that precede some target, ranked by
+    score({j}) = mean 1 - P(a) of ``second_order_resid``, then joined for k = 1..max_k (§11.7.1's
+    "components with a high direct effect on the hierarchy-0 components")."""
+    targets = _nodes(clean, targets)
+    first = max(_order(t) for t in targets)
+    nodes = [j for j in _nodes(clean, family) if _order(j) < first and j not in targets]
+    score = lambda sets: 1 - answer_prob(model, second_order_resid(  # noqa: E731
+        model, input_ids, attention_mask, clean, corr, targets, sets, batch_size), answer_ids).mean(1)
+    single = score([[j] for j in nodes]) if nodes else torch.zeros(0)
+    order = torch.argsort(single, descending=True, stable=True)
+    ranked = [nodes[i] for i in order.tolist()]
+    K = len(ranked) if max_k is None else max(0, min(max_k, len(ranked)))
+    curve = score([ranked[:k] for k in range(1, K + 1)]) if K else torch.zeros(0)
     return Circuit(ranked, single[order], curve, delta, k_star(curve, delta, len(ranked)))
 
 

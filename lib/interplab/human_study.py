@@ -6,6 +6,13 @@
 
 Chapter 5 part II's §5.8.2 (132 pairs, 5 raters, "is the attribute removed / changed?": 92.58 %) is
 the model: each pair is one PNG (original left, edited right, the prompt and question above).
+
+A preference study (Chapter 9, §9.2.6: SD v1.4 vs SD v1.4 + WiCLP, "which image matches the prompt
+better?", 34.625 / 51.875 / 13.50 %) shows the two methods' images on sides drawn at random per pair;
+raters answer left, right or tie, and the side key stays in a separate file:
+
+    sheet = export_preference(out_dir, images_a, images_b, prompts, question, seed=0)
+    shares = read_preference([filled_1.csv, ...], out_dir / "key.csv")   # {"a", "b", "tie"} over all votes
 """
 import csv
 from pathlib import Path
@@ -73,3 +80,67 @@ def read(csv_paths) -> dict:
     majority = yes * 2 > len(votes)
     agreement = np.where(majority, yes, len(votes) - yes) / len(votes)
     return {"rate": float(majority.mean()), "per_pair": yes, "agreement": float(agreement.mean()), "raters": len(votes)}
+
+
+LEFT, RIGHT, TIE = "left", "right", "tie"
+
+
+def export_preference(out_dir, images_a, images_b, prompts, question: str, seed: int = 0) -> Path:
+    """Write pair_<i>.png with method A's and method B's image of one prompt on sides drawn at random,
+    the blank template human_study.csv (a rater writes left, right or tie) and key.csv (which side A is
+    on). images_a, images_b: N images (3, H, W) in [0, 1]. Returns the template."""
+    import matplotlib.pyplot as plt
+    prompts = list(prompts)
+    if not len(images_a) == len(images_b) == len(prompts):
+        raise BadParameter(f"{len(images_a)} images of A, {len(images_b)} of B and {len(prompts)} prompts must be as many")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    a_left = np.random.default_rng(seed).random(len(prompts)) < 0.5
+    rows, keys = [], []
+    for i, (a, b) in enumerate(zip(images_a, images_b)):
+        q = question.format(prompt=prompts[i])
+        fig, axes = plt.subplots(1, 2, figsize=(6, 3.4))
+        for ax, img, title in zip(axes, (a, b) if a_left[i] else (b, a), (LEFT, RIGHT)):
+            ax.imshow(img.permute(1, 2, 0).clamp(0, 1).float().cpu().numpy())
+            ax.set_title(title, fontsize=9)
+            ax.axis("off")
+        fig.suptitle(f"{prompts[i]}\n{q}", fontsize=9)
+        name = f"pair_{i:03d}.png"
+        fig.savefig(out / name, dpi=120, bbox_inches="tight")
+        plt.close(fig)
+        rows.append(dict(pair_id=i, image=name, attribute="", prompt=prompts[i], question=q, verdict=""))
+        keys.append(dict(pair_id=i, a_side=LEFT if a_left[i] else RIGHT))
+    with open(out / "key.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, ("pair_id", "a_side"))
+        writer.writeheader()
+        writer.writerows(keys)
+    path = out / "human_study.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def read_preference(csv_paths, key_path) -> dict:
+    """Shares of all votes (raters x pairs) for method A, method B and a tie, and ``raters``; sides are
+    mapped back through ``key_path`` (written by ``export_preference``)."""
+    with open(key_path, newline="") as f:
+        a_side = {int(r["pair_id"]): r["a_side"] for r in csv.DictReader(f)}
+    counts = {"a": 0, "b": 0, "tie": 0}
+    raters = 0
+    for path in csv_paths:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        if {int(r["pair_id"]) for r in rows} != set(a_side):
+            raise BadParameter(f"{path}: its pairs are not the key's")
+        for r in rows:
+            v = r["verdict"].strip().lower()
+            if v not in (LEFT, RIGHT, TIE):
+                raise BadParameter(f"{path}: pair {r['pair_id']}: verdict must be left, right or tie, got {v!r}")
+            counts["tie" if v == TIE else "a" if v == a_side[int(r["pair_id"])] else "b"] += 1
+        raters += 1
+    if not raters:
+        raise BadParameter("no filled copies given")
+    total = sum(counts.values())
+    return {k: n / total for k, n in counts.items()} | {"raters": raters}

@@ -55,7 +55,7 @@ def main():
                                     train_steps=50, retrain_steps=10, n_groups=6, fig32_groups=4, nn_groups=2,
                                     iris_seeds=1, iris_depths=[1, 2], iris_widths=[8],
                                     **(dict(exact_max_params=1000, wd_sweep=[0.01]) if "--budget-path" in sys.argv else {})),
-                     cells=[1, 2, 17, 18, 19, 22, 24, 26] if fig35 else None)
+                     cells=[1, 2, 17, 18, 19, 22, 24, 26, 28] if fig35 else None)
 
 
 if __name__ == "__main__":

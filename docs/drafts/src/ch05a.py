@@ -30,7 +30,7 @@ device = "auto"
 out_dir = None
 model_id = "CompVis/stable-diffusion-v1-4"   # paper profile
 text_encoder_source = "pipeline"   # paper: "pipeline" (SD's own CLIP-L/14 text tower) or "clip-l-336" (the release)
-attributes = ["objects", "style", "color", "action"]
+attributes = None            # None: tiny the four the toy world draws (objects, style, color, action); paper Table 11.2's six
 n_prompts_per_attribute = 4   # probe captions traced per attribute (UNet and text encoder)
 n_validation = 2              # further captions per attribute that calibrate the CLIP-Score threshold
 num_inference_steps = None    # None: the model's sampler (tiny: 10 stochastic-DDIM steps; SD: 50 DDIM)
@@ -65,6 +65,8 @@ from interplab.zoo import oracle as zo
 from interplab.zoo import store
 from interplab.zoo import t2i as zt
 
+attributes = interplab.by_profile(attributes, profile, ["objects", "style", "color", "action"],
+                                  ["objects", "style", "color", "action", "viewpoint", "count"])
 ch = interplab.start("ch05a_causal_tracing", profile=profile, seed=seed, device=device, out_dir=out_dir,
                      params=dict(model_id=model_id, text_encoder_source=text_encoder_source, attributes=attributes,
                                  n_prompts_per_attribute=n_prompts_per_attribute,
@@ -140,7 +142,9 @@ table = pd.DataFrame([dict(attribute=a, captions=len(probes[a]), validation=len(
                       for a in attributes])
 ch.table(table, "table11_2_probe_set")
 print(table.to_string(index=False))
-ch.compare("Table 11.2 probe captions (objects / style / color / action)", dissertation="168 (161 unique) / 560 / 560 / 56",
+TABLE_11_2 = {"objects": "168 (161 unique)", "style": "560", "color": "560", "action": "56", "viewpoint": "96", "count": "96"}
+ch.compare(f"Table 11.2 probe captions ({' / '.join(attributes)})",
+           dissertation=" / ".join(TABLE_11_2[a] for a in attributes),
            reproduced=" / ".join(str(len(probes[a])) for a in attributes), note=f"{n_prompts_per_attribute} traced per attribute")
 print(f"sigma = {sigma:.4f} (std of the subject tokens' embedding entries), noise = {noise_mult} sigma")
 

@@ -646,8 +646,10 @@ for name_m in pipes:
         for j in range(len(ps)):
             show_kept(axes[2 * r, j], before[j], ps[j] if j == 0 else "")
             show_kept(axes[2 * r + 1, j], after[j], "LocoEdit at the window" if j == 0 else "")
-    fig.suptitle(f"Fig 5.11{' analogue' if ch.tiny else ''}: {name_m} before (upper) and after (lower) LocoEdit", fontsize=9)
-    ch.figure(fig, "fig5_11_locoedit_images" + ("" if name_m == name0 else f"_{name_m}"))
+    number = "11.6" if name_m == "sdxl" else "5.11"   # the appendix shows SD-XL's edits as Fig 11.6
+    fig.suptitle(f"Fig {number}{' analogue' if ch.tiny else ''}: {name_m} before (upper) and after (lower) LocoEdit", fontsize=9)
+    ch.figure(fig, "fig11_6_locoedit_images_sdxl" if name_m == "sdxl" else
+              "fig5_11_locoedit_images" + ("" if name_m == name0 else f"_{name_m}"))
 
 # %%
 def efficacy(r):

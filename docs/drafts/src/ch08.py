@@ -41,6 +41,7 @@ n_random = 5              # random same-size circuits per control
 n_attrib = None           # examples per attribution / steering set (None: tiny 200, paper 1000)
 real_model = True         # also extract the circuits of SmolLM2-135M-Instruct (tiny profile)
 n_real = 60               # SmolLM2 probes per set (of the 85 D_copy / 89 D_memory facts it knows)
+n_second_order = None     # D_copy probes for the hierarchy-1 components of 11.7.1 (None: tiny 100, paper 50; 0 skips)
 
 # %%
 import json
@@ -51,7 +52,7 @@ import torch
 
 import interplab
 from interplab import attribution as A, circuits as C, paths, qaworld as qw
-from interplab.plotting import grouped_bars
+from interplab.plotting import grouped_bars, schematic
 from interplab.models import load
 from interplab.zoo import qa_lm
 
@@ -59,11 +60,14 @@ model_name = interplab.by_profile(model_name, profile, "qa_lm", "vicuna-7b")
 n_probe = interplab.by_profile(n_probe, profile, 300, 1000)
 delta = interplab.by_profile(delta, profile, 0.8, 0.95)
 n_attrib = interplab.by_profile(n_attrib, profile, 200, 1000)
+n_second_order = interplab.by_profile(n_second_order, profile, 100, 50)
 ch = interplab.start("ch08_extractive_qa_circuits", profile=profile, seed=seed, device=device, out_dir=out_dir,
                      params=dict(model_name=model_name, n_probe=n_probe, delta=delta, beta=beta, cad_alpha=cad_alpha,
-                                 n_random=n_random, n_attrib=n_attrib, real_model=real_model, n_real=n_real))
+                                 n_random=n_random, n_attrib=n_attrib, real_model=real_model, n_real=n_real,
+                                 n_second_order=n_second_order))
 PAPER = json.loads((paths.DATA / "ch08" / "dissertation_components.json").read_text())
 rng = np.random.default_rng(seed)
+labels = {"attn": "attention layers", "head": "attention heads", "mlp": "MLPs"}
 torch.set_grad_enabled(False)
 
 
@@ -76,6 +80,17 @@ def fig_8_6(hit, steer, probe_name, title):
     axes[1].set(ylabel="extractive-QA accuracy", title=title)
     axes[1].legend(fontsize=7)
     return fig
+
+# %%
+fig = schematic({"probe": (0.1, 0.5, "probe data\nD_copy / D_memory\n(+ corrupted twins)"),
+                 "patch": (0.33, 0.5, "path patching\nat hierarchy 0\n(direct effect on the logit)"),
+                 "ctx": (0.58, 0.75, "context-faithfulness circuit\n(few heads)"),
+                 "mem": (0.58, 0.25, "memory-faithfulness circuit\n(heads + MLPs)"),
+                 "attr": (0.87, 0.75, "one head's attention:\nATTNATTRIB (attribution\nin the same forward pass)"),
+                 "steer": (0.87, 0.25, "up-weighting context\nattention: steering\ntoward the context")},
+                [("probe", "patch"), ("patch", "ctx"), ("patch", "mem"), ("ctx", "attr"), ("ctx", "steer")],
+                "Fig 8.1: extracting QA circuits (the chapter's plan)")
+ch.figure(fig, "fig8_1_overview")
 
 # %% [markdown]
 # ## The subject and its probe sets (§8.3.1)
@@ -141,7 +156,6 @@ if ch.tiny:
 if ch.tiny:
     circ = {name: {f: C.greedy_circuit(p["clean"], p["corr"], model, p["answer_ids"], f, delta) for f in C.FAMILIES}
             for name, p in probes.items()}
-    labels = {"attn": "attention layers", "head": "attention heads", "mlp": "MLPs"}
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.4), sharey=True)
     for ax, (name, fams) in zip(axes, circ.items()):
         for f, c in fams.items():
@@ -182,6 +196,40 @@ if ch.tiny:
     jac = len(top5["context"] & top5["memory"]) / len(top5["context"] | top5["memory"])
     ch.claim("circuits_distinct", "Jaccard(top-5 context heads, top-5 memory heads) <= 0.4",
              dissertation="low overlap between the circuits", reproduced=round(jac, 3), threshold=0.4, op="<=")
+
+# %% [markdown]
+# ## §11.7.1 — second-order components (hierarchy 1)
+#
+# Targets: the context circuit's hierarchy-0 heads. A node earlier in the network is scored by recomputing every
+# target with its input at the last position shifted by that node's corrupted-minus-clean term (the targets read the
+# other positions clean) and letting only the targets' changed outputs reach the residual
+# (`circuits.second_order_circuit`); the greedy ranking and s(k) are hierarchy 0's. The dissertation reports a metric
+# score of 0.71 for such a set on Llama-3-8B and finds no use for it in attribution or steering.
+
+
+def second_order_report(model_, prompts_ids, prompts_mask, clean, corr, answer_ids, targets, name):
+    """Hierarchy-1 circuits (head and MLP families) for ``targets``; prints them and compares the metric score."""
+    circ2 = {f: C.second_order_circuit(model_, prompts_ids, prompts_mask, clean, corr, answer_ids, targets, f, delta)
+             for f in ("head", "mlp")}
+    for f, c2 in circ2.items():
+        print(f"{name} hierarchy 1, {labels[f]}: top {[list(n[1:]) for n in c2.ranked[:5]]}, "
+              f"best s(k) {float(c2.curve.max()) if len(c2.curve) else float('nan'):.3f} "
+              f"(k* {c2.k_star if c2.reached else 'not reached'} of {len(c2.ranked)})")
+    s0 = 1 - C.answer_prob(model_, clean.resid, answer_ids).mean().item()
+    ch.compare(f"{name}: metric score of the hierarchy-1 components (best s(k), targets: {len(targets)} context heads)",
+               "Llama-3-8B: 0.71", {f: round(float(c2.curve.max()), 3) if len(c2.curve) else None for f, c2 in circ2.items()},
+               note=f"s(0), nothing patched: {s0:.3f}")
+    return circ2
+
+
+# %%
+if ch.tiny and n_second_order:
+    p = probes["context"]
+    n2 = min(n_second_order, len(p["items"]))
+    b2 = encode(p["items"][:n2])
+    targets2 = circ["context"]["head"].nodes[:6]
+    second = second_order_report(model, b2["input_ids"], b2["attention_mask"], p["clean"][:n2], p["corr"][:n2],
+                                 p["answer_ids"][:n2], targets2, "qa_lm")
 
 # %% [markdown]
 # ## Validating the circuit: random circuits (§8.3.2) and ablation (Fig 8.4)
@@ -515,7 +563,6 @@ if ch.tiny:
 # unless `data/paper/ch08/probes_<model_name>.json` (the same format, e.g. built from generated contexts) exists.
 
 # %%
-labels = {"attn": "attention layers", "head": "attention heads", "mlp": "MLPs"}
 run_real = real_model or not ch.tiny
 if run_real:
     from interplab import qa_probes
@@ -603,6 +650,48 @@ if run_real:
     print(f"attribution head {real_head}: entropy {ent_r[real_head]:.3f} (median {ent_r.nanmedian():.3f}), "
           f"attribution accuracy {acc_r[real_head]:.3f}")
     print("top-1 attribution accuracy on D_copy contexts:", {k: round(float(v), 3) for k, v in real_attr.items()})
+    if "attribution_head" in PAPER.get(model_name, {}) and not ch.tiny:   # 11.7.13: Llama-3-70B's head [52, 19]
+        ch.compare(f"{real_name}: attribution head (layer, head)", PAPER[model_name]["attribution_head"], list(real_head))
+
+    # Fig 8.3 on this model: the context entropy and attribution accuracy of the top context-circuit heads
+    fig, ax = plt.subplots(figsize=(6, 3))
+    x = np.arange(len(top_heads))
+    ax.bar(x, [float(ent_r[lh]) for lh in top_heads], color=["#c44e52" if lh == real_head else "#4c72b0" for lh in top_heads])
+    ax.set_xticks(x, [f"{l}.{h}" for l, h in top_heads], rotation=45)
+    ax.set(ylabel="mean context entropy (nats)", title=f"Fig 8.3: {real_name}'s top-10 context-circuit heads")
+    ax2 = ax.twinx()
+    ax2.plot(x, [float(acc_r[lh]) for lh in top_heads], "o", color="#8c564b")
+    ax2.set(ylim=(0, 1.05), ylabel="attribution accuracy")
+    ch.figure(fig, f"fig8_3_{real_id}_entropy")
+    plt.show()
+
+    # 11.7.7: a smaller probe set gives the same components; §8.3.2: circuits overlap across knowledge partitions
+    items, clean, corr, ids = real_sets["context"]
+    n_small = min(200, len(items) // 2)
+    small = C.greedy_circuit(clean[:n_small], corr[:n_small], sm, ids[:n_small], "head", real_delta,
+                             max_k=60 if ch.tiny else None)
+    j_small = len(set(small.ranked[:10]) & set(real_circ["context"]["head"].ranked[:10])) / \
+        len(set(small.ranked[:10]) | set(real_circ["context"]["head"].ranked[:10]))
+    ch.compare(f"{real_name}: Jaccard of the top-10 context heads from {n_small} vs {len(items)} probes",
+               "200 examples give the same components (11.7.7)", round(j_small, 3))
+    by_rel = {}
+    for rel in sorted({it["relation"] for it in items}):
+        idx = [i for i, it in enumerate(items) if it["relation"] == rel]
+        if len(idx) >= 20:
+            by_rel[rel] = set(C.greedy_circuit(clean[idx], corr[idx], sm, ids[idx], "head", real_delta,
+                                               max_k=60 if ch.tiny else None).ranked[:5])
+    rel_pairs = [(a, b) for i, a in enumerate(by_rel) for b in list(by_rel)[i + 1:]]
+    ch.compare(f"{real_name}: mean pairwise Jaccard of the top-5 context heads across relations",
+               "circuits overlap strongly across knowledge partitions",
+               round(float(np.mean([len(by_rel[a] & by_rel[b]) / len(by_rel[a] | by_rel[b]) for a, b in rel_pairs])), 3)
+               if rel_pairs else f"fewer than 2 relations with >= 20 probes ({len(items)} probes)")
+
+    if not ch.tiny and n_second_order:   # 11.7.1 (SmolLM2's 270 heads would take most of the tiny budget)
+        n2 = min(n_second_order, len(items))
+        enc2 = llms.encode(stok, [p for p, _ in real_prompts(items[:n2])], padding_side="right")
+        second_order_report(sm, enc2["input_ids"], enc2["attention_mask"], clean[:n2], corr[:n2], ids[:n2],
+                            real_circ["context"]["head"].nodes[:16], real_name)
+
     rk = {c: real_circ[c]["head"].k_star for c in real_circ}
     ch.compare(f"{real_name}: context vs memory head-circuit size", "~10-14 heads vs 30-83 heads (7-8B models)", rk)
     if model_name in PAPER:  # the dissertation's own lists for this model (11.7.4-11.7.6)
@@ -673,6 +762,8 @@ if not ch.tiny:
           "NQ-Swap 1": qa_sets.nq_swap(n_attrib, seed), "NQ-Swap 2": qa_sets.nq_swap(n_attrib, seed, substituted=True),
           "Natural Questions": qa_sets.natural_questions(n_attrib, seed), "HotpotQA": qa_sets.hotpotqa(n_attrib, seed)}
     print({k: len(v) for k, v in qa.items()}, "examples")
+    ch.compare("11.7.9: Natural Questions with a short answer (the subset used)", "13.9k questions",
+               len(qa_sets.natural_questions()))
     qa_prompts = {k: [llms.qa_prompt(stok, e.context, e.question) for e in v] for k, v in qa.items()}
 
     def qa_accuracy(name, prompts=None):

@@ -6,7 +6,8 @@ tiny files written in the benchmarks' released formats (development check, not a
 Replaced: every hub loader (SD v1.4 -> its topology at width 32 with a small 4-level VAE, 16 x 16 latents
 and 2 sampling steps, also standing in for SD v2; SD-XL, PixArt-alpha 512 / 1024, SD3, FLUX and DeepFloyd IF (stages I and II) -> models.tiny_random's
 builds at their pipelines' default steps, the CLIP students -> clip_students.build(layers=1), BLIP-VQA and IF's T5 -> 1-layer
-random builds with word-level tokenizers, Inception -> random weights), spaCy -> " and "-split noun chunks, and the
+random builds with word-level tokenizers, Inception -> random weights), spaCy -> " and "-split noun chunks and
+tags from a word list, and the
 torchvision zero-shot splits (CIFAR's md5-checked pickles cannot be faked) -> a constant.
 """
 import json
@@ -56,6 +57,19 @@ def fake_inception(*a, **k):
     return cb.InceptionFeatures(inception_v3(weights=None, aux_logits=False, init_weights=False))
 
 
+class FakeDoc:
+    """spaCy's Doc as the draft reads it: noun chunks split at " and ", tokens tagged from WORDS' roles."""
+    NOUNS, ADJECTIVES = set("book vase bear boat car bench cat dog sofa".split()), set("red blue green yellow brown".split())
+
+    def __init__(self, text):
+        self.noun_chunks = [types.SimpleNamespace(text=t) for t in text.split(" and ")]
+        self.tokens = [types.SimpleNamespace(text=w, tag_="NN" if w in self.NOUNS else "JJ" if w in self.ADJECTIVES else "DT")
+                       for w in text.split()]
+
+    def __iter__(self):
+        return iter(self.tokens)
+
+
 def write_data(root: Path):
     rng = np.random.default_rng(0)
 
@@ -88,12 +102,29 @@ def write_data(root: Path):
         (root / "coco" / "annotations" / f"captions_{split}.json").write_text(json.dumps(ann))
         for i in range(6):
             image(root / "coco" / split / f"{i}.jpg")
+    for kind, folder in (("coco_karpathy_test", "coco/val2014"), ("flickr30k_test", "flickr30k/flickr30k-images")):
+        recs = [dict(image=f"{folder.split('/')[-1]}/{i}.jpg", caption=["A red cat is on the sofa.", "the dog on a blue boat"])
+                for i in range(2)]
+        (root / "aro" / f"{kind}.json").write_text(json.dumps(recs))
+        for i in range(2):
+            image(root / folder / f"{i}.jpg")
+    (root / "clevr").mkdir()
+    (root / "clevr" / "pairs.jsonl").write_text("\n".join(json.dumps(dict(image=f"{i}.png", true="a red cat on a sofa",
+                                                                       false="a sofa on a red cat", kind="spatial"))
+                                                        for i in range(2)))
+    for i in range(2):
+        image(root / "clevr" / "images" / f"{i}.png")
+    for i in range(3):
+        image(root / "cc3m" / "00000" / f"{i:09d}.jpg")
+        (root / "cc3m" / "00000" / f"{i:09d}.txt").write_text("a red cat on a sofa")
+    for rater, votes in (("r1", ["left", "tie", "right"]), ("r2", ["right", "right", "left"])):  # 3 pairs: one per category
+        rows = "".join(f"{i},pair_{i:03d}.png,,p,q,{v}\n" for i, v in enumerate(votes))
+        (root / f"human_{rater}.csv").write_text("pair_id,image,attribute,prompt,question,verdict\n" + rows)
 
 
 def main():
     spacy = types.ModuleType("spacy")
-    spacy.load = lambda name: (lambda text: types.SimpleNamespace(
-        noun_chunks=[types.SimpleNamespace(text=t) for t in text.split(" and ")]))
+    spacy.load = lambda name: FakeDoc
     sys.modules["spacy"] = spacy
     diffusion.StableDiffusion.from_pretrained = classmethod(lambda *a, **k: fake_sd(latent=16))
     families = {"sd-v2": lambda: fake_sd(latent=16), "sdxl": tiny_random.stable_diffusion_xl,
@@ -111,7 +142,9 @@ def main():
     cb.ROOT = tmp
     run_draft("ch09", dict(profile="paper", n_winoground=2, n_aro=2, diffusion_samples=2, ft_steps=1, n_ft_seeds=1,
                            n_test_prompts=2, samples_per_prompt=1, train_prompts=2, train_steps=1, cstar_prompts=2,
-                           cstar_steps=1, switch_taus=[1000, 800, 0], fid_images=4, students=["ViT-B/32", "RN50"],
+                           cstar_steps=1, switch_taus=[1000, 800, 0], fid_images=4,
+                           students=["ViT-B/32", "RN50", "ViT-B/16 LAION-400M"], finetune_data="cc3m", n_order=2, n_clevr=2,
+                           n_human=3, human_study_csvs=[str(tmp / "human_r1.csv"), str(tmp / "human_r2.csv")],
                            per_generator=2, keep_best=2, gors_steps=2, gors_threshold=0.0, star_size=16, device="cpu"))
 
 
