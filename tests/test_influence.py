@@ -231,3 +231,34 @@ def test_directional_grads_equal_sample_grads_times_vector():
     expected = opt.grads @ v
     assert torch.allclose(opt.obj.directional_grads(opt.theta, opt.X, opt.y, v), expected, atol=1e-12)
     assert torch.allclose(opt.obj.directional_grads(opt.theta, opt.X, opt.y, v, batch_size=32), expected, atol=1e-12)
+
+
+# -- streaming (§3.10.4's ImageNet study): data read by index ----------------------------------
+def test_streamed_influence_lissa_and_sgd_equal_the_in_memory_ones():
+    from interplab.influence import streaming
+    opt, s = logistic(n=150)
+    xt, yt = worst_test_point(opt, s)
+    loads = []
+
+    def sample(idx):
+        loads.append(len(idx))
+        return opt.X[idx], opt.y[idx]
+    g = opt.obj.test_grad(opt.theta, xt, yt)
+    s_test = opt.solver()(g)
+    streamed = streaming.loo_effects_streamed(opt.obj, opt.theta, sample, opt.n, s_test, batch_size=64, progress=False)
+    assert torch.allclose(streamed, inf.loo_effects(opt.grads, s_test), atol=1e-12)
+    assert max(loads) == 64                                               # never more than one batch in memory
+    mb = lambda idx, V: opt.obj.hvps(opt.theta, opt.X[idx], opt.y[idx], V)  # noqa: E731
+    kw = dict(damping=0.01, scale=10.0, depth=50, repeats=2, batch_size=20)
+    streamed_lissa = inf.lissa(streaming.minibatch_hvp(opt.obj, opt.theta, sample), g, opt.n,
+                               generator=torch.Generator().manual_seed(1), **kw)
+    assert torch.allclose(streamed_lissa, inf.lissa(mb, g, opt.n, generator=torch.Generator().manual_seed(1), **kw),
+                          atol=1e-12)                                    # the same minibatches, the same estimate
+    removed = [[3], [5, 7], []]
+    W = torch.ones(3, opt.n)
+    W[0, 3] = W[1, 5] = W[1, 7] = 0
+    kw = dict(steps=40, lr=0.05, batch_size=32)
+    ref = inf.sgd(opt.obj, opt.theta, opt.X, opt.y, W, generator=torch.Generator().manual_seed(4), **kw)
+    got = streaming.sgd_sampled(opt.obj, opt.theta, sample, opt.n, removed, generator=torch.Generator().manual_seed(4),
+                                progress=False, **kw)
+    assert torch.allclose(got, ref, atol=1e-10) and not torch.allclose(got[0], got[2])

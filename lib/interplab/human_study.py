@@ -26,11 +26,33 @@ COLUMNS = ("pair_id", "image", "attribute", "prompt", "question", "verdict")
 YES, NO = "yes", "no"
 
 
+def _sheet(out: Path, i: int, left, right, titles, heading: str) -> str:
+    """pair_<i>.png: two [0, 1] images (3, H, W) side by side under ``heading``; returns the file name."""
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(6, 3.4))
+    for ax, img, title in zip(axes, (left, right), titles):
+        ax.imshow(img.permute(1, 2, 0).clamp(0, 1).float().cpu().numpy())
+        ax.set_title(title, fontsize=9)
+        ax.axis("off")
+    fig.suptitle(heading, fontsize=9)
+    name = f"pair_{i:03d}.png"
+    fig.savefig(out / name, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return name
+
+
+def _write(path: Path, columns, rows) -> Path:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
 def export(out_dir, originals: torch.Tensor, edited: torch.Tensor, prompts, attributes, question: str) -> Path:
     """Write pair_<i>.png (original | edited) for N pairs of [0, 1] images (N, 3, H, W) (or lists of
     (3, H, W), whose sizes may differ between pairs) and the blank template human_study.csv (one row
     per pair; a rater writes yes or no in ``verdict``). Returns the CSV."""
-    import matplotlib.pyplot as plt
     prompts, attributes = list(prompts), list(attributes)
     if not len(originals) == len(edited) == len(prompts) == len(attributes):
         raise BadParameter(f"{len(originals)} originals, {len(edited)} edited, {len(prompts)} prompts and "
@@ -40,22 +62,9 @@ def export(out_dir, originals: torch.Tensor, edited: torch.Tensor, prompts, attr
     rows = []
     for i, (a, b) in enumerate(zip(originals, edited)):
         q = question.format(attribute=attributes[i], prompt=prompts[i])
-        fig, axes = plt.subplots(1, 2, figsize=(6, 3.4))
-        for ax, img, title in zip(axes, (a, b), ("original", "edited")):
-            ax.imshow(img.permute(1, 2, 0).clamp(0, 1).float().cpu().numpy())
-            ax.set_title(title, fontsize=9)
-            ax.axis("off")
-        fig.suptitle(f"{prompts[i]}\n{q}", fontsize=9)
-        name = f"pair_{i:03d}.png"
-        fig.savefig(out / name, dpi=120, bbox_inches="tight")
-        plt.close(fig)
+        name = _sheet(out, i, a, b, ("original", "edited"), f"{prompts[i]}\n{q}")
         rows.append(dict(pair_id=i, image=name, attribute=attributes[i], prompt=prompts[i], question=q, verdict=""))
-    path = out / "human_study.csv"
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
+    return _write(out / "human_study.csv", COLUMNS, rows)
 
 
 def read(csv_paths) -> dict:
@@ -89,7 +98,6 @@ def export_preference(out_dir, images_a, images_b, prompts, question: str, seed:
     """Write pair_<i>.png with method A's and method B's image of one prompt on sides drawn at random,
     the blank template human_study.csv (a rater writes left, right or tie) and key.csv (which side A is
     on). images_a, images_b: N images (3, H, W) in [0, 1]. Returns the template."""
-    import matplotlib.pyplot as plt
     prompts = list(prompts)
     if not len(images_a) == len(images_b) == len(prompts):
         raise BadParameter(f"{len(images_a)} images of A, {len(images_b)} of B and {len(prompts)} prompts must be as many")
@@ -99,27 +107,11 @@ def export_preference(out_dir, images_a, images_b, prompts, question: str, seed:
     rows, keys = [], []
     for i, (a, b) in enumerate(zip(images_a, images_b)):
         q = question.format(prompt=prompts[i])
-        fig, axes = plt.subplots(1, 2, figsize=(6, 3.4))
-        for ax, img, title in zip(axes, (a, b) if a_left[i] else (b, a), (LEFT, RIGHT)):
-            ax.imshow(img.permute(1, 2, 0).clamp(0, 1).float().cpu().numpy())
-            ax.set_title(title, fontsize=9)
-            ax.axis("off")
-        fig.suptitle(f"{prompts[i]}\n{q}", fontsize=9)
-        name = f"pair_{i:03d}.png"
-        fig.savefig(out / name, dpi=120, bbox_inches="tight")
-        plt.close(fig)
+        name = _sheet(out, i, *((a, b) if a_left[i] else (b, a)), (LEFT, RIGHT), f"{prompts[i]}\n{q}")
         rows.append(dict(pair_id=i, image=name, attribute="", prompt=prompts[i], question=q, verdict=""))
         keys.append(dict(pair_id=i, a_side=LEFT if a_left[i] else RIGHT))
-    with open(out / "key.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, ("pair_id", "a_side"))
-        writer.writeheader()
-        writer.writerows(keys)
-    path = out / "human_study.csv"
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
+    _write(out / "key.csv", ("pair_id", "a_side"), keys)
+    return _write(out / "human_study.csv", COLUMNS, rows)
 
 
 def read_preference(csv_paths, key_path) -> dict:

@@ -1,6 +1,7 @@
 """Run notebooks/ch03_influence_functions.ipynb's paper profile end to end offline (development check, not a
 result): a fake MNIST of noise digits in torchvision's raw IDX files (300 training, 60 test images), the two small
-architectures of Table 3.1 and short training.
+architectures of Table 3.1 and short training; for §3.10.4 a fake ImageNet folder (2 classes of noise JPEGs) and
+torchvision's ResNet-50 with random weights.
 
     OMP_NUM_THREADS=2 INTERPLAB_OUT_ROOT=build/draft_paper python docs/drafts/src/ch03_paper_smoke.py
 
@@ -19,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from interplab import datasets
+from interplab import datasets, imagenet
+from interplab.models import classifiers
 from smoke import run_notebook
 
 NOTEBOOK = Path(__file__).parents[3] / "notebooks" / "ch03_influence_functions.ipynb"
@@ -46,14 +48,33 @@ def fake_mnist(root: Path, n_train: int = 300) -> None:
         idx(raw / f"{prefix}-labels-idx1-ubyte", y)
 
 
+def fake_imagenet(root: Path) -> None:
+    """Two classes of noise JPEGs in ImageNet's folder layout (4 training and 2 validation images each)."""
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    folder = root / "imagenet"
+    folder.mkdir()
+    (folder / "LOC_synset_mapping.txt").write_text("n01440764 tench, Tinca tinca\nn01443537 goldfish\n")
+    for split, n in (("train", 4), ("val", 2)):
+        for wnid in ("n01440764", "n01443537"):
+            (folder / split / wnid).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(folder / split / wnid / f"{i}.JPEG")
+
+
 def main():
     fig35 = "--from-fig35" in sys.argv
     with tempfile.TemporaryDirectory() as tmp:
         fake_mnist(Path(tmp), 6000 if fig35 else 300)
         datasets.TORCHVISION_ROOT = Path(tmp)
+        fake_imagenet(Path(tmp))
+        imagenet.ROOT = Path(tmp)
+        random_resnet50 = classifiers.imagenet_resnet50
+        classifiers.imagenet_resnet50 = lambda: random_resnet50(pretrained=False)   # no torchvision weights offline
         run_notebook(NOTEBOOK, dict(profile="paper", device="cpu", paper_models=["small_cnn", "lenet"],
                                     train_steps=50, retrain_steps=10, n_groups=6, fig32_groups=4, nn_groups=2,
-                                    iris_seeds=1, iris_depths=[1, 2], iris_widths=[8],
+                                    iris_seeds=1, iris_depths=[1, 2], iris_widths=[8], imagenet_val=4, n_candidates=2,
+                                    imagenet_epochs=1.0, imagenet_batch=4, lissa_depth=2,
                                     **(dict(exact_max_params=1000, wd_sweep=[0.01]) if "--budget-path" in sys.argv else {})),
                      cells=[1, 2, 17, 18, 19, 22, 24, 26, 28] if fig35 else None)
 
