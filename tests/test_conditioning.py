@@ -410,3 +410,38 @@ def test_feature_distillation_regresses_h_w_onto_frozen_unet_features_without_mo
     with pytest.raises(ValueError):
         distillation.finetune(student, lambda c: tw.encode(tok, c)[0], pipe, batches, lam=1.0, steps=1,
                               objective="dream", progress=False)
+
+
+def test_syngen_loss_rewards_a_modifier_sharing_its_nouns_pixels_and_not_the_others():
+    # 4 pixels; tokens: BOS, red(1), circle(2), blue(3), square(4), EOS
+    bound = torch.full((1, 4, 6), 1e-3)
+    bound[0, :2, 1] = bound[0, :2, 2] = 1.0                  # red and circle on pixels 0-1
+    bound[0, 2:, 3] = bound[0, 2:, 4] = 1.0                  # blue and square on pixels 2-3
+    swapped = bound.clone()
+    swapped[0, :, 1], swapped[0, :, 3] = bound[0, :, 3], bound[0, :, 1]   # the colours sit on the other object
+    pairs = [[(1, 2), (3, 4)]]
+    loss = guidance.syngen_loss(torch.cat([bound, swapped]), pairs * 2)
+    assert loss[0] < 0 < loss[1]                             # bound: L_pos ~ 0 and L_neg < 0; swapped: the reverse
+    alone = guidance.syngen_loss(bound, [[(1, 2)]])           # one pair, nothing to push away from
+    assert alone[0] == pytest.approx(0.0, abs=1e-3)
+
+
+def test_modifier_pairs_and_syngen_only_move_the_first_steps():
+    from interplab import word_order
+    from interplab.toyworld import binding
+    pipe = _toy()
+    prompts = ["a red circle and a blue square", "a circle"]
+    pairs = [guidance.modifier_pairs(pipe.tokenizer, binding.TAGGER(p)) for p in prompts]
+    assert pairs == [[(2, 3), (6, 7)], []]                    # <bos> a red circle and a blue square <eos>
+    assert guidance.modifier_pairs(pipe.tokenizer, word_order.tagged_by(["box", "lid"], [])("the box lid")) == [(2, 3)]
+    cond = pipe.encode(prompts)
+    plain = pipe.sample(cond, seed=0, steps=2)
+    kw = dict(pairs=pairs, layers=[2, 4, 5], seed=0, steps=2)
+    assert torch.allclose(guidance.syngen(pipe, cond, alter_share=0.0, **kw), plain, atol=1e-6)
+    moved = guidance.syngen(pipe, cond, scale=1e3, **kw)
+    assert not torch.allclose(moved[0], plain[0], atol=1e-4)
+    assert torch.allclose(moved[1], plain[1], atol=1e-6)     # a prompt without pairs is sampled plainly
+    generator = guidance.SynGen(pipe, binding.TAGGER, [2, 4, 5])
+    assert torch.allclose(generator.generate(prompts, seed=0, steps=2, scale=1e3), moved, atol=1e-6)
+    with pytest.raises(BadParameter):
+        guidance.syngen(pipe, cond, **{**kw, "pairs": pairs[:1]})

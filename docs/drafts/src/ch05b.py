@@ -24,7 +24,7 @@ profile = "tiny"
 seed = 0
 device = "auto"
 out_dir = None
-models = ["sd14"]                    # paper: subset of sd14, sd15, sd21, openjourney, sdxl, deepfloyd
+models = None                        # None: tiny the zoo's t2i; paper all six families (or a subset of sd14, sd15, sd21, openjourney, sdxl, deepfloyd)
 attributes = ["style", "objects", "facts"]
 m_values = [1, 2, 3]                 # window sizes searched
 sdxl_m_values = [3, 5]               # SD-XL's window sizes (70 layers at 1024 px; the dissertation's m)
@@ -63,6 +63,7 @@ from interplab.models.diffusion import ClipScore, DeepFloydIF, DeepFloydIFStageI
 from interplab.zoo import clip as zc
 from interplab.zoo import oracle as zo
 
+models = interplab.by_profile(models, profile, ["t2i"], ["sd14", "sd15", "sd21", "openjourney", "sdxl", "deepfloyd"])
 ch = interplab.start("ch05b_locogen", profile=profile, seed=seed, device=device, out_dir=out_dir,
                      params=dict(models=models, attributes=attributes, m_values=m_values, sdxl_m_values=sdxl_m_values,
                                  window_batch=window_batch, window_threshold=window_threshold,

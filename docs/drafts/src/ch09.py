@@ -57,7 +57,7 @@ gors_threshold = None       # rating an image must exceed; None: the release's (
 table92_models = ["sd-v2", "sdxl", "pixart-512", "pixart-1024", "sd3", "flux"]  # paper: Table 9.2's other families; tiny: unused
 star_generators = ["sdxl", "sd3"]  # paper: the newer models whose best samples train WiCLP*
 star_size = 512             # paper: side in pixels at which WiCLP*'s images are kept before each family encodes them
-data_generators = ["sd-v1.4", "deepfloyd-if"]  # paper: the generators of CLP / WiCLP's images (the dissertation adds SynGen); tiny: unused
+data_generators = ["sd-v1.4", "deepfloyd-if", "syngen"]  # paper: the generators of CLP / WiCLP's images (SynGen on SD v1.4); tiny: unused
 
 # %%
 import time
@@ -660,8 +660,8 @@ ch.claim("better_embeddings_exist", "VQA(c*) >= VQA(c) + 0.15 on the optimised p
 #
 # Trained, as in §9.2.6, on the best-rated samples of the train prompts (tiny: the t2i's own, the best `keep_best` of
 # `per_generator` by the oracle's score; their attribute-shape combinations never appear in the test prompts; paper: the
-# best `keep_best` of `per_generator` samples of each of `data_generators`, SD v1.4 and DeepFloyd IF through stage II, by
-# BLIP-VQA; the dissertation's third generator, SynGen, is not wired), AdamW lr 1e-3 (paper 1e-4), batch 16, identity
+# best `keep_best` of `per_generator` samples of each of `data_generators`, SD v1.4, DeepFloyd IF through stage II and
+# SynGen (its latent updates on SD v1.4, `guidance.syngen`), by BLIP-VQA), AdamW lr 1e-3 (paper 1e-4), batch 16, identity
 # initialisation, applied to the conditional branch only. Composable Diffusion
 # (the dissertation's SD v2 baseline) samples each prompt as the conjunction of its " and "-separated phrases:
 # `eps_u + guidance * sum_k (eps_k - eps_u)` (`conditioning.composed`). Structured Diffusion takes every cross-attention
@@ -696,6 +696,9 @@ def data_generator(name):
     DeepFloyd IF samples through stage II, 256 px, as its pipeline does)."""
     if name == "sd-v1.4" and teacher == "v1":
         return pipe
+    if name == "syngen":   # SynGen's updates on SD v1.4 (its release builds on SD v1.4), parsed by spaCy
+        sd14 = data_generator("sd-v1.4")
+        return guidance.SynGen(sd14, cb.spacy_tagger(), excite_layers_of(sd14))
     if name not in loaded_generators:
         loaded_generators[name] = load_t2i(name, ch.device)
         if name == "deepfloyd-if":
