@@ -42,6 +42,7 @@ n_attrib = None           # examples per attribution / steering set (None: tiny 
 real_model = True         # also extract the circuits of SmolLM2-135M-Instruct (tiny profile)
 n_real = 60               # SmolLM2 probes per set (of the 85 D_copy / 89 D_memory facts it knows)
 n_second_order = None     # D_copy probes for the hierarchy-1 components of 11.7.1 (None: tiny 100, paper 50; 0 skips)
+second_order_families = ["head", "mlp"]  # node families searched at hierarchy 1 (each source costs a forward pass per probe)
 
 # %%
 import json
@@ -64,7 +65,7 @@ n_second_order = interplab.by_profile(n_second_order, profile, 100, 50)
 ch = interplab.start("ch08_extractive_qa_circuits", profile=profile, seed=seed, device=device, out_dir=out_dir,
                      params=dict(model_name=model_name, n_probe=n_probe, delta=delta, beta=beta, cad_alpha=cad_alpha,
                                  n_random=n_random, n_attrib=n_attrib, real_model=real_model, n_real=n_real,
-                                 n_second_order=n_second_order))
+                                 n_second_order=n_second_order, second_order_families=second_order_families))
 PAPER = json.loads((paths.DATA / "ch08" / "dissertation_components.json").read_text())
 rng = np.random.default_rng(seed)
 labels = {"attn": "attention layers", "head": "attention heads", "mlp": "MLPs"}
@@ -209,8 +210,9 @@ if ch.tiny:
 
 def second_order_report(model_, prompts_ids, prompts_mask, clean, corr, answer_ids, targets, name):
     """Hierarchy-1 circuits (head and MLP families) for ``targets``; prints them and compares the metric score."""
-    circ2 = {f: C.second_order_circuit(model_, prompts_ids, prompts_mask, clean, corr, answer_ids, targets, f, delta)
-             for f in ("head", "mlp")}
+    circ2 = {f: C.second_order_circuit(model_, prompts_ids, prompts_mask, clean, corr, answer_ids, targets, f, delta,
+                                       max_k=50)   # every source costs a forward pass per probe: s(k) up to k = 50
+             for f in second_order_families}
     for f, c2 in circ2.items():
         print(f"{name} hierarchy 1, {labels[f]}: top {[list(n[1:]) for n in c2.ranked[:5]]}, "
               f"best s(k) {float(c2.curve.max()) if len(c2.curve) else float('nan'):.3f} "

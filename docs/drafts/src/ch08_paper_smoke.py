@@ -61,7 +61,8 @@ def main():
             (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         shutil.copy(qa_probes.PROBES_PATH, root / "probes_vicuna-7b.json")
         qa_sets.ROOT = root
-        run_draft("ch08", dict(profile="paper", device="cpu", n_probe=12, n_attrib=4, n_random=2, n_second_order=2))
+        run_draft("ch08", dict(profile="paper", device="cpu", n_probe=12, n_attrib=4, n_random=2, n_second_order=1,
+                               second_order_families=["mlp"]))   # SmolLM2's 270 heads: an hour on one CPU thread
 
 
 if __name__ == "__main__":
