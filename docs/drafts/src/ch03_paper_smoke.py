@@ -74,7 +74,7 @@ def main():
         run_notebook(NOTEBOOK, dict(profile="paper", device="cpu", paper_models=["small_cnn", "lenet"],
                                     train_steps=50, retrain_steps=10, n_groups=6, fig32_groups=4, nn_groups=2,
                                     iris_seeds=1, iris_depths=[1, 2], iris_widths=[8], imagenet_val=4, n_candidates=2,
-                                    imagenet_epochs=1.0, imagenet_batch=4, lissa_depth=2,
+                                    imagenet_epochs=1.0, imagenet_batch=4, lissa_depth=2, lissa_batch=2, lissa_scale=1e7,
                                     **(dict(exact_max_params=1000, wd_sweep=[0.01]) if "--budget-path" in sys.argv else {})),
                      cells=[1, 2, 17, 18, 19, 22, 24, 26, 28] if fig35 else None)
 
