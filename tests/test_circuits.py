@@ -473,3 +473,21 @@ def test_second_order_circuit_ranks_preceding_nodes_and_joins_them(model, pair):
     top2 = circuits.second_order_resid(model, pair["clean_ids"], pair["clean_mask"], clean, corr, targets,
                                        [circ.ranked[:2]])[0]
     assert circ.curve[1].item() == pytest.approx(1 - circuits.answer_prob(model, top2, a).mean().item(), abs=1e-6)
+
+
+@torch.no_grad()
+def test_second_order_stops_after_its_last_target_layer_and_still_matches_a_rerun(model, pair):
+    clean, corr, ids, mask = pair["clean"], pair["corr"], pair["clean_ids"], pair["clean_mask"]
+    last = (mask.sum(1) - 1)[:, None]
+    attn0 = anatomy.resolve(model, "layer[0].attn.out").path
+    mlp0 = anatomy.resolve(model, "layer[0].mlp.out").path
+    with hooks.replace(model, {attn0: corr.node(("attn", 0))[:, None]}, positions=last), hooks.trace(model, mlp0) as seen:
+        model(input_ids=ids, attention_mask=mask)
+    expected = clean.resid + seen[mlp0][torch.arange(4), last[:, 0]] - clean.node(("mlp", 0))
+    calls = []
+    lm_head = model.lm_head.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        r = circuits.second_order_resid(model, ids, mask, clean, corr, [("mlp", 0)], [[("attn", 0)]])[0]
+    finally:
+        lm_head.remove()
+    assert torch.allclose(r, expected, atol=1e-6) and not calls     # layer 1 and the unembedding never ran

@@ -375,17 +375,31 @@ def second_order_resid(model, input_ids: torch.Tensor, attention_mask: torch.Ten
         for l in mlp_layers:
             stack.enter_context(_editing(model, f"layer[{l}].norm2", shifted(2 * l + 1), at="input"))
             stack.enter_context(_editing(model, f"layer[{l}].mlp.out", restored(("mlp", l))))
+        # nothing after the last target layer is read: stop the pass there (the unembedding over every position too)
+        last_layer = _module(model, f"layer[{max(attn_layers + mlp_layers)}]")
+        stack.callback(last_layer.register_forward_hook(_stop).remove)
         for k in range(0, len(rows), batch_size):
             got["rows"] = rows[k:k + batch_size]
             got["examples"] = torch.tensor([i for _, i in got["rows"]])
             got["at"] = torch.arange(len(got["rows"]), device=run_device)
             got["last"] = last_all[got["examples"]].to(run_device)
-            model(input_ids=input_ids[got["examples"]].to(run_device),
-                  attention_mask=attention_mask[got["examples"]].to(run_device))
+            try:
+                model(input_ids=input_ids[got["examples"]].to(run_device),
+                      attention_mask=attention_mask[got["examples"]].to(run_device))
+            except _Stopped:
+                pass
             new = sum((got[("heads", t[1])][:, t[2]] if t[0] == "head" else got[t[:2]] for t in targets),
                       torch.zeros_like(got["at"], dtype=torch.float32)[:, None])
             out.append(clean.resid[got["examples"]] + new.to(clean.resid) - base[got["examples"]])
     return torch.cat(out).view(len(source_sets), clean.n, -1)
+
+
+class _Stopped(Exception):
+    """Raised by ``_stop`` to end a forward pass once the layers that matter have run."""
+
+
+def _stop(module, args, output):
+    raise _Stopped
 
 
 def _editing(model, name: str, fn, at: str = None):
