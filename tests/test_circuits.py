@@ -491,3 +491,16 @@ def test_second_order_stops_after_its_last_target_layer_and_still_matches_a_reru
     finally:
         lm_head.remove()
     assert torch.allclose(r, expected, atol=1e-6) and not calls     # layer 1 and the unembedding never ran
+
+
+def test_second_order_refuses_mlp_targets_in_parallel_blocks():
+    from transformers import PhiConfig, PhiForCausalLM
+    torch.manual_seed(0)
+    phi2 = PhiForCausalLM(PhiConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                    num_attention_heads=4, max_position_embeddings=32)).eval()  # attention and MLP read one norm
+    ids, mask = _batch(0, [5, 6])
+    clean = circuits.cache_last(phi2, ids, mask)
+    with pytest.raises(BadParameter, match="parallel"):
+        circuits.second_order_resid(phi2, ids, mask, clean, clean, [("mlp", 1)], [[("mlp", 0)]])
+    r = circuits.second_order_resid(phi2, ids, mask, clean, clean, [("attn", 1)], [[("mlp", 0)]])
+    assert torch.allclose(r[0], clean.resid, atol=1e-6)     # corrupted = clean: nothing moves

@@ -328,8 +328,7 @@ def second_order_resid(model, input_ids: torch.Tensor, attention_mask: torch.Ten
     mlp_layers = sorted({t[1] for t in targets if t[0] == "mlp"})
     if any(("attn", l) in targets and any(t[0] == "head" and t[1] == l for t in targets) for l in attn_layers):
         raise BadParameter("targets hold an attention layer and one of its heads: the head would count twice")
-    if mlp_layers and anatomy.resolve(model, "layer[0].norm1").path.rpartition(".")[2] == \
-            anatomy.resolve(model, "layer[0].norm2").path.rpartition(".")[2]:
+    if mlp_layers and anatomy.resolve(model, "layer[0].norm1").path == anatomy.resolve(model, "layer[0].norm2").path:
         raise BadParameter("MLP targets need sequential blocks (attention, then MLP); this model's blocks are parallel")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
@@ -415,8 +414,8 @@ def second_order_circuit(model, input_ids: torch.Tensor, attention_mask: torch.T
     score({j}) = mean 1 - P(a) of ``second_order_resid``, then joined for k = 1..max_k (§11.7.1's
     "components with a high direct effect on the hierarchy-0 components")."""
     targets = _nodes(clean, targets)
-    first = max(_order(t) for t in targets)
-    nodes = [j for j in _nodes(clean, family) if _order(j) < first and j not in targets]
+    last_target = max(_order(t) for t in targets)
+    nodes = [j for j in _nodes(clean, family) if _order(j) < last_target and j not in targets]
     score = lambda sets: 1 - answer_prob(model, second_order_resid(  # noqa: E731
         model, input_ids, attention_mask, clean, corr, targets, sets, batch_size), answer_ids).mean(1)
     single = score([[j] for j in nodes]) if nodes else torch.zeros(0)
