@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import paths
+from . import paths, word_order
 from .errors import check_choice, resource_unavailable
 from .models.clip_students import embed_images, embed_texts, pixels, resize_crop
 
@@ -135,7 +135,6 @@ def aro_order(kind: str, n: int | None = None, seed: int = 0, tagger=None, root=
     """COCO-Order (kind "coco") or Flickr30k-Order ("flickr30k") items: dicts with image (path) and
     options (the cleaned caption first, then its four ``word_order`` perturbations), one per caption of
     the test split's images; ``n`` keeps the first n captions. tagger: default spaCy's en_core_web_sm."""
-    from . import word_order
     check_choice("kind", kind, tuple(ORDER_SETS))
     name, images = ORDER_SETS[kind]
     records = json.loads(_file("aro_order", _folder("aro", root) / name).read_text())
@@ -234,11 +233,10 @@ def conjunction_positions(tokenizer, prompt: str):
     if match is None:
         return None
     words = prompt.strip().rstrip(".").split()
-    ends = []
+    ends, picked = word_order.word_ends(tokenizer, words), []
     for word in match.groups():
-        k = words.index(word, len(ends) and ends[-1][0] + 1)
-        ends.append((k, len(tokenizer(" ".join(words[:k + 1])).input_ids) - 2))
-    return tuple(pos for _, pos in ends)
+        picked.append(words.index(word, picked[-1] + 1 if picked else 0))
+    return tuple(ends[k] for k in picked)
 
 
 class BlipVqa:

@@ -28,7 +28,7 @@ from torch import nn
 from .conditioning import frozen, sds_loss
 from .errors import BadParameter, check_choice
 from .hooks import trace
-from .models.clip_students import features
+from .models.clip_students import features, resize_crop
 from .zoo.clip import infonce
 
 
@@ -49,7 +49,7 @@ def unet_features(pipe, images: torch.Tensor, cond: torch.Tensor, t: int = 200, 
     halve three times). Returns (N, ...) in float32."""
     side = pipe.image_size
     if images.shape[-1] != side or images.shape[-2] != side:
-        images = F.interpolate(images.float(), size=(side, side), mode="bilinear", antialias=True).clamp(0, 1)
+        images = resize_crop(images.float(), side).clamp(0, 1)
     z = pipe.encode_images(images.to(pipe.device))
     steps = torch.full((len(z),), t, device=z.device, dtype=torch.long)
     if layer is None:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import word_order
 from .conditioning import attention_probs, xattn_paths
 from .errors import BadParameter
 
@@ -105,9 +106,8 @@ def syngen_loss(maps: torch.Tensor, pairs) -> torch.Tensor:
 def modifier_pairs(tokenizer, tagged) -> list:
     """(modifier, noun) token positions of a prompt given as [(word, tag)] (tags as ``word_order``'s taggers give
     them): every adjective, and every noun directly before another noun, modifies the next noun; positions are
-    each word's last sub-token after the BOS, as ``tokenizer`` splits the space-joined words."""
-    words = [w for w, _ in tagged]
-    last = [len(tokenizer(" ".join(words[:k + 1])).input_ids) - 2 for k in range(len(words))]
+    each word's last sub-token (``word_order.word_ends``)."""
+    last = word_order.word_ends(tokenizer, [w for w, _ in tagged])
     pairs = []
     for k, (_, tag) in enumerate(tagged):
         modifies = tag == "ADJ" or (tag == "NOUN" and k + 1 < len(tagged) and tagged[k + 1][1] == "NOUN")

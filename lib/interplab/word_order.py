@@ -75,6 +75,13 @@ def tagged_by(nouns, adjectives):
     return lambda caption: [(w, "NOUN" if w in nouns else "ADJ" if w in adjectives else "X") for w in caption.split()]
 
 
+def word_ends(tokenizer, words) -> list:
+    """Each word's last sub-token position when ``tokenizer`` encodes the space-joined words, counted as in the
+    encoded sequence (after a BOS where it adds one; it must end every sequence with one EOS: CLIP's BPE, T5's
+    SentencePiece, the toy world's word-level tokenizer)."""
+    return [len(tokenizer(" ".join(words[:k + 1])).input_ids) - 2 for k in range(len(words))]
+
+
 def order_items(captions, tagger, seed: int = 0) -> list:
     """Each caption's five options (``options``), seeded per call."""
     rng = np.random.default_rng(seed)
