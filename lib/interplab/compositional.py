@@ -271,6 +271,38 @@ class BlipVqa:
                                 encoder_attention_mask=q.attention_mask).logits[:, 0]    # (N, vocab)
         return logits[:, self.answers].float().softmax(-1)[:, 0].cpu()
 
+    @torch.inference_mode()
+    def choice_logprob(self, images: torch.Tensor, questions, choices, batch_size: int = 64) -> list:
+        """log P(choice | image, question) of every candidate answer, teacher-forced through the decoder
+        (BLIP's "rank" inference: each choice's tokens and the closing [SEP]). images (N, 3, H, W) in
+        [0, 1], N questions, choices[i] a list of strings -> N tensors (len(choices[i]),)."""
+        questions, out = list(questions), []
+        for i in range(0, len(questions), batch_size):
+            out += self._rank(images[i:i + batch_size], questions[i:i + batch_size], choices[i:i + batch_size])
+        return out
+
+    def _rank(self, images, questions, choices):
+        m = self.model
+        device = next(m.parameters()).device
+        x = pixels(images.float(), self.image_size).to(device)
+        q = self.tokenizer(questions, padding=True, return_tensors="pt").to(device)
+        seen = m.vision_model(pixel_values=x).last_hidden_state
+        asked = m.text_encoder(input_ids=q.input_ids, attention_mask=q.attention_mask, encoder_hidden_states=seen,
+                               encoder_attention_mask=torch.ones(seen.shape[:-1], dtype=torch.long, device=device))[0]
+        row = torch.tensor([i for i, cs in enumerate(choices) for _ in cs], device=device)
+        end = m.config.text_config.sep_token_id   # BLIP's decoder closes an answer with [SEP]
+        answers = [self.tokenizer(c, add_special_tokens=False).input_ids + [end] for cs in choices for c in cs]
+        width = max(map(len, answers))
+        target = torch.full((len(answers), width), -100, dtype=torch.long, device=device)
+        for j, a in enumerate(answers):
+            target[j, :len(a)] = torch.tensor(a)
+        start = torch.full((len(answers), 1), m.decoder_start_token_id, device=device)
+        inputs = torch.cat([start, target[:, :-1].clamp(min=0)], 1)   # padding positions are never scored
+        logits = m.text_decoder(input_ids=inputs, encoder_hidden_states=asked[row],
+                                encoder_attention_mask=q.attention_mask[row]).logits.float().log_softmax(-1)
+        scored = logits.gather(-1, target.clamp(min=0)[..., None])[..., 0] * (target >= 0)
+        return list(scored.sum(1).cpu().split([len(cs) for cs in choices]))
+
     @classmethod
     def from_pretrained(cls, model_id: str = "Salesforce/blip-vqa-base", device="cuda"):
         from transformers import AutoTokenizer, BlipForQuestionAnswering
