@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from interplab import compositional as cb
+from interplab import tifa
 from interplab.models import clip_students, diffusion, tiny_random
 from smoke import fake_sd, run_draft
 
@@ -117,6 +118,12 @@ def write_data(root: Path):
     for i in range(3):
         image(root / "cc3m" / "00000" / f"{i:09d}.jpg")
         (root / "cc3m" / "00000" / f"{i:09d}.txt").write_text("a red cat on a sofa")
+    (root / "tifa").mkdir()
+    rows = [dict(id=f"coco_{i}", caption=cap, question=q, choices=ch, answer=a, answer_type=t, element=e)
+            for i, cap in enumerate(["a red book and a yellow vase", "a blue bear on a boat"])
+            for q, ch, a, t, e in (("is there a book?", ["yes", "no"], "yes", "object", "book"),
+                                   ("what color is the vase?", ["red", "yellow", "blue"], "yellow", "color", "yellow"))]
+    (root / "tifa" / tifa.FILE).write_text(json.dumps(rows))
     for rater, votes in (("r1", ["left", "tie", "right"]), ("r2", ["right", "right", "left"])):  # 3 pairs: one per category
         rows = "".join(f"{i},pair_{i:03d}.png,,p,q,{v}\n" for i, v in enumerate(votes))
         (root / f"human_{rater}.csv").write_text("pair_id,image,attribute,prompt,question,verdict\n" + rows)
@@ -139,7 +146,7 @@ def main():
     cb.zero_shot = lambda *a, **k: 0.5
     tmp = Path(tempfile.mkdtemp())
     write_data(tmp)
-    cb.ROOT = tmp
+    cb.ROOT, tifa.ROOT = tmp, tmp / "tifa"
     run_draft("ch09", dict(profile="paper", n_winoground=2, n_aro=2, diffusion_samples=2, ft_steps=1, n_ft_seeds=1,
                            n_test_prompts=2, samples_per_prompt=1, train_prompts=2, train_steps=1, cstar_prompts=2,
                            cstar_steps=1, switch_taus=[1000, 800, 0], fid_images=4,
