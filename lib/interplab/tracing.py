@@ -371,20 +371,24 @@ def subject_noise(text_model: nn.Module, tokenizer, input_ids: torch.Tensor, spa
 
 
 def trace_text_states(text_model: nn.Module, input_ids: torch.Tensor, corruption, restorations: Sequence = (),
-                      batch_size: int = 32, states: Callable | None = None) -> torch.Tensor:
+                      batch_size: int = 32, states: Callable | None = None,
+                      inputs: Callable | None = None) -> torch.Tensor:
     """Conditionings (2 + R, T, d): the clean and corrupted text-encoder outputs, then one per restoration.
 
     input_ids (1, T); corruption a ``Noise`` on the token embedding (or any ``corrupt_and_restore``
     corruption); restorations as in ``corrupt_and_restore``, e.g. ``[[(site, [p])]]`` restores one
     (module, position) state. The UNet then renders each row (Eq. 5.7): see ``sample_rows``.
     ``states`` (output with hidden states -> (rows, ...)) picks what the UNet reads instead of
-    ``last_hidden_state`` (SD-XL: the penultimate layer; see ``trace_sdxl_text_states``).
+    ``last_hidden_state`` (SD-XL: the penultimate layer; see ``trace_sdxl_text_states``). ``inputs``
+    (ids (rows, T) -> the encoder's keyword arguments): the pipeline's ``text_inputs`` (IF: T5 with its
+    padding mask); default the ids alone.
     """
+    inputs = inputs or (lambda ids: {"input_ids": ids})
     def hidden(h):
         if states is not None:
             return states(h)
         return h.last_hidden_state if hasattr(h, "last_hidden_state") else h
-    res = corrupt_and_restore(text_model, lambda ids: text_model(input_ids=ids, output_hidden_states=states is not None),
+    res = corrupt_and_restore(text_model, lambda ids: text_model(**inputs(ids), output_hidden_states=states is not None),
                               input_ids, corruption, list(restorations), hidden, batch_size)
     return torch.cat([res.clean[None], res.corrupted[None], res.restored])
 

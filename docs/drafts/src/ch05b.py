@@ -182,7 +182,7 @@ def clean_and_corrupted(pipe_m, caption, span, restorations=(), restorations_2=(
         return tracing.trace_sdxl_text_states(pipe_m, caption, span, restorations, restorations_2, seed=seed)
     ids = pipe_m.tokenize([caption]).to(pipe_m.text_model.device)
     noise = tracing.subject_noise(pipe_m.text_model, pipe_m.tokenizer, ids, span, seed=seed)
-    return tracing.trace_text_states(pipe_m.text_model, ids, noise, restorations), None
+    return tracing.trace_text_states(pipe_m.text_model, ids, noise, restorations, inputs=pipe_m.text_inputs), None
 
 
 def restoration(scores):

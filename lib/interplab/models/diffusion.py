@@ -57,7 +57,13 @@ class Text2Image:
     @torch.no_grad()  # not inference_mode: training and fine-tuning reuse these states
     def encode(self, prompts) -> torch.Tensor:
         """Token states of the frozen text encoder, (N, T, d): what cross-attention reads."""
-        return self.text_model(input_ids=self.tokenize(prompts).to(self.text_model.device)).last_hidden_state
+        ids = self.tokenize(prompts).to(self.text_model.device)
+        return self.text_model(**self.text_inputs(ids)).last_hidden_state
+
+    def text_inputs(self, ids: torch.Tensor) -> dict:
+        """The text encoder's call for token ids (N, T), as the family's diffusers pipeline makes it
+        (CLIP towers read the ids alone; IF's T5 also the padding mask)."""
+        return {"input_ids": ids}
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents (N, *latent_shape) -> images (N, 3, H, W) in [0, 1]."""
@@ -413,7 +419,10 @@ class DeepFloydIF(Text2Image):
     The UNet predicts noise and a variance (6 channels); sampling steps with the noise half. LocoGen and
     LocoEdit act on stage I; with ``stage_2`` (a ``DeepFloydIFStageII``) attached, ``sample`` passes its
     64 px images through the 256 px upscaler reading the same conditioning (the prompt's, unaltered: hooks
-    and edits on stage I's UNet do not reach stage II's)."""
+    and edits on stage I's UNet do not reach stage II's). Deviation: the release samples with DDPM and the
+    UNet's learned variance; here DDIM at eta 0 on the same noise schedule, so that z_T fixes the image and
+    clean, corrupted and edited rows share one trajectory (test_diffusion_reference checks everything else
+    against diffusers' IFPipeline under this solver)."""
     schedule = IF_SCHEDULE
     sampler = dict(steps=100, guidance=7.0, eta=0.0)
     stage_2 = None
@@ -433,6 +442,14 @@ class DeepFloydIF(Text2Image):
     def tokenize(self, prompts) -> torch.Tensor:
         return self.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=self.max_length,
                               return_tensors="pt").input_ids
+
+    def text_inputs(self, ids: torch.Tensor) -> dict:
+        """IF's pipeline runs T5 with the padding masked out of attention (its states at the padding
+        positions, which the UNet also reads, then attend to the prompt alone): the tokenizer's mask,
+        every position up to the first EOS (padding follows it; T5's pad differs from its EOS, a CLIP
+        tokenizer's does not)."""
+        eos = ids.eq(self.tokenizer.eos_token_id).long()
+        return {"input_ids": ids, "attention_mask": (eos.cumsum(1) - eos).eq(0).long()}  # up to the first EOS
 
     @property
     def image_size(self) -> int:
