@@ -113,6 +113,19 @@ def test_blip_vqa_reads_the_yes_and_no_logits_of_the_first_answer_token():
     assert (vqa.yes_probability(images, qs) < 1e-3).all()
 
 
+def test_blip_vqa_yes_probability_is_the_first_answer_step_of_blips_own_generate():
+    from interplab.models.clip_students import pixels
+    model, tok = _tiny_blip()
+    vqa = cb.BlipVqa(model, tok, image_size=32)
+    images = torch.rand(3, 3, 40, 48, generator=torch.Generator().manual_seed(0))
+    qs = ["a red book?", "a blue vase?", "a red vase?"]
+    q = tok(qs, padding=True, return_tensors="pt")
+    out = model.generate(pixel_values=pixels(images, 32), input_ids=q.input_ids, attention_mask=q.attention_mask,
+                         output_scores=True, return_dict_in_generate=True, max_new_tokens=1, do_sample=False)
+    expected = out.scores[0][:, vqa.answers].softmax(-1)[:, 0]
+    assert torch.allclose(vqa.yes_probability(images, qs), expected, atol=1e-5)
+
+
 def test_disentangled_vqa_multiplies_each_images_phrase_probabilities():
     class Fixed:   # P(yes) per question, whatever the image
         table = {"a red book?": 0.5, "a yellow vase?": 0.8, "a blue bear?": 0.25}

@@ -90,3 +90,24 @@ def test_deepfloyd_if_matches_the_diffusers_pipeline_under_our_solver():
     assert torch.equal(pipe.encode(PROMPTS), states)               # T5 with the padding masked, as the pipeline runs it
     theirs = _theirs(ref, pipe, z, output_type="np", height=z.shape[-1], width=z.shape[-1], clean_caption=False)
     assert torch.allclose(_ours(pipe, z), torch.from_numpy(theirs).permute(0, 3, 1, 2), atol=1e-5)
+
+
+def test_deepfloyd_if_stage_2_matches_the_diffusers_pipeline_under_our_solver():
+    stage_1 = tiny_random.deepfloyd_if(max_length=77)
+    pipe = tiny_random.deepfloyd_if_stage_2(stage_1)
+    low = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(3))     # stage I's images in [0, 1]
+    z = pipe.draw_noise(2, 0)
+    ours = pipe.sample(stage_1.encode(PROMPTS), seed=0, noise=z, steps=4, added=pipe.low_res_conditioning(low, seed=0))
+    solver = pipe.solver(**pipe.schedule)
+    solver.register_to_config(variance_type="fixed_small")
+    ref = diffusers.IFSuperResolutionPipeline(tokenizer=pipe.tokenizer, text_encoder=pipe.text_model, unet=pipe.unet,
+                                              scheduler=solver,
+                                              image_noising_scheduler=diffusers.DDPMScheduler(beta_schedule="squaredcos_cap_v2"),
+                                              safety_checker=None, feature_extractor=None, watermarker=None,
+                                              requires_safety_checker=False)
+    ref.prepare_intermediate_images = lambda *a, **k: z.clone()
+    # with z_T given, the pipeline's generator draws only the low-resolution image's augmentation noise, ours too
+    theirs = _theirs(ref, pipe, z, image=low * 2 - 1, noise_level=pipe.noise_level, output_type="np",
+                     height=z.shape[-1], width=z.shape[-1], clean_caption=False,
+                     generator=torch.Generator().manual_seed(0 * 7919 + 17))
+    assert torch.allclose(ours, torch.from_numpy(theirs).permute(0, 3, 1, 2), atol=1e-5)
