@@ -111,3 +111,26 @@ def test_deepfloyd_if_stage_2_matches_the_diffusers_pipeline_under_our_solver():
                      height=z.shape[-1], width=z.shape[-1], clean_caption=False,
                      generator=torch.Generator().manual_seed(0 * 7919 + 17))
     assert torch.allclose(ours, torch.from_numpy(theirs).permute(0, 3, 1, 2), atol=1e-5)
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_stable_diffusion_loads_the_checkpoints_own_schedule(tmp_path, prediction):
+    """SD v2.1 (768 px) predicts v, v1.x noise: the loader must read which from the checkpoint, or every
+    image and denoising loss of a v-model is wrong. The checkpoint is a random reduced one saved to disk."""
+    from diffusers import DDIMScheduler
+
+    from interplab.models.diffusion import StableDiffusion, clip_bpe_tokenizer
+    build = tiny_random.stable_diffusion()
+    build.unet.register_to_config(sample_size=8)                    # saved with the small canvas it samples on
+    diffusers.StableDiffusionPipeline(vae=build.vae, text_encoder=build.text_model, tokenizer=clip_bpe_tokenizer(77),
+                                      unet=build.unet, scheduler=DDIMScheduler(**{**build.schedule, "prediction_type": prediction}),
+                                      safety_checker=None, feature_extractor=None,
+                                      requires_safety_checker=False).save_pretrained(tmp_path)   # the hub's layout
+    pipe = StableDiffusion.from_pretrained(str(tmp_path), device="cpu", dtype=torch.float32)
+    assert pipe.schedule["prediction_type"] == prediction and pipe.training_scheduler().config.prediction_type == prediction
+    assert pipe.latent_shape == (4, 8, 8)
+    ref = diffusers.StableDiffusionPipeline.from_pretrained(str(tmp_path), safety_checker=None, feature_extractor=None,
+                                                            requires_safety_checker=False)
+    z = pipe.draw_noise(2, 0)
+    theirs = _theirs(ref, pipe, z, latents=z, output_type="pt", height=z.shape[-1], width=z.shape[-1])
+    assert torch.allclose(_ours(pipe, z), theirs, atol=1e-5)

@@ -253,7 +253,15 @@ SD_TEXT = {  # v1: CLIP ViT-L/14's text tower; v2: OpenCLIP ViT-H/14's, cut at i
 }
 SD_IDS = {"v1": "CompVis/stable-diffusion-v1-4", "v2": "stabilityai/stable-diffusion-2-1"}
 SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                   clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+                   clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
+
+
+def released_schedule(model_id: str, default: dict) -> dict:
+    """``default``'s keys as the checkpoint's own scheduler config sets them (scheduler/scheduler_config.json):
+    SD v1.x and OpenJourney predict noise, SD v2.1 (768 px) the velocity v; a key the file lacks keeps its
+    default."""
+    cfg = DDIMScheduler.load_config(model_id, subfolder="scheduler")
+    return {k: cfg.get(k, v) for k, v in default.items()}
 
 
 def sd_unet_config(version: str = "v1", width: int | None = None) -> dict:
@@ -325,11 +333,14 @@ class StableDiffusion(Text2Image):
             vae = AutoencoderKL.from_pretrained(model_id, subfolder="vae", torch_dtype=dtype)
             text = CLIPTextModel.from_pretrained(model_id, subfolder="text_encoder", torch_dtype=torch.float32)
             tok = CLIPTokenizer.from_pretrained(model_id, subfolder="tokenizer")
+            schedule = released_schedule(model_id, cls.schedule)
         except (OSError, ValueError) as err:
             raise resource_unavailable(f"model `{model_id}` ({type(err).__name__})",
                                        f"run `hf download {model_id}` on a machine with hub access "
                                        "(accept the licence first) and set HF_HOME") from None
-        return cls(unet.to(device).eval(), text.to(device).eval(), tok, vae.to(device).eval())
+        pipe = cls(unet.to(device).eval(), text.to(device).eval(), tok, vae.to(device).eval())
+        pipe.schedule = schedule
+        return pipe
 
 
 SDXL_ID = "stabilityai/stable-diffusion-xl-base-1.0"
