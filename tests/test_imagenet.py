@@ -63,6 +63,26 @@ def test_load_resizes_the_short_side_and_crops_the_centre(tmp_path):
     assert wide[0].mean() > 0.95
 
 
+def test_load_and_normalise_equal_the_released_evaluation_transforms():
+    """timm's eval transform (DeiT: short side floor(224 / 0.9) = 248, crop 224) and open_clip's preprocess
+    (short side 224, crop 224): PIL's bicubic and torchvision's crop, the same pixels to float precision."""
+    import open_clip
+    from timm.data import create_transform, resolve_data_config
+
+    from interplab.models import vit_encoders
+    rng = np.random.default_rng(0)
+    img = Image.fromarray((rng.random((30, 41, 3)) * 255).astype(np.uint8)).resize((333, 251), Image.BICUBIC)
+    deit = vit_encoders.build("deit")
+    ref = create_transform(**resolve_data_config({}, model=deit))(img)
+    ours = imagenet.normalise(deit)(imagenet.load([np.asarray(img)], *imagenet.input_config(deit)[:2]))[0]
+    assert torch.allclose(ours, ref, atol=1e-5)
+    clip = vit_encoders.build("clip")
+    ref = open_clip.image_transform(clip.visual.image_size, is_train=False, mean=clip.visual.preprocess_cfg["mean"],
+                                    std=clip.visual.preprocess_cfg["std"])(img)
+    ours = imagenet.normalise(clip)(imagenet.load([np.asarray(img)], *imagenet.input_config(clip)[:2]))[0]
+    assert torch.allclose(ours, ref, atol=1e-5)
+
+
 def test_input_config_and_normalise_read_each_model():
     from interplab.models import vit_encoders
     deit = vit_encoders.build("deit", img_size=32)

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from . import paths, word_order
 from .errors import check_choice, resource_unavailable
-from .models.clip_students import embed_images, embed_texts, pixels, resize_crop
+from .models.clip_students import embed_images, embed_texts, pixels, read_image
 
 ROOT = paths.DATA / "paper" / "ch09"
 DOWNLOAD = {
@@ -162,15 +162,14 @@ def aro_accuracy(s_true: torch.Tensor, s_false: torch.Tensor, labels=None) -> di
 
 
 def load_image(path, size: int, bbox=None) -> torch.Tensor:
-    """An RGB image file -> (3, size, size) in [0, 1]: optional bbox crop (x, y, w, h), short side
-    resized to ``size``, centre crop."""
+    """An RGB image file -> (3, size, size) in [0, 1]: optional bbox crop (x, y, w, h), then the students'
+    evaluation transform (``clip_students.read_image``: short side to ``size`` by PIL's bicubic, centre crop)."""
     from PIL import Image
     img = Image.open(path).convert("RGB")
     if bbox is not None:
         x, y, w, h = bbox
         img = img.crop((x, y, x + w, y + h))
-    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1)[None]
-    return resize_crop(x, size)[0].clamp(0, 1)
+    return read_image(img, size)
 
 
 def coco_captions(split: str = "train2017", root=None) -> list:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from . import paths
 from .errors import check_choice, resource_unavailable
-from .models.clip_students import resize_crop
+from .models.clip_students import read_image
 
 ROOT = paths.DATA / "paper" / "ch07"
 DOWNLOAD = {
@@ -118,15 +118,12 @@ def input_config(model) -> tuple:
 
 
 def load(images, size: int = 224, crop_pct: float = 1.0) -> torch.Tensor:
-    """[0, 1] RGB images (N, 3, size, size) of image files or decoded (H, W, 3) uint8 arrays: short side
-    resized to size / crop_pct (bicubic), centre crop."""
+    """[0, 1] RGB images (N, 3, size, size) of image files or decoded (H, W, 3) uint8 arrays, as the
+    model's released evaluation transform makes them (``clip_students.read_image``: short side to
+    floor(size / crop_pct) by PIL's bicubic, centre crop)."""
     from PIL import Image
-    out = []
-    for item in images:
-        img = Image.fromarray(np.asarray(item)) if isinstance(item, np.ndarray) else Image.open(item)
-        x = torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)[None]
-        out.append(resize_crop(x, size, crop_pct)[0].clamp(0, 1))
-    return torch.stack(out)
+    return torch.stack([read_image(Image.fromarray(np.asarray(item)) if isinstance(item, np.ndarray) else item,
+                                   size, crop_pct) for item in images])
 
 
 def normalise(model):

@@ -5,6 +5,7 @@
     load(name, device)         pretrained weights by hub id; offline: ResourceUnavailable with the fix
     tokenizer(name)            the student's tokenizer (OpenAI's BPE, built offline when the hub is absent)
     pixels(images, size)       [0, 1] images (N, 3, S, S) -> CLIP-normalised pixel_values (N, 3, size, size)
+    read_image(image, size)    a PIL image or file -> (3, size, size) as the released evaluation transforms
     embed_images / embed_texts unit embeddings of any student (and of the zoo's CLIPModel)
 
 transformers' ``CLIPModel`` serves the four OpenAI ViTs. open_clip models (RN50, the LAION
@@ -156,6 +157,20 @@ def resize_crop(images: torch.Tensor, size: int, crop_pct: float = 1.0) -> torch
     h, w = images.shape[-2:]
     top, left = (h - size) // 2, (w - size) // 2
     return images[..., top:top + size, left:left + size]
+
+
+def read_image(image, size: int, crop_pct: float = 1.0) -> torch.Tensor:
+    """A PIL image (or its path) -> (3, size, size) in [0, 1], as timm's and open_clip's evaluation
+    transforms make it: PIL's bicubic resize of the short side to floor(size / crop_pct) (torchvision's
+    ``Resize``), then torchvision's ``CenterCrop``. Decoded files take this path; ``resize_crop`` is its
+    differentiable tensor twin (torch's bicubic kernel is not PIL's, so the two differ in the last bits)."""
+    import math
+
+    from PIL import Image
+    from torchvision.transforms import functional as TF
+    img = Image.open(image) if not isinstance(image, Image.Image) else image
+    img = TF.resize(img.convert("RGB"), math.floor(size / crop_pct), interpolation=TF.InterpolationMode.BICUBIC)
+    return TF.to_tensor(TF.center_crop(img, size))
 
 
 def pixels(images: torch.Tensor, size: int = 224) -> torch.Tensor:
