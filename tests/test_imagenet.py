@@ -64,8 +64,8 @@ def test_load_resizes_the_short_side_and_crops_the_centre(tmp_path):
 
 
 def test_load_and_normalise_equal_the_released_evaluation_transforms():
-    """timm's eval transform (DeiT: short side floor(224 / 0.9) = 248, crop 224) and open_clip's preprocess
-    (short side 224, crop 224): PIL's bicubic and torchvision's crop, the same pixels to float precision."""
+    """timm's eval transform (DeiT: short side floor(224 / 0.9) = 248, crop 224), open_clip's preprocess
+    (short side 224, crop 224) and torchvision's ResNet-50 transform: the same pixels to float precision."""
     import open_clip
     from timm.data import create_transform, resolve_data_config
 
@@ -81,6 +81,11 @@ def test_load_and_normalise_equal_the_released_evaluation_transforms():
                                     std=clip.visual.preprocess_cfg["std"])(img)
     ours = imagenet.normalise(clip)(imagenet.load([np.asarray(img)], *imagenet.input_config(clip)[:2]))[0]
     assert torch.allclose(ours, ref, atol=1e-5)
+    import torchvision                                  # Chapter 3's ResNet-50: bilinear to 256, crop 224
+    ref = torchvision.models.ResNet50_Weights.IMAGENET1K_V1.transforms()(img)
+    x = imagenet.load([np.asarray(img)], 224, crop_pct=0.875, interpolation="bilinear")[0]
+    mean, std = (torch.tensor(v).view(3, 1, 1) for v in ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))
+    assert torch.allclose((x - mean) / std, ref, atol=1e-5)
 
 
 def test_input_config_and_normalise_read_each_model():

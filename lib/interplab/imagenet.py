@@ -117,13 +117,13 @@ def input_config(model) -> tuple:
     return int(size), float(cfg.get("crop_pct", 1.0)), tuple(cfg["mean"]), tuple(cfg["std"])
 
 
-def load(images, size: int = 224, crop_pct: float = 1.0) -> torch.Tensor:
+def load(images, size: int = 224, crop_pct: float = 1.0, interpolation: str = "bicubic") -> torch.Tensor:
     """[0, 1] RGB images (N, 3, size, size) of image files or decoded (H, W, 3) uint8 arrays, as the
     model's released evaluation transform makes them (``clip_students.read_image``: short side to
     floor(size / crop_pct) by PIL's bicubic, centre crop)."""
     from PIL import Image
     return torch.stack([read_image(Image.fromarray(np.asarray(item)) if isinstance(item, np.ndarray) else item,
-                                   size, crop_pct) for item in images])
+                                   size, crop_pct, interpolation) for item in images])
 
 
 def normalise(model):

@@ -159,17 +159,18 @@ def resize_crop(images: torch.Tensor, size: int, crop_pct: float = 1.0) -> torch
     return images[..., top:top + size, left:left + size]
 
 
-def read_image(image, size: int, crop_pct: float = 1.0) -> torch.Tensor:
+def read_image(image, size: int, crop_pct: float = 1.0, interpolation: str = "bicubic") -> torch.Tensor:
     """A PIL image (or its path) -> (3, size, size) in [0, 1], as timm's and open_clip's evaluation
     transforms make it: PIL's bicubic resize of the short side to floor(size / crop_pct) (torchvision's
-    ``Resize``), then torchvision's ``CenterCrop``. Decoded files take this path; ``resize_crop`` is its
-    differentiable tensor twin (torch's bicubic kernel is not PIL's, so the two differ in the last bits)."""
+    ``Resize``), then torchvision's ``CenterCrop`` (torchvision's own classifiers resize bilinearly:
+    ``interpolation="bilinear"``). Decoded files take this path; ``resize_crop`` is its differentiable
+    tensor twin (torch's bicubic kernel is not PIL's, so the two differ)."""
     import math
 
     from PIL import Image
     from torchvision.transforms import functional as TF
     img = Image.open(image) if not isinstance(image, Image.Image) else image
-    img = TF.resize(img.convert("RGB"), math.floor(size / crop_pct), interpolation=TF.InterpolationMode.BICUBIC)
+    img = TF.resize(img.convert("RGB"), math.floor(size / crop_pct), interpolation=TF.InterpolationMode(interpolation))
     return TF.to_tensor(TF.center_crop(img, size))
 
 
