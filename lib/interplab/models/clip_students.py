@@ -164,7 +164,8 @@ def read_image(image, size: int, crop_pct: float = 1.0, interpolation: str = "bi
     transforms make it: PIL's bicubic resize of the short side to floor(size / crop_pct) (torchvision's
     ``Resize``), then torchvision's ``CenterCrop`` (torchvision's own classifiers resize bilinearly:
     ``interpolation="bilinear"``). Decoded files take this path; ``resize_crop`` is its differentiable
-    tensor twin (torch's bicubic kernel is not PIL's, so the two differ)."""
+    tensor twin (torch's bicubic kernel is not PIL's, so the two differ). transformers' CLIPImageProcessor
+    floors the crop offset where torchvision rounds it: for some sizes its crop sits 1 px higher or further left."""
     import math
 
     from PIL import Image
