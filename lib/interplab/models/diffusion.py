@@ -433,7 +433,8 @@ class DeepFloydIF(Text2Image):
     and edits on stage I's UNet do not reach stage II's). Deviation: the release samples with DDPM and the
     UNet's learned variance; here DDIM at eta 0 on the same noise schedule, so that z_T fixes the image and
     clean, corrupted and edited rows share one trajectory (test_diffusion_reference checks everything else
-    against diffusers' IFPipeline under this solver)."""
+    against diffusers' IFPipeline under this solver). Prompts are encoded as written: IFPipeline's default
+    ``clean_caption`` (lowercasing and markup removal, where bs4 and ftfy are installed) is not applied."""
     schedule = IF_SCHEDULE
     sampler = dict(steps=100, guidance=7.0, eta=0.0)
     stage_2 = None
