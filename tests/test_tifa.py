@@ -35,8 +35,8 @@ def test_score_is_each_images_fraction_of_right_answers():
              {"questions": [{"question": "q3", "choices": ["yes", "no"], "answer": "no"}]}]
     given = {"q1": "yes", "q2": "blue", "q3": "no"}
 
-    def answer(images, questions):
-        assert len(images) == len(questions)
+    def answer(images, index, questions):
+        assert len(index) == len(questions) and int(index.max()) < len(images)
         return [given[q["question"]] for q in questions]
     assert tifa.score(torch.zeros(2, 3, 4, 4), texts, answer).tolist() == [0.5, 1.0]
     got = tifa.score(torch.zeros(4, 3, 4, 4), texts, answer, per_text=2)        # two images per text
@@ -50,7 +50,7 @@ def test_the_oracle_answers_toy_questions_from_what_is_drawn():
     texts = [{"questions": tifa.toy_questions(p)} for _, _, p in items]
     assert [q["question"] for q in texts[0]["questions"]][:2] == [f"is there a {items[0][2][0]['shape']}?",
                                                                   f"what colour is the {items[0][2][0]['shape']}?"]
-    answer = lambda im, qs: tifa.answer_toy(oracle, im, qs)          # noqa: E731
+    answer = lambda im, idx, qs: tifa.answer_toy(oracle, im, idx, qs)          # noqa: E731
     true = torch.from_numpy(tw.render_batch([s for _, s, _ in items], seed=0, noise=0.0)[0])
     # the same scenes with the two objects' colours swapped: every "what colour" question is now wrong
     swapped = [replace(s, objects=(replace(s.objects[0], colour=s.objects[1].colour),
@@ -78,5 +78,9 @@ def test_blip_ranks_choices_as_one_at_a_time_teacher_forcing():
     with torch.no_grad():
         bias[tok.convert_tokens_to_ids("blue")] += 30
     qas = [{"question": q, "choices": c} for q, c in zip(qs, [["red", "blue"], ["blue", "no"], ["yes", "no"]])]
-    answers = tifa.answer_vqa(vqa, images, qas)
+    answers = tifa.answer_vqa(vqa, images, torch.arange(3), qas)
     assert answers[:2] == ["blue", "blue"] and answers[2] in ("yes", "no")
+    # questions pointing at shared images: the same log-probabilities as each image repeated per question
+    index = torch.tensor([2, 0, 2])
+    shared = vqa.choice_logprob(images, qs, choices, image_index=index)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(shared, vqa.choice_logprob(images[index], qs, choices)))

@@ -259,35 +259,46 @@ class BlipVqa:
     @torch.inference_mode()
     def _yes(self, images, questions):
         m = self.model
-        device = next(m.parameters()).device
-        x = pixels(images.float(), self.image_size).to(device)  # BLIP normalises with CLIP's mean / std
-        q = self.tokenizer(questions, padding=True, return_tensors="pt").to(device)
-        seen = m.vision_model(pixel_values=x).last_hidden_state
-        asked = m.text_encoder(input_ids=q.input_ids, attention_mask=q.attention_mask, encoder_hidden_states=seen,
-                               encoder_attention_mask=torch.ones(seen.shape[:-1], dtype=torch.long, device=device))[0]
-        start = torch.full((len(x), 1), m.decoder_start_token_id, device=device)
+        asked, mask = self._asked(self._seen(images), questions)
+        start = torch.full((len(asked), 1), m.decoder_start_token_id, device=asked.device)
         logits = m.text_decoder(input_ids=start, encoder_hidden_states=asked,
-                                encoder_attention_mask=q.attention_mask).logits[:, 0]    # (N, vocab)
+                                encoder_attention_mask=mask).logits[:, 0]    # (N, vocab)
         return logits[:, self.answers].float().softmax(-1)[:, 0].cpu()
 
+    def _seen(self, images):
+        """The vision tower's states (N, P, d) of images (N, 3, H, W) in [0, 1]."""
+        device = next(self.model.parameters()).device
+        x = pixels(images.float(), self.image_size).to(device)  # BLIP normalises with CLIP's mean / std
+        return self.model.vision_model(pixel_values=x).last_hidden_state
+
+    def _asked(self, seen, questions):
+        """(question states (N, L, d) read against the images' states seen (N, P, d), question mask (N, L))."""
+        m = self.model
+        q = self.tokenizer(list(questions), padding=True, return_tensors="pt").to(seen.device)
+        asked = m.text_encoder(input_ids=q.input_ids, attention_mask=q.attention_mask, encoder_hidden_states=seen,
+                               encoder_attention_mask=torch.ones(seen.shape[:-1], dtype=torch.long, device=seen.device))[0]
+        return asked, q.attention_mask
+
     @torch.inference_mode()
-    def choice_logprob(self, images: torch.Tensor, questions, choices, batch_size: int = 64) -> list:
+    def choice_logprob(self, images: torch.Tensor, questions, choices, image_index=None, batch_size: int = 64) -> list:
         """log P(choice | image, question) of every candidate answer, teacher-forced through the decoder
         (BLIP's "rank" inference: each choice's tokens and the closing [SEP]). images (N, 3, H, W) in
-        [0, 1], N questions, choices[i] a list of strings -> N tensors (len(choices[i]),)."""
-        questions, out = list(questions), []
+        [0, 1]; M questions, choices[i] a list of strings; image_index (M,): the image each question is
+        about (default: question i about image i), so that each image passes the vision tower once.
+        Returns M tensors (len(choices[i]),)."""
+        questions = list(questions)
+        index = torch.arange(len(questions)) if image_index is None else torch.as_tensor(image_index)
+        seen = torch.cat([self._seen(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
+        out = []
         for i in range(0, len(questions), batch_size):
-            out += self._rank(images[i:i + batch_size], questions[i:i + batch_size], choices[i:i + batch_size])
+            out += self._rank(seen[index[i:i + batch_size].to(seen.device)], questions[i:i + batch_size],
+                              choices[i:i + batch_size])
         return out
 
-    def _rank(self, images, questions, choices):
+    def _rank(self, seen, questions, choices):
         m = self.model
-        device = next(m.parameters()).device
-        x = pixels(images.float(), self.image_size).to(device)
-        q = self.tokenizer(questions, padding=True, return_tensors="pt").to(device)
-        seen = m.vision_model(pixel_values=x).last_hidden_state
-        asked = m.text_encoder(input_ids=q.input_ids, attention_mask=q.attention_mask, encoder_hidden_states=seen,
-                               encoder_attention_mask=torch.ones(seen.shape[:-1], dtype=torch.long, device=device))[0]
+        asked, mask = self._asked(seen, questions)
+        device = asked.device
         row = torch.tensor([i for i, cs in enumerate(choices) for _ in cs], device=device)
         end = m.config.text_config.sep_token_id   # BLIP's decoder closes an answer with [SEP]
         answers = [self.tokenizer(c, add_special_tokens=False).input_ids + [end] for cs in choices for c in cs]
@@ -298,7 +309,7 @@ class BlipVqa:
         start = torch.full((len(answers), 1), m.decoder_start_token_id, device=device)
         inputs = torch.cat([start, target[:, :-1].clamp(min=0)], 1)   # padding positions are never scored
         logits = m.text_decoder(input_ids=inputs, encoder_hidden_states=asked[row],
-                                encoder_attention_mask=q.attention_mask[row]).logits.float().log_softmax(-1)
+                                encoder_attention_mask=mask[row]).logits.float().log_softmax(-1)
         scored = logits.gather(-1, target.clamp(min=0)[..., None])[..., 0] * (target >= 0)
         return list(scored.sum(1).cpu().split([len(cs) for cs in choices]))
 

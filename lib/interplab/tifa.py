@@ -3,8 +3,8 @@ about each prompt (§9.2.6 reports that WiCLP's gains hold on it; the dissertati
 
     read(root, n)                      TIFA v1.0's texts, each with its generated questions
     toy_questions(phrases)             the same kinds of question for a toy-world prompt (tiny)
-    answer_toy(oracle, images, qs)     the attribute oracle answers them
-    answer_vqa(vqa, images, qs)        a BLIP VQA model answers them by ranking the choices (paper)
+    answer_toy(oracle, images, index, qs)   the attribute oracle answers them
+    answer_vqa(vqa, images, index, qs)      a BLIP VQA model answers them by ranking the choices (paper)
     score(images, texts, answer)       TIFA score per image: the fraction of its questions answered right
 
 A question is a dict {"question", "choices", "answer", "element_type"}; toy questions also carry
@@ -57,14 +57,14 @@ def toy_questions(phrases: list) -> list:
 
 
 @torch.no_grad()
-def answer_toy(oracle, images: torch.Tensor, questions: list) -> list:
-    """The oracle's answer to each question about image i (N images, N questions): "is there" is yes when
-    some slot's P(shape) > 0.5; an attribute is read, among the choices, at the slot where the shape is
-    likeliest."""
+def answer_toy(oracle, images: torch.Tensor, index, questions: list) -> list:
+    """The oracle's answer to each question (M) about image index[m] of images (N, 3, H, W), each image read
+    once: "is there" is yes when some slot's P(shape) > 0.5; an attribute is read, among the choices, at the
+    slot where the shape is likeliest."""
     from .zoo.oracle import HEADS, predict
     probs = predict(oracle, images)
     out = []
-    for i, q in enumerate(questions):
+    for i, q in zip(torch.as_tensor(index).tolist(), questions):
         p_shape = probs["shape"][i, :, HEADS["shape"].index(q["about"]["shape"])]
         k = q["about"]["attribute"]
         if k is None:
@@ -75,21 +75,22 @@ def answer_toy(oracle, images: torch.Tensor, questions: list) -> list:
     return out
 
 
-def answer_vqa(vqa, images: torch.Tensor, questions: list, batch_size: int = 64) -> list:
-    """A ``compositional.BlipVqa``'s answer to each question about image i: its likeliest choice."""
+def answer_vqa(vqa, images: torch.Tensor, index, questions: list, batch_size: int = 64) -> list:
+    """A ``compositional.BlipVqa``'s answer to each question (M) about image index[m]: its likeliest choice
+    (each image passes the vision tower once)."""
     logp = vqa.choice_logprob(images, [q["question"] for q in questions], [q["choices"] for q in questions],
-                              batch_size=batch_size)
+                              image_index=index, batch_size=batch_size)
     return [q["choices"][int(lp.argmax())] for q, lp in zip(questions, logp)]
 
 
 def score(images: torch.Tensor, texts: list, answer, per_text: int = 1) -> np.ndarray:
     """(N,) TIFA scores of N = len(texts) * per_text images (per_text consecutive images per text):
-    the fraction of the text's questions that ``answer(images (M, ...), questions (M,)) -> M answers``
-    gets right. texts: dicts with "questions" (``read``'s, or {"questions": toy_questions(...)})."""
+    the fraction of the text's questions that ``answer(images, index (M,), questions (M,)) -> M answers``
+    gets right (question m is about images[index[m]]). texts: dicts with "questions" (``read``'s, or {"questions": toy_questions(...)})."""
     rows = [(j * per_text + r, q) for j, t in enumerate(texts) for r in range(per_text) for q in t["questions"]]
     if not rows:
         return np.zeros(len(images))
-    given = answer(images[torch.tensor([i for i, _ in rows])], [q for _, q in rows])
+    given = answer(images, torch.tensor([i for i, _ in rows]), [q for _, q in rows])
     right, asked = np.zeros(len(images)), np.zeros(len(images))
     for (i, q), a in zip(rows, given):
         right[i] += a.strip().lower() == q["answer"].strip().lower()

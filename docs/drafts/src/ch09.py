@@ -833,7 +833,8 @@ ch.claim("projections_help", "on held-out prompts WiCLP >= baseline + 0.08, CLP 
 # %%
 def tifa_of(images, texts, per_text):
     """Mean TIFA score of per_text consecutive images per text (tiny: the oracle answers; paper: BLIP-VQA)."""
-    answer = (lambda im, qs: tifa.answer_toy(oracle, im, qs)) if ch.tiny else (lambda im, qs: tifa.answer_vqa(blip, im, qs))
+    answer = ((lambda im, idx, qs: tifa.answer_toy(oracle, im, idx, qs)) if ch.tiny else
+              (lambda im, idx, qs: tifa.answer_vqa(blip, im, idx, qs)))
     return float(tifa.score(images, texts, answer, per_text).mean())
 
 

@@ -525,8 +525,13 @@ class DeepFloydIFStageII(DeepFloydIF):
         x = F.interpolate(images.float() * 2 - 1, size=self.latent_shape[1:], mode="bilinear", align_corners=True)
         level = torch.full((len(x),), self.noise_level)
         noise = torch.randn(1 if shared_noise else len(x), *x.shape[1:],
-                            generator=torch.Generator().manual_seed(seed * 7919 + 17)).expand_as(x)
+                            generator=self.augmentation_generator(seed)).expand_as(x)
         return {"image": DDPMScheduler(beta_schedule="squaredcos_cap_v2").add_noise(x, noise, level), "noise_level": level}
+
+    @staticmethod
+    def augmentation_generator(seed: int) -> torch.Generator:
+        """Where the low-resolution image's augmentation noise comes from (its own stream: never z_T's)."""
+        return torch.Generator().manual_seed(seed * 7919 + 17)
 
     def uncond_added(self, added: dict) -> dict:
         return added
