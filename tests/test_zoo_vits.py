@@ -38,6 +38,16 @@ def test_toybirds_background_family_is_the_group_parity():
     assert torch.equal(water.long(), g % 2)
 
 
+def test_toybirds_swapped_pairs_differ_only_in_the_background_family():
+    on_water, on_land, y = tw.toybirds_swapped(40, seed=2)
+    assert on_water.shape == on_land.shape == (40, 3, 32, 32) and y.tolist().count(1) == 20
+    blue = lambda x: x[:, 2].flatten(1).median(1).values > 0.3  # noqa: E731  (as the test above)
+    assert blue(on_water).all() and not blue(on_land).any()
+    same = (on_water == on_land).all(1)                    # (n, 32, 32): the bird's pixels, nowhere else
+    assert (same.flatten(1).float().mean(1) > 0.02).all() and (same.flatten(1).float().mean(1) < 0.3).all()
+    assert torch.equal(on_water, tw.toybirds_swapped(40, seed=2)[0])
+
+
 def test_registered_and_no_single_name():
     assert all(MODELS[n] == "vits" for n in vits.NAMES)
     assert getattr(vits, "NAME", None) not in vits.NAMES  # the CLI then calls train(name)

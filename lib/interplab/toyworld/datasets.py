@@ -11,7 +11,7 @@ import torch
 
 from .attributes import COLOURS, LAND_BACKGROUNDS, LAND_SHAPES, SHAPES, SLOTS, TEXTURES, WATER_BACKGROUNDS, WATER_SHAPES
 from .captions import Palette, sample
-from .render import Obj, Scene, render_batch
+from .render import Obj, Scene, _dilate, background_image, render, render_batch
 
 TOYNET_PALETTE = Palette(shapes=SHAPES[:6], colours=COLOURS[:6], textures=TEXTURES[:3])
 # class index = shape index * 6 + colour index
@@ -64,3 +64,26 @@ def toybirds(n: int, seed: int, aligned: float = 0.95) -> tuple[torch.Tensor, to
     images, _ = render_batch(scenes, seed=int(rng.integers(2 ** 31)), jitter=JITTER)
     groups = torch.from_numpy(groups).long()
     return torch.from_numpy(images), groups // 2, groups
+
+
+def toybirds_swapped(n: int, seed: int, noise: float = 0.03) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ToyBirds counterfactual pairs: each bird drawn once, on a water and on a land background.
+
+    Returns on_water (n, 3, 32, 32), on_land (n, 3, 32, 32) and labels (n,) (1 = waterbird), half of each.
+    The bird's pixels (its shape and outline) are the same in both images, and so is the pixel noise; only
+    the background differs, so any change in a model's output between the two is the background's doing.
+    """
+    rng = np.random.default_rng([seed, 11])
+    labels = rng.permutation(np.arange(n) % 2)
+    on_water, on_land = [], []
+    for label in labels:
+        obj = Obj(str(rng.choice(WATER_SHAPES if label else LAND_SHAPES)), str(rng.choice(TOYNET_PALETTE.colours)),
+                  str(rng.choice(TOYNET_PALETTE.textures)), "small", str(rng.choice(SLOTS)))
+        water, land = str(rng.choice(WATER_BACKGROUNDS)), str(rng.choice(LAND_BACKGROUNDS))
+        bird, (inside,) = render(Scene((obj,), water), rng, jitter=JITTER, noise=0.0)
+        drawn = _dilate(inside)[..., None]  # the shape and its black outline
+        grain = rng.normal(0, noise, bird.shape).astype(np.float32)
+        for background, out in ((water, on_water), (land, on_land)):
+            image = np.where(drawn, bird, background_image(background, rng)) if out is on_land else bird
+            out.append(np.clip(image + grain, 0, 1).transpose(2, 0, 1))
+    return torch.from_numpy(np.stack(on_water)), torch.from_numpy(np.stack(on_land)), torch.from_numpy(labels).long()
