@@ -47,6 +47,20 @@ def test_a_fresh_adapter_changes_nothing_and_a_trained_one_adds_exactly_its_low_
         lora.LoRA(nn.Sequential(nn.ReLU()))
 
 
+def test_merging_writes_the_attached_adapter_into_the_weights():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    adapter = lora.LoRA(model, rank=2, scale=0.5, paths=["0", "2"])
+    with torch.no_grad():
+        for up in adapter.up:
+            up.normal_()
+    x = torch.randn(4, 6)
+    with adapter.attached(model):
+        hooked = model(x)
+    assert not torch.allclose(hooked, model(x))
+    assert torch.allclose(adapter.merge(model)(x), hooked, atol=1e-6)
+
+
 def test_gors_trains_only_the_adapters_and_weights_each_sample_by_its_reward():
     pipe = _toy()
     prompts = ["a red circle and a blue square", "a green heart"]

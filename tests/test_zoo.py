@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from interplab import models, paths
+from interplab import lora, models, paths
 from interplab import toyworld as tw
 from interplab.errors import BadParameter, ResourceUnavailable
-from interplab.zoo import MODELS, clip, loop, oracle, store, t2i
+from interplab.zoo import MODELS, clip, loop, oracle, store, t2i, t2i_ft
 
 
 @pytest.fixture
@@ -264,3 +264,37 @@ def test_phrase_score_is_the_product_over_phrases_of_the_best_slot():
         s = oracle.phrase_score(None, torch.zeros(1, 3, 32, 32), [[{"shape": "circle", "colour": "red"},
                                                                     {"shape": "star", "colour": "blue"}]])
     assert abs(s[0] - 0.8 * 0.5 * 0.9 * 1.0) < 1e-6
+
+
+# -- t2i_ft: the OpenJourney analogue (LoRA on the shipped t2i, merged at load) ----------------------------
+def _ship_random_t2i(seed=0):
+    tok = tw.clip_tokenizer(clip.MAX_LENGTH)
+    torch.manual_seed(seed)
+    model = t2i.untrained(t2i.text_encoder_of(clip.CLIPModel(clip.config(len(tok), tok.eos_token_id))), tok, seed=seed)
+    t2i.ship_model(model, seed=seed, steps=1, wall_time_s=1.0, gates={"g": store.gate(1.0, 0.8)})
+
+
+def test_t2i_ft_trains_only_attention_adapters_and_loads_merged_on_its_own_base(tmp_zoo):
+    _ship_random_t2i()
+    out = t2i_ft.train(steps=2, batch_size=4, eval_n=4, oracle=oracle.Oracle().eval(), resume=False)
+    assert set(out["gates"]) == {"single_colour", "single_shape", "single_texture", "large_share_rise"}
+    assert len(out["losses"]) == 2 and set(out["large_share"]) == {"t2i", "t2i_ft"}
+    base, tuned = models.load("t2i"), models.load("t2i_ft")
+    attention = set(lora.attention_linears(base.unet))
+    moved = {n.rsplit(".", 1)[0] for n, p in tuned.unet.named_parameters()
+             if not torch.equal(p, base.unet.get_parameter(n))}
+    assert moved and moved <= attention                      # only attention projections, and some did move
+    assert torch.equal(tuned.encode(["a red circle"]), base.encode(["a red circle"]))   # the text tower is frozen
+    _ship_random_t2i(seed=1)                                 # a different base: the adapters no longer apply
+    with pytest.raises(ResourceUnavailable, match="train t2i_ft"):
+        models.load("t2i_ft")
+
+
+def test_shipped_t2i_ft_gates_on_fresh_prompts():
+    card = shipped("t2i_ft")
+    base, tuned, orc = models.load("t2i"), models.load("t2i_ft"), models.load("oracle")
+    fid = t2i.fidelity(tuned, orc, n=100, seed=424_246)
+    fid["large_share_rise"] = (t2i_ft.large_share(tuned, orc, n=100, seed=424_247)
+                               - t2i_ft.large_share(base, orc, n=100, seed=424_247))
+    for k, g in card["gates"].items():
+        assert fid[k] >= g["threshold"], (k, fid[k])

@@ -3,6 +3,7 @@
     lora = LoRA(model, rank=4)              rank-r adapters (down, up) for the Linear layers inside every
                                             attention module of ``model`` (LoRA, Hu et al. 2022)
     with lora.attached(model): ...          those layers compute W x + b + scale * up(down(x)), by forward hooks
+    lora.merge(model)                       the same, written into the weights (a plain model again)
     adapters, losses = gors_finetune(pipe, prompts, latents, rewards)
                                             GORS (Huang et al. 2023, T2I-CompBench; Table 9.2's baseline):
                                             the denoising loss of the model's own well-rated samples, each
@@ -75,6 +76,16 @@ class LoRA(nn.Module):
         finally:
             for h in handles:
                 h.remove()
+
+
+    @torch.no_grad()
+    def merge(self, model: nn.Module) -> nn.Module:
+        """Add each adapter into its layer's weight, W <- W + scale * up down, so that ``model`` alone
+        computes what it computed ``attached``: a plain model of the same architecture. Returns ``model``."""
+        for k, path in enumerate(self.paths):
+            layer = model.get_submodule(path)
+            layer.weight += (self.scale * self.up[k] @ self.down[k]).to(layer.weight)
+        return model
 
 
 class PipelineAdapters(nn.Module):

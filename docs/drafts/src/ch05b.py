@@ -24,7 +24,7 @@ profile = "tiny"
 seed = 0
 device = "auto"
 out_dir = None
-models = None                        # None: tiny the zoo's t2i; paper all six families (or a subset of sd14, sd15, sd21, openjourney, sdxl, deepfloyd)
+models = None                        # None: tiny the zoo's t2i and its fine-tune t2i_ft; paper all six families (or a subset of sd14, sd15, sd21, openjourney, sdxl, deepfloyd)
 attributes = ["style", "objects", "facts"]
 m_values = [1, 2, 3]                 # window sizes searched
 sdxl_m_values = [3, 5]               # SD-XL's window sizes (70 layers at 1024 px; the dissertation's m)
@@ -63,7 +63,7 @@ from interplab.models.diffusion import ClipScore, DeepFloydIF, DeepFloydIFStageI
 from interplab.zoo import clip as zc
 from interplab.zoo import oracle as zo
 
-models = interplab.by_profile(models, profile, ["t2i"], ["sd14", "sd15", "sd21", "openjourney", "sdxl", "deepfloyd"])
+models = interplab.by_profile(models, profile, ["t2i", "t2i_ft"], ["sd14", "sd15", "sd21", "openjourney", "sdxl", "deepfloyd"])
 ch = interplab.start("ch05b_locogen", profile=profile, seed=seed, device=device, out_dir=out_dir,
                      params=dict(models=models, attributes=attributes, m_values=m_values, sdxl_m_values=sdxl_m_values,
                                  window_batch=window_batch, window_threshold=window_threshold,
@@ -76,8 +76,11 @@ PAPER_IDS = {"sd14": "CompVis/stable-diffusion-v1-4", "sd15": "stable-diffusion-
              "sd21": "stabilityai/stable-diffusion-2-1", "openjourney": "prompthero/openjourney",
              "sdxl": "stabilityai/stable-diffusion-xl-base-1.0", "deepfloyd": "DeepFloyd/IF-I-XL-v1.0"}
 PIPELINES = {"sdxl": StableDiffusionXL, "deepfloyd": DeepFloydIF}
+TINY_MODELS = ("t2i", "t2i_ft")  # the SD-v1.5 and OpenJourney analogues
 if ch.tiny:
-    pipes = {"t2i": load_zoo("t2i")}
+    if [m for m in models if m not in TINY_MODELS]:
+        raise BadParameter(f"unknown tiny models {models}; choose from {TINY_MODELS}")
+    pipes = {m: load_zoo(m) for m in models}
     oracle = load_zoo("oracle")
     clip_model, clip_tok = load_zoo("clip")  # the tiny CLIP-Score: a separate model, never edited
     clip_score = ClipScore(lambda x: zc.embed_images(clip_model, x), lambda t: zc.embed_text(clip_model, clip_tok, t))
@@ -817,19 +820,20 @@ ch.claim("neuron_editing", "the style score does not rise with k (tolerance 0.03
 # is bidirectional, so the concept is spread over tokens after the last subject token and LocoEdit's one-row keys
 # miss it (check 13, §5.9's limitation). paper compares the models of `models` when both of a pair are there
 # (efficacy = LocoEdit's change at the window as a share of LocoGen's all-layer change, mean over style and
-# objects, so that CLIP-Score units cancel). tiny: their analogues `t2i_ft` and `t2i_t5` are not in the zoo.
+# objects, so that CLIP-Score units cancel). tiny: `t2i_ft` (the zoo's t2i fine-tuned on a shifted look) stands in for
+# OpenJourney; the DeepFloyd analogue `t2i_t5` is not in the zoo.
 
 # %%
-base = next((m for m in ("sd15", "sd14") if m in pipes), None)
-if "openjourney" in pipes and base:
-    shift = {a: found["openjourney", a]["j"] - found[base, a]["j"] for a in attributes}
-    ch.claim("ft_same_window", f"OpenJourney's best window start is within +-1 of {base}'s for every attribute",
+fine_tune, base = ("t2i_ft", "t2i") if ch.tiny else ("openjourney", next((m for m in ("sd15", "sd14") if m in pipes), None))
+if fine_tune in pipes and base in pipes:
+    shift = {a: found[fine_tune, a]["j"] - found[base, a]["j"] for a in attributes}
+    ch.claim("ft_same_window", f"{fine_tune}'s best window start is within +-1 of {base}'s for every attribute",
              dissertation="OpenJourney = SD-v1.5's layers", reproduced={a: f"shift {s:+d}" for a, s in shift.items()},
              holds=all(abs(s) <= 1 for s in shift.values()))
 else:
     ch.claim("ft_same_window", "a fine-tune (OpenJourney analogue) keeps every attribute's best window start within +-1",
              dissertation="OpenJourney = SD-v1.5's layers",
-             reproduced="not run: " + ("the zoo has no t2i_ft" if ch.tiny else "needs sd14 or sd15 and openjourney in models"),
+             reproduced=f"not run: needs {fine_tune} and " + ("t2i" if ch.tiny else "sd14 or sd15") + " in models",
              holds=False)
 
 
