@@ -706,6 +706,15 @@ f = found[neuron_model, "style"] if "style" in attributes else found[neuron_mode
 style_layers = anatomy.items(pipe.unet, "xattn")[f["j"]:f["j"] + f["m"]]
 projs = [f"{p}.{q}" for p in style_layers for q in editing.xattn_projections(pipe.unet, p)]
 d_prime = pipe.unet.get_submodule(projs[0]).weight.shape[0]
+width = {p: pipe.unet.get_submodule(p).weight.shape[0] for p in projs}
+
+
+def k_of(p, k):
+    """k neurons of the first projection's d' as the same fraction of projection p's width (a window can span
+    layers of different widths: the toy's 7..8 is 128 then 64)."""
+    return max(1, math.ceil(k * width[p] / d_prime))
+
+
 ks = sorted({max(1, math.ceil(c / 1280 * d_prime)) for c in neuron_counts} | {d_prime // 8, d_prime // 4})
 print(f"{neuron_model}: style window layers {f['j']}..{f['j'] + f['m'] - 1}, d' = {d_prime}; k = {ks} "
       f"(fractions {neuron_counts} of 1280 -> {[max(1, math.ceil(c / 1280 * d_prime)) for c in neuron_counts]})")
@@ -770,10 +779,10 @@ for artist in STYLE_CONCEPTS:
     row = dict(artist=artist, original=float(score(render(), wanted).mean()),
                layer=float(score(render(layer_alt=True), wanted).mean()))
     for k in ks:
-        top = {p: torch.topk(z[p], k).indices for p in projs}
+        top = {p: torch.topk(z[p], k_of(p, k)).indices for p in projs}
         imgs = render(top)
         row[f"top {k}"] = float(score(imgs, wanted).mean())
-        rand = [float(score(render({p: torch.as_tensor(neuron_rng.choice(d_prime, k, replace=False)) for p in projs}),
+        rand = [float(score(render({p: torch.as_tensor(neuron_rng.choice(width[p], k_of(p, k), replace=False)) for p in projs}),
                             wanted).mean()) for _ in range(5)]
         row[f"random {k}"] = float(np.mean(rand))
         fig14[artist, k] = keep(imgs[:4])
