@@ -44,14 +44,13 @@ def large_share(model, oracle, n: int = 200, seed: int = 30_001) -> float:
 
 
 def train(steps: int = 500, batch_size: int = 32, seed: int = 0, lr: float = 1e-3, ship: bool = True,
-          resume: bool = True, eval_n: int = 400, oracle=None, model=None) -> dict:
+          resume: bool = True, eval_n: int = 400, oracle=None) -> dict:
     """LoRA adapters (rank ``RANK``) on the shipped t2i's UNet attention, trained with t2i's loss on the
-    shifted mix (caption dropout 0.1 for guidance, as t2i). ``model``: a ToyDiffusion to start from
-    instead of the shipped t2i (tests). Gates: t2i's single-object fidelity, and the look moved
-    (``large_share`` up by ``SHIFT_GATE``)."""
+    shifted mix (caption dropout 0.1 for guidance, as t2i). Gates: t2i's single-object fidelity, and the
+    look moved (``large_share`` up by ``SHIFT_GATE``)."""
     from .oracle import load as load_oracle
     oracle = oracle or load_oracle()
-    model = model or base.load()
+    model = base.load()
     model.unet.requires_grad_(False)
     model.text_model.requires_grad_(False)
     torch.manual_seed(seed)
