@@ -106,10 +106,12 @@ def training_timesteps(n: int, gen: torch.Generator) -> torch.Tensor:
 UNET_JITTER = 0.0
 
 
-def render(rng: np.random.Generator, n: int, jitter: float = 1.0) -> tuple[list, torch.Tensor]:
-    """n training examples of T2I_MIX and their noise-free renders (n, 3, 32, 32): pixel noise in the
-    data would leave the small-t denoising steps nothing to learn but the noise itself."""
-    ex = tw.sample_mix(rng, n, T2I_MIX, pal=DARK)
+def render(rng: np.random.Generator, n: int, jitter: float = 1.0, mix: dict = T2I_MIX,
+           pal: tw.Palette = DARK) -> tuple[list, torch.Tensor]:
+    """n training examples of ``mix`` (caption families) drawn from ``pal`` and their noise-free renders
+    (n, 3, 32, 32): pixel noise in the data would leave the small-t denoising steps nothing to learn but
+    the noise itself."""
+    ex = tw.sample_mix(rng, n, mix, pal=pal)
     seed = int(rng.integers(2 ** 31))
     return ex, torch.from_numpy(tw.render_batch([e.scene for e in ex], seed=seed, noise=0.0, jitter=jitter)[0])
 

@@ -27,13 +27,6 @@ LARGE = tw.Palette(backgrounds=("dark",), sizes=("large",))
 SHIFT_GATE = 0.2  # the share of unprompted-size samples drawn large must rise by this much: a fine-tune that did something
 
 
-def render(rng: np.random.Generator, n: int) -> tuple[list, torch.Tensor]:
-    """n training examples of the shifted mix (every object large) and their noise-free renders (n, 3, 32, 32)."""
-    ex = tw.sample_mix(rng, n, MIX, pal=LARGE)
-    images = tw.render_batch([e.scene for e in ex], seed=int(rng.integers(2 ** 31)), noise=0.0, jitter=base.UNET_JITTER)[0]
-    return ex, torch.from_numpy(images)
-
-
 @torch.no_grad()
 def large_share(model, oracle, n: int = 200, seed: int = 30_001) -> float:
     """Fraction of samples of "a {colour} {texture} {shape}" (size unprompted) whose object the oracle reads as large."""
@@ -58,7 +51,7 @@ def train(steps: int = 500, batch_size: int = 32, seed: int = 0, lr: float = 1e-
     opt = torch.optim.AdamW(adapters.parameters(), lr=lr, weight_decay=0.0)
 
     def step(rng, gen, i):
-        ex, images = render(rng, batch_size)
+        ex, images = base.render(rng, batch_size, jitter=base.UNET_JITTER, mix=MIX, pal=LARGE)  # the shifted look
         captions = [e.caption if rng.random() >= 0.1 else "" for e in ex]
         with torch.no_grad():
             cond = model.text_model(input_ids=model.tokenize(captions)).last_hidden_state
