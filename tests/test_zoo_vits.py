@@ -66,11 +66,24 @@ def test_trains_a_few_steps_and_outputs_shapes(name):
         assert vits.features(model, x).shape == (4, 64)
 
 
-def test_views_keep_pixels_at_zoom_one():
-    x = tw.toynet(8, seed=0)[0]
-    v = vits.views(x, torch.Generator().manual_seed(0), shift_px=0)
-    for a, b in zip(x, v):
-        assert torch.equal(a, b) or torch.equal(a.flip(-1), b)
+def test_sibling_groups_differ_in_one_attribute_and_views_only_move_quadrants():
+    k = vits.SIBLINGS
+    items = vits.sibling_groups(np.random.default_rng(0), 4 * k)
+    assert len(items) == 4 * k
+    for g in range(4):
+        group = items[k * g:k * g + k]
+        varied = "shape" if g % 2 == 0 else "colour"
+        objs = [scene.objects[0] for scene, _ in group]
+        assert len({getattr(o, varied) for o in objs}) == k and len({seed for _, seed in group}) == 1
+        for field in ("shape", "colour", "texture", "size", "slot"):
+            assert field == varied or len({getattr(o, field) for o in objs}) == 1
+        assert len({(scene.background, scene.distractors) for scene, _ in group}) == 1
+    images = vits.mirrored_render(items, np.random.default_rng(1))
+    assert images.shape == (4 * k, 3, 32, 32)
+    gen = torch.Generator().manual_seed(0)
+    assert torch.equal(vits.noisy(images, gen, sigma=0.0), images)
+    noisy = vits.noisy(images, gen)
+    assert 0 <= noisy.min() and noisy.max() <= 1 and (noisy - images).abs().max() > 0
 
 
 @pytest.mark.parametrize("name", vits.NAMES)

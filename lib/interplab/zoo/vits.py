@@ -1,7 +1,8 @@
 """The tiny vision transformers of Chapter 7 (RepDecompose), trained on ToyNet (ch07 spec 5.2).
 
     vit      DeiT-toy: timm ViT (32 px, patch 4, 6 blocks x 64 wide, 4 heads; 65 tokens), supervised
-    vit_ssl  SSL-toy: the same ViT trained with SimCLR (NT-Xent), then a linear ToyNet head on frozen features
+    vit_ssl  SSL-toy: the same ViT with a convolutional stem (16 tokens), trained with SimCLR (NT-Xent) on groups of
+             near-duplicate scenes, then a linear ToyNet head on frozen features
     swin     Swin-toy: timm Swin (patch 2, window 4, stages 16 -> 32 -> 64 wide, grids 16 -> 8 -> 4)
 
 Every model reads [0, 1] images (N, 3, 32, 32) as they come from ``toyworld.toynet`` (no
@@ -16,6 +17,7 @@ import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
+from timm.layers import PatchEmbed
 from torch import nn
 
 from .. import provenance
@@ -32,18 +34,43 @@ VIT = ("vit_small_patch16_224", dict(img_size=32, patch_size=4, embed_dim=64, de
                                      num_classes=N_CLASSES, drop_path_rate=0.1))
 SWIN = ("swin_tiny_patch4_window7_224", dict(img_size=32, patch_size=2, window_size=4, embed_dim=16, depths=(2, 2, 2),
                                              num_heads=(1, 2, 4), num_classes=N_CLASSES, drop_path_rate=0.1))
-ARCH = {"vit": VIT, "vit_ssl": VIT, "swin": SWIN}
+# SSL-toy: DeiT-toy's blocks on a convolutional stem (ConvStem below): 16 tokens of 8 x 8 px instead of 64 of 4 x 4
+SSL_VIT = (VIT[0], {**VIT[1], "patch_size": 8, "embed_layer": "conv_stem"})
+ARCH = {"vit": VIT, "vit_ssl": SSL_VIT, "swin": SWIN}
 # shipped settings. Fresh renders every step (infinite data, +-2 px jitter built in) make crop
 # augmentation, label smoothing and weight decay unnecessary; equal-compute pilots showed they only
 # slow fitting, and a batch of 32 beat 64 at equal compute.
 SETTINGS = {"vit": dict(steps=10_000, batch_size=32, lr=1e-3),
-            "vit_ssl": dict(steps=10_000, batch_size=32, lr=1e-3),
+            "vit_ssl": dict(steps=3000, batch_size=36, lr=1e-3),
             "swin": dict(steps=6000, batch_size=32, lr=2e-3)}
 GATES = {"vit": ("heldout_accuracy", 0.85), "swin": ("heldout_accuracy", 0.85),
          "vit_ssl": ("linear_probe_accuracy", 0.7)}
 HELDOUT_SEED = 70_001  # fresh seed: never a training step's stream (those are [seed, step])
 PROBE_SEED = 70_002  # the linear heads' (SSL head, background probe) training images
 TAU = 0.2
+VIEW_NOISE = 0.2  # SSL views: Gaussian pixel noise with std drawn from U(0, VIEW_NOISE) per image
+
+
+class ConvStem(PatchEmbed):
+    """timm's patch embedding with its stride-p projection replaced by log2(p) stride-2 3 x 3 convolutions
+    (BatchNorm, ReLU; ``stem_width`` channels, doubling) and a 1 x 1 convolution to the embedding width
+    (Xiao et al. 2021, "Early convolutions help transformers see better"). (N, 3, H, W) -> (N, H W / p^2, d)."""
+
+    def __init__(self, *args, stem_width: int = 32, **kwargs):
+        super().__init__(*args, **kwargs)
+        layers, c_in, c, p = [], 3, stem_width, self.patch_size[0]
+        while p > 1:
+            layers += [nn.Conv2d(c_in, c, 3, 2, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True)]
+            c_in, c, p = c, 2 * c, p // 2
+        self.proj = nn.Sequential(*layers, nn.Conv2d(c_in, self.proj.out_channels, 1))
+
+
+EMBED_LAYERS = {"conv_stem": ConvStem}  # what config.json's "embed_layer" names
+
+
+def _timm_kwargs(kw: dict) -> dict:
+    """config kwargs -> timm.create_model kwargs (an embedding layer is stored by name)."""
+    return {**kw, "embed_layer": EMBED_LAYERS[kw["embed_layer"]]} if "embed_layer" in kw else kw
 
 
 def _check(name: str) -> None:
@@ -55,7 +82,7 @@ def create(name: str, num_classes: int = N_CLASSES) -> nn.Module:
     """A fresh (random) timm model of zoo model ``name``; pretrained weights are never fetched."""
     _check(name)
     arch, kw = ARCH[name]
-    return timm.create_model(arch, pretrained=False, **{**kw, "num_classes": num_classes})
+    return timm.create_model(arch, pretrained=False, **_timm_kwargs({**kw, "num_classes": num_classes}))
 
 
 def scaled(images: torch.Tensor) -> torch.Tensor:
@@ -79,28 +106,6 @@ def fold_input_scaling(model: nn.Module) -> nn.Module:
 def features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """Pre-logit features z (N, 64) of images (N, 3, 32, 32): the CLS token (ViT) or mean token (Swin)."""
     return model.forward_head(model.forward_features(images), pre_logits=True)
-
-
-def views(images: torch.Tensor, gen: torch.Generator, zoom: tuple = (1.0, 1.0), shift_px: int = 2,
-          noise: float = 0.0) -> torch.Tensor:
-    """Random horizontal flip, zoom-in crop and +-shift_px translation of (N, 3, 32, 32) images.
-
-    Every ToyNet shape is left-right symmetric, so flips keep labels. Shifts are whole pixels and, at
-    zoom 1, resample exactly (no blur); borders replicate the background. ``noise``: max Gaussian sigma.
-    """
-    n = len(images)
-    s = 1 / (zoom[0] + (zoom[1] - zoom[0]) * torch.rand(n, generator=gen))  # crop side as a fraction of the image
-    flip = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)
-    room = 1 - s  # how far the crop centre may move and stay inside the image (normalised units)
-    t = (torch.rand(n, 2, generator=gen) * 2 - 1) * room[:, None]
-    t = t + torch.randint(-shift_px, shift_px + 1, (n, 2), generator=gen) * (2 / images.shape[-1])
-    theta = torch.zeros(n, 2, 3)
-    theta[:, 0, 0], theta[:, 1, 1], theta[:, :, 2] = s * flip, s, t
-    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
-    out = F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    if noise:
-        out = out + torch.randn(out.shape, generator=gen) * torch.rand(n, 1, 1, 1, generator=gen) * noise
-    return out.clamp(0, 1)
 
 
 def _seed_global(gen: torch.Generator) -> None:
@@ -199,20 +204,22 @@ MIRROR = ({"top left": "top right", "top right": "top left",
            "bottom left": "bottom right", "bottom right": "bottom left"},
           {"top left": "bottom left", "bottom left": "top left",
            "top right": "bottom right", "bottom right": "top right"})
-SIBLINGS = 4
+SIBLINGS = 6  # a group holds every ToyNet shape (or colour) once
 
 
-def minimal_pairs(rng: np.random.Generator, n: int, k: int = SIBLINGS) -> list:
-    """n (Scene, render seed) in n / k groups of siblings: one ToyNet scene and render seed per group,
-    only the main object's shape differs. Siblings are each other's hard negatives: with colour,
-    background, texture, size, position, distractors and even the pixel noise shared, only shape
-    tells them apart (the toy analogue of a curated set of near-duplicates)."""
+def sibling_groups(rng: np.random.Generator, n: int, k: int = SIBLINGS) -> list:
+    """n (Scene, render seed) in n / k groups of siblings: one ToyNet scene and render seed per group, and
+    within a group only the main object's shape (even groups) or its colour (odd groups) differs.
+    Siblings are each other's hard negatives: with everything else shared, down to the pixel noise, only
+    that attribute tells them apart (the toy analogue of a curated set of near-duplicates; a contrastive
+    model never has to encode what no negative differs in)."""
     out = []
-    for _ in range(n // k):
+    for g in range(n // k):
         base = tw.sample(rng, "single", pal=TOYNET_PALETTE, distractor_p=0.5, spurious=0.7).scene
         seed = int(rng.integers(2 ** 31))
-        for shape in rng.permutation(TOYNET_PALETTE.shapes)[:k]:
-            out.append((replace(base, objects=(replace(base.objects[0], shape=str(shape)),)), seed))
+        attribute, values = ("shape", TOYNET_PALETTE.shapes) if g % 2 == 0 else ("colour", TOYNET_PALETTE.colours)
+        for value in rng.permutation(values)[:k]:
+            out.append((replace(base, objects=(replace(base.objects[0], **{attribute: str(value)}),)), seed))
     return out
 
 
@@ -230,14 +237,20 @@ def mirrored_render(items: list, rng: np.random.Generator) -> torch.Tensor:
     return torch.from_numpy(np.stack(images))
 
 
+def noisy(images: torch.Tensor, gen: torch.Generator, sigma: float = VIEW_NOISE) -> torch.Tensor:
+    """(N, 3, H, W) images plus Gaussian noise whose std is drawn from U(0, sigma) per image, clamped to [0, 1]."""
+    std = torch.rand(len(images), 1, 1, 1, generator=gen) * sigma
+    return (images + torch.randn(images.shape, generator=gen) * std).clamp(0, 1)
+
+
 def _simclr(model, projector, batch_size):
     def step(rng, gen, i):
         model.train()
         _seed_global(gen)
-        items = minimal_pairs(rng, batch_size)
-        # mirrored quadrants + mild crop + flip + noise; no colour jitter: it would erase the colour
-        # feature (spec 5.2). Strong zooms made the tiny objects' shape hard to match across views.
-        v1, v2 = (scaled(views(mirrored_render(items, rng), gen, zoom=(1.0, 1.15), noise=0.03)) for _ in range(2))
+        items = sibling_groups(rng, batch_size)
+        # a view = mirrored quadrants + pixel noise, nothing else: crops, zooms and shifts slowed learning shape
+        # 2-3 fold (supervised too), and noise stops the shared render noise from identifying a group
+        v1, v2 = (noisy(mirrored_render(items, rng), gen) for _ in range(2))
         loss = nt_xent(projector(features(model, v1)), projector(features(model, v2)))
         loss.backward()
         return loss.detach()
@@ -265,7 +278,8 @@ def train(name: str, steps: int | None = None, batch_size: int | None = None, se
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     run = loop.train(name, modules, opt, step, steps, seed, sched=sched, resume=resume)
 
-    fold_input_scaling(model)  # from here on the model reads [0, 1] images
+    if not ssl:  # SSL-toy trained on [0, 1] images (its stem's BatchNorm absorbs the scale)
+        fold_input_scaling(model)  # from here on the model reads [0, 1] images
     probe_set, heldout = tw.toynet(n_probe, PROBE_SEED), tw.toynet(n_heldout, HELDOUT_SEED, "val")
     if ssl:  # DINO-style linear evaluation: a ToyNet head on frozen features becomes the model's head
         head = fit_linear(embed(model, probe_set[0]), probe_set[1], N_CLASSES)
@@ -296,8 +310,9 @@ def config(name: str) -> dict:
     out = {"architecture": arch, "timm_kwargs": {**kw, "pretrained": False}, "classes": tw.TOYNET_CLASSES,
            "input": "[0, 1] RGB (N, 3, 32, 32), no normalisation"}
     if name == "vit_ssl":
-        out["training"] = (f"SimCLR NT-Xent (tau={TAU}) with num_classes=0, then head = linear probe on frozen "
-                           f"features (toynet(12000, seed={PROBE_SEED}))")
+        out["training"] = (f"SimCLR NT-Xent (tau={TAU}) with num_classes=0 on groups of {SIBLINGS} scenes that differ "
+                           f"only in shape or only in colour, views = mirrored quadrants + pixel noise (std up to "
+                           f"{VIEW_NOISE}); then head = linear probe on frozen features (toynet(12000, seed={PROBE_SEED}))")
     return out
 
 
@@ -308,7 +323,7 @@ def load(name: str) -> nn.Module:
     d = store.zoo_dir(name)
     cfg = json.loads((d / "config.json").read_text())
     kw = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg["timm_kwargs"].items()}
-    model = timm.create_model(cfg["architecture"], **kw)
+    model = timm.create_model(cfg["architecture"], **_timm_kwargs(kw))
     model.load_state_dict(store.load_weights(d / "model.safetensors"))
     return model.eval()
 
