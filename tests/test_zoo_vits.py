@@ -67,19 +67,19 @@ def test_trains_a_few_steps_and_outputs_shapes(name):
 
 
 def test_sibling_groups_differ_in_one_attribute_and_views_only_move_quadrants():
-    k = vits.SIBLINGS
-    items = vits.sibling_groups(np.random.default_rng(0), 4 * k)
-    assert len(items) == 4 * k
-    for g in range(4):
+    k, n_groups = vits.SIBLINGS, len(vits.GROUP_ATTRIBUTES)
+    items = vits.sibling_groups(np.random.default_rng(0), n_groups * k)
+    assert len(items) == n_groups * k
+    for g, varied in enumerate(vits.GROUP_ATTRIBUTES):
         group = items[k * g:k * g + k]
-        varied = "shape" if g % 2 == 0 else "colour"
-        objs = [scene.objects[0] for scene, _ in group]
-        assert len({getattr(o, varied) for o in objs}) == k and len({seed for _, seed in group}) == 1
-        for field in ("shape", "colour", "texture", "size", "slot"):
-            assert field == varied or len({getattr(o, field) for o in objs}) == 1
-        assert len({(scene.background, scene.distractors) for scene, _ in group}) == 1
+        def value(scene, field):
+            return scene.background if field == "background" else getattr(scene.objects[0], field)
+        assert len({value(scene, varied) for scene, _ in group}) == k and len({seed for _, seed in group}) == 1
+        for field in ("shape", "colour", "texture", "size", "slot", "background"):
+            assert field == varied or len({value(scene, field) for scene, _ in group}) == 1
+        assert len({scene.distractors for scene, _ in group}) == 1
     images = vits.mirrored_render(items, np.random.default_rng(1))
-    assert images.shape == (4 * k, 3, 32, 32)
+    assert images.shape == (n_groups * k, 3, 32, 32)
     gen = torch.Generator().manual_seed(0)
     assert torch.equal(vits.noisy(images, gen, sigma=0.0), images)
     noisy = vits.noisy(images, gen)

@@ -41,7 +41,7 @@ ARCH = {"vit": VIT, "vit_ssl": SSL_VIT, "swin": SWIN}
 # augmentation, label smoothing and weight decay unnecessary; equal-compute pilots showed they only
 # slow fitting, and a batch of 32 beat 64 at equal compute.
 SETTINGS = {"vit": dict(steps=10_000, batch_size=32, lr=1e-3),
-            "vit_ssl": dict(steps=3000, batch_size=36, lr=1e-3),
+            "vit_ssl": dict(steps=2800, batch_size=42, lr=1e-3),
             "swin": dict(steps=6000, batch_size=32, lr=2e-3)}
 GATES = {"vit": ("heldout_accuracy", 0.85), "swin": ("heldout_accuracy", 0.85),
          "vit_ssl": ("linear_probe_accuracy", 0.7)}
@@ -207,19 +207,27 @@ MIRROR = ({"top left": "top right", "top right": "top left",
 SIBLINGS = 6  # a group holds every ToyNet shape (or colour) once
 
 
+# what the siblings of group g differ in (g modulo 7): ToyNet's two factors, and the background that Chapter 7
+# retrieves by text (H6); a contrastive model never has to encode what no negative differs in
+GROUP_ATTRIBUTES = ("shape", "colour", "shape", "background", "shape", "colour", "shape")
+
+
 def sibling_groups(rng: np.random.Generator, n: int, k: int = SIBLINGS) -> list:
     """n (Scene, render seed) in n / k groups of siblings: one ToyNet scene and render seed per group, and
-    within a group only the main object's shape (even groups) or its colour (odd groups) differs.
-    Siblings are each other's hard negatives: with everything else shared, down to the pixel noise, only
-    that attribute tells them apart (the toy analogue of a curated set of near-duplicates; a contrastive
-    model never has to encode what no negative differs in)."""
+    within group g only GROUP_ATTRIBUTES[g % 7] differs (the main object's shape or colour, or the
+    background). Siblings are each other's hard negatives: with everything else shared, down to the pixel
+    noise, only that attribute tells them apart (the toy analogue of a curated set of near-duplicates)."""
+    values = {"shape": TOYNET_PALETTE.shapes, "colour": TOYNET_PALETTE.colours, "background": TOYNET_PALETTE.backgrounds}
     out = []
     for g in range(n // k):
         base = tw.sample(rng, "single", pal=TOYNET_PALETTE, distractor_p=0.5, spurious=0.7).scene
         seed = int(rng.integers(2 ** 31))
-        attribute, values = ("shape", TOYNET_PALETTE.shapes) if g % 2 == 0 else ("colour", TOYNET_PALETTE.colours)
-        for value in rng.permutation(values)[:k]:
-            out.append((replace(base, objects=(replace(base.objects[0], **{attribute: str(value)}),)), seed))
+        attribute = GROUP_ATTRIBUTES[g % len(GROUP_ATTRIBUTES)]
+        for value in rng.permutation(values[attribute])[:k]:
+            if attribute == "background":
+                out.append((replace(base, background=str(value)), seed))
+            else:
+                out.append((replace(base, objects=(replace(base.objects[0], **{attribute: str(value)}),)), seed))
     return out
 
 
