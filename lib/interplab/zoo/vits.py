@@ -209,7 +209,7 @@ SIBLINGS = 6  # a group holds every ToyNet shape (or colour) once
 
 # what the siblings of group g differ in (g modulo 7): ToyNet's two factors, and the background that Chapter 7
 # retrieves by text (H6); a contrastive model never has to encode what no negative differs in
-GROUP_ATTRIBUTES = ("shape", "colour", "shape", "background", "shape", "colour", "shape")
+GROUP_ATTRIBUTES = ("shape", "colour", "shape", "background", "shape", "shape", "shape")
 
 
 def sibling_groups(rng: np.random.Generator, n: int, k: int = SIBLINGS) -> list:
