@@ -204,7 +204,7 @@ MIRROR = ({"top left": "top right", "top right": "top left",
            "bottom left": "bottom right", "bottom right": "bottom left"},
           {"top left": "bottom left", "bottom left": "top left",
            "top right": "bottom right", "bottom right": "top right"})
-SIBLINGS = 6  # a group holds every ToyNet shape (or colour) once
+SIBLINGS = 6  # a group holds every ToyNet shape (or colour) once, or 6 of the 7 backgrounds
 
 
 # what the siblings of group g differ in (g modulo 7): ToyNet's two factors, and the background that Chapter 7
@@ -319,8 +319,9 @@ def config(name: str) -> dict:
            "input": "[0, 1] RGB (N, 3, 32, 32), no normalisation"}
     if name == "vit_ssl":
         out["training"] = (f"SimCLR NT-Xent (tau={TAU}) with num_classes=0 on groups of {SIBLINGS} scenes that differ "
-                           f"only in shape or only in colour, views = mirrored quadrants + pixel noise (std up to "
-                           f"{VIEW_NOISE}); then head = linear probe on frozen features (toynet(12000, seed={PROBE_SEED}))")
+                           f"in one attribute only, group g in {GROUP_ATTRIBUTES}[g % {len(GROUP_ATTRIBUTES)}]; "
+                           f"views = mirrored quadrants + pixel noise (std up to {VIEW_NOISE}); then head = linear "
+                           f"probe on frozen features (toynet(12000, seed={PROBE_SEED}))")
     return out
 
 
