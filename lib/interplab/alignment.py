@@ -568,19 +568,22 @@ def text_retrieval(C: torch.Tensor, groups: list, direction: torch.Tensor, k: in
 
 
 @torch.no_grad()
-def image_retrieval(C: torch.Tensor, components, reference: int, k: int = 10) -> torch.Tensor:
-    """Top-k images (k,) most similar to image ``reference`` in the chosen components (Fig. 7.4).
+def image_retrieval(C: torch.Tensor, components, reference, k: int = 10) -> torch.Tensor:
+    """Top-k images most similar to image ``reference`` in the chosen components (Fig. 7.4).
 
     C (K, N, d): contributions in model space (alignment only chooses ``components``); similarity
     cos(sum_{i in components} C_i(x), same for x_ref); the reference itself is excluded.
+    reference: one image index -> (k,), or R indices -> (R, k), all in one matrix product.
     """
     _check_dims("C", C, 3, "(K, N, d)")
-    if not 0 <= reference < C.shape[1]:
-        raise BadParameter(f"reference={reference} is not an image index below N={C.shape[1]}")
-    part = C[list(torch.as_tensor(components).view(-1).tolist())].sum(0)          # (N, d)
-    sim = F.cosine_similarity(part, part[reference][None], dim=-1)
-    sim[reference] = -math.inf
-    return sim.topk(k).indices
+    refs = torch.as_tensor(reference).view(-1)
+    if len(refs) == 0 or refs.min() < 0 or refs.max() >= C.shape[1]:
+        raise BadParameter(f"reference={reference} must be image indices below N={C.shape[1]}")
+    part = F.normalize(C[list(torch.as_tensor(components).view(-1).tolist())].sum(0), dim=-1)   # (N, d)
+    sim = part[refs] @ part.T                                                                    # (R, N)
+    sim[torch.arange(len(refs)), refs] = -math.inf
+    top = sim.topk(k, dim=1).indices
+    return top[0] if torch.as_tensor(reference).dim() == 0 else top
 
 
 @torch.no_grad()
