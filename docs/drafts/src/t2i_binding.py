@@ -5,9 +5,21 @@
 2. ``finetune``: with the tower frozen, does more two-object data teach the UNet to read it? The UNet
    (all weights, or rank-``lora`` adapters on its attention) trained on a pair-heavy mix, ``t2i.fidelity``
    every ``eval_every`` steps. Nothing is saved or shipped.
+3. ``bindtune``: the twelfth session's longer run, resumable (build/zoo/t2i_bind/state.pt, the zoo's training
+   loop): rank-16 LoRA on the UNet's attention, 85 % pairs, lr 1e-3, batch 32, ``--steps`` in all; prints
+   ``t2i.fidelity`` (n = 200) before and after. Nothing is shipped.
+4. ``claims``: Chapter 9's failing hard claims, the draft's recipe, on the shipped t2i or (``--state``) on
+   bindtune's adapters: baseline VQA on the held-out prompts and single-object prompts, c* (12 colour prompts,
+   lr 1e-2 and 1e-3), CLP / WiCLP (colour; best 1 of 8 own samples of 400 train prompts, 250 steps).
+5. ``splice``: is the leakage what breaks the binding? For held-out "a C1 S1 and a C2 S2" the tower's causal
+   states at "a C1 S1" see nothing else; every later state also sees C1. The spliced conditioning keeps
+   positions 0-3 and takes the rest from "a plain S1 and a C2 S2" (same length, no C1 after position 3).
+   VQA of the same noise under c and under the splice (shipped t2i, or ``--state``).
 
     OMP_NUM_THREADS=1 python docs/drafts/src/t2i_binding.py probe
     OMP_NUM_THREADS=1 python docs/drafts/src/t2i_binding.py finetune --steps 3000 --pair 0.8 --ema 0.998 --n-eval 400
+    OMP_NUM_THREADS=2 python docs/drafts/src/t2i_binding.py bindtune --steps 4500
+    OMP_NUM_THREADS=2 python docs/drafts/src/t2i_binding.py claims --state
 """
 import argparse
 import contextlib
@@ -17,11 +29,15 @@ import numpy as np
 import torch
 from sklearn.linear_model import LogisticRegression
 
+from interplab import conditioning
 from interplab import toyworld as tw
 from interplab.lora import LoRA
-from interplab.zoo import loop
+from interplab.zoo import loop, store
+from interplab.zoo import oracle as zo
 from interplab.zoo import t2i as base
 from interplab.zoo.oracle import load as load_oracle
+
+BIND_RANK, BIND_MIX = 16, {"single": 0.15, "pair": 0.85}
 
 
 @torch.no_grad()
@@ -96,9 +112,104 @@ def finetune(steps: int, pair: float, lr: float, lora: int, ema_decay: float, ev
             evaluate(i)
 
 
+def bindtune(steps: int, batch_size: int = 32, seed: int = 0, lr: float = 1e-3, eval_n: int = 200) -> None:
+    """Rank-16 LoRA adapters on the t2i's UNet attention, trained with t2i's loss on BIND_MIX (caption dropout
+    0.1, tower frozen) by the zoo's resumable loop; a second call with more steps extends the run."""
+    oracle, model = load_oracle(), base.load()
+    model.unet.requires_grad_(False)
+    model.text_model.requires_grad_(False)
+    torch.manual_seed(seed)
+    adapters = LoRA(model.unet, BIND_RANK, seed=seed)
+    opt = torch.optim.AdamW(adapters.parameters(), lr=lr, weight_decay=0.0)
+
+    def step(rng, gen, i):
+        ex, images = base.render(rng, batch_size, jitter=base.UNET_JITTER, mix=BIND_MIX)
+        captions = [e.caption if rng.random() >= 0.1 else "" for e in ex]
+        with torch.no_grad():
+            cond = model.text_model(input_ids=model.tokenize(captions)).last_hidden_state
+        model.unet.train()
+        with adapters.attached(model.unet):
+            loss = base.diffusion_loss(model, images, cond, gen)
+        loss.backward()
+        model.unet.eval()
+        return loss.detach()
+
+    before = base.fidelity(model, oracle, n=eval_n)
+    run = loop.train("t2i_bind", {"lora": adapters}, opt, step, steps, seed)
+    adapters.merge(model.unet)
+    after = base.fidelity(model, oracle, n=eval_n)
+    print({"t2i": before, "tuned": after, "wall_time_s": run["wall_time_s"], "cpu_time_s": run["cpu_time_s"]})
+
+
+def load_pipe(state: bool):
+    """The shipped t2i, or (state) the t2i with bindtune's saved adapters merged."""
+    pipe = base.load()
+    if state:
+        saved = store.load_state("t2i_bind")
+        adapters = LoRA(pipe.unet, BIND_RANK)
+        adapters.load_state_dict(saved["modules"]["lora"])
+        adapters.merge(pipe.unet)
+        print("bindtune's adapters after", saved["step"], "steps")
+    return pipe
+
+
+@torch.no_grad()
+def splice(state: bool, seed: int = 0, n: int = 8, n_prompts: int = 48) -> None:
+    oracle, pipe = load_oracle(), load_pipe(state)
+    items = tw.composition_prompts("colour", "test", n_prompts, seed + 9700, pal=base.DARK)
+    neutral = [f"a plain {p[0]['shape']} and a {p[1]['colour']} {p[1]['shape']}" for _, _, p in items]
+    c = pipe.encode([cap for cap, _, _ in items])
+    spliced = torch.cat([c[:, :4], pipe.encode(neutral)[:, 4:]], dim=1)
+    phrases = [p for _, _, p in items for _ in range(n)]
+    for name, cond in (("c", c), ("spliced", spliced)):
+        scores = zo.phrase_score(oracle, pipe.sample(cond.repeat_interleave(n, 0), seed=seed), phrases)
+        print(f"{name}: VQA {scores.mean():.3f} +- {scores.std() / np.sqrt(len(scores)):.3f} ({len(items)} prompts x {n})", flush=True)
+
+
+def claims(state: bool, seed: int = 0, n: int = 4) -> None:
+    oracle, pipe = load_oracle(), load_pipe(state)
+
+    def vqa(conds, items, k=n):
+        with torch.no_grad():
+            images = pipe.sample(conds.repeat_interleave(k, 0), seed=seed)
+        return float(zo.phrase_score(oracle, images, [p for _, _, p in items for _ in range(k)]).mean())
+
+    test = {c: tw.composition_prompts(c, "test", 24, seed + 9700, pal=base.DARK) for c in ("colour", "texture", "size")}
+    rng = np.random.default_rng(seed + 9800)
+    singles = [tw.captions.random_object(rng, base.DARK, "top left") for _ in range(48)]
+    single = [(f"a {o.colour} {o.shape}", None, [{"shape": o.shape, "colour": o.colour}]) for o in singles]
+    print("baseline", {c: round(vqa(pipe.encode([x[0] for x in it]), it), 3) for c, it in test.items()},
+          "single", round(vqa(pipe.encode([x[0] for x in single]), single, 1), 3), flush=True)
+    items = test["colour"][:12]
+    pool = torch.stack([pipe.encode_images(torch.from_numpy(tw.render_batch(
+        tw.composition_scenes(p, "colour", 8, seed + 50 + i, pal=base.DARK), seed=seed + i, noise=0.0)[0]))
+        for i, (_, _, p) in enumerate(items)])
+    c0 = pipe.encode([x[0] for x in items])
+    for lr in (1e-2, 1e-3):
+        c_star, losses = conditioning.fit_conditioning(pipe, c0, pool, steps=120, lr=lr, batch_size=24, seed=seed, progress=False)
+        print(f"c* at lr {lr}: VQA c {vqa(c0, items):.3f} -> c* {vqa(c_star, items):.3f}; "
+              f"denoising loss {np.mean(losses[:10]):.3f} -> {np.mean(losses[-10:]):.3f}", flush=True)
+    train = tw.composition_prompts("colour", "train", 400, seed + 9900, pal=base.DARK)
+    conds = pipe.encode([x[0] for x in train])
+    with torch.no_grad():
+        images = pipe.sample(conds.repeat_interleave(8, 0), seed=seed + 1)
+    rating = torch.from_numpy(zo.phrase_score(oracle, images, [p for _, _, p in train for _ in range(8)])).float()
+    best = (rating.view(len(train), 8).topk(1, dim=1).indices + 8 * torch.arange(len(train))[:, None]).flatten()
+    latents = pipe.encode_images(images[best]).view(len(train), 1, *pipe.latent_shape)
+    test_conds = pipe.encode([x[0] for x in test["colour"]])
+    row = {"own samples' mean rating": round(float(rating.mean()), 3), "kept": round(float(rating[best].mean()), 3),
+           "baseline": round(vqa(test_conds, test["colour"]), 3)}
+    for name, s in (("CLP", 0), ("WiCLP", 1)):
+        proj, _ = conditioning.fit_conditioning(pipe, conds, latents, transform=conditioning.WindowProjection(conds.shape[-1], s),
+                                                steps=250, lr=1e-3, batch_size=16, seed=seed, progress=False)
+        with torch.no_grad():
+            row[name] = round(vqa(proj(test_conds), test["colour"]), 3)
+    print("colour", row)
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=("probe", "finetune"))
+    parser.add_argument("what", choices=("probe", "finetune", "bindtune", "claims", "splice"))
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--pair", type=float, default=0.6, help="share of two-object captions (the rest: single objects)")
     parser.add_argument("--lr", type=float, default=1e-4)
@@ -106,8 +217,15 @@ if __name__ == "__main__":
     parser.add_argument("--ema", type=float, default=0.0, help="EMA decay of the evaluated weights (0: the live weights)")
     parser.add_argument("--eval-every", type=int, default=500)
     parser.add_argument("--n-eval", type=int, default=200, help="t2i.fidelity's n: n single prompts, n / 4 pairs")
+    parser.add_argument("--state", action="store_true", help="claims, splice: on bindtune's adapters (else the shipped t2i)")
     args = parser.parse_args()
     if args.what == "probe":
         print(probe())
+    elif args.what == "bindtune":
+        bindtune(args.steps, eval_n=args.n_eval)
+    elif args.what == "claims":
+        claims(args.state)
+    elif args.what == "splice":
+        splice(args.state)
     else:
         finetune(args.steps, args.pair, args.lr, args.lora, args.ema, args.eval_every, args.n_eval)
