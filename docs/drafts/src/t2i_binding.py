@@ -36,6 +36,7 @@ from interplab.zoo import loop, store
 from interplab.zoo import oracle as zo
 from interplab.zoo import t2i as base
 from interplab.zoo.oracle import load as load_oracle
+from interplab.zoo.t2i_ft import lora_step
 
 BIND_RANK, BIND_MIX = 16, {"single": 0.15, "pair": 0.85}
 
@@ -122,20 +123,8 @@ def bindtune(steps: int, batch_size: int = 32, seed: int = 0, lr: float = 1e-3, 
     adapters = LoRA(model.unet, BIND_RANK, seed=seed)
     opt = torch.optim.AdamW(adapters.parameters(), lr=lr, weight_decay=0.0)
 
-    def step(rng, gen, i):
-        ex, images = base.render(rng, batch_size, jitter=base.UNET_JITTER, mix=BIND_MIX)
-        captions = [e.caption if rng.random() >= 0.1 else "" for e in ex]
-        with torch.no_grad():
-            cond = model.text_model(input_ids=model.tokenize(captions)).last_hidden_state
-        model.unet.train()
-        with adapters.attached(model.unet):
-            loss = base.diffusion_loss(model, images, cond, gen)
-        loss.backward()
-        model.unet.eval()
-        return loss.detach()
-
     before = base.fidelity(model, oracle, n=eval_n)
-    run = loop.train("t2i_bind", {"lora": adapters}, opt, step, steps, seed)
+    run = loop.train("t2i_bind", {"lora": adapters}, opt, lora_step(model, adapters, batch_size, BIND_MIX), steps, seed)
     adapters.merge(model.unet)
     after = base.fidelity(model, oracle, n=eval_n)
     print({"t2i": before, "tuned": after, "wall_time_s": run["wall_time_s"], "cpu_time_s": run["cpu_time_s"]})
