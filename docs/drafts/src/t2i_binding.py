@@ -15,6 +15,12 @@
    states at "a C1 S1" see nothing else; every later state also sees C1. The spliced conditioning keeps
    positions 0-3 and takes the rest from "a plain S1 and a C2 S2" (same length, no C1 after position 3).
    VQA of the same noise under c and under the splice (shipped t2i, or ``--state``).
+6. ``dscore``: Fig 9.1's diffusion score (the draft's recipe: 20 paired draws, 120 Winoground-tiny items, object
+   kind; 150 ARO-tiny attribution items) on the shipped t2i or (``--state``) bindtune's: does a UNet that binds
+   better score binding better?
+7. ``sds``: Table 9.1's claim `sds_helps` with that teacher, the draft's recipe: lambda from {0.1, 1, 10} on the
+   validation copy, then FT L_CLIP and FT + L_SDS (150 steps, batch 16) with 3 seeds, Winoground-tiny text score on
+   the test copy (120 items).
 
     OMP_NUM_THREADS=1 python docs/drafts/src/t2i_binding.py probe
     OMP_NUM_THREADS=1 python docs/drafts/src/t2i_binding.py finetune --steps 3000 --pair 0.8 --ema 0.998 --n-eval 400
@@ -155,6 +161,48 @@ def splice(state: bool, seed: int = 0, n: int = 8, n_prompts: int = 48) -> None:
         print(f"{name}: VQA {scores.mean():.3f} +- {scores.std() / np.sqrt(len(scores)):.3f} ({len(items)} prompts x {n})", flush=True)
 
 
+@torch.no_grad()
+def dscore(state: bool, seed: int = 0, samples: int = 20) -> None:
+    from interplab.toyworld import binding
+    pipe = load_pipe(state)
+    wino, aro = binding.winoground(120, seed + 9100), binding.aro(150, seed + 9200, "attribution")
+    objects = [i for i, k in enumerate(wino["kind"]) if k == "object"]
+    D = torch.stack([conditioning.diffusion_score(pipe, wino["images"][i], pipe.encode(list(wino["captions"][i])),
+                                                  n=samples, seed=seed + i) for i in objects])   # (n, 2 images, 2 captions)
+    d = torch.cat([conditioning.diffusion_score(pipe, aro["images"][i:i + 1], pipe.encode([aro["true"][i], aro["false"][i]]),
+                                                n=samples, seed=seed + i) for i in range(len(aro["true"]))])
+    print(f"Winoground-tiny object text score {binding.winoground_scores(-D)['text']:.3f} ({len(objects)} items), "
+          f"ARO-tiny attribution {float((d[:, 0] < d[:, 1]).float().mean()):.3f} ({len(aro['true'])} items)")
+
+
+def sds(state: bool, seed: int = 0) -> None:
+    from interplab import distillation
+    from interplab.toyworld import binding
+    from interplab.zoo import clip as zc
+    pipe = load_pipe(state)
+    clip_model, clip_tok = zc.load()
+
+    def text_score(model, wino):
+        n = len(wino["captions"])
+        im = zc.embed_images(model, wino["images"].view(-1, 3, 32, 32)).view(n, 2, -1)
+        tx = zc.embed_text(model, clip_tok, [c for pair in wino["captions"] for c in pair]).view(n, 2, -1)
+        return binding.winoground_scores(torch.einsum("nid,njd->nij", im, tx))["text"]
+
+    def finetuned(lam, ft_seed):
+        student = distillation.SdsClip(clip_model, pipe.latent_shape)
+        distillation.finetune(student, lambda caps: tw.encode(clip_tok, caps)[0], pipe, lambda rng: zc.batch(rng, 16),
+                              lam=lam, steps=150, seed=ft_seed, progress=False)
+        return student.clip
+
+    test, val = binding.winoground(120, seed + 9100), binding.winoground(120, seed + 9300)
+    grid = {lam: text_score(finetuned(lam, seed), val) for lam in (0.1, 1.0, 10.0)}
+    lam_star = max(grid, key=grid.get)
+    ft = [text_score(finetuned(0.0, seed + 100 + s_), test) for s_ in range(3)]
+    with_sds = [text_score(finetuned(lam_star, seed + 100 + s_), test) for s_ in range(3)]
+    print(f"validation per lambda {grid} -> {lam_star}; Winoground-tiny text: vanilla {text_score(clip_model, test):.3f}, "
+          f"FT L_CLIP {np.mean(ft):.3f} {ft}, FT + SDS {np.mean(with_sds):.3f} {with_sds}")
+
+
 def claims(state: bool, seed: int = 0, n: int = 4) -> None:
     oracle, pipe = load_oracle(), load_pipe(state)
 
@@ -198,7 +246,7 @@ def claims(state: bool, seed: int = 0, n: int = 4) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=("probe", "finetune", "bindtune", "claims", "splice"))
+    parser.add_argument("what", choices=("probe", "finetune", "bindtune", "claims", "splice", "dscore", "sds"))
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--pair", type=float, default=0.6, help="share of two-object captions (the rest: single objects)")
     parser.add_argument("--lr", type=float, default=1e-4)
@@ -206,7 +254,7 @@ if __name__ == "__main__":
     parser.add_argument("--ema", type=float, default=0.0, help="EMA decay of the evaluated weights (0: the live weights)")
     parser.add_argument("--eval-every", type=int, default=500)
     parser.add_argument("--n-eval", type=int, default=200, help="t2i.fidelity's n: n single prompts, n / 4 pairs")
-    parser.add_argument("--state", action="store_true", help="claims, splice: on bindtune's adapters (else the shipped t2i)")
+    parser.add_argument("--state", action="store_true", help="claims, splice, dscore, sds: on bindtune's adapters (else the shipped t2i)")
     args = parser.parse_args()
     if args.what == "probe":
         print(probe())
@@ -216,5 +264,9 @@ if __name__ == "__main__":
         claims(args.state)
     elif args.what == "splice":
         splice(args.state)
+    elif args.what == "dscore":
+        dscore(args.state)
+    elif args.what == "sds":
+        sds(args.state)
     else:
         finetune(args.steps, args.pair, args.lr, args.lora, args.ema, args.eval_every, args.n_eval)
