@@ -20,7 +20,8 @@
    better score binding better?
 7. ``sds``: Table 9.1's claim `sds_helps` with that teacher, the draft's recipe: lambda from {0.1, 1, 10} on the
    validation copy, then FT L_CLIP and FT + L_SDS (150 steps, batch 16) with 3 seeds, Winoground-tiny text score on
-   the test copy (120 items).
+   the test copy (120 items). ``sds-reach``: how far the SDS term moves the student: the parameter distance between
+   the lambda = 0 run and the lambda = 0.1 / 10 runs (same seed, same batches), beside the distance from vanilla.
 
     OMP_NUM_THREADS=1 python docs/drafts/src/t2i_binding.py probe
     OMP_NUM_THREADS=1 python docs/drafts/src/t2i_binding.py finetune --steps 3000 --pair 0.8 --ema 0.998 --n-eval 400
@@ -203,6 +204,27 @@ def sds(state: bool, seed: int = 0) -> None:
           f"FT L_CLIP {np.mean(ft):.3f} {ft}, FT + SDS {np.mean(with_sds):.3f} {with_sds}")
 
 
+def sds_reach(state: bool, seed: int = 100) -> None:
+    from interplab import distillation
+    from interplab.zoo import clip as zc
+    pipe = load_pipe(state)
+    clip_model, clip_tok = zc.load()
+    vanilla = {k: p.detach() for k, p in clip_model.named_parameters()}
+    tuned = {}
+    for lam in (0.0, 0.1, 10.0):
+        student = distillation.SdsClip(clip_model, pipe.latent_shape)
+        distillation.finetune(student, lambda caps: tw.encode(clip_tok, caps)[0], pipe, lambda rng: zc.batch(rng, 16),
+                              lam=lam, steps=150, seed=seed, progress=False)
+        tuned[lam] = {k: p.detach() for k, p in student.clip.named_parameters()}
+
+    def distance(a, b):
+        return sum(float((a[k] - b[k]).norm()) ** 2 for k in vanilla) ** 0.5
+
+    for lam in (0.1, 10.0):
+        print(f"lambda {lam}: moved {distance(tuned[lam], vanilla):.4f} from vanilla, {distance(tuned[lam], tuned[0.0]):.5f} "
+              f"from the lambda = 0 run")
+
+
 def claims(state: bool, seed: int = 0, n: int = 4) -> None:
     oracle, pipe = load_oracle(), load_pipe(state)
 
@@ -246,7 +268,7 @@ def claims(state: bool, seed: int = 0, n: int = 4) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=("probe", "finetune", "bindtune", "claims", "splice", "dscore", "sds"))
+    parser.add_argument("what", choices=("probe", "finetune", "bindtune", "claims", "splice", "dscore", "sds", "sds-reach"))
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--pair", type=float, default=0.6, help="share of two-object captions (the rest: single objects)")
     parser.add_argument("--lr", type=float, default=1e-4)
@@ -254,7 +276,7 @@ if __name__ == "__main__":
     parser.add_argument("--ema", type=float, default=0.0, help="EMA decay of the evaluated weights (0: the live weights)")
     parser.add_argument("--eval-every", type=int, default=500)
     parser.add_argument("--n-eval", type=int, default=200, help="t2i.fidelity's n: n single prompts, n / 4 pairs")
-    parser.add_argument("--state", action="store_true", help="claims, splice, dscore, sds: on bindtune's adapters (else the shipped t2i)")
+    parser.add_argument("--state", action="store_true", help="claims, splice, dscore, sds, sds-reach: on bindtune's adapters (else the shipped t2i)")
     args = parser.parse_args()
     if args.what == "probe":
         print(probe())
@@ -268,5 +290,7 @@ if __name__ == "__main__":
         dscore(args.state)
     elif args.what == "sds":
         sds(args.state)
+    elif args.what == "sds-reach":
+        sds_reach(args.state)
     else:
         finetune(args.steps, args.pair, args.lr, args.lora, args.ema, args.eval_every, args.n_eval)
