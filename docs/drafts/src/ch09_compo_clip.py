@@ -5,12 +5,12 @@ zero-shot colour / shape) and linear probes of its token states (noun 1 -> C1, n
     OMP_NUM_THREADS=2 python docs/drafts/src/ch09_compo_clip.py
 """
 import time
-import numpy as np, torch
-from sklearn.linear_model import LogisticRegression
+import torch
 from transformers import CLIPConfig, CLIPModel
 from interplab import toyworld as tw
 from interplab.zoo import clip as zc, loop
-from interplab.zoo import t2i as base
+
+import t2i_binding   # docs/drafts/src, beside this script
 
 tok = tw.clip_tokenizer(zc.MAX_LENGTH)
 text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
@@ -22,23 +22,13 @@ torch.manual_seed(0)
 model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
 opt = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.05)
 
-rng = np.random.default_rng(123)
-caps, c1, c2 = [], [], []
-for _ in range(3000):
-    a = tw.captions.random_object(rng, base.DARK, "top left")
-    b = tw.captions.random_object(rng, base.DARK, "top right")
-    caps.append(f"{tw.phrase(a, ('colour', 'texture', 'shape'))} and {tw.phrase(b, ('colour', 'texture', 'shape'))}")
-    c1.append(a.colour); c2.append(b.colour)
-ids = tw.encode(tok, caps)[0]
 
 @torch.no_grad()
 def probe():
+    """t2i_binding's token-state probes (same captions, seed 123) on this tower."""
     model.eval()
-    st = model.text_model(input_ids=ids).last_hidden_state.numpy()
-    out = {}
-    for name, (pos, y) in {"n1>C1": (4, c1), "n2>C2": (9, c2), "n2>C1": (9, c1), "eos>C1": (10, c1), "eos>C2": (10, c2)}.items():
-        out[name] = round(float(LogisticRegression(max_iter=2000).fit(st[:2000, pos], y[:2000]).score(st[2000:, pos], y[2000:])), 3)
-    return out
+    return t2i_binding.probe(lambda caps: model.text_model(input_ids=tw.encode(tok, caps)[0]).last_hidden_state, seed=123)
+
 
 t0 = time.time()
 for step in range(1, 801):

@@ -43,15 +43,17 @@ from interplab.zoo import loop, store
 from interplab.zoo import oracle as zo
 from interplab.zoo import t2i as base
 from interplab.zoo.oracle import load as load_oracle
-from interplab.zoo.t2i_ft import lora_step
 
 BIND_RANK, BIND_MIX = 16, {"single": 0.15, "pair": 0.85}
 
 
 @torch.no_grad()
-def probe(n: int = 3000, n_train: int = 2000, seed: int = 0) -> dict:
-    """Held-out accuracy of a linear read-out of a colour from one token's final state (chance 1/8)."""
-    model = base.load()
+def probe(encode=None, n: int = 3000, n_train: int = 2000, seed: int = 0) -> dict:
+    """Held-out accuracy of a linear read-out of a colour from one token's final state (chance 1/8).
+    encode(captions) -> final token states (n, T, d); default: the shipped t2i's text tower."""
+    if encode is None:
+        model = base.load()
+        encode = lambda caps: model.text_model(input_ids=model.tokenize(caps)).last_hidden_state  # noqa: E731
     rng = np.random.default_rng(seed)
     captions, c1, c2 = [], [], []
     for _ in range(n):
@@ -60,7 +62,7 @@ def probe(n: int = 3000, n_train: int = 2000, seed: int = 0) -> dict:
         captions.append(f"{tw.phrase(a, ('colour', 'texture', 'shape'))} and {tw.phrase(b, ('colour', 'texture', 'shape'))}")
         c1.append(a.colour)
         c2.append(b.colour)
-    states = model.text_model(input_ids=model.tokenize(captions)).last_hidden_state.numpy()   # (n, T, d)
+    states = encode(captions).numpy()   # (n, T, d)
     # token 0 is BOS, then "a C1 T1 S1 and a C2 T2 S2", then EOS: noun 1 at 4, noun 2 at 9, EOS at 10
     reads = {"noun 1 -> colour 1": (4, c1), "noun 2 -> colour 2": (9, c2), "noun 2 -> colour 1": (9, c1),
              "EOS -> colour 1": (10, c1), "EOS -> colour 2": (10, c2)}
@@ -131,7 +133,7 @@ def bindtune(steps: int, batch_size: int = 32, seed: int = 0, lr: float = 1e-3, 
     opt = torch.optim.AdamW(adapters.parameters(), lr=lr, weight_decay=0.0)
 
     before = base.fidelity(model, oracle, n=eval_n)
-    run = loop.train("t2i_bind", {"lora": adapters}, opt, lora_step(model, adapters, batch_size, BIND_MIX), steps, seed)
+    run = loop.train("t2i_bind", {"lora": adapters}, opt, base.lora_step(model, adapters, batch_size, BIND_MIX), steps, seed)
     adapters.merge(model.unet)
     after = base.fidelity(model, oracle, n=eval_n)
     print({"t2i": before, "tuned": after, "wall_time_s": run["wall_time_s"], "cpu_time_s": run["cpu_time_s"]})
@@ -176,8 +178,17 @@ def dscore(state: bool, seed: int = 0, samples: int = 20) -> None:
           f"ARO-tiny attribution {float((d[:, 0] < d[:, 1]).float().mean()):.3f} ({len(aro['true'])} items)")
 
 
-def sds(state: bool, seed: int = 0) -> None:
+def sds_student(pipe, clip_model, clip_tok, lam: float, seed: int):
+    """The zoo CLIP fine-tuned as ch09's Table 9.1 does (LayerNorms and h_w, 150 steps at batch 16), teacher ``pipe``."""
     from interplab import distillation
+    from interplab.zoo import clip as zc
+    student = distillation.SdsClip(clip_model, pipe.latent_shape)
+    distillation.finetune(student, lambda caps: tw.encode(clip_tok, caps)[0], pipe, lambda rng: zc.batch(rng, 16),
+                          lam=lam, steps=150, seed=seed, progress=False)
+    return student.clip
+
+
+def sds(state: bool, seed: int = 0) -> None:
     from interplab.toyworld import binding
     from interplab.zoo import clip as zc
     pipe = load_pipe(state)
@@ -190,10 +201,7 @@ def sds(state: bool, seed: int = 0) -> None:
         return binding.winoground_scores(torch.einsum("nid,njd->nij", im, tx))["text"]
 
     def finetuned(lam, ft_seed):
-        student = distillation.SdsClip(clip_model, pipe.latent_shape)
-        distillation.finetune(student, lambda caps: tw.encode(clip_tok, caps)[0], pipe, lambda rng: zc.batch(rng, 16),
-                              lam=lam, steps=150, seed=ft_seed, progress=False)
-        return student.clip
+        return sds_student(pipe, clip_model, clip_tok, lam, ft_seed)
 
     test, val = binding.winoground(120, seed + 9100), binding.winoground(120, seed + 9300)
     grid = {lam: text_score(finetuned(lam, seed), val) for lam in (0.1, 1.0, 10.0)}
@@ -205,17 +213,13 @@ def sds(state: bool, seed: int = 0) -> None:
 
 
 def sds_reach(state: bool, seed: int = 100) -> None:
-    from interplab import distillation
     from interplab.zoo import clip as zc
     pipe = load_pipe(state)
     clip_model, clip_tok = zc.load()
     vanilla = {k: p.detach() for k, p in clip_model.named_parameters()}
     tuned = {}
     for lam in (0.0, 0.1, 10.0):
-        student = distillation.SdsClip(clip_model, pipe.latent_shape)
-        distillation.finetune(student, lambda caps: tw.encode(clip_tok, caps)[0], pipe, lambda rng: zc.batch(rng, 16),
-                              lam=lam, steps=150, seed=seed, progress=False)
-        tuned[lam] = {k: p.detach() for k, p in student.clip.named_parameters()}
+        tuned[lam] = {k: p.detach() for k, p in sds_student(pipe, clip_model, clip_tok, lam, seed).named_parameters()}
 
     def distance(a, b):
         return sum(float((a[k] - b[k]).norm()) ** 2 for k in vanilla) ** 0.5

@@ -36,23 +36,6 @@ def large_share(model, oracle, n: int = 200, seed: int = 30_001) -> float:
     return float(np.mean([s == "large" for s in main["size"]]))
 
 
-def lora_step(model, adapters: LoRA, batch_size: int, mix: dict, pal: tw.Palette = base.DARK):
-    """A ``loop.train`` step: t2i's denoising loss through ``adapters`` on a batch of ``mix`` drawn from ``pal``,
-    captions dropped to "" one time in ten (for guidance, as t2i), the text tower frozen."""
-    def step(rng, gen, i):
-        ex, images = base.render(rng, batch_size, jitter=base.UNET_JITTER, mix=mix, pal=pal)
-        captions = [e.caption if rng.random() >= 0.1 else "" for e in ex]
-        with torch.no_grad():
-            cond = model.text_model(input_ids=model.tokenize(captions)).last_hidden_state
-        model.unet.train()
-        with adapters.attached(model.unet):
-            loss = base.diffusion_loss(model, images, cond, gen)
-        loss.backward()
-        model.unet.eval()
-        return loss.detach()
-    return step
-
-
 def train(steps: int = 500, batch_size: int = 32, seed: int = 0, lr: float = 1e-3, ship: bool = True,
           resume: bool = True, eval_n: int = 400, oracle=None) -> dict:
     """LoRA adapters (rank ``RANK``) on the shipped t2i's UNet attention, trained with t2i's loss on the
@@ -67,7 +50,7 @@ def train(steps: int = 500, batch_size: int = 32, seed: int = 0, lr: float = 1e-
     adapters = LoRA(model.unet, RANK, seed=seed)
     opt = torch.optim.AdamW(adapters.parameters(), lr=lr, weight_decay=0.0)
 
-    step = lora_step(model, adapters, batch_size, MIX, LARGE)   # the shifted look
+    step = base.lora_step(model, adapters, batch_size, MIX, LARGE)   # the shifted look
     before = large_share(model, oracle, n=max(eval_n // 2, 1))
     run = loop.train(NAME, {"lora": adapters}, opt, step, steps, seed, resume=resume)
     adapters.merge(model.unet)
