@@ -325,6 +325,23 @@ def test_text_and_image_retrieval_follow_the_planted_component():
         al.text_retrieval(C, [[0]], torch.ones(3))
 
 
+def test_label_chosen_components_find_the_component_that_holds_the_label():
+    gen = torch.Generator().manual_seed(4)
+    labels = torch.arange(60) % 3                                          # three classes of 20 images
+    C = torch.randn(4, 60, 6, generator=gen)                               # noise in every component ...
+    C[2] += 8 * torch.nn.functional.one_hot(labels, 6).float()             # ... component 2 also holds the class
+    refs = list(range(30))
+    assert al.retrieval_agreement(C, [2], refs, labels.numpy()) == 1.0
+    assert al.retrieval_agreement(C, [0], refs, labels.numpy()) < 0.6
+    picked = al.label_chosen_components(C, labels.numpy(), refs, k=3)
+    assert picked.tolist() == [2]                                          # adding noise never helps: it stops
+    assert al.label_chosen_components(C, labels.numpy(), refs, k=2, candidates=[0, 1]).tolist()[0] in (0, 1)
+    with pytest.raises(BadParameter, match="k=5 must be between 1 and the number of candidates 4"):
+        al.label_chosen_components(C, labels.numpy(), refs, k=5)
+    with pytest.raises(BadParameter, match="labels has 59 entries for N=60"):
+        al.retrieval_agreement(C, [2], refs, labels[:59].numpy())
+
+
 # ------------------------------------------------------------------ bad input
 
 

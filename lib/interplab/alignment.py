@@ -586,6 +586,39 @@ def image_retrieval(C: torch.Tensor, components, reference, k: int = 10) -> torc
     return top[0] if torch.as_tensor(reference).dim() == 0 else top
 
 
+def retrieval_agreement(C: torch.Tensor, components, references, labels, k: int = 10) -> float:
+    """Share of the k images retrieved per reference (``image_retrieval``) whose label equals the reference's.
+
+    C (K, N, d); references (R,) image indices; labels (N,) one value per image (e.g. its shape).
+    """
+    labels = np.asarray(labels)
+    if len(labels) != C.shape[1]:
+        raise BadParameter(f"labels has {len(labels)} entries for N={C.shape[1]} images")
+    refs = np.asarray(references).reshape(-1)
+    got = image_retrieval(C, components, torch.as_tensor(refs), k=k).numpy()                   # (R, k)
+    return float((labels[got] == labels[refs, None]).mean())
+
+
+def label_chosen_components(C: torch.Tensor, labels, references, k: int, candidates=None) -> torch.Tensor:
+    """Indices (<= k,) of components chosen greedily *with the labels*: each step adds the candidate whose
+    sum with those chosen retrieves images sharing ``labels`` best over ``references``; stops when none helps.
+
+    A ceiling for ``gap_components`` on a toy world whose labels are known: if these do not retrieve by a
+    feature, no score-based choice among the same components will, and the model (not the scoring) is the limit.
+    Measure it on references other than the ones it was chosen on. C (K, N, d); labels (N,); references (R,).
+    """
+    pool = list(range(len(C)) if candidates is None else torch.as_tensor(candidates).view(-1).tolist())
+    if not 1 <= k <= len(pool):
+        raise BadParameter(f"k={k} must be between 1 and the number of candidates {len(pool)}")
+    chosen, best = [], -1.0
+    for _ in range(k):
+        score, i = max((retrieval_agreement(C, chosen + [i], references, labels), i) for i in pool if i not in chosen)
+        if score <= best:
+            break
+        chosen, best = chosen + [i], score
+    return torch.tensor(chosen)
+
+
 @torch.no_grad()
 def class_token_map(contrib: Contributions, weights: torch.Tensor, grid: Optional[tuple] = None) -> torch.Tensor:
     """(N, gh, gw): every decomposed head's direct contribution through each patch token, read along
