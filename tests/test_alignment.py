@@ -335,7 +335,7 @@ def test_label_chosen_components_find_the_component_that_holds_the_label():
     assert al.retrieval_agreement(C, [0], refs, labels.numpy()) < 0.6
     picked = al.label_chosen_components(C, labels.numpy(), refs, k=3)
     assert picked.tolist() == [2]                                          # adding noise never helps: it stops
-    assert al.label_chosen_components(C, labels.numpy(), refs, k=2, candidates=[0, 1]).tolist()[0] in (0, 1)
+    assert set(al.label_chosen_components(C, labels.numpy(), refs, k=2, candidates=[0, 1]).tolist()) <= {0, 1}
     with pytest.raises(BadParameter, match="k=5 must be between 1 and the number of candidates 4"):
         al.label_chosen_components(C, labels.numpy(), refs, k=5)
     with pytest.raises(BadParameter, match="labels has 59 entries for N=60"):

@@ -603,9 +603,10 @@ def label_chosen_components(C: torch.Tensor, labels, references, k: int, candida
     """Indices (<= k,) of components chosen greedily *with the labels*: each step adds the candidate whose
     sum with those chosen retrieves images sharing ``labels`` best over ``references``; stops when none helps.
 
-    A ceiling for ``gap_components`` on a toy world whose labels are known: if these do not retrieve by a
-    feature, no score-based choice among the same components will, and the model (not the scoring) is the limit.
-    Measure it on references other than the ones it was chosen on. C (K, N, d); labels (N,); references (R,).
+    A yardstick for ``gap_components`` on a toy world whose labels are known (greedy, so close to the best
+    choice rather than proven to be it): if these do not retrieve by a feature, a score-based choice among the same
+    components will hardly do better, and the model, not the scoring, is the limit. Measure it on references other
+    than the ones it was chosen on. C (K, N, d); labels (N,); references (R,).
     """
     pool = list(range(len(C)) if candidates is None else torch.as_tensor(candidates).view(-1).tolist())
     if not 1 <= k <= len(pool):
