@@ -310,6 +310,9 @@ def test_text_and_image_retrieval_follow_the_planted_component():
     C[1, 7, 0] = 5.0                                                       # image 7 is extreme in component 1 only
     top = al.text_retrieval(C, [[0], [1, 2]], y, k=3)
     assert top.shape == (2, 3) and top[1, 0] == 7 and 7 not in top[0].tolist()
+    C[0, 20] = torch.tensor([40.0, 40.0, 0, 0])                            # long but 45 degrees off y
+    C[0, 21] = torch.tensor([0.5, 0.0, 0, 0])                              # short but along y
+    assert al.text_retrieval(C, [[0]], y, k=1).tolist() == [[21]]          # cosine, not dot product (§7.4)
     C[2, 11] = C[2, 4]                                                      # images 4, 11 twins in component 2
     assert al.image_retrieval(C, [2], 4, k=1).tolist() == [11]
     assert 4 not in al.image_retrieval(C, [0, 1, 2], 4, k=49).tolist()    # the reference is never retrieved

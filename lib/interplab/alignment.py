@@ -555,15 +555,16 @@ def gap_components(scores, feature: int, k: int) -> torch.Tensor:
 
 @torch.no_grad()
 def text_retrieval(C: torch.Tensor, groups: list, direction: torch.Tensor, k: int = 10) -> torch.Tensor:
-    """Top-k images (G, k) per group of components by <sum_{i in group} C_i(x), direction> (Fig. 7.3).
+    """Top-k images (G, k) per group of components by cos(sum_{i in group} C_i(x), direction) (Fig. 7.3).
 
     C (K, N, d_clip): aligned contributions; groups: G lists of component indices (the figure: three
-    consecutive components in score order); direction (d_clip,): a text embedding.
+    consecutive components in score order); direction (d_clip,): a text embedding. Cosine, as §7.4 states: a
+    dot product would favour images whose summed contribution is merely large.
     """
     _check_dims("C", C, 3, "(K, N, d_clip)")
     if direction.shape != C.shape[2:]:
         raise BadParameter(f"direction {_shape(direction)} must be (d_clip={C.shape[2]},)")
-    scores = torch.stack([C[list(g)].sum(0) @ direction.to(C) for g in groups])     # (G, N)
+    scores = torch.stack([F.normalize(C[list(g)].sum(0), dim=-1) @ direction.to(C) for g in groups])   # (G, N)
     return scores.topk(k, dim=1).indices
 
 
