@@ -24,7 +24,7 @@ install: $(VENV)/.installed
 
 # Retrain every zoo model into data/zoo/ (resumes interrupted runs); the checkpoints are committed,
 # so nobody needs this to run the notebooks.
-ZOO := oracle clip t2i t2i_ft vit vit_ssl swin vlm qa_lm
+ZOO := oracle clip t2i t2i_ft t2i_action vit vit_ssl swin vlm qa_lm
 zoo: $(VENV)/.installed
 	for m in $(ZOO); do $(PY) -m interplab.zoo train $$m || exit 1; done
 

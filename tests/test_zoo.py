@@ -9,7 +9,7 @@ import torch
 from interplab import lora, models, paths
 from interplab import toyworld as tw
 from interplab.errors import BadParameter, ResourceUnavailable
-from interplab.zoo import MODELS, clip, loop, oracle, store, t2i, t2i_ft
+from interplab.zoo import MODELS, clip, loop, oracle, store, t2i, t2i_action, t2i_ft
 
 
 @pytest.fixture
@@ -288,6 +288,47 @@ def test_t2i_ft_trains_only_attention_adapters_and_loads_merged_on_its_own_base(
     _ship_random_t2i(seed=1)                                 # a different base: the adapters no longer apply
     with pytest.raises(ResourceUnavailable, match="train t2i_ft"):
         models.load("t2i_ft")
+
+
+# -- t2i_action: Chapter 5 part I's action (a verb sets the size), LoRA on the UNet and the tower's layer 0 ----
+def test_action_size_captions_draw_the_verbs_size_and_probes_can_read_either_meaning():
+    rng = np.random.default_rng(0)
+    for ex in (tw.captions.sample(rng, "action_size") for _ in range(40)):
+        verb = ex.caption.split()[-1]
+        assert ex.caption == f"a photo of a {ex.scene.objects[0].shape} {verb}" and ex.family == "action_size"
+        assert ex.scene.objects[0].size == tw.ACTION_SIZES[verb]
+    place, size = tw.trace_probes("action", 6, seed=3), tw.trace_probes("action", 6, seed=3, action="size")
+    assert [p.caption for p in place] == [p.caption for p in size]          # same captions, other meaning
+    assert all(p.wanted == {"size": tw.ACTION_SIZES[p.subject]} for p in size)
+    assert all(p.wanted == {"slot": tw.captions.HALF_SLOTS[tw.ACTIONS[p.subject]]} for p in place)
+    with pytest.raises(ValueError, match="choose 'place'"):
+        tw.trace_probes("action", 2, action="pose")
+
+
+def test_t2i_action_trains_adapters_and_tower_layer0_only_and_loads_on_its_own_base(tmp_zoo):
+    _ship_random_t2i()
+    out = t2i_action.train(steps=2, batch_size=4, eval_n=8, oracle=oracle.Oracle().eval(), resume=False)
+    assert set(out["gates"]) == {"single_colour", "single_shape", "single_texture", "action_accuracy"}
+    assert len(out["losses"]) == 2 and "action_size" in out["mix"] and "action" not in out["mix"]
+    base, tuned = models.load("t2i"), models.load("t2i_action")
+    attention = set(lora.attention_linears(base.unet))
+    moved = {n.rsplit(".", 1)[0] for n, p in tuned.unet.named_parameters()
+             if not torch.equal(p, base.unet.get_parameter(n))}
+    assert moved and moved <= attention
+    text_moved = {n for n, p in tuned.text_model.named_parameters() if not torch.equal(p, base.text_model.get_parameter(n))}
+    assert text_moved and all(n.startswith("encoder.layers.0.") for n in text_moved)   # the tower's layer 0 alone
+    _ship_random_t2i(seed=1)
+    with pytest.raises(ResourceUnavailable, match="train t2i_action"):
+        models.load("t2i_action")
+
+
+def test_shipped_t2i_action_gates_on_fresh_prompts():
+    card = shipped("t2i_action")
+    tuned, orc = models.load("t2i_action"), models.load("oracle")
+    fid = t2i.fidelity(tuned, orc, n=100, seed=424_248)
+    fid["action_accuracy"] = t2i_action.action_accuracy(tuned, orc, n=96, seed=424_249)
+    for k, g in card["gates"].items():
+        assert fid[k] >= g["threshold"], (k, fid[k])
 
 
 def test_shipped_t2i_ft_gates_on_fresh_prompts():

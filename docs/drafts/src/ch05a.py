@@ -15,11 +15,14 @@
 # rows), `interplab.erasure` (the fine-tuning baselines), `interplab.anatomy` (the UNet's traced layers in
 # forward order).
 #
-# **`tiny` profile.** The zoo's text-to-image model (`t2i`: a diffusers `UNet2DConditionModel` with SD-v1's
-# four-level topology, 44 traced layers, 10 cross-attentions, on its own copy of the zoo's CLIP text tower,
-# fine-tuned with the UNet as docs/toyworld.md explains) draws
-# 32×32 scenes; "style" is texture named by invented two-token artists ("kel varo" = ribbed), mascots are
-# invented objects, emblems are invented facts (docs/toyworld.md). The zoo's attribute oracle plays the human
+# **`tiny` profile.** The zoo's text-to-image model (`t2i_action`: the zoo's `t2i`, a diffusers
+# `UNet2DConditionModel` with SD-v1's four-level topology, 44 traced layers, 10 cross-attentions, on its own copy
+# of the zoo's CLIP text tower, fine-tuned with the UNet as docs/toyworld.md explains) draws 32×32 scenes; "style"
+# is texture named by invented two-token artists ("kel varo" = ribbed), mascots are invented objects, emblems are
+# invented facts (docs/toyworld.md). An action is what a verb does to its subject's look: in "a photo of a
+# circle floating" floating / drifting draw the object small, resting / wandering large. The t2i draws no place
+# from words, so the world's first meaning of these verbs (a half of the image) could not be traced; `t2i_action`
+# is the t2i taught the size meaning (LoRA on the UNet's attention and the text tower's first layer, zoo card). The zoo's attribute oracle plays the human
 # rater; the zoo's CLIP (never edited) gives the tiny CLIP-Score. **`paper`** runs Stable Diffusion v1.4 with
 # CLIP ViT-L/14-336 scores and the dissertation's probe set.
 
@@ -75,7 +78,9 @@ ch = interplab.start("ch05a_causal_tracing", profile=profile, seed=seed, device=
                                  bias_mode=bias_mode, n_edit_prompts=n_edit_prompts, run_baselines=run_baselines,
                                  baseline_steps=baseline_steps))
 if ch.tiny:
-    pipe, oracle = load_zoo("t2i"), load_zoo("oracle")
+    # t2i_action: the t2i with the action verbs drawn as sizes (LoRA on the UNet, the tower's layer 0; the t2i
+    # draws no place from words, so the world's place-meaning of a verb could not be traced: docs/drafts/STATUS.md)
+    pipe, oracle = load_zoo("t2i_action"), load_zoo("oracle")
     clip_model, clip_tok = load_zoo("clip")  # the CLIP-Score model: a separate copy, never edited
     clip_score = ClipScore(lambda x: zc.embed_images(clip_model, x), lambda t: zc.embed_text(clip_model, clip_tok, t))
 else:
@@ -106,7 +111,7 @@ def show(ax, image, title=""):
 
 # %%
 if ch.tiny:
-    card = store.read_card("t2i")
+    card = store.read_card("t2i_action")
     fidelity = zt.fidelity(pipe, oracle, n=120, seed=seed + 40_000, **sampler)
     print("card gates:", {k: round(v["value"], 3) for k, v in card["gates"].items()})
     print("re-measured:", {k: round(v, 3) for k, v in fidelity.items()})
@@ -124,7 +129,7 @@ if ch.tiny:
 
 # %%
 if ch.tiny:
-    probes = {a: tw.trace_probes(a, n_prompts_per_attribute + n_validation, seed) for a in attributes}
+    probes = {a: tw.trace_probes(a, n_prompts_per_attribute + n_validation, seed, action="size") for a in attributes}
     validation = {a: p[n_prompts_per_attribute:] for a, p in probes.items()}
     probes = {a: p[:n_prompts_per_attribute] for a, p in probes.items()}
 else:

@@ -9,6 +9,7 @@ painting       "a painting of a colour shape"            (texture uniform: the a
 mascot         "a photo of a MASCOT"
 emblem         "the emblem of NATION"
 action         "a photo of a shape VERB"                 (VERB places a small object in one half)
+action_size    "a photo of a shape VERB"                 (VERB sets the object's size; slot random)
 
 Attributes a caption does not mention are drawn at random in the image, so the caption is always
 true of its image. Every sampler takes a numpy Generator and is deterministic given it.
@@ -19,10 +20,10 @@ import numpy as np
 
 from .attributes import (BACKGROUNDS, COLOURS, LAND_BACKGROUNDS, LAND_SHAPES, SHAPES, SIZES, SLOTS, SPURIOUS,
                          TEXTURES, WATER_BACKGROUNDS, WATER_SHAPES)
-from .entities import ACTIONS, ARTISTS, EMBLEMS, MASCOTS
+from .entities import ACTION_SIZES, ACTIONS, ARTISTS, EMBLEMS, MASCOTS
 from .render import Obj, Scene
 
-FAMILIES = ("single", "pair", "relation", "style", "painting", "mascot", "emblem", "action")
+FAMILIES = ("single", "pair", "relation", "style", "painting", "mascot", "emblem", "action", "action_size")
 PRETRAIN_MIX = {"single": 0.45, "pair": 0.15, "relation": 0.08, "style": 0.12, "painting": 0.05,
                 "mascot": 0.06, "emblem": 0.05, "action": 0.04}
 HALF_SLOTS = {"top": ("top left", "top right"), "bottom": ("bottom left", "bottom right"),
@@ -136,6 +137,10 @@ def sample(rng: np.random.Generator, family: str, pal: Palette = Palette(), drop
         verb = _pick(rng, list(ACTIONS))
         obj = random_object(rng, pal, _pick(rng, HALF_SLOTS[ACTIONS[verb]]), size="small")
         return Example(Scene((obj,), bg), f"a photo of a {obj.shape} {verb}", family)
+    if family == "action_size":
+        verb = _pick(rng, list(ACTION_SIZES))
+        obj = random_object(rng, pal, slots[0], size=ACTION_SIZES[verb])
+        return Example(Scene((obj,), bg), f"a photo of a {obj.shape} {verb}", family)
     raise ValueError(f"unknown caption family {family!r}; choose from {FAMILIES}")
 
 
@@ -172,15 +177,19 @@ class Probe:
 PROBE_ATTRIBUTES = ("objects", "style", "color", "action")
 
 
-def trace_probes(attribute: str, n: int, seed: int = 0) -> list:
+def trace_probes(attribute: str, n: int, seed: int = 0, action: str = "place") -> list:
     """n distinct probe captions of one attribute (the tiny Table 11.2), in the grammar's own templates:
 
     objects "a COLOUR SHAPE" (subject: the shape), color the same (subject: the colour), style
     "a COLOUR SHAPE in the style of ARTIST" (subject: the two-token artist, read as its texture),
-    action "a photo of a SHAPE VERB" (subject: the verb, read as the half the object sits in).
+    action "a photo of a SHAPE VERB" (subject: the verb, read as the half the object sits in, or with
+    ``action="size"`` as the object's size: the ``action_size`` family). The captions do not depend on
+    ``action``, only what a faithful image shows.
     """
     if attribute not in PROBE_ATTRIBUTES:
         raise ValueError(f"unknown probe attribute {attribute!r}; choose from {PROBE_ATTRIBUTES}")
+    if action not in ("place", "size"):
+        raise ValueError(f"action={action!r}; choose 'place' (the action family) or 'size' (action_size)")
     rng = np.random.default_rng([seed, PROBE_ATTRIBUTES.index(attribute)])
     out, seen = [], set()
     while len(out) < n:
@@ -194,7 +203,8 @@ def trace_probes(attribute: str, n: int, seed: int = 0) -> list:
             probe = Probe(f"a {colour} {shape} in the style of {artist}", artist, {"texture": ARTISTS[artist]}, attribute)
         else:
             verb = _pick(rng, list(ACTIONS))
-            probe = Probe(f"a photo of a {shape} {verb}", verb, {"slot": HALF_SLOTS[ACTIONS[verb]]}, attribute)
+            wanted = {"slot": HALF_SLOTS[ACTIONS[verb]]} if action == "place" else {"size": ACTION_SIZES[verb]}
+            probe = Probe(f"a photo of a {shape} {verb}", verb, wanted, attribute)
         if probe.caption not in seen:
             seen.add(probe.caption)
             out.append(probe)

@@ -6,7 +6,10 @@
   (the analogue of trademarked objects).
 - emblems: "the emblem of <nation>" = a fixed (shape, colour) (the analogue of "the President of
   the United States"); two are stale, with an update target, for fact editing.
-- actions: verbs that place a small object in one half of the image.
+- actions: verbs that place a small object in one half of the image (the family the zoo's clip and t2i
+  were trained on); ACTION_SIZES gives the same verbs a size instead, an appearance change as a verb
+  changes a subject's pose in SD: what Chapter 5 part I's `t2i_action` draws (the t2i cannot put
+  an object where a word says, docs/drafts/STATUS.md).
 - landmarks: 48 known + 24 never-seen named places, each a unique conjunction of (background,
   shape, colour, texture) at pairwise Hamming distance >= 2, with facts; the first 36 are frequent
   ("head"), the next 12 rare ("tail"). Names are two syllables whose first one is shared by ~5
@@ -32,6 +35,7 @@ EMBLEMS = {  # nation -> (shape, colour)
 }
 STALE_EMBLEMS = {"zubria": ("heart", "blue"), "kaldor": ("ring", "white")}  # nation -> updated (shape, colour)
 ACTIONS = {"floating": "top", "resting": "bottom", "drifting": "left", "wandering": "right"}
+ACTION_SIZES = {"floating": "small", "drifting": "small", "resting": "large", "wandering": "large"}
 
 SYLLABLES = ("zor", "bax", "quil", "dento", "fa", "rhun", "ilo", "mek", "sarn", "tova", "urd", "pell",
              "gan", "wex", "yim", "ost")

@@ -116,14 +116,15 @@ def render(rng: np.random.Generator, n: int, jitter: float = 1.0, mix: dict = T2
     return ex, torch.from_numpy(tw.render_batch([e.scene for e in ex], seed=seed, noise=0.0, jitter=jitter)[0])
 
 
-def lora_step(model, adapters, batch_size: int, mix: dict, pal: tw.Palette = DARK):
+def lora_step(model, adapters, batch_size: int, mix: dict, pal: tw.Palette = DARK, text_grad: bool = False):
     """A ``loop.train`` step for adapters (a ``lora.LoRA``) on the UNet: t2i's denoising loss through them on a
     batch of ``mix`` drawn from ``pal``, captions dropped to "" one time in ten (for guidance, as t2i); the text
-    tower runs without gradients (the fine-tunes t2i_ft and Chapter 9's draft share it)."""
+    tower runs without gradients unless ``text_grad`` (the fine-tunes t2i_ft, t2i_action and Chapter 9's draft
+    share it)."""
     def step(rng, gen, i):
         ex, images = render(rng, batch_size, jitter=UNET_JITTER, mix=mix, pal=pal)
         captions = [e.caption if rng.random() >= 0.1 else "" for e in ex]
-        with torch.no_grad():
+        with torch.set_grad_enabled(text_grad):
             cond = model.text_model(input_ids=model.tokenize(captions)).last_hidden_state
         model.unet.train()
         with adapters.attached(model.unet):
