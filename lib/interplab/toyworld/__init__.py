@@ -16,8 +16,8 @@ from .render import Obj, Scene, render, render_batch
 from .tokenizer import build_tokenizer, clip_tokenizer, encode
 
 __all__ = ["BACKGROUNDS", "COLOURS", "SHAPES", "SIZES", "SLOTS", "TEXTURES", "FAMILIES", "PRETRAIN_MIX", "Example",
-           "Palette", "phrase", "sample", "sample_mix", "words", "ACTION_SIZES", "ACTIONS", "ARTISTS", "EMBLEMS", "MASCOTS",
-           "STALE_EMBLEMS", "landmarks", "Obj", "Scene", "render", "render_batch", "build_tokenizer",
+           "Palette", "phrase", "sample", "sample_mix", "words", "ACTION_SIZES", "ACTIONS", "ARTISTS", "EMBLEMS",
+           "MASCOTS", "STALE_EMBLEMS", "landmarks", "Obj", "Scene", "render", "render_batch", "build_tokenizer",
            "clip_tokenizer", "encode"]
 __all__ += ["TOYNET_CLASSES", "toybirds", "toybirds_swapped", "toynet", "PROBE_ATTRIBUTES", "Probe", "trace_probes"]
 __all__ += ["COMPOSITION_CATEGORIES", "composition_prompts", "composition_scenes"]
