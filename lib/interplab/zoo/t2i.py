@@ -331,3 +331,41 @@ def load() -> ToyDiffusion:
     vae.load_state_dict(store.load_weights(d / "vae.safetensors"))
     text = CLIPTextModel.from_pretrained(d / "text_encoder").eval()
     return ToyDiffusion(unet.eval(), text, PreTrainedTokenizerFast.from_pretrained(d / "tokenizer"), vae.eval())
+
+
+# -- fine-tunes shipped as LoRA adapters on this t2i (t2i_ft, t2i_action) ---------------------------------------
+def base_sha(parts: tuple = ("unet",)) -> dict:
+    """The shipped t2i's file hashes whose names start with ``parts``: what a fine-tune of it depends on."""
+    return {k: v for k, v in store.read_card(NAME)["sha256"].items() if k.startswith(parts)}
+
+
+def ship_adapters(name: str, adapters, parts: tuple = ("unet",), weights: dict | None = None, **card) -> None:
+    """Write a fine-tune's adapters (``lora.safetensors`` + ``lora_config.json`` naming the base's hashes),
+    any further state dicts (``weights``: file stem -> state) and its card to data/zoo/NAME/."""
+    d = store.zoo_dir(name)
+    d.mkdir(parents=True, exist_ok=True)
+    store.save_weights(d / "lora.safetensors", adapters.state_dict())
+    for stem, state in (weights or {}).items():
+        store.save_weights(d / f"{stem}.safetensors", state)
+    store.provenance.write_json(d / "lora_config.json", {"rank": adapters.rank, "scale": adapters.scale,
+                                                         "paths": adapters.paths, "base_sha256": base_sha(parts)})
+    store.write_card(name, **card)
+    if all(g["holds"] for g in card["gates"].values()):
+        loop.finished(name)
+
+
+def load_adapted(name: str, parts: tuple = ("unet",)) -> tuple:
+    """(the shipped t2i with fine-tune ``name``'s adapters merged into its UNet, the fine-tune's folder for any
+    further weights); refuses a fine-tune of another t2i than the shipped one."""
+    import json
+    from ..lora import LoRA
+    store.verify(name)
+    d = store.zoo_dir(name)
+    config = json.loads((d / "lora_config.json").read_text())
+    if config["base_sha256"] != base_sha(parts):
+        raise store.missing(name, "was fine-tuned from another t2i than the shipped one")
+    model = load()
+    adapters = LoRA(model.unet, config["rank"], scale=config["scale"], paths=config["paths"])
+    adapters.load_state_dict(store.load_weights(d / "lora.safetensors"))
+    adapters.merge(model.unet)
+    return model, d

@@ -27,6 +27,7 @@ NAME = "t2i_action"
 RANK = 8
 _REST = {k: v for k, v in base.T2I_MIX.items() if k != "action"}                 # the place meaning left out
 MIX = {**{k: 0.75 * v / sum(_REST.values()) for k, v in _REST.items()}, "action_size": 0.25}   # a quarter actions
+PARTS = ("unet", "text")  # the base files it depends on: the UNet it adapts and the tower whose layer 0 it replaces
 ACTION_GATE = 0.85  # share of "a photo of a SHAPE VERB" samples the oracle reads at the verb's size (chance 0.5)
 
 
@@ -78,37 +79,16 @@ def train(steps: int = 1500, batch_size: int = 32, seed: int = 0, lr: float = 1e
     gates["action_accuracy"] = store.gate(after, ACTION_GATE)
     extra = {"pair_fidelity": {k: v for k, v in fid.items() if k.startswith("pair_")},
              "action_accuracy": {"t2i": before, "t2i_action": after}, "rank": RANK, "lr": lr, "text_lr": text_lr,
-             "batch_size": batch_size, "mix": MIX, "base": "the zoo's t2i", "base_sha256": _base_sha(),
+             "batch_size": batch_size, "mix": MIX, "base": "the zoo's t2i", "base_sha256": base.base_sha(PARTS),
              "final_loss": float(np.mean(run["losses"][-50:]))}
     if ship:
-        d = store.zoo_dir(NAME)
-        d.mkdir(parents=True, exist_ok=True)
-        store.save_weights(d / "lora.safetensors", adapters.state_dict())
-        store.save_weights(d / "text_layer0.safetensors", layer.state_dict())
-        store.provenance.write_json(d / "lora_config.json", {"rank": RANK, "scale": adapters.scale, "paths": adapters.paths,
-                                                             "base_sha256": _base_sha()})
-        store.write_card(NAME, seed=seed, steps=steps, wall_time_s=run["wall_time_s"], cpu_time_s=run["cpu_time_s"],
-                         gates=gates, extra=extra)
-        if all(g["holds"] for g in gates.values()):
-            loop.finished(NAME)
+        base.ship_adapters(NAME, adapters, PARTS, {"text_layer0": layer.state_dict()}, seed=seed, steps=steps,
+                           wall_time_s=run["wall_time_s"], cpu_time_s=run["cpu_time_s"], gates=gates, extra=extra)
     return {"gates": gates, **extra, **run}
-
-
-def _base_sha() -> dict:
-    return {k: v for k, v in store.read_card(base.NAME)["sha256"].items() if k.startswith(("unet", "text"))}
 
 
 def load():
     """The shipped t2i with t2i_action's adapters merged and its tower's layer 0 replaced (a ToyDiffusion)."""
-    import json
-    store.verify(NAME)
-    d = store.zoo_dir(NAME)
-    config = json.loads((d / "lora_config.json").read_text())
-    if config["base_sha256"] != _base_sha():
-        raise store.missing(NAME, "was fine-tuned from another t2i than the shipped one")
-    model = base.load()
-    adapters = LoRA(model.unet, config["rank"], scale=config["scale"], paths=config["paths"])
-    adapters.load_state_dict(store.load_weights(d / "lora.safetensors"))
-    adapters.merge(model.unet)
+    model, d = base.load_adapted(NAME, PARTS)
     _text_layer(model).load_state_dict(store.load_weights(d / "text_layer0.safetensors"))
     return model

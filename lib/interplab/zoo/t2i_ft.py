@@ -60,35 +60,14 @@ def train(steps: int = 500, batch_size: int = 32, seed: int = 0, lr: float = 1e-
     gates["large_share_rise"] = store.gate(after - before, SHIFT_GATE)
     extra = {"pair_fidelity": {k: v for k, v in fid.items() if k.startswith("pair_")},
              "large_share": {"t2i": before, "t2i_ft": after}, "rank": RANK, "lr": lr, "batch_size": batch_size,
-             "mix": MIX, "base": "the zoo's t2i", "base_unet_sha256": _base_sha(),
+             "mix": MIX, "base": "the zoo's t2i", "base_unet_sha256": base.base_sha(),
              "final_loss": float(np.mean(run["losses"][-50:]))}
     if ship:
-        d = store.zoo_dir(NAME)
-        d.mkdir(parents=True, exist_ok=True)
-        store.save_weights(d / "lora.safetensors", adapters.state_dict())
-        store.provenance.write_json(d / "lora_config.json", {"rank": RANK, "scale": adapters.scale, "paths": adapters.paths,
-                                                             "base_sha256": _base_sha()})
-        store.write_card(NAME, seed=seed, steps=steps, wall_time_s=run["wall_time_s"], cpu_time_s=run["cpu_time_s"],
-                         gates=gates, extra=extra)
-        if all(g["holds"] for g in gates.values()):
-            loop.finished(NAME)
+        base.ship_adapters(NAME, adapters, seed=seed, steps=steps, wall_time_s=run["wall_time_s"],
+                           cpu_time_s=run["cpu_time_s"], gates=gates, extra=extra)
     return {"gates": gates, **extra, **run}
-
-
-def _base_sha() -> dict:
-    return {k: v for k, v in store.read_card(base.NAME)["sha256"].items() if k.startswith("unet")}
 
 
 def load():
     """The shipped t2i with t2i_ft's adapters merged into its UNet (a ToyDiffusion), after verifying both."""
-    import json
-    store.verify(NAME)
-    d = store.zoo_dir(NAME)
-    config = json.loads((d / "lora_config.json").read_text())
-    if config["base_sha256"] != _base_sha():
-        raise store.missing(NAME, "was fine-tuned from another t2i than the shipped one")
-    model = base.load()
-    adapters = LoRA(model.unet, config["rank"], scale=config["scale"], paths=config["paths"])
-    adapters.load_state_dict(store.load_weights(d / "lora.safetensors"))
-    adapters.merge(model.unet)
-    return model
+    return base.load_adapted(NAME)[0]
