@@ -22,8 +22,8 @@
 # invented facts (docs/toyworld.md). An action is what a verb does to its subject's look: in "a photo of a
 # circle floating" floating / drifting draw the object small, resting / wandering large. The t2i draws no place
 # from words, so the world's first meaning of these verbs (a half of the image) could not be traced; `t2i_action`
-# is the t2i taught the size meaning (LoRA on the UNet's attention and the text tower's first layer, zoo card). The zoo's attribute oracle plays the human
-# rater; the zoo's CLIP (never edited) gives the tiny CLIP-Score. **`paper`** runs Stable Diffusion v1.4 with
+# is the t2i taught the size meaning (LoRA on the UNet's attention and the text tower's first layer, zoo card). The
+# zoo's attribute oracle plays the human rater; the zoo's CLIP (never edited) gives the tiny CLIP-Score. **`paper`** runs Stable Diffusion v1.4 with
 # CLIP ViT-L/14-336 scores and the dissertation's probe set.
 
 # %% tags=["parameters"]

@@ -11,12 +11,15 @@ UNet of this size could not draw. Its samples carried speckle inside the silhoue
 0.27-0.30 after 4000-6500 steps, colour and shape 0.8-0.97), while a small VAE decodes a texture from
 a code that is constant over the object, which the UNet does learn to place: the reason SD diffuses latents.
 """
+import json
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from .. import toyworld as tw
+from ..lora import LoRA
 from ..models.diffusion import StableDiffusion
 from . import clip as zoo_clip
 from . import loop, store
@@ -357,8 +360,6 @@ def ship_adapters(name: str, adapters, parts: tuple = ("unet",), weights: dict |
 def load_adapted(name: str, parts: tuple = ("unet",)) -> tuple:
     """(the shipped t2i with fine-tune ``name``'s adapters merged into its UNet, the fine-tune's folder for any
     further weights); refuses a fine-tune of another t2i than the shipped one."""
-    import json
-    from ..lora import LoRA
     store.verify(name)
     d = store.zoo_dir(name)
     config = json.loads((d / "lora_config.json").read_text())

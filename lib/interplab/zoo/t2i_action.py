@@ -36,8 +36,8 @@ def action_prompts(n: int, seed: int) -> tuple[list[str], list[dict]]:
     rng = np.random.default_rng(seed)
     verbs = list(tw.ACTION_SIZES)
     shapes = [tw.SHAPES[rng.integers(len(tw.SHAPES))] for _ in range(n)]
-    return ([f"a photo of a {s} {verbs[i % 4]}" for i, s in enumerate(shapes)],
-            [{"size": tw.ACTION_SIZES[verbs[i % 4]]} for i in range(n)])
+    cycle = [verbs[i % len(verbs)] for i in range(n)]
+    return [f"a photo of a {s} {v}" for s, v in zip(shapes, cycle)], [{"size": tw.ACTION_SIZES[v]} for v in cycle]
 
 
 @torch.no_grad()
