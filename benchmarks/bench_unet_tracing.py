@@ -25,7 +25,6 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
-from diffusers import UNet2DConditionModel  # noqa: E402
 
 from interplab import anatomy, tracing  # noqa: E402
 from interplab import toyworld as tw  # noqa: E402
@@ -39,7 +38,7 @@ def pipeline():
     torch.manual_seed(0)
     tok = tw.clip_tokenizer(clip.MAX_LENGTH)
     text = clip.CLIPModel(clip.config(len(tok), tok.eos_token_id)).eval().text_model
-    return t2i.ToyDiffusion(UNet2DConditionModel(**t2i.unet_config()).eval(), text, tok)
+    return t2i.untrained(text, tok)
 
 
 def looped(pipe, clean, corrupted, layers, seed, steps):
