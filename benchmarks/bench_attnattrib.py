@@ -20,7 +20,6 @@ ATTNATTRIB within 10 % of generation time.
 import argparse
 import json
 import os
-from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -28,7 +27,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from interplab import attribution as A  # noqa: E402
-from timing import best_of, machine  # noqa: E402
+from timing import best_of, machine, results_path  # noqa: E402
 
 
 def qa_lm_subject(n: int):
@@ -78,7 +77,7 @@ def main():
            "attnattrib_over_eager_generate": round(rows["ATTNATTRIB"][1] / rows["generate (eager)"][1], 3),
            "gradient_over_attnattrib": round(rows["gradient baseline"][1] / rows["ATTNATTRIB"][1], 2),
            "machine": machine(), "load_avg": os.getloadavg()}
-    path = Path(__file__).parent / "results" / f"bench_attnattrib_{args.model}.json"
+    path = results_path(f"bench_attnattrib_{args.model}.json")
     path.write_text(json.dumps(out, indent=1) + "\n")
     for k, v in table.items():
         print(f"{k:20s} wall {v['wall_s']:7.3f} s  cpu {v['cpu_s']:7.3f} s  x{v['cpu_ratio_to_sdpa_generate']:.2f}")

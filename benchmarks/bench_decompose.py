@@ -13,7 +13,6 @@ benchmarks/results/bench_decompose.json and prints a table.
 import argparse
 import json
 import os
-from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -21,9 +20,9 @@ import torch  # noqa: E402
 
 from interplab import decomposition as D  # noqa: E402
 from interplab.models import vit_encoders  # noqa: E402
-from timing import best_of, machine  # noqa: E402
+from timing import best_of, machine, results_path  # noqa: E402
 
-OUT = Path(__file__).resolve().parent / "results" / "bench_decompose.json"
+OUT = results_path("bench_decompose.json")
 
 
 def case(name, model, side, start, ns, repeats, tokens):
@@ -56,7 +55,6 @@ def main():
         rows += case(name, load_zoo(zoo_name), 32, -3, args.toy_n, args.repeats, tokens=True)
     for name, start in (("deit", -5), ("swin", -6), ("maxvit", -12), ("clip", -5)):
         rows += case(name, vit_encoders.build(name), 224, start, args.paper_n, args.repeats, tokens=name == "deit")
-    OUT.parent.mkdir(exist_ok=True)
     OUT.write_text(json.dumps(dict(machine=machine(), repeats=args.repeats, rows=rows), indent=1))
     print(f"wrote {OUT}")
 

@@ -29,16 +29,15 @@ import argparse
 import json
 import os
 import time
-from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 
 from interplab.editing import solve_update  # noqa: E402
-from timing import best_of, machine  # noqa: E402  (benchmarks/timing.py, on sys.path when run as a script)
+from timing import best_of, machine, results_path  # noqa: E402  (benchmarks/timing.py, on sys.path when run as a script)
 
-OUT = Path(__file__).resolve().parent / "results" / "bench_editing.json"
+OUT = results_path("bench_editing.json")
 CASES = [("CLIP-L out_proj (SD text encoder)", 768, 768, (291, 730)),
          ("LLaVA-7B down_proj", 4096, 11008, (50, 500))]
 LARGE = 4096      # d_in above this: direct and explicit are skipped unless --large-direct
@@ -169,7 +168,6 @@ def main(argv=None):
                      args.large_direct, rate)
             for name, d_out, d_in, keys in CASES for n in keys]
     print("\n" + table(rows))
-    OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps({
         "benchmark": "solve_update (direct / Woodbury float64 solves) vs explicit inverse",
         "machine": machine(),

@@ -17,7 +17,6 @@ import json
 import os
 import platform
 import time
-from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -25,8 +24,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from interplab.fewshot import select as S, tasks as T  # noqa: E402
+from timing import results_path  # noqa: E402  (benchmarks/timing.py, on sys.path when run as a script)
 
-OUT = Path(__file__).resolve().parent / "results" / "bench_fastdiffsel.json"
+OUT = results_path("bench_fastdiffsel.json")
 
 
 def clusters(per_class: int, n_classes: int = 10, d: int = 64, seed: int = 0):
@@ -73,7 +73,6 @@ def main():
     args = ap.parse_args()
     t0 = time.perf_counter()
     rows = run(args.pools, args.tasks, args.repeats, steps=args.steps, restarts=args.restarts)
-    OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps({
         "benchmark": "fastdiffsel_vs_greedy", "task": "5-way 5-shot, 10 queries per class, d=64",
         "settings": {"fds_1": "1 step, alpha 200, l1 ball (dissertation)", "fds_l1_10": "10 steps, alpha 1, l1 ball",

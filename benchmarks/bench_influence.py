@@ -14,15 +14,15 @@ import json
 import os
 import platform
 import time
-from pathlib import Path
 
 import torch
 
 import interplab.influence as inf
 from interplab import datasets
 from interplab.models import classifiers
+from timing import results_path  # benchmarks/timing.py, on sys.path when run as a script
 
-OUT = Path(__file__).resolve().parent / "results" / "bench_influence.json"
+OUT = results_path("bench_influence.json")
 DAMPING = 0.01
 
 
@@ -126,7 +126,6 @@ def main(argv=None):
     for key, fn in [("solvers", solver_rows), ("group_influence", group_rows), ("retraining", retrain_rows)]:
         results[key], t = timed(lambda: fn(args.quick))
         print(f"\n## {key} ({t:.0f} s)\n" + table(results[key]))
-    OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(results, indent=2) + "\n")
     print(f"\nwrote {OUT}")
 

@@ -22,7 +22,6 @@ hub config at load time). Writes benchmarks/results/bench_locogen.json and print
 import argparse
 import json
 import os
-from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -30,7 +29,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from interplab import anatomy, conditioning, editing  # noqa: E402
-from timing import best_of, machine  # noqa: E402
+from timing import best_of, machine, results_path  # noqa: E402
 
 EDIT_SIZES = {"sd-v1 style (l=8, m=2)": (2, 1280, 768), "sd-v2.1 (l=8, m=3)": (3, 1280, 1024),
               "sd-xl style (l=45, m=3)": (3, 1280, 2048)}
@@ -83,7 +82,7 @@ def main():
     args = ap.parse_args()
     from interplab.models import load
     result = dict(machine=machine(), search=search(load("t2i"), args.steps, args.repeats), edit=edit_times(args.repeats))
-    out = Path(__file__).parent / "results" / "bench_locogen.json"
+    out = results_path("bench_locogen.json")
     out.write_text(json.dumps(result, indent=2))
     s = result["search"]
     print(f"window search, {s['windows']} windows + 2 rows, {s['steps']} steps: batched {s['batched_wall_s']:.2f} s "

@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 from contextlib import ExitStack
-from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -33,9 +32,9 @@ from interplab import hooks, tracing  # noqa: E402
 from interplab.models import load as load_zoo  # noqa: E402
 from interplab.toyworld import facts as tf  # noqa: E402
 from interplab.zoo import vlm  # noqa: E402
-from timing import best_of, machine  # noqa: E402
+from timing import best_of, machine, results_path  # noqa: E402
 
-OUT = Path(__file__).resolve().parent / "results" / "bench_mmct.json"
+OUT = results_path("bench_mmct.json")
 
 
 def loop_scores(model, run, pair, sites, cells, metric):
@@ -87,10 +86,10 @@ def trace_case(model, pair, kind, window_size, repeats, batch_size):
     return row
 
 
-def edit_case(inverse: bool, repeats: int):
+def edit_case(inverse: bool, repeats: int, d: int = 4096, d_ff: int = 11008):
     from interplab import editing
     gen = torch.Generator().manual_seed(0)
-    d, d_ff, lam = 4096, 11008, 0.1
+    lam = 0.1
     W = torch.randn(d, d_ff, generator=gen) / d_ff ** 0.5
     k, z = torch.randn(1, d_ff, generator=gen), torch.randn(1, d, generator=gen)
     rows = {}
@@ -106,7 +105,7 @@ def edit_case(inverse: bool, repeats: int):
         rows["max_abs_diff_inverse"] = float((new - inv).abs().max())
         rows["ratio_inverse_over_woodbury"] = rows["inverse_s"] / rows["woodbury_s"]
     rows["ratio_direct_over_woodbury"] = rows["direct_s"] / rows["woodbury_s"]
-    print("edit at d = 4096, d_ff = 11008: " + ", ".join(f"{k} {v:.4g}" for k, v in rows.items()), flush=True)
+    print(f"edit at d = {d}, d_ff = {d_ff}: " + ", ".join(f"{k} {v:.4g}" for k, v in rows.items()), flush=True)
     return rows
 
 
@@ -115,14 +114,15 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--no-inverse", action="store_true", help="skip the explicit 11008 x 11008 inverse (minutes)")
+    parser.add_argument("--edit-dims", type=int, nargs=2, default=(4096, 11008), metavar=("D", "D_FF"),
+                        help="the edited down-projection's shape (default LLaVA-7B's)")
     args = parser.parse_args()
     model, _, tok = load_zoo("vlm")
     world = tf.world()
     rec = tf.probe_records(world, "toy_known", 1, seed=0)[0]
     pair = vlm.prompt_pair(model, tok, rec, seed=0)
     rows = [trace_case(model, pair, kind, w, args.repeats, args.batch_size) for kind in ("mlp", "attn") for w in (1, 3)]
-    result = {"machine": machine(), "trace": rows, "edit": edit_case(not args.no_inverse, args.repeats)}
-    OUT.parent.mkdir(exist_ok=True)
+    result = {"machine": machine(), "trace": rows, "edit": edit_case(not args.no_inverse, args.repeats, *args.edit_dims)}
     OUT.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {OUT}")
 

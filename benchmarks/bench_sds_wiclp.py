@@ -21,14 +21,13 @@ and the implied 50-step overhead. Writes benchmarks/results/bench_sds_wiclp.json
 import argparse
 import json
 import os
-from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 
 from interplab import conditioning, distillation  # noqa: E402
-from timing import best_of, machine  # noqa: E402
+from timing import best_of, machine, results_path  # noqa: E402
 
 
 def sds_vs_clip(student_clip, tokenize, pipe, batches, steps, repeats, pixel_values) -> dict:
@@ -113,7 +112,7 @@ def main():
     result = {"machine": machine(), "tiny": tiny(args.repeats, args.steps)}
     if args.paper:
         result["paper_shapes"] = paper(max(1, args.repeats - 1), 1)
-    out = Path(__file__).parent / "results" / "bench_sds_wiclp.json"
+    out = results_path("bench_sds_wiclp.json")
     out.write_text(json.dumps(result, indent=2))
     for profile in ("tiny", "paper_shapes"):
         if profile in result:

@@ -26,7 +26,6 @@ import json
 import os
 import time
 from contextlib import ExitStack
-from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -38,9 +37,9 @@ from interplab import hooks, tracing  # noqa: E402
 from interplab import toyworld as tw  # noqa: E402
 from interplab.models import tiny_random  # noqa: E402
 from interplab.zoo import clip  # noqa: E402
-from timing import best_of, machine  # noqa: E402  (benchmarks/timing.py, on sys.path when run as a script)
+from timing import best_of, machine, results_path  # noqa: E402  (benchmarks/timing.py, on sys.path when run as a script)
 
-OUT = Path(__file__).resolve().parent / "results" / "bench_tracing.json"
+OUT = results_path("bench_tracing.json")
 SEQ = 16
 PROMPT = "a red striped circle and a blue square"
 
@@ -158,7 +157,6 @@ def main(argv=None):
     t0 = time.perf_counter()
     rows = clip_text_cases(args.repeats, args.batch_size) + llama_cases(args.repeats, args.batch_size)
     print("\n" + table(rows))
-    OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps({
         "benchmark": "batched corrupt-and-restore vs one forward per restoration",
         "machine": machine(),

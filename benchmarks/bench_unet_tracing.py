@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import time
-from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -29,9 +28,9 @@ import torch  # noqa: E402
 from interplab import anatomy, tracing  # noqa: E402
 from interplab import toyworld as tw  # noqa: E402
 from interplab.zoo import clip, t2i  # noqa: E402
-from timing import best_of, machine  # noqa: E402
+from timing import best_of, machine, results_path  # noqa: E402
 
-OUT = Path(__file__).resolve().parent / "results" / "bench_unet_tracing.json"
+OUT = results_path("bench_unet_tracing.json")
 
 
 def pipeline():
@@ -76,7 +75,6 @@ def main(argv=None):
            "batched_cpu_s": c_b, "loop_cpu_s": c_l, "ratio_cpu": c_l / c_b, "max_abs_diff": diff,
            "per_image_ms": 1000 * t_b / (len(layers) + 2)}
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}, indent=1))
-    OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps({"benchmark": "UNet causal tracing: batched vs one sampling loop per layer",
                                "machine": machine(), "torch": torch.__version__, "repeats": args.repeats,
                                "model": "interplab.zoo.t2i architecture, random weights; caption "

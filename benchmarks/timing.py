@@ -1,5 +1,7 @@
-"""Timing shared by the benchmark scripts."""
+"""Timing and output paths shared by the benchmark scripts."""
+import os
 import time
+from pathlib import Path
 
 
 def best_of(fn, repeats: int):
@@ -21,8 +23,14 @@ def best_of(fn, repeats: int):
 
 def machine() -> str:
     """"x86_64, 2 cores, 1 torch threads": what every benchmark JSON records about where it ran."""
-    import os
     import platform
 
     import torch
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+
+
+def results_path(name: str) -> Path:
+    """Where a benchmark writes its JSON: benchmarks/results/, or ``$INTERPLAB_BENCH_OUT`` (the smoke tests)."""
+    folder = Path(os.environ.get("INTERPLAB_BENCH_OUT") or Path(__file__).resolve().parent / "results")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / name
