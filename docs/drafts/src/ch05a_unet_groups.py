@@ -1,6 +1,7 @@
 """Chapter 5 part I, diagnosis: restore groups of the tiny UNet's layers jointly. Where does each attribute live?
 
     SEED=0 OMP_NUM_THREADS=2 .venv/bin/python docs/drafts/src/ch05a_unet_groups.py   # about 1 min
+    SEED=0 ETA=0 STEPS=50 ...   # the sampler SD uses (deterministic DDIM, 50 steps) instead of the toy's
 
 The draft's tracing (ch05a.py) restores one layer per sample; here one sample restores a whole group (a
 resolution level, every cross-attention, everything else) at every sampling step, in both CFG halves, with
@@ -18,6 +19,9 @@ from interplab.models import load as load_zoo
 from interplab.zoo import oracle as zo
 
 SEED = int(os.environ.get("SEED", "0"))
+SAMPLER = {k: float(os.environ[k.upper()]) for k in ("eta", "steps") if k.upper() in os.environ}  # default: the t2i's
+if "steps" in SAMPLER:
+    SAMPLER["steps"] = int(SAMPLER["steps"])
 N_CAPTIONS = 12
 ATTRIBUTES = ("objects", "style", "color", "action")
 
@@ -47,7 +51,7 @@ subject = {p.caption: tracing.subject_positions(pipe.tokenizer, ids[p.caption][0
            for ps in probes.values() for p in ps}
 sigma = tracing.noise_scale(text.get_input_embeddings(), torch.cat([ids[c][0, s] for c, s in subject.items()]))
 
-print({g: sum(m) for g, m in GROUPS.items()}, "layers per group")
+print({g: sum(m) for g, m in GROUPS.items()}, "layers per group; sampler", {**pipe.sampler, **SAMPLER})
 for a, ps in probes.items():
     hits = []
     for p in ps:
@@ -55,7 +59,7 @@ for a, ps in probes.items():
         conds = tracing.trace_text_states(text, ids[p.caption], noise)          # (2, T, d): clean, corrupted
         rows = torch.cat([conds[:1], conds[1:2].expand(1 + len(GROUPS), -1, -1)])
         with tracing.restore_from_row(pipe.unet, plan, src=0, cfg=True):
-            images = pipe.sample(rows, seed=SEED, noise=pipe.draw_noise(1, SEED), batch_size=len(rows))
+            images = pipe.sample(rows, seed=SEED, noise=pipe.draw_noise(1, SEED), batch_size=len(rows), **SAMPLER)
         hits.append(zo.agreement(oracle, images, [p.wanted] * len(images)).astype(float))
     acc = np.mean(hits, 0)
     r = tracing.restoration_score(acc[0], acc[1], acc[2:]).numpy()
