@@ -35,10 +35,13 @@ def test_every_benchmark_script_has_a_smoke_run():
 
 @pytest.fixture
 def torch_defaults():
-    """The scripts own their process: bench_influence sets float64 as torch's default dtype. Put it back."""
-    dtype = torch.get_default_dtype()
+    """A script expects a process of its own: the same global RNG state whatever ran before it, and
+    bench_influence's float64 default dtype put back afterwards."""
+    dtype, state = torch.get_default_dtype(), torch.get_rng_state()
+    torch.manual_seed(0)
     yield
     torch.set_default_dtype(dtype)
+    torch.set_rng_state(state)
 
 
 @pytest.mark.parametrize("script", sorted(SMOKE))
