@@ -5,8 +5,10 @@
 
 The draft's tracing (ch05a.py) restores one layer per sample; here one sample restores a whole group (a
 resolution level, every cross-attention, everything else) at every sampling step, in both CFG halves, with
-the draft's probes (12 captions per attribute), noise (3 sigma on the subject) and sampler. Prints R per
-(attribute, group); docs/drafts/STATUS.md (ch05a) holds the seeds 0 and 1 table.
+the draft's probes (12 captions per attribute) and sampler (unless ETA / STEPS say otherwise), and its noise
+rule: 3 sigma on the subject, sigma the std of these captions' subject-token embeddings (the draft also counts its
+validation captions, so its sigma differs slightly). Prints R per (attribute, group); docs/drafts/STATUS.md (ch05a)
+holds the seeds 0 and 1 table.
 """
 import os
 
@@ -19,9 +21,7 @@ from interplab.models import load as load_zoo
 from interplab.zoo import oracle as zo
 
 SEED = int(os.environ.get("SEED", "0"))
-SAMPLER = {k: float(os.environ[k.upper()]) for k in ("eta", "steps") if k.upper() in os.environ}  # default: the t2i's
-if "steps" in SAMPLER:
-    SAMPLER["steps"] = int(SAMPLER["steps"])
+SAMPLER = {k: cast(os.environ[k.upper()]) for k, cast in (("eta", float), ("steps", int)) if k.upper() in os.environ}
 N_CAPTIONS = 12
 ATTRIBUTES = ("objects", "style", "color", "action")
 
