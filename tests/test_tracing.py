@@ -241,6 +241,9 @@ def test_unet_layer_tracing_batches_equal_one_layer_at_a_time():
     assert torch.allclose(batched[:2], base, atol=1e-5)
     for j, images in enumerate(alone):
         assert torch.allclose(batched[2 + j], images[2], atol=1e-5)
+    # an item may be a group restored jointly: a group of one is its layer, and every layer at once is the clean image
+    groups = tracing.trace_unet_layers(model, clean, corrupted, [[picks[1]], layers], steps=2)
+    assert torch.allclose(groups[2], batched[3], atol=1e-5) and torch.allclose(groups[3], base[0], atol=1e-5)
 
 
 def test_restoration_score_is_the_fraction_of_damage_undone():

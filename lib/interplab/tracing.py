@@ -438,14 +438,16 @@ def sample_rows(pipe, conds: torch.Tensor, seed: int = 0, batch_size: int = 64, 
                       for i in range(0, len(conds), batch_size)])
 
 
-def trace_unet_layers(pipe, clean: torch.Tensor, corrupted: torch.Tensor, layers: Sequence[str], seed: int = 0,
+def trace_unet_layers(pipe, clean: torch.Tensor, corrupted: torch.Tensor, layers: Sequence, seed: int = 0,
                       batch_size: int = 16, restore_branches: str = "both", added: dict | None = None,
                       **sampler) -> torch.Tensor:
     """Images (2 + L, 3, H, W): clean, corrupted, then the corrupted caption with UNet layer j restored.
 
-    clean, corrupted: conditionings (1, T, d). Each batch runs [clean, corrupted, restored...]
-    through one sampling loop; at every UNet call layer j's output in sample 2 + j is overwritten
-    by the clean sample's (both CFG halves unless ``restore_branches`` says otherwise, Eq. 5.5).
+    clean, corrupted: conditionings (1, T, d). layers: L items, each a module path or a list of paths
+    restored together in one sample (a resolution level, every cross-attention, ...). Each batch runs
+    [clean, corrupted, restored...] through one sampling loop; at every UNet call item j's outputs in
+    sample 2 + j are overwritten by the clean sample's (both CFG halves unless ``restore_branches`` says
+    otherwise, Eq. 5.5).
     Every sample keeps its own latent trajectory and all share one noise draw, so the clean row
     is recomputed per batch (identical each time). ``batch_size`` layers per sampling loop.
     ``added``: SD-XL's pooled text and time ids of the clean and the corrupted caption (2 rows each).
@@ -454,7 +456,10 @@ def trace_unet_layers(pipe, clean: torch.Tensor, corrupted: torch.Tensor, layers
     for i in range(0, len(layers), batch_size):
         chunk = list(layers[i:i + batch_size])
         conds = torch.cat([clean, corrupted.expand(1 + len(chunk), -1, -1)])
-        plan = {layer: [2 + j] for j, layer in enumerate(chunk)}
+        plan = {}
+        for j, item in enumerate(chunk):
+            for layer in ([item] if isinstance(item, str) else item):
+                plan.setdefault(layer, []).append(2 + j)
         rows = None if added is None else {k: torch.cat([v[:1], v[1:2].expand(1 + len(chunk), *v.shape[1:])])
                                            for k, v in added.items()}
         with restore_from_row(pipe.unet, plan, src=0, cfg=True, restore_branches=restore_branches):

@@ -39,11 +39,7 @@ GROUPS = {
     "every cross-attention": ["cross-attn" in k for k in kind],
     "everything but the cross-attentions": ["cross-attn" not in k for k in kind],
 }
-plan = {}
-for j, members in enumerate(GROUPS.values()):  # sample 2 + j restores group j; 0 clean, 1 corrupted
-    for layer, member in zip(layers, members):
-        if member:
-            plan.setdefault(layer, []).append(2 + j)
+groups = [[layer for layer, member in zip(layers, members) if member] for members in GROUPS.values()]
 
 probes = {a: tw.trace_probes(a, N_CAPTIONS + 2, SEED, action="size")[:N_CAPTIONS] for a in ATTRIBUTES}
 ids = {p.caption: pipe.tokenize([p.caption]) for ps in probes.values() for p in ps}
@@ -57,9 +53,8 @@ for a, ps in probes.items():
     for p in ps:
         noise = tracing.Noise(embed, subject[p.caption], sigma, nu=3.0, seed=SEED)
         conds = tracing.trace_text_states(text, ids[p.caption], noise)          # (2, T, d): clean, corrupted
-        rows = torch.cat([conds[:1], conds[1:2].expand(1 + len(GROUPS), -1, -1)])
-        with tracing.restore_from_row(pipe.unet, plan, src=0, cfg=True):
-            images = pipe.sample(rows, seed=SEED, noise=pipe.draw_noise(1, SEED), batch_size=len(rows), **SAMPLER)
+        images = tracing.trace_unet_layers(pipe, conds[:1], conds[1:2], groups, seed=SEED, batch_size=len(groups),
+                                           **SAMPLER)
         hits.append(zo.agreement(oracle, images, [p.wanted] * len(images)).astype(float))
     acc = np.mean(hits, 0)
     r = tracing.restoration_score(acc[0], acc[1], acc[2:]).numpy()
