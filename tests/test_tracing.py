@@ -54,6 +54,20 @@ def test_noise_scale_is_the_std_of_the_subject_embeddings():
     assert tracing.noise_scale(emb, [1, 2, 2]) == pytest.approx(float(emb.weight.detach()[[1, 2, 2]].std()))
 
 
+def test_span_sigma_pools_the_probe_set_and_subject_noise_takes_it():
+    pipe = tiny_random.stable_diffusion()
+    text, tok = pipe.text_model, pipe.tokenizer
+    probes = [("a red star in the style of van gogh", "van gogh"), ("a photo of a blue ring", "blue ring")]
+    one = [tracing.subject_noise(text, tok, pipe.tokenize([p]), s).sigma for p, s in probes]
+    pooled = tracing.span_sigma(text, tok, probes)
+    embed = text.get_input_embeddings().weight.detach()
+    ids = [pipe.tokenize([p])[0, tracing.subject_positions(tok, pipe.tokenize([p])[0], s)] for p, s in probes]
+    assert pooled == pytest.approx(float(embed[torch.cat(ids)].std()))
+    assert tracing.span_sigma(text, tok, probes[:1]) == pytest.approx(one[0]) and pooled not in one
+    noise = tracing.subject_noise(text, tok, pipe.tokenize([probes[0][0]]), probes[0][1], sigma=pooled)
+    assert noise.sigma == pooled
+
+
 def test_noise_is_one_draw_shared_by_every_corrupted_row(gpt2):
     noise = _noise(gpt2)
     ids = _ids().repeat(3, 1)

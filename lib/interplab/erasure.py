@@ -48,11 +48,19 @@ def kv_paths(unet) -> list:
     return [anatomy.resolve(unet, f"xattn[{i}].{p}").path for i in range(anatomy.n_xattn(unet)) for p in ("to_k", "to_v")]
 
 
+# the releases' settings on one GPU (spec §2.8): ESD-x 1000 iterations at lr 1e-5 (one image each); Concept-Ablation
+# 100 steps at batch 4 on 2 GPUs, i.e. 200 on one, at its scaled lr 2e-6 x batch 4, on 200 anchor images
+RELEASE = {"esd_x": dict(steps=1000, lr=1e-5, batch_size=1),
+           "concept_ablation": dict(steps=200, lr=8e-6, batch_size=4, n_images=200)}
+
+
 def erase(pipe, method: str, concept: str, anchor: str = "", steps: int = 100, lr: float = 1e-3,
           batch_size: int = 8, eta: float = 1.0, n_images: int = 16, seed: int = 0) -> Erasure:
     """Fine-tune a copy of ``pipe.unet``'s cross-attention K/V to forget ``concept``; the pipe is unchanged.
 
     method: "esd_x" or "concept_ablation" (needs ``anchor``, e.g. "a painting of a red star").
+    The defaults suit the tiny UNet; ``**RELEASE[method]`` gives the releases' settings. The copy trains in
+    float32 whatever the pipe's dtype (Adam's state underflows in fp16); ``apply`` casts the weights back.
     The wall time covers generating the training images and the optimisation.
     """
     check_choice("method", method, ("esd_x", "concept_ablation"))
@@ -62,10 +70,11 @@ def erase(pipe, method: str, concept: str, anchor: str = "", steps: int = 100, l
     source = concept if method == "esd_x" else anchor
     gen = torch.Generator().manual_seed(seed)
     images = pipe.generate([source] * n_images, seed=seed)
-    x0 = pipe.encode_images(images)
-    c, u, a = pipe.encode([concept]), pipe.encode([""]), pipe.encode([anchor]) if anchor else None
+    x0 = pipe.encode_images(images).float()
+    c, u, a = (pipe.encode([p]).float() if p is not None else None for p in (concept, "", anchor or None))
     frozen = pipe.unet
-    student = copy.deepcopy(frozen).train()
+    dtype = next(frozen.parameters()).dtype
+    student = copy.deepcopy(frozen).float().train()
     paths = kv_paths(student)
     params = [hooks.get_module(student, p).weight for p in paths]
     for p in student.parameters():
@@ -82,11 +91,11 @@ def erase(pipe, method: str, concept: str, anchor: str = "", steps: int = 100, l
         xt = scheduler.add_noise(x0[idx], noise, t)
         with torch.no_grad():
             if method == "esd_x":  # both frozen branches in one pass, [uncond, cond] as in CFG
-                e_u, e_c = frozen(torch.cat([xt, xt]), torch.cat([t, t]), encoder_hidden_states=torch.cat(
-                    [u.expand(batch_size, -1, -1), c.expand(batch_size, -1, -1)])).sample.chunk(2)
+                e_u, e_c = frozen(torch.cat([xt, xt]).to(dtype), torch.cat([t, t]), encoder_hidden_states=torch.cat(
+                    [u.expand(batch_size, -1, -1), c.expand(batch_size, -1, -1)]).to(dtype)).sample.float().chunk(2)
                 target = e_u - eta * (e_c - e_u)
             else:
-                target = frozen(xt, t, encoder_hidden_states=a.expand(batch_size, -1, -1)).sample
+                target = frozen(xt.to(dtype), t, encoder_hidden_states=a.expand(batch_size, -1, -1).to(dtype)).sample.float()
         loss = F.mse_loss(student(xt, t, encoder_hidden_states=c.expand(batch_size, -1, -1)).sample, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -360,14 +360,32 @@ def restore_from_row(model: nn.Module, plan: Mapping, src: int = 0, cfg: bool = 
 # ---------------------------------------------------------------- text-to-image pipelines (Chapter 5)
 
 
-def subject_noise(text_model: nn.Module, tokenizer, input_ids: torch.Tensor, span: str, nu: float = 3.0,
-                  seed: int = 0) -> "Noise":
-    """ROME's corruption of ``span`` in one prompt's ids (1, T): Gaussian noise (nu x sigma of the span's
-    token embeddings) on the token-embedding output of a CLIP or T5 text tower at the span's positions."""
+def _token_embedding(text_model: nn.Module) -> str:
+    """Path of a CLIP or T5 text tower's token embedding (before CLIP's position embeddings)."""
     embed = anatomy.resolve(text_model, "embed").path
-    path = f"{embed}.token_embedding" if hasattr(text_model.get_submodule(embed), "token_embedding") else embed
+    return f"{embed}.token_embedding" if hasattr(text_model.get_submodule(embed), "token_embedding") else embed
+
+
+def span_sigma(text_model: nn.Module, tokenizer, prompts_and_spans) -> float:
+    """ROME's sigma over a probe set: the std of the token embeddings of every subject token of the
+    (prompt, span) pairs (repeats count), for ``subject_noise(sigma=...)``."""
+    ids = []
+    for prompt, span in prompts_and_spans:
+        row = tokenizer([prompt], return_tensors="pt").input_ids[0]
+        ids.append(row[subject_positions(tokenizer, row, span)])
+    return noise_scale(text_model.get_submodule(_token_embedding(text_model)), torch.cat(ids))
+
+
+def subject_noise(text_model: nn.Module, tokenizer, input_ids: torch.Tensor, span: str, nu: float = 3.0,
+                  seed: int = 0, sigma: float | None = None) -> "Noise":
+    """ROME's corruption of ``span`` in one prompt's ids (1, T): Gaussian noise (nu x sigma) on the
+    token-embedding output of a CLIP or T5 text tower at the span's positions. sigma: the probe set's
+    (``span_sigma``, ROME's rule); None: that of this span's own tokens."""
+    path = _token_embedding(text_model)
     subject = subject_positions(tokenizer, input_ids[0], span)
-    return Noise(path, subject, noise_scale(text_model.get_submodule(path), input_ids[0, subject]), nu=nu, seed=seed)
+    if sigma is None:
+        sigma = noise_scale(text_model.get_submodule(path), input_ids[0, subject])
+    return Noise(path, subject, sigma, nu=nu, seed=seed)
 
 
 def trace_text_states(text_model: nn.Module, input_ids: torch.Tensor, corruption, restorations: Sequence = (),
@@ -394,7 +412,7 @@ def trace_text_states(text_model: nn.Module, input_ids: torch.Tensor, corruption
 
 
 def trace_sdxl_text_states(pipe, prompt: str, span: str, restorations: Sequence = (),
-                           restorations_2: Sequence = (), nu: float = 3.0, seed: int = 0) -> tuple:
+                           restorations_2: Sequence = (), nu: float = 3.0, seed: int = 0, sigmas: tuple = (None, None)) -> tuple:
     """SD-XL's text tracing (§5.7): the subject's token embeddings corrupted in *both* towers, one
     state restored at a time in either; the conditioning of each row rebuilt as the pipeline builds it.
 
@@ -402,13 +420,14 @@ def trace_sdxl_text_states(pipe, prompt: str, span: str, restorations: Sequence 
     in ``corrupt_and_restore``). Returns (conds (2 + R1 + R2, T, d1 + d2), added) with rows clean,
     corrupted, then R1 rows (tower 1 restored, tower 2 corrupted), then R2 rows (the reverse), and
     ``added`` = {"text_embeds": (rows, p) from the second tower, "time_ids": (rows, 6)} for ``sample_rows``.
+    sigmas: each tower's noise scale (``span_sigma`` over the probe set); None: the span's own.
     """
     towers = []
-    for model, tok, rest in ((pipe.text_model, pipe.tokenizer, restorations),
-                             (pipe.text_model_2, pipe.tokenizer_2, restorations_2)):
+    for model, tok, rest, sigma in ((pipe.text_model, pipe.tokenizer, restorations, sigmas[0]),
+                                    (pipe.text_model_2, pipe.tokenizer_2, restorations_2, sigmas[1])):
         ids = tok([prompt], padding="max_length", truncation=True, max_length=tok.model_max_length,
                   return_tensors="pt").input_ids.to(model.device)
-        noise = subject_noise(model, tok, ids, span, nu, seed)
+        noise = subject_noise(model, tok, ids, span, nu, seed, sigma=sigma)
         second = model is pipe.text_model_2
         T = ids.shape[1]
 

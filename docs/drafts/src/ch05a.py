@@ -34,8 +34,8 @@ out_dir = None
 model_id = "CompVis/stable-diffusion-v1-4"   # paper profile
 text_encoder_source = "pipeline"   # paper: "pipeline" (SD's own CLIP-L/14 text tower) or "clip-l-336" (the release)
 attributes = None            # None: tiny the four the toy world draws (objects, style, color, action); paper Table 11.2's six
-n_prompts_per_attribute = 4   # probe captions traced per attribute (UNet and text encoder)
-n_validation = 2              # further captions per attribute that calibrate the CLIP-Score threshold
+n_prompts_per_attribute = None  # probe captions traced per attribute (UNet and text encoder); None: tiny 4, paper 50 (spec)
+n_validation = None           # further captions per attribute that calibrate the CLIP-Score threshold; None: tiny 2, paper 10 (§5.2.5)
 num_inference_steps = None    # None: the model's sampler (tiny: 10 stochastic-DDIM steps; SD: 50 DDIM)
 guidance_scale = None         # None: tiny 4.0, SD 7.5 (diffusers form; Eq. 5.3's alpha = w - 1)
 noise_mult = 3.0              # nu: noise = nu * sigma * N(0, I) on the subject's token embeddings
@@ -44,9 +44,10 @@ key_positions = "subject_and_after"  # DIFF-QUICKFIX rows: "subject_and_after" (
 bias_mode = "exact"           # "exact": v = W' k_v (Eq. 5.8); "as_released": v includes the bias
 preserve_weight = None        # weight of rows that keep the layer's outputs on ordinary captions (None: tiny 1, paper 0 as released)
 n_preserve_prompts = 256      # ordinary captions (tiny: the training grammar; paper: COCO objects in places) for those rows
-n_edit_prompts = 8            # evaluation prompts per edited concept
+n_edit_prompts = None         # evaluation prompts per edited concept; None: tiny 8, paper 10 (Concept-Ablation's eval files)
+n_edit_seeds = None           # seeds per evaluation prompt; None: tiny 1, paper 5 (seeds 0-4)
 run_baselines = True          # the two fine-tuning erasers of Fig 5.4b
-baseline_steps = 100
+baseline_steps = None         # None: tiny 100 at lr 1e-3; paper the releases' (ESD-x 1000 at 1e-5, Concept-Ablation 200 at 8e-6)
 
 # %%
 import time
@@ -70,13 +71,19 @@ from interplab.zoo import t2i as zt
 
 attributes = interplab.by_profile(attributes, profile, ["objects", "style", "color", "action"],
                                   ["objects", "style", "color", "action", "viewpoint", "count"])
+n_prompts_per_attribute = interplab.by_profile(n_prompts_per_attribute, profile, 4, 50)
+n_validation = interplab.by_profile(n_validation, profile, 2, 10)
+n_edit_prompts = interplab.by_profile(n_edit_prompts, profile, 8, 10)
+n_edit_seeds = interplab.by_profile(n_edit_seeds, profile, 1, 5)
+# the dissertation traces viewpoint and count but leaves them out of its findings (generations unreliable)
+headline = [a for a in attributes if a not in ("viewpoint", "count")]
 ch = interplab.start("ch05a_causal_tracing", profile=profile, seed=seed, device=device, out_dir=out_dir,
                      params=dict(model_id=model_id, text_encoder_source=text_encoder_source, attributes=attributes,
                                  n_prompts_per_attribute=n_prompts_per_attribute,
                                  n_validation=n_validation, num_inference_steps=num_inference_steps,
                                  guidance_scale=guidance_scale, noise_mult=noise_mult, edit_lambda=edit_lambda,
-                                 bias_mode=bias_mode, n_edit_prompts=n_edit_prompts, run_baselines=run_baselines,
-                                 baseline_steps=baseline_steps))
+                                 bias_mode=bias_mode, n_edit_prompts=n_edit_prompts, n_edit_seeds=n_edit_seeds,
+                                 run_baselines=run_baselines, baseline_steps=baseline_steps))
 if ch.tiny:
     # t2i_action: the t2i with the action verbs drawn as sizes (LoRA on the UNet, the tower's layer 0; the t2i
     # draws no place from words, so the world's place-meaning of a verb could not be traced: docs/drafts/STATUS.md)
@@ -138,7 +145,7 @@ else:
     probes = {a: rest[:n_prompts_per_attribute] for a, (_, rest) in split.items()}
 ids_of, subject_of = {}, {}
 for probe in [p for ps in list(probes.values()) + list(validation.values()) for p in ps]:
-    ids_of[probe.caption] = pipe.tokenize([probe.caption])
+    ids_of[probe.caption] = pipe.tokenize([probe.caption]).to(text.device)  # the text encoder's device (paper: GPU)
     subject_of[probe.caption] = tracing.subject_positions(pipe.tokenizer, ids_of[probe.caption][0], probe.subject)
 subject_ids = torch.cat([ids_of[c][0, s] for c, s in subject_of.items()])
 sigma = tracing.noise_scale(text.get_input_embeddings(), subject_ids)
@@ -234,21 +241,24 @@ ch.figure(fig, "fig5_2_unet_tracing")
 
 unet_table = pd.DataFrame({"layer": labels, **{a: R_unet[a] for a in attributes}})
 ch.table(unet_table, "fig5_2_unet_restoration_scores")
-gaps = {a: float(acc[a][0] - acc[a][1]) for a in attributes}
-ch.claim("corruption_works", "3-sigma noise on the subject tokens breaks the attribute: acc_clean - acc_corr >= 0.4 "
-         "for every attribute", dissertation="n/a (qualitative, Fig 5.2)", reproduced=min(gaps.values()),
-         threshold=0.4, op=">=", note=str({a: round(g, 2) for a, g in gaps.items()}))
-spread = {a: (int((R_unet[a] >= 0.5).sum()), sorted(map(str, set(group[R_unet[a] >= 0.5])))) for a in attributes}
+gaps = {a: float(acc[a][0] - acc[a][1]) for a in headline}
+# paper scores are CLIP-Scores, whose effects are hundredths (the dissertation's fact edit: 0.05 / 0.07), so the
+# paper forms of the claims ask for the direction the dissertation reports, not the tiny oracle's margins
+ch.claim("corruption_works", "3-sigma noise on the subject tokens breaks the attribute for every attribute: "
+         + ("acc_clean - acc_corr >= 0.4" if ch.tiny else "CLIP-Score clean > corrupted"),
+         dissertation="n/a (qualitative, Fig 5.2)", reproduced=min(gaps.values()),
+         threshold=0.4 if ch.tiny else 0.0, op=">=" if ch.tiny else ">", note=str({a: round(g, 2) for a, g in gaps.items()}))
+spread = {a: (int((R_unet[a] >= 0.5).sum()), sorted(map(str, set(group[R_unet[a] >= 0.5])))) for a in headline}
 ch.claim("unet_distributed", "UNet knowledge is distributed: for every attribute >= 3 layers with R >= 0.5, in >= 2 "
          "of {down, mid, up}", dissertation="distributed (Fig 5.2)", reproduced=str(spread),
          holds=all(n >= 3 and len(g) >= 2 for n, g in spread.values()))
-pairs = [(a, b) for i, a in enumerate(attributes) for b in attributes[i + 1:]]
+pairs = [(a, b) for i, a in enumerate(headline) for b in headline[i + 1:]]
 differs = [(a, b) for a, b in pairs if (((R_unet[a] >= 0.5) & (R_unet[b] < 0.3)) | ((R_unet[b] >= 0.5) & (R_unet[a] < 0.3))).any()]
 ch.claim("unet_attribute_dependent", "causal layers depend on the attribute: >= 2 of the attribute pairs have a layer "
          "causal for one (R >= 0.5) and clearly not for the other (R < 0.3)", dissertation="differs per attribute (Fig 5.2)",
          reproduced=len(differs), threshold=2, op=">=", note=str(differs))
-xattn_mean = float(np.nanmean([R_unet[a][layer_kind == "cross-attn"] for a in attributes]))
-resnet_mean = float(np.nanmean([R_unet[a][layer_kind == "resnet"] for a in attributes]))
+xattn_mean = float(np.nanmean([R_unet[a][layer_kind == "cross-attn"] for a in headline]))
+resnet_mean = float(np.nanmean([R_unet[a][layer_kind == "resnet"] for a in headline]))
 ch.claim("xattn_not_where_knowledge_sits", "mean R over cross-attention layers < mean R over resnets",
          dissertation="cross-attention layers mostly not causal", reproduced=f"{xattn_mean:.3f} vs {resnet_mean:.3f}",
          holds=xattn_mean < resnet_mean)
@@ -264,7 +274,13 @@ ch.claim("xattn_not_where_knowledge_sits", "mean R over cross-attention layers <
 agree = {}
 for a in attributes:
     _, v_hits, v_scores = trace_unet(validation[a])
-    faithful = v_hits[:, 2:].all(0)
+    if ch.tiny:
+        verdicts = v_hits[:, 2:] > 0.5                     # the oracle's yes / no per image
+    else:
+        # no human raters here: a stand-in verdict, labelled as such in the printed line. An image counts as
+        # faithful when its CLIP-Score is at least halfway from its caption's corrupted image to its clean one
+        verdicts = v_scores[:, 2:] >= (v_scores[:, :1] + v_scores[:, 1:2]) / 2
+    faithful = verdicts.all(0)
     probe_scores = unet_trace[a][2].mean(0)[2:]
     if faithful.any():
         tau = float(v_scores[:, 2:].mean(0)[faithful].min())
@@ -275,7 +291,9 @@ for a in attributes:
     else:
         print(f"{a}: no layer faithful for every validation caption; no threshold")
 ch.compare("CLIP-Score threshold vs the rater's causal set (agreement over layers)", dissertation="human-calibrated tau",
-           reproduced={a: round(v, 2) for a, v in agree.items()})
+           reproduced={a: round(v, 2) for a, v in agree.items()},
+           note="" if ch.tiny else "automatic stand-in for the human raters: faithful = CLIP-Score at least halfway "
+                                   "from the corrupted to the clean image's")
 
 # %% [markdown]
 # ## Text-encoder causal tracing (§5.2.4, Fig 5.3)
@@ -329,9 +347,9 @@ n_causal_unet = {a: int((R_unet[a] >= 0.5).sum()) for a in attributes}
 ch.claim("text_encoder_localised", "text encoder is localised: <= 2 of its traced states reach R >= 0.5 while the UNet has "
          ">= 3 such layers, for every attribute", dissertation="1 causal state vs many UNet layers",
          reproduced=f"text {n_causal_text} vs UNet {n_causal_unet}",
-         holds=all(n_causal_text[a] <= 2 and n_causal_unet[a] >= 3 for a in attributes))
+         holds=all(n_causal_text[a] <= 2 and n_causal_unet[a] >= 3 for a in headline))
 top = {}
-for a in attributes:
+for a in headline:
     r = np.nan_to_num(R_text[a], nan=-np.inf)
     top[a] = (float(r[..., 0].max()), float(r[..., 1:].max()))
 layer0 = [a for a, (r0, r1) in top.items() if r0 >= r1 + 0.15]
@@ -487,11 +505,13 @@ def drawn(c, edit=None, wanted=None, n=None, soft=False):
     key = (tuple(c.prompts[:n]), repr(wanted), soft)
     if edit is None and key in _unedited:  # the unedited model's images are rendered once per prompt set
         return _unedited[key]
+    def generate():  # every prompt under each of the n_edit_seeds seeds (paper: 0-4, the spec's)
+        return torch.cat([pipe.generate(c.prompts[:n], seed=seed + s, **sampler) for s in range(n_edit_seeds)])
     if edit is not None:
         with editing.apply_edit(text, edit):
-            images = pipe.generate(c.prompts[:n], seed=seed, **sampler)
+            images = generate()
     else:
-        images = pipe.generate(c.prompts[:n], seed=seed, **sampler)
+        images = generate()
     if ch.tiny:
         score = float(np.mean(zo.agreement(oracle, images, [wanted] * len(images), soft)))
     else:
@@ -532,11 +552,15 @@ ch.figure(fig, "fig5_4a_edit_layer")
 
 # %%
 drop = {(k, l): before[k] - after[k, l] for k in before for l in range(n_text)}
-shown = {k: before[k] >= 0.5 for k in chance}  # an edit can only remove what the model draws
-removes = {k: shown[k] and drop[k, 0] >= 0.5 * (before[k] - chance[k]) for k in chance}
+if ch.tiny:
+    shown = {k: before[k] >= 0.5 for k in chance}  # an edit can only remove what the model draws
+    removes = {k: shown[k] and drop[k, 0] >= 0.5 * (before[k] - chance[k]) for k in chance}
+else:  # CLIP-Score has no chance level: the layer-0 edit must lower the concept's score
+    removes = {k: drop[k, 0] > 0 for k in chance}
 deeper = {k: max(drop[k, l] for l in range(1, n_text)) for k in chance}
-ch.claim("quickfix_layer0_removes", "DIFF-QUICKFIX at layer 0 lowers the concept's accuracy by >= half of (original - chance) "
-         "for style and object (mascot), from >= 0.5 before; edits at layers >= 1 achieve at most half of the layer-0 drop",
+ch.claim("quickfix_layer0_removes", "DIFF-QUICKFIX at layer 0 lowers the concept's "
+         + ("accuracy by >= half of (original - chance), from >= 0.5 before," if ch.tiny else "CLIP-Score")
+         + " for style and object (mascot); edits at layers >= 1 achieve at most half of the layer-0 drop",
          dissertation="layer 0 works, layers 1-11 do not (Fig 5.4a)",
          reproduced={k: f"before {before[k]:.2f}, layer 0 {after[k, 0]:.2f}, best deeper drop {deeper[k]:.2f}" for k in chance},
          holds=all(removes[k] and deeper[k] <= 0.5 * drop[k, 0] for k in chance))
@@ -547,10 +571,11 @@ fact = {"stale": (drawn(fact_c, soft=True), drawn(fact_c, fact_edit, soft=True))
 ch.compare("fact update: stale / new fact before -> after", dissertation="CLIP-Score Trump 0.28 -> 0.23, Biden 0.22 -> 0.29",
            reproduced=f"stale {fact['stale'][0]:.2f} -> {fact['stale'][1]:.2f}, new {fact['new'][0]:.2f} -> {fact['new'][1]:.2f}",
            note="tiny: oracle probability, not CLIP-Score" if ch.tiny else "")
-ch.claim("quickfix_fact_update", "fact update: the stale fact's probability drops by >= 0.3 and the new one's rises by >= 0.3",
-         dissertation="0.28 -> 0.23 / 0.22 -> 0.29 (CLIP-Score)",
-         reproduced=f"{fact['stale'][0] - fact['stale'][1]:.2f} / {fact['new'][1] - fact['new'][0]:.2f}",
-         holds=fact["stale"][0] - fact["stale"][1] >= 0.3 and fact["new"][1] - fact["new"][0] >= 0.3)
+stale_drop, new_rise = fact["stale"][0] - fact["stale"][1], fact["new"][1] - fact["new"][0]
+ch.claim("quickfix_fact_update", "fact update: the stale fact's " + ("probability drops by >= 0.3 and the new one's rises "
+         "by >= 0.3" if ch.tiny else "CLIP-Score drops and the new one's rises"),
+         dissertation="0.28 -> 0.23 / 0.22 -> 0.29 (CLIP-Score)", reproduced=f"{stale_drop:.2f} / {new_rise:.2f}",
+         holds=stale_drop >= 0.3 and new_rise >= 0.3 if ch.tiny else stale_drop > 0 and new_rise > 0)
 
 # %% [markdown]
 # ### Specificity: removing one concept leaves the others (§5.4.3)
@@ -565,9 +590,13 @@ for c in EDITED[:2]:
     others = [make(c.kind, name) for name in KINDS[c.kind] if name != c.name]
     n = max(2, n_edit_prompts // len(others))
     special[c.kind] = (np.mean([drawn(o, n=n) for o in others]), np.mean([drawn(o, e, n=n) for o in others]))
-ch.claim("quickfix_specific", "specificity: the other artists' / objects' accuracy stays >= 0.9 x its pre-edit value (>= 0.5)",
+own_drop = {k: before[k] - after[k, 0] for k in special}
+ch.claim("quickfix_specific", "specificity: the other artists' / objects' " + (
+         "accuracy stays >= 0.9 x its pre-edit value (>= 0.5)" if ch.tiny else
+         "CLIP-Score drops by less than half the edited concept's own drop"),
          dissertation="removing Van Gogh does not harm Monet", reproduced={k: f"{a:.2f} -> {b:.2f}" for k, (a, b) in special.items()},
-         holds=all(a >= 0.5 and b >= 0.9 * a for a, b in special.values()))
+         holds=all(a >= 0.5 and b >= 0.9 * a for a, b in special.values()) if ch.tiny else
+         all(a - b < 0.5 * own_drop[k] for k, (a, b) in special.items()))
 
 # %% [markdown]
 # ### Fig 5.4c: ten concepts in one solve
@@ -587,9 +616,10 @@ multi.set_index("concept").plot.bar(ax=ax, width=0.8)
 ax.set(ylabel="concept drawn", title=f"Fig 5.4c analogue: single- vs {len(MULTI)}-concept DIFF-QUICKFIX")
 ch.figure(fig, "fig5_4c_multi_concept")
 single_drop, multi_drop = float((multi.original - multi.single).mean()), float((multi.original - multi.multi).mean())
+min_single = 0.2 if ch.tiny else 0.0  # paper: CLIP-Score units
 ch.claim("quickfix_multi_concept", f"{len(MULTI)} concepts edited at once: mean drop >= 0.8 x the mean single-edit drop "
-         "(single edits must remove: drop > 0.2)", dissertation="multi ~ single < original (Fig 5.4c)",
-         reproduced=f"{multi_drop:.2f} vs {single_drop:.2f}", holds=single_drop > 0.2 and multi_drop >= 0.8 * single_drop)
+         f"(single edits must remove: drop > {min_single})", dissertation="multi ~ single < original (Fig 5.4c)",
+         reproduced=f"{multi_drop:.2f} vs {single_drop:.2f}", holds=single_drop > min_single and multi_drop >= 0.8 * single_drop)
 
 # %% [markdown]
 # ### Fig 5.4b: DIFF-QUICKFIX vs fine-tuning erasers, and their cost
@@ -610,7 +640,9 @@ concept_prompt = f"{style_c.name} style painting of a star" if ch.tiny else styl
 anchor_prompt = "a painting of a star" if ch.tiny else style_c.replacement
 if run_baselines:
     for method, label in (("concept_ablation", "Concept-Ablation"), ("esd_x", "ESD-x")):
-        er = erasure.erase(pipe, method, concept_prompt, anchor=anchor_prompt, steps=baseline_steps, seed=seed)
+        settings = dict(steps=baseline_steps or 100) if ch.tiny else {**erasure.RELEASE[method], **(
+            dict(steps=baseline_steps) if baseline_steps else {})}
+        er = erasure.erase(pipe, method, concept_prompt, anchor=anchor_prompt, seed=seed, **settings)
         saved = er.apply(pipe.unet)
         try:
             methods[label] = (drawn(style_c), er.wall_time_s)
