@@ -327,3 +327,48 @@ def test_locoedit_on_deepfloyd_if_edits_add_kv_on_what_the_layer_reads():
             want = t_in @ before[f"{e.path}.weight"].T + proj.bias
             assert ((proj(k_in) - want).norm() / want.norm()) < 1e-3       # snoopy is read as the dog was
     assert all(torch.equal(v, before[k]) for k, v in unet.state_dict().items())
+
+
+def _ft_problem(dtype, seed=0):
+    torch.manual_seed(seed)
+    lin = nn.Linear(8, 4).to(dtype)
+    x, y = torch.randn(16, 8).to(dtype), torch.randn(16, 4)
+    x[:, :3] = 0      # zero gradients: Adam's 0 / (0 + eps) is 0 / 0 in fp16, where eps = 1e-8 rounds to 0
+    return lin, lambda: (lin(x).float() - y).pow(2).mean()
+
+
+@pytest.mark.parametrize("linf", [None, 1e-2])
+def test_finetuned_in_float32_is_plain_adam_on_the_weights(linf):
+    """The pre-master-copy algorithm, written out: float32 weights take exactly the same steps."""
+    lin, loss_fn = _ft_problem(torch.float32)
+    with editing.finetuned(lin.parameters(), loss_fn, steps=7, lr=1e-2, linf=linf) as losses:
+        got = [p.detach().clone() for p in lin.parameters()]
+    ref, ref_loss = _ft_problem(torch.float32)
+    saved = [p.detach().clone() for p in ref.parameters()]
+    opt, ref_losses = torch.optim.Adam(ref.parameters(), lr=1e-2), []
+    for _ in range(7):
+        loss = ref_loss()
+        ref_losses.append(float(loss.detach()))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if linf is not None:
+            with torch.no_grad():
+                for p, p0 in zip(ref.parameters(), saved):
+                    p.copy_(torch.maximum(torch.minimum(p, p0 + linf), p0 - linf))
+    assert losses == ref_losses and all(torch.equal(a, b) for a, b in zip(got, ref.parameters()))
+
+
+@pytest.mark.parametrize("linf", [None, 1e-2])
+def test_finetuned_half_precision_weights_stay_finite_and_move(linf):
+    lin, loss_fn = _ft_problem(torch.float16)
+    saved = [p.detach().clone() for p in lin.parameters()]
+    with editing.finetuned(lin.parameters(), loss_fn, steps=20, lr=1e-3, linf=linf) as losses:
+        assert all(torch.isfinite(p).all() and p.dtype == torch.float16 for p in lin.parameters())
+        assert np.isfinite(losses).all() and losses[-1] < losses[0]
+        moved = (lin.weight != saved[0])
+        assert moved[:, 3:].all() and not moved[:, :3].any()    # zero-gradient weights stay put
+        if linf is not None:   # the ball holds on the float32 master; the cast adds at most half an fp16 ulp
+            half_ulp = 2 ** -11 * float(saved[0].abs().max() + linf)
+            assert float((lin.weight.detach().float() - saved[0].float()).abs().max()) <= linf + half_ulp
+    assert all(torch.equal(p, p0) and p.grad is None for p, p0 in zip(lin.parameters(), saved))

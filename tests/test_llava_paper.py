@@ -222,6 +222,33 @@ def _word_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
+def test_llava_15_pads_images_to_a_square_with_the_mean_colour_before_clip_preprocessing(monkeypatch):
+    """LLaVA-1.5's image_aspect_ratio "pad": expand2square with the CLIP mean as (122, 116, 104), centred, then
+    llava-hf's CLIP transform (shortest edge 336, centre crop), which alone would crop a non-square image."""
+    import numpy as np
+    from PIL import Image
+    from transformers import CLIPImageProcessor
+    clip = CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
+    padded = llava.padded_processor(clip)
+    for h, w in ((200, 300), (310, 150)):
+        image = Image.fromarray(np.random.default_rng(h).integers(0, 255, (h, w, 3), dtype=np.uint8))
+        square = Image.new("RGB", (max(h, w),) * 2, (122, 116, 104))
+        square.paste(image, ((max(h, w) - w) // 2, (max(h, w) - h) // 2))
+        want = clip(images=square, return_tensors="pt")["pixel_values"]
+        got = padded(images=image, return_tensors="pt")["pixel_values"]
+        assert got.shape == (1, 3, 336, 336)
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+        assert not torch.allclose(clip(images=image, return_tensors="pt")["pixel_values"], want)
+        assert np.array_equal(np.asarray(llava.padded_image(padded, image)), np.asarray(square))
+    assert llava.padded_image(clip, image) is image
+    assert llava.padded_image(llava.BunnyImageProcessor(), image).size == (310, 310)
+    from types import SimpleNamespace   # the loader swaps llava-hf's processor for the padding one
+    monkeypatch.setattr(llava, "from_hub", lambda spec, load, cache_dir=None: (
+        torch.nn.Identity(), SimpleNamespace(tokenizer=SimpleNamespace(), image_processor=clip)))
+    loaded = llava.load_paper_llava(device="cpu")[1].image_processor
+    assert loaded.do_pad and loaded.to_dict() == padded.to_dict()
+
+
 def test_paper_prompt_pair_finds_the_constraint_from_character_spans(model):
     import numpy as np
     from PIL import Image

@@ -421,11 +421,15 @@ def multedit(model: nn.Module, path: str, key: torch.Tensor, value: torch.Tensor
 def finetuned(params, loss_fn, steps: int = 50, lr: float = 1e-3, stop_loss: float = None, linf: float = None):
     """Fine-tune ``params`` on ``loss_fn()`` with Adam inside the block (ROME's FT baseline); with
     ``linf``, each step projects every weight back into ||W - W'||_inf <= linf (FT-C, Zhu et al. 2020).
-    The original values are restored bit-exactly on exit. Yields the losses."""
+    Half-precision weights are trained through float32 master copies (cast back after every step), since
+    Adam's state underflows in fp16 and its eps (1e-8) rounds to 0 there; float32 weights are trained in
+    place. The original values are restored bit-exactly on exit. Yields the losses."""
     params = list(params)
     saved = [p.detach().clone() for p in params]
     flags = [p.requires_grad for p in params]
-    opt = torch.optim.Adam(params, lr=lr)
+    masters = [p.detach().float().requires_grad_(True) if p.dtype in (torch.float16, torch.bfloat16) else p
+               for p in params]
+    opt = torch.optim.Adam(masters, lr=lr)
     losses = []
     try:
         for p in params:
@@ -437,11 +441,17 @@ def finetuned(params, loss_fn, steps: int = 50, lr: float = 1e-3, stop_loss: flo
                 break
             opt.zero_grad()
             loss.backward()
+            for p, m in zip(params, masters):
+                if m is not p:
+                    m.grad, p.grad = (None if p.grad is None else p.grad.float()), None
             opt.step()
-            if linf is not None:
-                with torch.no_grad():
-                    for p, p0 in zip(params, saved):
-                        p.copy_(torch.maximum(torch.minimum(p, p0 + linf), p0 - linf))
+            with torch.no_grad():
+                for p, m, p0 in zip(params, masters, saved):
+                    if linf is not None:
+                        p0 = p0.float()
+                        m.copy_(torch.maximum(torch.minimum(m, p0 + linf), p0 - linf))
+                    if m is not p:
+                        p.copy_(m)
         yield losses
     finally:
         with torch.no_grad():

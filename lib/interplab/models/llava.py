@@ -119,6 +119,29 @@ def _expand_image(model, prompt: str) -> str:
     return prompt.replace("<image>", "<image>" * n_image_tokens(model.config))
 
 
+def padded_processor(image_processor):
+    """LLaVA-1.5's own preprocessing (``image_aspect_ratio = "pad"``) from llava-hf's CLIPImageProcessor, which
+    only resizes and centre-crops: the same settings in a ``LlavaImageProcessor`` with ``do_pad``, which first pads
+    the image to a square with the mean colour (122, 116, 104), as LLaVA-1.5 was trained and evaluated."""
+    from transformers import LlavaImageProcessor
+    skip = ("image_processor_type", "processor_class", "auto_map")
+    return LlavaImageProcessor(**{k: v for k, v in image_processor.to_dict().items() if k not in skip}, do_pad=True)
+
+
+def padded_image(image_processor, image):
+    """The PIL ``image`` as ``image_processor`` frames it before resizing: padded to a square by
+    ``BunnyImageProcessor`` (grey) or a ``do_pad`` LLaVA processor (its mean colour), else unchanged."""
+    if isinstance(image_processor, BunnyImageProcessor):
+        return image_processor.pad_to_square(image)
+    if not getattr(image_processor, "do_pad", False) or image.size[0] == image.size[1]:
+        return image
+    from PIL import Image
+    w, h = image.size
+    square = Image.new(image.mode, (max(w, h),) * 2, tuple(int(x * 255) for x in image_processor.image_mean))
+    square.paste(image, ((max(w, h) - w) // 2, (max(w, h) - h) // 2))
+    return square
+
+
 def _pixels(model, image_processor, image) -> torch.Tensor:
     param = next(model.parameters())
     return image_processor(images=image, return_tensors="pt")["pixel_values"].to(param.device, param.dtype)
@@ -308,8 +331,8 @@ def load_paper_llava(name: str = "llava-1.5-7b", device="cuda", dtype: torch.dty
                      attn_implementation: str = "eager", cache_dir=None):
     """LLaVA-1.5 -> (LlavaForConditionalGeneration in eval mode, processor with left padding).
 
-    ``pixel_values`` from the processor are (B, 3, 336, 336); each ``<image>`` in the prompt expands to
-    576 image-token ids. Raises ResourceUnavailable with the download command when offline and uncached.
+    ``pixel_values`` from the processor are (B, 3, 336, 336), images padded to squares first (``padded_processor``);
+    each ``<image>`` in the prompt expands to 576 image-token ids. Raises ResourceUnavailable with the download command when offline and uncached.
     """
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
@@ -324,6 +347,7 @@ def load_paper_llava(name: str = "llava-1.5-7b", device="cuda", dtype: torch.dty
 
     model, processor = from_hub(spec, load, cache_dir)
     processor.tokenizer.padding_side = "left"
+    processor.image_processor = padded_processor(processor.image_processor)
     return model.eval(), processor
 
 
