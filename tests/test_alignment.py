@@ -113,6 +113,22 @@ def test_one_map_baseline_is_a_single_shared_map():
     assert ref_style.history["val"] == [] and len(ref_style.history["train"]) == 3 * math.ceil(600 / 32)
 
 
+def test_linear_head_learns_an_unstandardised_separable_task():
+    """Table 7.3's head (spec 2.10): Adam on z as the model gives it, deterministic, usable on inference tensors."""
+    gen = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        z = torch.randn(400, 16, generator=gen) * torch.linspace(0.1, 5.0, 16)  # scales differ, as in a real z
+    w = torch.randn(16, generator=gen)
+    y = (z @ w > 0).long()
+    head = al.fit_linear_head(z, y, 2)
+    assert head.weight.shape == (2, 16) and not head.weight.requires_grad
+    assert (head(z).argmax(1) == y).float().mean() > 0.9
+    assert torch.equal(al.fit_linear_head(z, y, 2).weight, head.weight)                # seeded
+    assert not torch.equal(al.fit_linear_head(z, y, 2, seed=1).weight, head.weight)
+    with pytest.raises(BadParameter, match=r"labels in \[0, 2\)"):
+        al.fit_linear_head(z, y + 1, 2)
+
+
 # ------------------------------------------------------------------ TEXTSPAN (check 8)
 
 

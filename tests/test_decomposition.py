@@ -303,6 +303,11 @@ def test_maxvit_units_decompose_exactly_across_stage_downsamples():
     c = decompose(model, x)
     assert c.n_heads == (0, 2, 2, 0, 4, 4)            # MBConv layers have no heads; their branch is the mlp
     assert c.heads[:, 0].abs().max() == 0 and c.mlps[:, 0].abs().max() > 0
+    # Fig. 7.2's axis: 5 sublayers per MaxViT block (MBConv, block attention + MLP, grid attention + MLP)
+    assert c.names("layer")[1:6] == ["layer[0].mlp", "layer[1].attn", "layer[1].mlp", "layer[2].attn", "layer[2].mlp"]
+    assert len(c.names("layer")) == 2 + 2 * 5 and "layer[3].attn.bias" not in c.names()
+    for granularity in ("head", "layer"):
+        assert torch.allclose(c.stack(c.names(granularity)).sum(0), c.total(), atol=1e-6)
     with pytest.raises(UnsupportedModel, match="tokens"):
         decompose(model, x, tokens=True)
 

@@ -105,3 +105,27 @@ def test_input_config_and_normalise_read_each_model():
     with torch.inference_mode():
         assert torch.allclose(one[0], torch.nn.functional.normalize(clip.encode_text(tok(["dog"])).float(), dim=-1)[0],
                               atol=1e-5)
+
+
+def test_clip_zero_shot_names_and_templates_are_open_clips_in_label_order():
+    """CLIP's zero-shot classifier reads OpenAI's curated class names (open_clip ships them, no hub) in wnid
+    order, not WordNet's first lemmas (crane / crane, maillot / maillot), with the 80 OpenAI templates."""
+    import re
+    from collections import Counter
+
+    from timm.data import ImageNetInfo
+    names, templates = imagenet.clip_classnames(), imagenet.clip_templates()
+    assert len(names) == 1000 and all(isinstance(n, str) and n for n in names)
+    repeats = {n: [i for i, m in enumerate(names) if m == n] for n, k in Counter(names).items() if k > 1}
+    assert repeats == {"missile": [657, 744], "sunglasses": [836, 837]}     # OpenAI's own, kept by every CLIP eval
+    assert (names[134], names[517]) == ("crane bird", "construction crane") and names[638] != names[639]
+    info = ImageNetInfo("imagenet-1k")              # timm's bundled synsets: sorted wnids = ImageNet's labels
+    assert info.label_names() == sorted(info.label_names()) and info.label_names()[0] == "n01440764"
+    words = lambda s: set(re.findall(r"[a-z]+", s.lower()))  # noqa: E731
+    shares = lambda shift: np.mean([bool(words(names[(i + shift) % 1000]) & words(info.index_to_description(i)))  # noqa: E731
+                                    for i in range(1000)])
+    assert shares(0) > 0.9 and shares(1) < 0.3       # a name shares a word with its own synset, not the next one's
+    assert len(templates) == 80 == len(set(templates)) and all(t.count("{}") == 1 for t in templates)
+    assert templates[0] == "a bad photo of a {}." and "itap of a {}." in templates
+    import open_clip
+    assert [t.format("x") for t in templates] == [f("x") for f in open_clip.zero_shot_metadata.OPENAI_IMAGENET_TEMPLATES]

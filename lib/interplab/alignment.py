@@ -9,6 +9,7 @@
     component_scores(F_C, F_C.sum(0), B)              # Algorithm 5: score of each component for a feature
     ablation_curve(contrib, backward_order(contrib), classify, labels)  # Fig. 7.2
     token_heatmap(contrib, layer, head, y, weight=align.W[i])           # Fig. 7.5
+    fit_linear_head(z, y, 2)                          # Table 7.3's head on z, the release's recipe
 
 Conventions (spec ch07 sections 2.3-2.9). Contributions are (K, N, d) stacks, component first;
 CLIP-space vectors are d_clip wide; maps act on row vectors, f_i(c) = c @ W_i + b / K, so the
@@ -191,6 +192,32 @@ def _batches(train: torch.Tensor, batch_size: int, max_epochs: int, gen: torch.G
     for _ in range(max_epochs):
         perm = train[torch.randperm(len(train), generator=gen).to(train.device)]
         yield from perm.split(batch_size)
+
+
+def fit_linear_head(z: torch.Tensor, y: torch.Tensor, n_classes: int, epochs: int = 10, lr: float = 1e-3,
+                    weight_decay: float = 1e-6, batch_size: int = 64, seed: int = 0) -> nn.Linear:
+    """A linear head (with bias) on features z (N, d) for labels y (N,): cross-entropy, Adam(lr, weight_decay),
+    ``epochs`` passes of shuffled batches, on z's device; zero-initialised, deterministic per seed.
+
+    Defaults: the release's Waterbirds head of Table 7.3 (spec 2.10: 10 epochs, Adam 1e-3, wd 1e-6; it
+    states no batch size). z is used as the model produces it (no standardisation).
+    """
+    _check_dims("z", z, 2, "(N, d)")
+    y = torch.as_tensor(y).long().to(z.device)
+    if y.shape != z.shape[:1] or len(y) == 0 or y.min() < 0 or y.max() >= n_classes:
+        raise BadParameter(f"y {_shape(y)} must be (N={len(z)},) labels in [0, {n_classes})")
+    x = z.detach().float().clone()          # a plain tensor even if z came out of inference mode
+    head = nn.Linear(x.shape[1], n_classes).to(x.device)
+    nn.init.zeros_(head.weight), nn.init.zeros_(head.bias)
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=weight_decay)
+    with torch.enable_grad():
+        for idx in _batches(torch.arange(len(x), device=x.device), batch_size, epochs, gen):
+            loss = F.cross_entropy(head(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return head.eval().requires_grad_(False)
 
 
 # ----------------------------------------------------------------- metrics

@@ -111,11 +111,14 @@ class Contributions:
 
         "head": ``layer[i].attn.head[h]`` for every head, ``layer[i].attn.bias``, ``layer[i].mlp``.
         "layer": ``layer[i].attn`` (all heads + bias) and ``layer[i].mlp``.
+        A layer without heads (MaxViT's MBConv) has no attention entry, only its ``mlp``.
         """
         check_choice("granularity", granularity, ("head", "layer"))
         names = ["embed"]
         for layer, n in zip(self.layers, self.n_heads):
-            if granularity == "head":
+            if n == 0:      # its attention terms are zero by construction: no step on Fig. 7.2's axis
+                pass
+            elif granularity == "head":
                 names += [f"layer[{layer}].attn.head[{h}]" for h in range(n)] + [f"layer[{layer}].attn.bias"]
             else:
                 names.append(f"layer[{layer}].attn")

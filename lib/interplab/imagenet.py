@@ -2,6 +2,7 @@
 model's own input pipeline, and the chapter's text facts (feature instantiations, spec 2.6-2.10).
 
     classes()                       ImageNet's 1000 (wnid, name) in label order (LOC_synset_mapping.txt)
+    clip_classnames(), clip_templates()   CLIP's zero-shot class names and 80 prompt templates (open_clip's)
     files(split, n, seed)           n (path, label) of imagenet/<split>/<wnid>/*.JPEG, a seeded sample
     waterbirds(name)                paths, bird labels (1 = waterbird) and groups of a Waterbirds archive
     input_config(model)             (size, crop_pct, mean, std) the model was trained with
@@ -36,9 +37,6 @@ DOWNLOAD = {
                   "(SriramB-98/vit-decompose), each a folder with metadata.csv and its images, there",
 }
 WATERBIRDS = ("corr-0.9", "uncorr")
-# a few of CLIP's ImageNet prompt templates (the release averages all 79)
-TEMPLATES = ("a photo of a {}.", "a bad photo of a {}.", "a photo of the large {}.", "a photo of the small {}.",
-             "a close-up photo of a {}.", "a rendering of a {}.", "itap of a {}.")
 # Algorithm 5's features and their instantiations (the release's lists, spec 2.6); fabric serves Fig 7.4 only
 FEATURES = {
     "colour": [f"{c} color" for c in ("blue", "green", "red", "yellow", "black", "white")],
@@ -58,6 +56,7 @@ CORE = ("bird", "finch", "hummingbird", "crow", "sparrow", "swan", "albatross", 
 GAP_K = {"deit": {}, "dino": {"colour": 2, "pattern": 5, "fabric": 4},
          "dinov2": {"colour": 1, "pattern": 1, "fabric": 4},
          "swin": {"colour": 3, "pattern": 12, "fabric": 9, "texture": 9, "person": 5, "location": 9, "shape": 8},
+         "maxvit": {"colour": 12, "pattern": 8, "fabric": 9, "texture": 9, "person": 9, "location": 9, "shape": 3},
          "clip": {"fabric": 4}}
 
 
@@ -75,6 +74,21 @@ def classes(root=None) -> list:
         raise resource_unavailable(f"imagenet file {path}", DOWNLOAD["imagenet"])
     rows = [line.split(" ", 1) for line in path.read_text().splitlines() if line.strip()]
     return [(wnid, name.split(",")[0].strip()) for wnid, name in rows]
+
+
+def clip_classnames() -> tuple:
+    """The 1000 class names in label (sorted wnid) order as CLIP's ImageNet zero-shot evaluations word them
+    (OpenAI's list, shipped by open_clip): "crane bird" / "construction crane" where first lemmas repeat.
+    Its two deliberate repeats ("missile" 657 / 744, "sunglasses" 836 / 837) stay, as every CLIP eval keeps them."""
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+    return tuple(IMAGENET_CLASSNAMES)
+
+
+def clip_templates() -> tuple:
+    """OpenAI's 80 ImageNet prompt templates (open_clip's) as format strings, "a bad photo of a {}." ...
+    (the release averages 79 of them)."""
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+    return tuple(t("{}") for t in OPENAI_IMAGENET_TEMPLATES)
 
 
 def files(split: str, n: int | None = None, seed: int = 0, root=None) -> tuple:

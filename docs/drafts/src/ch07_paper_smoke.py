@@ -1,6 +1,6 @@
 """Run notebooks/ch07_rep_decompose.ipynb's paper profile end to end offline (development check, not a result):
 the real architectures with random weights (vit_encoders.build), a fake ImageNet / Waterbirds tree of noise
-JPEGs in the released layouts, and hashed random unit vectors for the open_clip text towers (1000 class names x 7
+JPEGs in the released layouts, and hashed random unit vectors for the open_clip text towers (1000 class names x 80
 templates through ViT-L/14's text tower take too long on a CPU).
 
     OMP_NUM_THREADS=2 INTERPLAB_OUT_ROOT=build/draft_paper python docs/drafts/src/ch07_paper_smoke.py
@@ -62,7 +62,7 @@ def main():
         vit_encoders.load = lambda name, device="cpu", **kw: vit_encoders.build(name, **kw).to(device)
         run_notebook(NOTEBOOK, dict(profile="paper", models=["deit", "dino", "dinov2", "swin", "maxvit", "clip"],
                                     n_train=16, n_images=12, n_ablation=12, n_heatmap=2, n_segment=2, lambdas=[1.0],
-                                    n_head_train=8, device="cpu"))
+                                    n_head_train=8, n_retrieval=12, dinov2_size=224, device="cpu"))
 
 
 if __name__ == "__main__":
