@@ -94,6 +94,21 @@ def test_rank_sentences_skips_punctuation_steps_but_falls_back_when_all_are():
     assert [s for s, _ in ranking] == [3, 1]
 
 
+def test_pad_ranking_appends_the_unvoted_sentences_by_attention_then_position():
+    """ATTNATTRIB's top-k must hold k sentences, like every baseline's (HotpotQA is scored at k = 2)."""
+    positions, sent = torch.tensor([1, 2, 3, 4, 5]), torch.tensor([0, 1, 1, 2, 3])
+    rows = torch.tensor([[0.0, 0.1, 0.5, 0.05, 0.2, 0.0],
+                         [0.0, 0.3, 0.1, 0.05, 0.4, 0.0],
+                         [0.0, 0.0, 0.0, 0.90, 0.0, 0.0]])   # step 2 is skipped (punctuation)
+    skip = [False, False, True]
+    ranking, _ = at.rank_sentences(rows, positions, sent, skip)
+    assert [s for s, _ in ranking] == [1, 2]
+    full = at.pad_ranking(ranking, rows, positions, sent, 5, skip)
+    assert full[:2] == ranking and [s for s, _ in full] == [1, 2, 0, 3, 4]   # 0: 0.3; 3 and 4: no attention
+    assert full[2][1] == pytest.approx(0.3) and full[3:] == [(3, 0.0), (4, 0.0)]
+    assert at.pad_ranking([], torch.zeros(0, 6), positions, sent, 3) == [(0, 0.0), (1, 0.0), (2, 0.0)]
+
+
 def test_punctuation_tokens(tok):
     ids = tok.convert_tokens_to_ids([".", "?", "paris", "<eos>"])
     assert [at.is_punctuation_token(tok, i) for i in ids] == [True, True, False, True]
@@ -106,6 +121,8 @@ def test_attn_attrib_reads_the_predicting_query_of_the_decoding_passes(llama, to
     assert len(res.answer_ids) == 4 and len(res.per_step) == 4
     assert 1 <= len(res.spans) <= 2 and all(0 <= s < len(ctx.sentences) for s, _ in res.spans)
     assert res.spans == res.ranking[:2]
+    assert res.full_ranking[:len(res.ranking)] == res.ranking
+    assert sorted(s for s, _ in res.full_ranking) == list(range(len(ctx.sentences)))
     # the same answer teacher-forced in one full pass: query T-1+j predicts answer token j
     att = at.answer_attention(llama, ctx.input_ids, res.answer_ids)          # (L, H, J, T)
     rows = att.mean(dim=(0, 1)) if head == "mean" else att[head[0], head[1]]

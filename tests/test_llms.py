@@ -139,8 +139,105 @@ def test_qa_prompt_context_span(template, ends):
     assert prompt[a:b] == CONTEXT
     assert llms.QA_INSTRUCTION in prompt and f"Question: {QUESTION}" in prompt
     assert prompt.endswith(ends)
-    if template == llms.VICUNA_CHAT_TEMPLATE:
-        assert prompt.startswith(llms.QA_INSTRUCTION + " USER: Context: ")
+
+
+VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+                 "detailed, and polite answers to the user's questions.")
+
+
+def test_vicuna_prompt_keeps_fastchat_system_prompt_and_ends_with_the_assistant_header():
+    """FastChat's vicuna_v1.1: "{system} USER: {msg} ASSISTANT:"; the instruction opens the user turn (spec 2.2)."""
+    tok = _toy_tokenizer(llms.VICUNA_CHAT_TEMPLATE)
+    prompt, (a, b) = llms.qa_prompt(tok, CONTEXT, QUESTION)
+    assert prompt == (f"{VICUNA_SYSTEM} USER: {llms.QA_INSTRUCTION}\nContext: {CONTEXT}\nQuestion: {QUESTION}"
+                      " ASSISTANT:")
+    assert prompt[a:b] == CONTEXT
+    assert llms.closed_book_prompt(tok, QUESTION) == (f"{VICUNA_SYSTEM} USER: {llms.CLOSED_BOOK_INSTRUCTION}\n"
+                                                      f"Question: {QUESTION} ASSISTANT:")
+    assert llms.self_attribution_prompt(tok, CONTEXT, QUESTION).startswith(
+        f"{VICUNA_SYSTEM} USER: {llms.SELF_ATTRIBUTION_INSTRUCTION}\nContext: ")
+
+
+def _sentencepiece_llama_tokenizer(tmp_path):
+    """A Llama tokenizer from a tokenizer.model alone, as lmsys/vicuna-7b-v1.3 ships it (no tokenizer.json):
+    transformers converts it with sentencepiece + protobuf (pinned in pyproject.toml)."""
+    import io
+
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+    words = ["A chat between a curious user and an artificial intelligence assistant.", "USER: ASSISTANT: Answer",
+             "Context: The Space Needle is a tower located in Seattle.", "Question: Where is the Space Needle?"]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(words * 20), model_writer=model, vocab_size=80,
+                                   model_type="bpe", unk_id=0, bos_id=1, eos_id=2, pad_id=-1, hard_vocab_limit=False,
+                                   minloglevel=2)
+    (tmp_path / "tokenizer.model").write_bytes(model.getvalue())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+         "add_bos_token": True, "add_eos_token": False}))
+    return AutoTokenizer.from_pretrained(tmp_path)
+
+
+def test_a_tokenizer_model_without_tokenizer_json_converts_offline(tmp_path):
+    tok = _sentencepiece_llama_tokenizer(tmp_path)
+    assert not (tmp_path / "tokenizer.json").exists() and tok.bos_token_id == 1
+    tok.chat_template = llms.VICUNA_CHAT_TEMPLATE
+    prompt, (a, b) = llms.qa_prompt(tok, CONTEXT, QUESTION)
+    assert prompt.endswith(" ASSISTANT:") and llms.add_special_tokens(tok, prompt)   # the tokenizer adds <s>
+    ids = llms.encode(tok, prompt).input_ids[0].tolist()
+    assert ids.count(1) == 1 and ids[0] == 1 and llms.prompt_length(tok, prompt) == len(ids)
+
+
+def test_from_hub_reraises_errors_of_downloaded_files_and_names_missing_downloads(monkeypatch):
+    """A cached checkpoint whose tokenizer cannot be converted is not an undownloaded one."""
+    spec = llms.PAPER_LLMS["vicuna-7b"]
+    monkeypatch.setattr(llms, "_offline", lambda hub_id, cache_dir: False)
+
+    def load(cache_dir):  # what transformers says when sentencepiece is missing (it falls back to tiktoken)
+        raise ValueError("`tiktoken` is required to read a `tiktoken` file. Install it with `pip install tiktoken`.")
+
+    monkeypatch.setattr(llms, "_cached", lambda hub_id, cache_dir: True)
+    with pytest.raises(ValueError, match="tiktoken") as err:
+        llms.from_hub(spec, load)
+    assert not isinstance(err.value, ResourceUnavailable)
+    assert any("sentencepiece and protobuf" in n for n in getattr(err.value, "__notes__", []))
+    monkeypatch.setattr(llms, "_cached", lambda hub_id, cache_dir: False)
+    with pytest.raises(ResourceUnavailable, match="hf download lmsys/vicuna-7b-v1.3"):
+        llms.from_hub(spec, load)
+
+    def gone(cache_dir):  # hub errors (gated, not found, offline) are OSErrors: always the download hint
+        raise OSError("not found")
+    monkeypatch.setattr(llms, "_cached", lambda hub_id, cache_dir: True)
+    with pytest.raises(ResourceUnavailable, match="hf download"):
+        llms.from_hub(spec, gone)
+
+
+def test_cached_reads_the_hf_cache(tmp_path):
+    assert not llms._cached("lmsys/vicuna-7b-v1.3", str(tmp_path))
+    snap = tmp_path / "models--lmsys--vicuna-7b-v1.3"
+    (snap / "refs").mkdir(parents=True)
+    (snap / "refs" / "main").write_text("abc")
+    (snap / "snapshots" / "abc").mkdir(parents=True)
+    (snap / "snapshots" / "abc" / "tokenizer_config.json").write_text("{}")
+    assert llms._cached("lmsys/vicuna-7b-v1.3", str(tmp_path))
+
+
+def test_fit_context_cuts_whole_sentences_from_the_end_never_the_question():
+    tok = _toy_tokenizer(llms.VICUNA_CHAT_TEMPLATE)
+    context = " ".join(f"Sentence {i} says something ." for i in range(20))
+
+    def render(c):
+        return llms.qa_prompt(tok, c, QUESTION)[0]
+
+    full = llms.prompt_length(tok, render(context))
+    assert llms.fit_context(tok, context, render, full) == (context, False)
+    cut, was_cut = llms.fit_context(tok, context, render, full - 10)
+    assert was_cut and context.startswith(cut) and cut.endswith("something .")
+    assert llms.prompt_length(tok, render(cut)) <= full - 10 < llms.prompt_length(tok, render(cut + " Sentence"))
+    assert QUESTION in render(cut)
+    one = "a b c d e f g h i j ."                        # a single sentence too long: words go
+    short, was_cut = llms.fit_context(tok, one, render, llms.prompt_length(tok, render("a b c")))
+    assert was_cut and short == "a b c"
 
 
 @pytest.mark.parametrize("template", [llms.VICUNA_CHAT_TEMPLATE, LLAMA3_TEMPLATE, NO_SYSTEM_TEMPLATE, None])

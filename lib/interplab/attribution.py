@@ -161,6 +161,30 @@ def rank_sentences(rows: torch.Tensor, positions: torch.Tensor, sentence_ids: to
     return _sorted(best), per_step
 
 
+def pad_ranking(ranking: Ranking, rows: torch.Tensor, positions: torch.Tensor, sentence_ids: torch.Tensor,
+                n_sentences: int, skip=None) -> Ranking:
+    """ATTNATTRIB's ranking made total, so that its top-k has k sentences like every baseline's.
+
+    ``ranking`` (``rank_sentences``' voted sentences, in their order) comes first; every sentence that got no
+    vote follows, ordered by the head's best attention weight on any of its tokens over the ranked steps (the
+    same steps and raw weights as the votes; ``skip`` as in ``rank_sentences``), ties and sentences without
+    attention (no steps, no tokens) by position. The appended entries carry that weight as their score.
+    """
+    seen = {s for s, _ in ranking}
+    rows = torch.as_tensor(rows, dtype=torch.float32)
+    rows = rows.reshape(-1, rows.shape[-1]) if rows.numel() else rows.reshape(0, 0)
+    best: dict[int, float] = {s: 0.0 for s in range(n_sentences) if s not in seen}
+    if len(rows) and len(positions):
+        use = torch.ones(len(rows), dtype=torch.bool) if skip is None else ~torch.as_tensor(skip, dtype=torch.bool)
+        if not use.any():
+            use = torch.ones_like(use)
+        peak = rows[use][:, positions].max(dim=0).values                  # (N,) best weight of each context token
+        for s, v in zip(sentence_ids.tolist(), peak.tolist()):
+            if s in best:
+                best[s] = max(best[s], v)
+    return list(ranking) + _sorted(best)
+
+
 def _sorted(scores: dict) -> Ranking:
     return sorted(scores.items(), key=lambda sv: (-sv[1], sv[0]))
 
@@ -206,13 +230,16 @@ class Generation:
 
 @dataclass
 class AttribResult:
-    """ATTNATTRIB output. spans: top-k [(sentence, value)]; ranking: all voted sentences;
-    per_step: [(context token position, attention)] of each answer step, aligned with answer_ids."""
+    """ATTNATTRIB output. spans: top-k [(sentence, value)]; ranking: all voted sentences (Algorithm 4: may be
+    fewer than k); per_step: [(context token position, attention)] of each answer step, aligned with answer_ids;
+    full_ranking: every context sentence, the voted ones first (``pad_ranking``): score ATTNATTRIB from
+    ``full_ranking[:k]`` where baselines, whose rankings are total, are scored at the same k."""
     answer_ids: list
     answer_text: str
     spans: Ranking
     per_step: list
     ranking: Ranking = field(default_factory=list)
+    full_ranking: Ranking = field(default_factory=list)
 
 
 def _device(model):
@@ -394,9 +421,10 @@ def attn_attrib_batch(model, tokenizer, prompts, ctx_spans, head, max_new_tokens
             answers, rows = _decode(model, [ctxs[i].input_ids for i in idx], max_new_tokens, stop,
                                     _pad_id(tokenizer), head=head)
             for i, a, r in zip(idx, answers, rows):
-                ranking, per_step = rank_sentences(r, ctxs[i].positions, ctxs[i].sentence_ids,
-                                                   _skip_mask(tokenizer, a))
-                out[i] = AttribResult(a, tokenizer.decode(a), ranking[:k], per_step, ranking)
+                skip = _skip_mask(tokenizer, a)
+                ranking, per_step = rank_sentences(r, ctxs[i].positions, ctxs[i].sentence_ids, skip)
+                full = pad_ranking(ranking, r, ctxs[i].positions, ctxs[i].sentence_ids, len(ctxs[i].sentences), skip)
+                out[i] = AttribResult(a, tokenizer.decode(a), ranking[:k], per_step, ranking, full)
     return out
 
 

@@ -173,7 +173,8 @@ def cache_last(model, input_ids: torch.Tensor, attention_mask: torch.Tensor = No
 
     def keep(key, o_proj=None):
         def read(t):                                      # t (B, T, width)
-            v = t[torch.arange(len(t), device=t.device), got["last"]].float()
+            # device_map="auto" (Llama-3-70B): the layer's tensor may sit on another GPU than the first
+            v = t[torch.arange(len(t), device=t.device), got["last"].to(t.device)].float()
             if o_proj is not None:                        # heads input -> (B, H, d)
                 v = head_contributions(v, weight_of(o_proj).float(), n_heads)
             got[key] = v.to(device)
@@ -343,26 +344,29 @@ def second_order_resid(model, input_ids: torch.Tensor, attention_mask: torch.Ten
         return torch.stack([sum((delta[j][i] for j in source_sets[s] if _order(j) < order),
                                 torch.zeros_like(clean.resid[0])) for s, i in got["rows"]])
 
+    def at_last(t):  # (rows, last positions) on t's device (device_map="auto" spreads layers over GPUs)
+        return got["at"].to(t.device), got["last"].to(t.device)
+
     def shifted(order):
         def fn(t):
             t = t.clone()
-            t[got["at"], got["last"]] += shift(order).to(t)
+            t[at_last(t)] += shift(order).to(t)
             return t
         return fn
 
     def restored(term):  # record the recomputed term at T, give the clean one back so later layers stay clean
         def fn(t):
-            got[term[:2]] = t[got["at"], got["last"]].float()
+            got[term[:2]] = t[at_last(t)].float()
             t = t.clone()
             clean_term = clean.attn if term[0] == "attn" else clean.mlp
-            t[got["at"], got["last"]] = clean_term[got["examples"], term[1]].to(t)
+            t[at_last(t)] = clean_term[got["examples"], term[1]].to(t)
             return t
         return fn
 
     def heads_of(l):
         def fn(t):
             w = weight_of(_module(model, f"layer[{l}].attn.out")).float()
-            got[("heads", l)] = head_contributions(t[got["at"], got["last"]].float(), w, clean.n_heads)
+            got[("heads", l)] = head_contributions(t[at_last(t)].float(), w, clean.n_heads)
             return t
         return fn
 
@@ -387,8 +391,8 @@ def second_order_resid(model, input_ids: torch.Tensor, attention_mask: torch.Ten
                       attention_mask=attention_mask[got["examples"]].to(run_device))
             except _Stopped:
                 pass
-            new = sum((got[("heads", t[1])][:, t[2]] if t[0] == "head" else got[t[:2]] for t in targets),
-                      torch.zeros_like(got["at"], dtype=torch.float32)[:, None])
+            new = sum(((got[("heads", t[1])][:, t[2]] if t[0] == "head" else got[t[:2]]).to(run_device)
+                       for t in targets), torch.zeros_like(got["at"], dtype=torch.float32)[:, None])
             out.append(clean.resid[got["examples"]] + new.to(clean.resid) - base[got["examples"]])
     return torch.cat(out).view(len(source_sets), clean.n, -1)
 
@@ -500,7 +504,9 @@ def ablate_direct(model, nodes, means=None):
         missing = [j for j in nodes if j not in terms]
         if missing:
             raise BadParameter(f"nodes {missing} did not run before the final norm")
-        delta = sum(terms[j] - torch.as_tensor(means.get(j, 0.0)).to(r.device, r.dtype) for j in nodes)
+        # terms sit on their layer's device (device_map="auto"): bring each to the final norm's
+        delta = sum(terms[j].to(r.device) - torch.as_tensor(means.get(j, 0.0)).to(r.device, r.dtype)
+                    for j in nodes)
         terms.clear()
         return r - delta
 
@@ -557,7 +563,7 @@ def answer_rate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, la
                 with attention_plan(model, upweight=upweight, beta=beta, context=context[sl].to(dev),
                                     queries=last[sl].to(dev)):
                     logits = model(**inputs).logits
-        pred = logits[torch.arange(len(logits)), last[sl].to(dev)].argmax(-1).cpu()
+        pred = logits[torch.arange(len(logits), device=logits.device), last[sl].to(logits.device)].argmax(-1).cpu()
         hits.append(pred == target[sl])
     return float(torch.cat(hits).float().mean())
 

@@ -22,7 +22,9 @@ header plus the fixed ``ANSWER_PREFIX`` "Answer:" (after which it replies with t
 the last prompt position then predicts the answer's first token (stored with its leading space, e.g. the
 token " Paris"), identically for clean and corrupted prompts. The closed-book filter accepts the true answer
 (or an alias) anywhere in the first 10 generated tokens; the clean filter requires the continuation to
-start with the intended answer, so that its first token is the answer's.
+start with the intended answer, so that its first token is the answer's. The paper models of Chapter 8 answer
+right after their assistant header (spec 2.2: its last token is the last position), so their sets are built with
+``build(..., answer_prefix="")``; ``meta["answer_prefix"]`` records which.
 
     python -m interplab.qa_probes build      rebuild data/ch08/smollm2_probes.json (deterministic, ~5 min, 1 thread)
     load_probes()                            -> {"meta", "D_copy", "D_memory", "rejected" (id, stage, output)}
@@ -593,18 +595,36 @@ def mentions(generated: str, answers) -> bool:
 
 
 def first_token(tokenizer, value: str, prefix: str = ANSWER_PREFIX) -> int:
-    """Id of the first token of ``value`` as it follows ``prefix`` (" Paris" after "Answer:")."""
+    """Id of the first token of ``value`` as it follows ``prefix`` (" Paris" after "Answer:"; after a prefix that
+    ends in whitespace, e.g. Llama-3's assistant header "...<|end_header_id|>\\n\\n", "Paris" without a space).
+
+    ``prefix`` is what precedes the answer: the answer prefix, or ``answer_lead`` (the end of the prompt). Where
+    tokenising prefix + value merges across the boundary, the first token that differs from the prefix's is taken.
+    """
+    sep = "" if prefix[-1:].isspace() else " "
     base = tokenizer(prefix, add_special_tokens=False).input_ids
-    ids = tokenizer(prefix + " " + value, add_special_tokens=False).input_ids
-    assert ids[:len(base)] == base, (prefix, value)
-    return ids[len(base)]
+    ids = tokenizer(prefix + sep + value, add_special_tokens=False).input_ids
+    n = next((i for i, (a, b) in enumerate(zip(base, ids)) if a != b), min(len(base), len(ids) - 1))
+    return ids[n]
 
 
-def candidates(tokenizer, seed: int = SEED) -> list[dict]:
+def answer_lead(tokenizer, answer_prefix: str = ANSWER_PREFIX) -> str:
+    """``first_token``'s prefix for prompts that end with ``answer_prefix``: ``ANSWER_PREFIX`` itself (as SmolLM2's
+    sets were built), else what precedes the answer in a QA prompt, the text after the user turn (end of turn and
+    assistant header, plus the prefix), e.g. " ASSISTANT:" for Vicuna with no prefix."""
+    if answer_prefix == ANSWER_PREFIX:
+        return ANSWER_PREFIX
+    from .models import llms
+    prompt, _ = llms.qa_prompt(tokenizer, "c.", "q?", answer_prefix=answer_prefix)
+    return prompt[prompt.rindex("Question: q?") + len("Question: q?"):]
+
+
+def candidates(tokenizer, seed: int = SEED, prefix: str = ANSWER_PREFIX) -> list[dict]:
     """Every fact as a D_copy and a D_memory candidate (model-independent text, tokenizer-aware choices).
 
-    The D_copy alternative and the corrupting answer are same-type values whose first token (after the
-    answer prefix) differs from the true answer's and from each other's, so P(first token) separates them.
+    The D_copy alternative and the corrupting answer are same-type values whose first token (after
+    ``prefix``, see ``first_token``) differs from the true answer's and from each other's, so P(first token)
+    separates them.
     """
     pool = pools()
     subjects: dict[str, list[Fact]] = {}
@@ -615,11 +635,11 @@ def candidates(tokenizer, seed: int = SEED) -> list[dict]:
         rng = random.Random(f"{seed}-{f.id}")
         rel = RELATIONS[f.relation]
         templates, fact_idx = _sentences(f, rng)
-        tok0 = {first_token(tokenizer, a) for a in (f.answer, *f.aliases)}
+        tok0 = {first_token(tokenizer, a, prefix) for a in (f.answer, *f.aliases)}
         alts = [v for v in pool[f.answer_type] if v != f.answer and v not in f.aliases
-                and first_token(tokenizer, v) not in tok0]
+                and first_token(tokenizer, v, prefix) not in tok0]
         alt = rng.choice(alts)
-        corr_vals = [v for v in alts if first_token(tokenizer, v) != first_token(tokenizer, alt)]
+        corr_vals = [v for v in alts if first_token(tokenizer, v, prefix) != first_token(tokenizer, alt, prefix)]
         corr_answer = rng.choice(corr_vals)
         others = [g for g in subjects[f.relation] if g.subject != f.subject and g.answer != f.answer
                   and g.answer not in f.aliases]
@@ -697,9 +717,13 @@ def last_position_probs(model, tokenizer, prompts: list[str], token_ids: list[in
 
 
 def build(model=None, tokenizer=None, seed: int = SEED, limit: int | None = None, batch_size: int = 16,
-          progress: bool = True) -> dict:
+          progress: bool = True, answer_prefix: str = ANSWER_PREFIX) -> dict:
     """Run the three filters on SmolLM2 (or the given chat model, e.g. Chapter 8's paper models) ->
-    {"meta", "D_copy", "D_memory", "rejected"}."""
+    {"meta", "D_copy", "D_memory", "rejected"}.
+
+    ``answer_prefix`` is written after the assistant header of every prompt ("Answer:", SmolLM2's); the paper
+    models answer right after the header (spec 2.2), so Chapter 8 builds their sets with ``answer_prefix=""``.
+    It is stored in ``meta["answer_prefix"]``: prompt the sets' users the same way."""
     from tqdm.auto import tqdm
 
     from .models import llms
@@ -710,23 +734,23 @@ def build(model=None, tokenizer=None, seed: int = SEED, limit: int | None = None
         name = getattr(model.config, "_name_or_path", "") or type(model).__name__
     facts = FACTS[:limit] if limit else FACTS
     keep_ids = {f.id for f in facts}
-    cands = [c for c in candidates(tokenizer, seed) if c["fact_id"] in keep_ids]
+    cands = [c for c in candidates(tokenizer, seed, answer_lead(tokenizer, answer_prefix)) if c["fact_id"] in keep_ids]
     bar = tqdm(total=len(facts) + 2 * len(cands), desc="probe filters", unit="prompt", disable=not progress,
                mininterval=2)
 
     # 1. closed book
-    cb = greedy(model, tokenizer, [llms.closed_book_prompt(tokenizer, f.question, answer_prefix=ANSWER_PREFIX)
+    cb = greedy(model, tokenizer, [llms.closed_book_prompt(tokenizer, f.question, answer_prefix=answer_prefix)
                                    for f in facts], max_new_tokens=10, batch_size=batch_size, bar=bar)
     known = {f.id: (mentions(g["text"], (f.answer, *f.aliases)), g["text"]) for f, g in zip(facts, cb)}
     # 2. clean greedy answer with the modified context (only for known facts)
     todo = [c for c in cands if known[c["fact_id"]][0]]
     bar.total = len(facts) + 2 * len(todo)
     bar.refresh()
-    prompts = [llms.qa_prompt(tokenizer, c["context"], c["question"], answer_prefix=ANSWER_PREFIX)[0] for c in todo]
+    prompts = [llms.qa_prompt(tokenizer, c["context"], c["question"], answer_prefix=answer_prefix)[0] for c in todo]
     clean = greedy(model, tokenizer, prompts, batch_size=batch_size, bar=bar)
     # 3. corrupted prompt lowers P(first answer token)
     corr_prompts = [llms.qa_prompt(tokenizer, c["corrupt_context"], c["corrupt_question"],
-                                   answer_prefix=ANSWER_PREFIX)[0] for c in todo]
+                                   answer_prefix=answer_prefix)[0] for c in todo]
     p_corr = last_position_probs(model, tokenizer, corr_prompts, [g["token"] for g in clean], batch_size, bar=bar)
     bar.close()
 
@@ -756,7 +780,7 @@ def build(model=None, tokenizer=None, seed: int = SEED, limit: int | None = None
     meta = dict(
         model=name,
         instruction=llms.QA_INSTRUCTION, closed_book_instruction=llms.CLOSED_BOOK_INSTRUCTION,
-        answer_prefix=ANSWER_PREFIX, user_turn="Context: {context}\nQuestion: {question}",
+        answer_prefix=answer_prefix, user_turn="Context: {context}\nQuestion: {question}",
         seed=seed, n_facts=len(facts), relations=sorted({f.relation for f in facts}), counts=counts,
         closed_book_known_by_relation={r: sum(known[f.id][0] for f in facts if f.relation == r)
                                        for r in sorted({f.relation for f in facts})},

@@ -23,7 +23,8 @@ from .errors import BadParameter, resource_unavailable
 
 ROOT = paths.DATA / "paper" / "ch08"
 SOURCES = {
-    "nq_swap": ("pminervini/NQ-Swap", "question, org_context, org_answer, sub_context, sub_answer"),
+    "nq_swap": ("pminervini/NQ-Swap", "question, org_context, org_answer, sub_context, sub_answer (answers: lists "
+                "of strings, as on the hub, or strings)"),
     "natural_questions": ("google-research-datasets/natural_questions (short-answer subset)",
                           "question, context (the long-answer paragraph as text), answers (short answers)"),
     "hotpotqa": ("hotpotqa/hotpot_qa, config distractor, validation",
@@ -86,10 +87,18 @@ def _kept(examples) -> list:
     return [e for e in examples if e is not None]
 
 
+def _answers(value) -> list:
+    """A gold answer field as a list of strings: the hub's NQ-Swap stores lists (["Leo Tolstoy"]), a hand export
+    may store one string."""
+    return [value] if isinstance(value, str) else [str(a) for a in value]
+
+
 def nq_swap(n: int = None, seed: int = 0, substituted: bool = False, root=None) -> list:
-    """NQ-Swap 1 (the original context and answer) or NQ-Swap 2 (the substituted context and answer)."""
+    """NQ-Swap 1 (the original context and answer) or NQ-Swap 2 (the substituted context and answer).
+    ``org_answer`` / ``sub_answer`` may be a string or a list of strings (the hub's layout: every string is a
+    gold answer)."""
     key = "sub" if substituted else "org"
-    return _kept(_example(r["question"], r[f"{key}_context"], [r[f"{key}_answer"]], r.get("id", i))
+    return _kept(_example(r["question"], r[f"{key}_context"], _answers(r[f"{key}_answer"]), r.get("id", i))
                  for i, r in enumerate(read("nq_swap", n, seed, root)))
 
 
@@ -115,12 +124,13 @@ def _supporting(facts) -> list:
 def hotpotqa(n: int = None, seed: int = 0, root=None) -> list:
     """HotpotQA's single-hop subset (the dissertation's rule is not given; spec 4: keep a question whose answer
     occurs verbatim in a supporting sentence). Context = the gold paragraphs (Vicuna's 2048 tokens); gold =
-    the supporting sentences that hold the answer."""
+    every supporting-fact sentence (spec 2.7 / 4: sentence F1 against the supporting facts), as the
+    ``split_sentences`` sentences that overlap one (a supporting fact the splitter cuts in two gives two)."""
     out = []
     for i, r in enumerate(read("hotpotqa", n, seed, root)):
         support = _supporting(r["supporting_facts"])
         paragraphs = [(t, s) for t, s in _paragraphs(r["context"]) if t in {t for t, _ in support}]
-        text, answer_chars = "", []
+        text, support_chars, has_answer = "", [], False
         for title, sentences in paragraphs:
             for j, sentence in enumerate(sentences):
                 sentence = sentence.strip()
@@ -128,12 +138,25 @@ def hotpotqa(n: int = None, seed: int = 0, root=None) -> list:
                     continue
                 start = len(text) + (1 if text else 0)
                 text = f"{text} {sentence}" if text else sentence
-                if (title, j) in support and f" {normalize_answer(r['answer'])} " in f" {normalize_answer(sentence)} ":
-                    answer_chars.append((start, len(text)))
+                if (title, j) in support:
+                    support_chars.append((start, len(text)))
+                    has_answer |= f" {normalize_answer(r['answer'])} " in f" {normalize_answer(sentence)} "
         spans = split_sentences(text)
-        gold = tuple(k for k, (a, b) in enumerate(spans) if any(a < e and s < b for s, e in answer_chars))
-        out.append(_example(r["question"], text, [r["answer"]], r.get("id", r.get("_id", i)), gold) if gold else None)
+        gold = tuple(k for k, (a, b) in enumerate(spans) if any(a < e and s < b for s, e in support_chars))
+        keep = has_answer and gold
+        out.append(_example(r["question"], text, [r["answer"]], r.get("id", r.get("_id", i)), gold) if keep else None)
     return _kept(out)
+
+
+def truncated(example: QAExample, context: str) -> QAExample:
+    """``example`` with its context cut to ``context``, a prefix of it (``llms.fit_context`` cuts a context that
+    overflows the model's window from its end). Gold sentences kept whole keep their indices; one cut off (or cut
+    short) leaves the gold set, so the example may end with no gold attribution (it then scores 0)."""
+    if not example.context.startswith(context):
+        raise BadParameter("truncated() takes a prefix of the example's context")
+    old, new = split_sentences(example.context), split_sentences(context)
+    gold = tuple(g for g in example.gold if g < len(new) and new[g] == old[g])
+    return QAExample(example.question, context, example.answers, gold, example.id)
 
 
 def long_answers(name: str, n: int = None, seed: int = 0, root=None) -> list:

@@ -576,14 +576,17 @@ if run_real:
         sm, stok = llms.load_paper_llm(model_name, device=ch.device)
         from interplab import qa_sets
         stored = qa_sets.ROOT / f"probes_{model_name}.json"
-        real = qa_probes.load_probes(stored) if stored.exists() else qa_probes.build(sm, stok)
+        # the paper models answer right after their assistant header (spec 2.2): no "Answer:" prefix
+        real = qa_probes.load_probes(stored) if stored.exists() else qa_probes.build(sm, stok, answer_prefix="")
         real_name, real_id, n_use, real_delta = model_name, model_name.replace("-", "_"), n_probe, delta
+    # SmolLM2's prompts end with "Answer:" (it replies in sentences otherwise); a paper model's sets record theirs
+    real_prefix = qa_probes.ANSWER_PREFIX if ch.tiny else real["meta"].get("answer_prefix", "")
     print({k: v for k, v in real["meta"]["counts"].items()})
     special = llms.add_special_tokens(stok, llms.qa_prompt(stok, "c.", "q?")[0])  # one BOS, as llms.encode
 
     def real_prompts(items, corrupt=False):
         return [llms.qa_prompt(stok, it["corrupt_context" if corrupt else "context"],
-                               it["corrupt_question" if corrupt else "question"], answer_prefix=qa_probes.ANSWER_PREFIX)
+                               it["corrupt_question" if corrupt else "question"], answer_prefix=real_prefix)
                 for it in items]
 
     def real_cache(prompts):
@@ -736,8 +739,15 @@ if run_real:
 # The circuits, the attribution head and the probe sets are the paper model's (cell above). Datasets come from
 # `data/paper/ch08/` (`interplab.qa_sets` names the hub source and fields of each): NQ-Swap (1: original context,
 # 2: substituted answer), Natural Questions (short answers; context = the long-answer paragraph), HotpotQA's
-# single-hop subset (context = the two gold paragraphs; attribution scored by sentence F1 with k = 2), Synthetic
-# 1 / 2 (the D_copy probes with their original / substituted context), CNN-DailyMail and NQ-Long (Rel-Score).
+# single-hop subset (context = the two gold paragraphs; attribution scored by sentence F1 of the top 2 against all
+# supporting-fact sentences, spec 2.7), Synthetic 1 / 2 (the D_copy probes with their original / substituted
+# context), CNN-DailyMail and NQ-Long (Rel-Score). Every method is scored at the same k (1; HotpotQA 2): ATTNATTRIB
+# ranks only the sentences that got a vote, so its ranking is padded with the others, ordered by the head's best
+# attention on their tokens, then position (`attribution.pad_ranking`), as the baselines rank every sentence.
+# Prompts are the model's chat template with the instruction of spec 2.2 (Vicuna: FastChat's system prompt, the
+# instruction opening the user turn) and end with the assistant header, no "Answer:" prefix. A context that
+# overflows the model's window (Vicuna v1.3: 2048 tokens) loses sentences from its end, never the question
+# (`llms.fit_context`); the cuts are reported.
 # Answers are greedy generations (at most 32 tokens) scored by SQuAD-normalised containment of a gold answer.
 # Baselines (§8.4.2): Self-Attribution (one prompt asks for the answer and a quoted supporting sentence),
 # Iterative Prompting (a second prompt asks which sentence supports the generated answer; both quotes are mapped to
@@ -760,9 +770,31 @@ if not ch.tiny:
                                          it["id"]))
         return [e for e in out if e.gold]
 
+    window = sm.config.max_position_embeddings   # Vicuna v1.3: 2048 tokens
+
+    def fit(examples, reserve, instruction=llms.QA_INSTRUCTION):
+        """Contexts cut from their end so that the prompt plus ``reserve`` generated tokens fits the window (spec
+        pitfalls: never the question) -> (examples, how many were cut, how many of those lost a gold sentence)."""
+        out, cut, lost = [], 0, 0
+        for e in examples:
+            context, was_cut = llms.fit_context(stok, e.context, lambda c: llms.qa_prompt(stok, c, e.question, instruction)[0],
+                                                window - reserve)
+            out.append(qa_sets.truncated(e, context) if was_cut else e)
+            cut += was_cut
+            lost += len(out[-1].gold) < len(e.gold)
+        return out, cut, lost
+
     qa = {"Synthetic 1": synthetic(True), "Synthetic 2": synthetic(False),
           "NQ-Swap 1": qa_sets.nq_swap(n_attrib, seed), "NQ-Swap 2": qa_sets.nq_swap(n_attrib, seed, substituted=True),
           "Natural Questions": qa_sets.natural_questions(n_attrib, seed), "HotpotQA": qa_sets.hotpotqa(n_attrib, seed)}
+    # 160 tokens spare: 96 for the Self-Attribution reply, the rest for the baselines' longer instructions and the
+    # evidence prompt's answer line, so every prompt of an example sees the same (cut) context
+    truncation = {}
+    for name in qa:
+        qa[name], n_cut, n_lost = fit(qa[name], 160)
+        truncation[name] = f"{n_cut} of {len(qa[name])} cut ({n_lost} lost a gold sentence)"
+    ch.compare(f"{real_name}: contexts cut to fit the {window}-token window", "Vicuna degrades on long contexts "
+               "(2048 tokens)", truncation)
     print({k: len(v) for k, v in qa.items()}, "examples")
     ch.compare("11.7.9: Natural Questions with a short answer (the subset used)", "13.9k questions",
                len(qa_sets.natural_questions()))
@@ -793,7 +825,8 @@ if not ch.tiny:
 # %%
 if not ch.tiny:
     def hits(ranking, example, name):
-        """Top-1 exact match with a gold sentence (HotpotQA: sentence F1 of the top 2)."""
+        """Top-1 exact match with a gold sentence (HotpotQA: sentence F1 of the top 2 against every supporting-fact
+        sentence). ``ranking`` ranks every sentence (ATTNATTRIB: ``full_ranking``), so all methods share the k."""
         if name == "HotpotQA":
             return A.sentence_f1(ranking[:2], example.gold)
         return float(any(A.attribution_correct(ranking, g) for g in example.gold))
@@ -813,12 +846,12 @@ if not ch.tiny:
         iterative = A.iterative_attribution(sm, stok, [llms.evidence_prompt(stok, e.context, e.question, r.answer_text.strip())
                                                        for r, e in zip(res, examples)],
                                             [e.sentences for e in examples], batch_size=16, add_special_tokens=special)
-        score = {"ATTNATTRIB": np.mean([hits(r.spans, e, name) for r, e in zip(res, examples)]),
+        score = {"ATTNATTRIB": np.mean([hits(r.full_ranking, e, name) for r, e in zip(res, examples)]),
                  "Self-Attribution": np.mean([hits(ranking, e, name) for (_, ranking), e in zip(self_attr, examples)]),
                  "Iterative Prompting": np.mean([hits(ranking, e, name) for ranking, e in zip(iterative, examples)]),
                  "sentence similarity": np.mean([hits(A.similarity_attrib(encoder, encoder_tok, e.sentences, r.answer_text),
                                                       e, name) for r, e in zip(res, examples)]),
-                 "all-heads mean attention": np.mean([hits(m.spans, e, name) for m, e in zip(mean, examples)]),
+                 "all-heads mean attention": np.mean([hits(m.full_ranking, e, name) for m, e in zip(mean, examples)]),
                  "random": np.mean([hits(A.random_attrib(len(e.sentences), rng), e, name) for e in examples])}
         with torch.enable_grad():  # a backward pass per example: the first 100
             score["gradient"] = np.mean([hits(A.gradient_attrib(sm, stok, p, s, r.answer_ids or [stok.eos_token_id],
@@ -852,7 +885,8 @@ if not ch.tiny:
     ctx_m = torch.zeros_like(enc_m["input_ids"], dtype=torch.bool)
     for i, c in enumerate(located):
         ctx_m[i, c.positions] = True
-    dash_ids = torch.tensor([qa_probes.first_token(stok, qa_probes.DASH)] * len(items_m))
+    dash_ids = torch.tensor([qa_probes.first_token(stok, qa_probes.DASH, qa_probes.answer_lead(stok, real_prefix))]
+                            * len(items_m))
 
     def dash_rate(upweight=None, ablate=(), factor=beta):
         """Share of D_memory questions now answered with the context's token (the dash)."""
@@ -887,8 +921,11 @@ if not ch.tiny:
     steer = []
     for name in ("NQ-Swap 2", "Natural Questions", "HotpotQA"):
         examples, res = qa[name], attrib[name]
-        hinted = [llms.qa_prompt(stok, e.context, e.question + (HINT.format(e.sentences[r.spans[0][0]]) if r.spans else ""))
-                  for e, r in zip(examples, res)]
+        hinted = []
+        for e, r in zip(examples, res):   # the hint lengthens the question: cut the context again if it must
+            question = e.question + (HINT.format(e.sentences[r.spans[0][0]]) if r.spans else "")
+            context, _ = llms.fit_context(stok, e.context, lambda c: llms.qa_prompt(stok, c, question)[0], window - 32)
+            hinted.append(llms.qa_prompt(stok, context, question))
         cad = [A.cad_generate(sm, stok, p, llms.closed_book_prompt(stok, e.question), alpha=cad_alpha, max_new_tokens=32,
                               add_special_tokens=special).text for (p, _), e in zip(qa_prompts[name], examples)]
         steer.append({"dataset": name, "baseline": qa_accuracy(name),
@@ -908,13 +945,18 @@ if not ch.tiny:
 
 # %%
 if not ch.tiny:
-    # Figs 11.8 / 11.9: Rel-Score of removing the attributed sentence vs a random one vs TF-IDF's pick
+    # Figs 11.8 / 11.9: Rel-Score of removing the attributed sentence vs a random one vs TF-IDF's pick. The model is
+    # asked for exact sentences of the context (11.7.10; our instruction, llms.LONG_ANSWER_INSTRUCTION) and may
+    # answer over several lines: generation stops at EOS or 256 tokens, not at a newline.
     rel_rows = []
     for name in ("cnn_dailymail", "nq_long"):
-        examples = qa_sets.long_answers(name, min(n_attrib, 1000), seed)
-        prompts = [llms.qa_prompt(stok, e.context, e.question) for e in examples]
+        examples, n_cut, n_lost = fit(qa_sets.long_answers(name, min(n_attrib, 1000), seed), 256,
+                                      llms.LONG_ANSWER_INSTRUCTION)
+        print(f"{name}: {n_cut} of {len(examples)} contexts cut to the {window}-token window")
+        prompts = [llms.qa_prompt(stok, e.context, e.question, llms.LONG_ANSWER_INSTRUCTION) for e in examples]
         res = A.attn_attrib_batch(sm, stok, [p for p, _ in prompts], [s for _, s in prompts], real_head,
-                                  max_new_tokens=256, batch_size=4, add_special_tokens=special, progress=True)
+                                  max_new_tokens=256, stop_on_newline=False, batch_size=4, add_special_tokens=special,
+                                  progress=True)
         rel = {"ATTNATTRIB": [], "random sentence": [], "TF-IDF": []}
         for (p, span), r, e in zip(prompts, res, examples):
             if not r.answer_ids or not r.spans or len(e.sentences) < 2:
@@ -941,7 +983,7 @@ if not ch.tiny:
     n_sent = np.array([len(e.sentences) for e in nq])
     res_nq = attrib["Natural Questions"]
     bins = [(1, 4), (5, 8), (9, 14), (15, 10_000)]
-    by_len = {f"{a}-{b}" if b < 10_000 else f">={a}": float(np.mean([hits(r.spans, e, "NQ") for r, e, n in
+    by_len = {f"{a}-{b}" if b < 10_000 else f">={a}": float(np.mean([hits(r.full_ranking, e, "NQ") for r, e, n in
                                                                     zip(res_nq, nq, n_sent) if a <= n <= b]))
               for a, b in bins if ((n_sent >= a) & (n_sent <= b)).any()}
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))

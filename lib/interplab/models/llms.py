@@ -39,6 +39,11 @@ from ..errors import BadParameter, resource_unavailable
 
 QA_INSTRUCTION = "Answer the question based on the context. Reply with a short answer."
 CLOSED_BOOK_INSTRUCTION = "Answer the question. Reply with a short answer."
+# Figs 11.8 / 11.9 (11.7.10): "prompted to generate an answer with exact sentences from the context" (NQ-Long) and
+# an extractive summary (CNN-DailyMail, whose question asks for one). The dissertation does not print the prompt;
+# this instruction is ours.
+LONG_ANSWER_INSTRUCTION = ("Answer the question based on the context. Reply with exact sentences copied from the "
+                           "context.")
 
 # FastChat's "vicuna_v1.1" conversation format (Vicuna v1.1-v1.5): "{system} USER: {msg} ASSISTANT:".
 # Vicuna's tokenizer ships no chat template; load_paper_llm installs this one. No BOS here: the Llama-1
@@ -59,10 +64,15 @@ def _render(tokenizer, instruction: str, user: str) -> str:
     """Chat-template rendering with the instruction as system message.
 
     Templates that drop or reject the system role (Phi-3's first release drops it silently) get the
-    instruction as the first line of the user turn instead, so the instruction is never lost.
+    instruction as the first line of the user turn instead, so the instruction is never lost. Vicuna (FastChat's
+    format, ``VICUNA_CHAT_TEMPLATE``) keeps the system prompt it was tuned with and gets the instruction as the
+    first line of the user turn too: "{system} USER: {instruction}\\n{user} ASSISTANT:".
     """
     if getattr(tokenizer, "chat_template", None) is None:
         return f"{instruction}\n\n{user}\nAnswer:"
+    if tokenizer.chat_template == VICUNA_CHAT_TEMPLATE:
+        return tokenizer.apply_chat_template([{"role": "user", "content": f"{instruction}\n{user}"}],
+                                             tokenize=False, add_generation_prompt=True)
     messages = [{"role": "system", "content": instruction}, {"role": "user", "content": user}]
     try:
         prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -91,6 +101,41 @@ def qa_prompt(tokenizer, context: str, question: str, instruction: str = QA_INST
                            "leading/trailing whitespace before calling qa_prompt")
     start = at + len("Context: ")
     return prompt, (start, start + len(context))
+
+
+def prompt_length(tokenizer, prompt: str) -> int:
+    """Tokens of a chat-template prompt as the model reads it (one BOS where it wants one, as ``encode``)."""
+    return len(tokenizer(prompt, add_special_tokens=add_special_tokens(tokenizer, prompt)).input_ids)
+
+
+def fit_context(tokenizer, context: str, render, max_tokens: int) -> tuple[str, bool]:
+    """Cut ``context`` from its end until ``render(context)`` (the full prompt) has at most ``max_tokens`` tokens.
+
+    The spec's pitfall for Vicuna's 2048-token window: truncate the context, never the question or the
+    instruction. Whole sentences (``attribution.split_sentences``) are dropped from the end; if not even the first
+    sentence fits, words are. ``render`` maps a context to the prompt, e.g.
+    ``lambda c: qa_prompt(tok, c, question)[0]``; pass ``max_tokens`` = the model's window minus the tokens to be
+    generated. Returns (the context or a prefix of it, whether it was cut).
+    """
+    from ..attribution import split_sentences
+
+    def fits(c):
+        return prompt_length(tokenizer, render(c)) <= max_tokens
+
+    if fits(context):
+        return context, False
+    for cuts in ([b for _, b in split_sentences(context)][:-1],
+                 [i for i in range(1, len(context)) if context[i].isspace() and not context[i - 1].isspace()]):
+        lo, hi = 0, len(cuts)                  # cuts[:lo] fit; find the longest prefix that does (binary search)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if fits(context[:cuts[mid - 1]]):
+                lo = mid
+            else:
+                hi = mid - 1
+        if lo:
+            return context[:cuts[lo - 1]], True
+    return "", True
 
 
 def closed_book_prompt(tokenizer, question: str, instruction: str = CLOSED_BOOK_INSTRUCTION,
@@ -401,16 +446,58 @@ def _offline(hub_id: str, cache_dir) -> bool:
     return offline and not isinstance(try_to_load_from_cache(hub_id, "config.json", cache_dir=cache_dir), str)
 
 
+def _cached(hub_id: str, cache_dir) -> bool:
+    """Whether files of ``hub_id`` are in the local HF cache (its config or tokenizer config was downloaded)."""
+    from huggingface_hub import try_to_load_from_cache
+    try:
+        return any(isinstance(try_to_load_from_cache(hub_id, f, cache_dir=cache_dir), str)
+                   for f in ("config.json", "tokenizer_config.json"))
+    except Exception:  # noqa: BLE001  (a malformed id or cache: treat as not downloaded)
+        return False
+
+
+CONVERTER_PACKAGES = {"sentencepiece": "sentencepiece", "protobuf": "google.protobuf"}  # pip name: module
+
+
+def _missing(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is None
+    except ModuleNotFoundError:  # the parent package ("google") is absent
+        return True
+
+
+def _converter_note(e: Exception) -> str | None:
+    """A hint for the tokenizer-conversion failures of checkpoints that ship only ``tokenizer.model`` (Vicuna v1.3):
+    transformers converts it with sentencepiece + protobuf and, without them, falls back to a tiktoken reader whose
+    error names tiktoken."""
+    missing = [name for name, module in CONVERTER_PACKAGES.items() if _missing(module)]
+    text = str(e).lower()
+    if missing or any(w in text for w in ("tiktoken", "sentencepiece", "protobuf")):
+        return ("a checkpoint that ships only tokenizer.model (Vicuna v1.3) is converted with sentencepiece and "
+                "protobuf (pinned in pyproject.toml; `pip install -e .`)"
+                + (f"; missing here: {', '.join(missing)}" if missing else ""))
+    return None
+
+
 def from_hub(spec, load, cache_dir=None):
     """``load(cache_dir)`` of a paper model (a spec with name, hub_id, size, gated), or ResourceUnavailable
-    naming the `hf download` command when it is offline and uncached or the hub refuses it."""
+    naming the `hf download` command when it is offline and uncached or the hub refuses it.
+
+    A ValueError raised while the repository's files are in the cache (a tokenizer that cannot be converted, a
+    config this transformers cannot read) is not a missing download: it propagates unchanged, with a note naming
+    the converter packages when they are the cause."""
     what = f"{spec.hub_id} ({spec.name})"
     cache_dir = str(cache_dir) if cache_dir is not None else None
     if _offline(spec.hub_id, cache_dir):
         raise resource_unavailable(what, _download_hint(spec))
     try:
         return load(cache_dir)
-    except (OSError, ValueError, EnvironmentError) as e:  # hub errors (gated, not found, offline) are OSErrors
+    except (OSError, ValueError) as e:  # hub errors (gated, not found, offline) are OSErrors
+        if not isinstance(e, OSError) and _cached(spec.hub_id, cache_dir):
+            note = _converter_note(e)
+            if note:
+                e.add_note(f"interplab: {what} is in the cache; {note}")
+            raise
         raise resource_unavailable(what, _download_hint(spec) + f" [{type(e).__name__}]") from e
     except Exception as e:  # noqa: BLE001  (httpx/hub errors that are not OSError)
         if type(e).__module__.split(".")[0] in ("huggingface_hub", "httpx", "requests", "urllib3"):
