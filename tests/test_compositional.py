@@ -184,6 +184,31 @@ def test_sds_clip_trains_the_layer_norms_of_the_real_students_and_its_gradient_r
     assert all(p.grad is None for p in pipe.unet.parameters())
 
 
+def test_sds_clip_keeps_rn50s_batch_norms_frozen_and_trains_through_a_half_precision_teacher():
+    pipe = tiny_random.stable_diffusion()
+    pipe.unet.half()                                     # the paper profile's fp16 SD teacher
+    unet_before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    spec = clip_students.STUDENTS["RN50"]
+    student = distillation.SdsClip(clip_students.build("RN50", layers=1), pipe.latent_shape, also_train=spec.also_train)
+    norms = [m for m in student.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert norms
+    stats = {k: v.clone() for k, v in student.clip.state_dict().items() if "running_" in k or "num_batches" in k}
+
+    def batches(rng):
+        return torch.rand(2, 3, 40, 40, generator=torch.Generator().manual_seed(int(rng.integers(1 << 30)))), \
+            ["a red star", "a blue ring"]
+    losses = distillation.finetune(student, clip_students.tokenizer("RN50"), pipe, batches, lam=1e-3, steps=1,
+                                   lr_ln=5e-5, lr_h=5e-5, progress=False,
+                                   pixel_values=lambda x: clip_students.pixels(x, spec.image_size))
+    assert all(torch.equal(v, stats[k]) for k, v in student.clip.state_dict().items() if k in stats)   # BatchNorm stats
+    g = student.h_w.weight.grad          # L_SDS at lambda 1e-3 through the fp16 UNet, computed in float32
+    assert g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 and np.isfinite(losses[0]).all()
+    assert all(v.dtype == torch.float16 and torch.equal(v, unet_before[k]) for k, v in pipe.unet.state_dict().items())
+    # the helper alone: train mode everywhere but the BatchNorms
+    distillation.train_keeping_batch_norms(student)
+    assert student.training and not any(m.training for m in norms)
+
+
 def test_clip_pixels_resize_crop_and_normalise():
     x = torch.tensor(clip_students.CLIP_MEAN).view(1, 3, 1, 1).expand(2, 3, 30, 50)
     out = clip_students.pixels(x, 24)

@@ -1,5 +1,7 @@
 """interplab.conditioning and interplab.guidance: diffusion scores, CLP / WiCLP, SWITCH-OFF, Composable Diffusion and
 Attend-and-Excite on the zoo's t2i architecture."""
+import math
+
 import pytest
 import torch
 
@@ -445,3 +447,71 @@ def test_modifier_pairs_and_syngen_only_move_the_first_steps():
     assert torch.allclose(generator.generate(prompts, seed=0, steps=2, scale=1e3), moved, atol=1e-6)
     with pytest.raises(BadParameter):
         guidance.syngen(pipe, cond, **{**kw, "pairs": pairs[:1]})
+
+
+def _half_sd():
+    """The tiny random SD v1 with its UNet and VAE in float16, as the paper profile loads SD (text tower float32)."""
+    from interplab.models import tiny_random
+    pipe = tiny_random.stable_diffusion()
+    pipe.unet.half()
+    pipe.vae.half()
+    return pipe
+
+
+def test_sds_through_a_half_precision_unet_runs_in_float32_and_its_gradient_does_not_underflow():
+    import copy
+    pipe = _half_sd()
+    weights = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    cond = pipe.encode(["a red circle", "a blue star"])
+    head = torch.nn.Linear(16, 4 * 8 * 8)                # h_w (float32, trainable)
+    emb = torch.randn(2, 16, generator=torch.Generator().manual_seed(1))
+
+    def grad(unet_pipe):
+        head.zero_grad()
+        loss = conditioning.sds_loss(unet_pipe, head(emb).view(2, *pipe.latent_shape), cond, torch.Generator().manual_seed(0))
+        (1e-3 * loss).backward()                         # SDS-CLIP's lambda: ~4e-9 per element, below fp16's range
+        return head.weight.grad.clone()
+
+    with pytest.raises(BadParameter):                     # a half-precision backward would train nothing: refused
+        grad(pipe)
+    with conditioning.frozen(pipe.unet), conditioning.float32_modules(pipe.unet):
+        assert all(p.dtype == torch.float32 for p in pipe.unet.parameters())
+        g = grad(pipe)                                     # forward and backward inside the block
+    assert g.dtype == torch.float32 and torch.isfinite(g).all() and g.abs().sum() > 0
+    assert all(p.grad is None for p in pipe.unet.parameters())
+    assert all(v.dtype == torch.float16 and torch.equal(v, weights[k]) for k, v in pipe.unet.state_dict().items())
+    reference = copy.copy(pipe)                           # the same weights held in float32 throughout
+    reference.unet = copy.deepcopy(pipe.unet).float().requires_grad_(False)
+    assert torch.allclose(grad(reference), g, rtol=1e-5, atol=0)
+
+
+def test_fits_through_a_half_precision_unet_train_float32_parameters_with_finite_nonzero_gradients():
+    pipe = _half_sd()
+    weights = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    prompts = ["a red circle and a blue square", "a green heart"]
+    cond = pipe.encode(prompts)
+    latents = torch.randn(2, 3, *pipe.latent_shape, generator=torch.Generator().manual_seed(0)).half()  # an fp16 VAE's
+    proj = conditioning.WindowProjection(cond.shape[-1], 1)
+    trained, losses = conditioning.fit_conditioning(pipe, cond, latents, transform=proj, steps=2, batch_size=4,
+                                                    progress=False)
+    g = proj.linear.weight.grad                           # the last step's gradient (CLP / WiCLP)
+    assert g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 and all(map(math.isfinite, losses))
+    c_star, _ = conditioning.fit_conditioning(pipe, cond, latents, steps=2, batch_size=4, lr=1e-2, progress=False)
+    assert c_star.dtype == torch.float32 and torch.isfinite(c_star).all() and not torch.equal(c_star, cond)   # c*
+    _, losses = conditioning.fit_text_encoder(pipe, prompts, latents, last_layers=1, steps=1, batch_size=2,
+                                              progress=False)                                                 # §9.2.8
+    assert all(map(math.isfinite, losses))
+    assert all(v.dtype == torch.float16 and torch.equal(v, weights[k]) for k, v in pipe.unet.state_dict().items())
+    assert all(p.requires_grad for p in pipe.unet.parameters())
+
+
+def test_float32_modules_restores_each_tensors_dtype_bit_for_bit_and_leaves_float32_alone():
+    m = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3))
+    m[0].half()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    ids = {k: id(p) for k, p in m.named_parameters()}
+    with conditioning.float32_modules(m):
+        assert all(v.dtype == torch.float32 for v in m.state_dict().values() if v.is_floating_point())
+    assert {k: v.dtype for k, v in m.state_dict().items()} == {k: v.dtype for k, v in before.items()}
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+    assert ids == {k: id(p) for k, p in m.named_parameters()}   # the same Parameter objects

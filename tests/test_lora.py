@@ -93,3 +93,17 @@ def test_denoising_target_is_eps_or_the_velocity():
     abar = sched.alphas_cumprod[t][:, None]
     expected = eps if sched.config.prediction_type == "epsilon" else abar.sqrt() * eps - (1 - abar).sqrt() * x0
     assert torch.allclose(target, expected, atol=1e-6)
+
+
+def test_gors_through_a_half_precision_unet_trains_in_float32_with_finite_nonzero_gradients():
+    from interplab.models import tiny_random
+    pipe = tiny_random.stable_diffusion()
+    pipe.unet.half()                                      # as the paper profile loads SD
+    weights = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    prompts = ["a red circle and a blue square", "a green heart"]
+    latents = torch.randn(2, *pipe.latent_shape, generator=torch.Generator().manual_seed(0)).half()
+    adapters, losses = lora.gors_finetune(pipe, prompts, latents, [1.0, 0.5], steps=2, batch_size=2, progress=False)
+    grads = [u.grad for u in adapters.unet.up]
+    assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads) and all(torch.isfinite(torch.tensor(losses)))
+    assert all(v.dtype == torch.float16 and torch.equal(v, weights[k]) for k, v in pipe.unet.state_dict().items())

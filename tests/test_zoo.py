@@ -104,6 +104,19 @@ def _t2i_train(**kw):
                      oracle=oracle.Oracle().eval(), clip=(text, tok), **kw)
 
 
+def test_infonce_builds_its_targets_on_the_logits_device():
+    # a GPU fine-tune's logits live on the GPU; the meta device stands in for any other device
+    logits = torch.randn(3, 3, device="meta", requires_grad=True)
+    loss = clip.infonce(logits, ["a", "b", "a"])
+    loss.backward()
+    assert loss.device.type == "meta" and logits.grad.device.type == "meta"
+    # on the CPU: identical captions are positives for each other, as before
+    cpu = torch.tensor([[2.0, 0.0, 2.0], [0.0, 3.0, 0.0], [2.0, 0.0, 2.0]])
+    target = torch.tensor([[0.5, 0.0, 0.5], [0.0, 1.0, 0.0], [0.5, 0.0, 0.5]])
+    expected = (torch.nn.functional.cross_entropy(cpu, target) + torch.nn.functional.cross_entropy(cpu.T, target)) / 2
+    assert torch.equal(clip.infonce(cpu, ["a", "b", "a"]), expected)
+
+
 def test_t2i_trains_both_stages_and_samples(tmp_zoo, monkeypatch):
     monkeypatch.setattr(t2i, "VAE_GATE", 0.0)
     out = _t2i_train()

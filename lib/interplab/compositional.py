@@ -391,11 +391,14 @@ def coco_stream(pairs: list, batch_size: int = 32, size: int = 224):
 
 
 def _generated_and_scored(generators: dict, prompt: str, per_generator: int, vqa: BlipVqa, chunker, seed: int,
-                          size: int):
+                          size: int, batch_size: int | None = None):
     """``per_generator`` images of one prompt from each generator (name -> pipeline with ``generate``), resized to
     one side (generators differ: SD v1.4 512 px, IF 256 px), (G per_generator, 3, size, size) on the CPU, and their
-    disentangled VQA scores (G per_generator,)."""
-    images = torch.cat([_resized(g.generate([prompt] * per_generator, seed=seed).cpu(), size) for g in generators.values()])
+    disentangled VQA scores (G per_generator,). ``batch_size``: rows per sampling loop (None: each generator's
+    default, 256 rows for a pipeline; give a few, e.g. 8, at 512-1024 px)."""
+    kw = {} if batch_size is None else {"batch_size": batch_size}
+    images = torch.cat([_resized(g.generate([prompt] * per_generator, seed=seed, **kw).cpu(), size)
+                        for g in generators.values()])
     return images, disentangled_vqa(vqa, images, [prompt] * len(images), chunker).cpu()
 
 
@@ -419,19 +422,20 @@ def encode_at(pipe, images: torch.Tensor, image_size: int | None = None, batch_s
 
 
 def compbench_best_images(generators: dict, prompts, per_generator: int, keep: int, vqa: BlipVqa, size: int = 512,
-                          chunker=noun_phrases, seed: int = 0, progress: bool = True) -> tuple:
+                          chunker=noun_phrases, seed: int = 0, progress: bool = True, batch_size: int | None = None) -> tuple:
     """§9.2.6's selection kept as images, for any family to encode with its own VAE (WiCLP*'s data): per
     prompt the best ``keep`` of the ``per_generator`` images of every generator by the disentangled VQA.
     ``generators``: name -> pipeline, or a zero-argument loader, called in turn and released after its
     images, so one generator is in memory at a time. Returns images (P, keep, 3, size, size) uint8 on the
-    CPU and their scores (P, keep), best first."""
+    CPU and their scores (P, keep), best first. ``batch_size``: sampling rows per loop (``_generated_and_scored``)."""
     from tqdm.auto import tqdm
     images, scores = None, None
     for name, generator in generators.items():
         pipe = generator if hasattr(generator, "generate") else generator()
         drawn, rated = [], []
         for i, prompt in enumerate(tqdm(prompts, desc=f"generate and score ({name})", disable=not progress)):
-            x, s = _generated_and_scored({name: pipe}, prompt, per_generator, vqa, chunker, seed + 7919 * i, size)
+            x, s = _generated_and_scored({name: pipe}, prompt, per_generator, vqa, chunker, seed + 7919 * i, size,
+                                         batch_size)
             top = s.topk(min(keep, per_generator)).indices
             drawn.append((x[top] * 255).round().to(torch.uint8))
             rated.append(s[top])
@@ -448,20 +452,22 @@ def compbench_best_images(generators: dict, prompts, per_generator: int, keep: i
 
 def compbench_training_sets(pipe, generators: dict, prompts, per_generator: int, keep: int, vqa: BlipVqa,
                             threshold: float | None = None, image_size: int | None = None, chunker=noun_phrases, seed: int = 0,
-                            progress: bool = True, rewarded_from=None) -> tuple:
+                            progress: bool = True, rewarded_from=None, batch_size: int | None = None) -> tuple:
     """§9.2.6's and GORS's training sets from one pass of generation: per prompt, ``per_generator`` images
     from each generator (name -> pipeline with ``generate``) scored by the disentangled VQA; the best ``keep``
     of each prompt, and (``threshold`` given) every image of the generators named in ``rewarded_from`` (None:
     all; GORS: the fine-tuned model's own) scoring above it with its score as the reward, are encoded by
     ``pipe`` at ``image_size`` (default: its own). Returns (latents (P, keep, *pipe.latent_shape), rewarded):
-    rewarded is (prompts of the kept images (N,), latents (N, *latent_shape), rewards (N,)), or None."""
+    rewarded is (prompts of the kept images (N,), latents (N, *latent_shape), rewards (N,)), or None.
+    ``batch_size``: sampling rows per loop (None: the generators' default; ``_generated_and_scored``)."""
     from tqdm.auto import tqdm
     size = pipe.image_size if image_size is None else image_size
     eligible = torch.tensor([rewarded_from is None or name in rewarded_from for name in generators]
                             ).repeat_interleave(per_generator)
     best, kept, latents, rewards = [], [], [], []
     for i, prompt in enumerate(tqdm(prompts, desc="generate and score", disable=not progress)):
-        images, score = _generated_and_scored(generators, prompt, per_generator, vqa, chunker, seed + 7919 * i, size)
+        images, score = _generated_and_scored(generators, prompt, per_generator, vqa, chunker, seed + 7919 * i, size,
+                                              batch_size)
         best.append(encode_at(pipe, images[score.topk(keep).indices], size) if keep else
                     torch.empty(0, *pipe.latent_shape))
         good = torch.nonzero((score > threshold) & eligible).flatten() if threshold is not None else []
@@ -478,19 +484,19 @@ def compbench_training_sets(pipe, generators: dict, prompts, per_generator: int,
 
 def compbench_training_latents(pipe, generators: dict, prompts, per_generator: int, keep: int, vqa: BlipVqa,
                                image_size: int | None = None, chunker=noun_phrases, seed: int = 0,
-                               progress: bool = True) -> torch.Tensor:
+                               progress: bool = True, batch_size: int | None = None) -> torch.Tensor:
     """§9.2.6's training set alone: the best ``keep`` of each prompt's images, (P, keep, *pipe.latent_shape)."""
     return compbench_training_sets(pipe, generators, prompts, per_generator, keep, vqa, None, image_size, chunker,
-                                   seed, progress)[0]
+                                   seed, progress, batch_size=batch_size)[0]
 
 
 def compbench_rewarded_samples(pipe, prompts, per_prompt: int, vqa: BlipVqa, threshold: float,
                                image_size: int | None = None, chunker=noun_phrases, seed: int = 0,
-                               progress: bool = True) -> tuple:
+                               progress: bool = True, batch_size: int | None = None) -> tuple:
     """GORS's training set alone (T2I-CompBench): ``per_prompt`` images of each prompt from ``pipe`` itself,
     those scoring above ``threshold`` with their score. Returns (prompts (N,), latents (N, ...), rewards (N,))."""
     return compbench_training_sets(pipe, {"self": pipe}, prompts, per_prompt, 0, vqa, threshold, image_size, chunker,
-                                   seed, progress)[1]
+                                   seed, progress, batch_size=batch_size)[1]
 
 
 def embed_files(model, files, size: int, bboxes=None, batch_size: int = 64) -> torch.Tensor:

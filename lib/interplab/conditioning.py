@@ -26,6 +26,7 @@
 
 ``pipe`` is any ``models.diffusion.Text2Image`` (the zoo's toy model or Stable Diffusion).
 """
+import itertools
 from collections.abc import Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 
@@ -55,7 +56,19 @@ def predicted_noise(sched, out: torch.Tensor, zt: torch.Tensor, t: torch.Tensor)
 def sds_loss(pipe, z: torch.Tensor, cond: torch.Tensor, gen: torch.Generator, added: dict | None = None) -> torch.Tensor:
     """||eps_theta(z_t, t, c) - eps||^2 averaged over the batch, t ~ U{0..T-1}: z (N, *latent_shape)
     from the student (gradients flow through the frozen UNet into z), cond (N, T, d); ``added``: the
-    denoiser's extra inputs of these rows, {name: (N, ...)} (SD-XL, PixArt, SD3)."""
+    denoiser's extra inputs of these rows, {name: (N, ...)} (SD-XL, PixArt, SD3).
+
+    Computed in float32: z, cond and ``added`` are cast to float32, and the denoiser must be float32 while
+    the loss is built *and* back-propagated. A half-precision one (SD loaded in fp16) is refused: in fp16
+    the gradient entering the UNet (2 / numel, times SDS-CLIP's lambda 1e-3: ~4e-9) underflows to zero
+    and nothing trains. Hold ``float32_modules(pipe.unet)`` around the forward and the backward (the
+    library's loops, ``fit_conditioning``, ``fit_text_encoder`` and ``distillation.finetune``, do, once
+    per fit); the weights come back bit for bit after. A float32 pipeline (the tiny profile) runs as is."""
+    if not _float32(pipe.unet):
+        raise BadParameter(f"{type(pipe).__name__}'s denoiser is not float32: a backward pass through a "
+                           "half-precision UNet underflows; build and back-propagate the loss inside "
+                           "conditioning.float32_modules(pipe.unet)")
+    z = z.float()
     sched = pipe.training_scheduler()
     t = torch.randint(0, sched.config.num_train_timesteps, (len(z),), generator=gen).to(z.device)
     eps = torch.randn(z.shape, generator=gen).to(z)
@@ -66,14 +79,22 @@ def sds_loss(pipe, z: torch.Tensor, cond: torch.Tensor, gen: torch.Generator, ad
     return F.mse_loss(predicted_noise(sched, out.to(z), zt, t), eps)
 
 
+def _float32(module: nn.Module) -> bool:
+    """Whether every floating-point parameter of ``module`` is float32."""
+    return all(p.dtype == torch.float32 for p in module.parameters() if p.is_floating_point())
+
+
 @torch.no_grad()
 def diffusion_score(pipe, images: torch.Tensor, conds: torch.Tensor, n: int = 50, seed: int = 0,
                     batch_size: int = 256) -> torch.Tensor:
     """d (N, C): denoising error of each image (N, 3, H, W) under each conditioning (C, T, d).
 
-    Lower is a better match (Eq. 9.2 picks argmin_c). Timesteps are a stratified grid of ``n``
-    points over [0, T) shuffled per image by ``seed``; the noise draws are shared by every
-    caption of an image. Errors are in noise space whatever the UNet predicts.
+    Lower is a better match (Eq. 9.2 picks argmin_c). Timesteps: a stratified grid of ``n`` points
+    over [0, T) (one random offset per stratum, drawn from ``seed``), the same grid for every image;
+    the noise eps is drawn per image and shared by every caption of that image (the paired estimator:
+    images of one call do not share eps). Errors are in noise space whatever the UNet predicts, squared
+    and averaged in float32 (a half-precision UNet's outputs are upcast first: fp16 rounding, ~1e-4, is
+    the size of the gaps between captions).
     """
     sched = pipe.training_scheduler()
     x0 = pipe.encode_images(images.to(pipe.device))
@@ -92,9 +113,29 @@ def diffusion_score(pipe, images: torch.Tensor, conds: torch.Tensor, n: int = 50
         pred = torch.cat([pipe.noise_prediction(pipe.denoise(z_all[k:k + batch_size], t_all[k:k + batch_size],
                                                              cond[k:k + batch_size]))
                           for k in range(0, C * n, batch_size)])
-        err = (predicted_noise(sched, pred, z_all, t_all) - eps_all) ** 2
+        err = (predicted_noise(sched, pred, z_all, t_all).float() - eps_all.float()) ** 2
         out[i] = err.view(C, -1).mean(1).cpu()
     return out
+
+
+@contextmanager
+def float32_modules(*modules: nn.Module):
+    """Inside the block every floating-point parameter and buffer of ``modules`` is float32; after it, each
+    gets its own dtype back (fp16 / bf16 -> fp32 -> back is exact: the weights return bit for bit). How the
+    library trains *through* a half-precision denoiser: backward passes run in float32, where the small
+    gradients of a denoising loss do not underflow. Run the backward inside the block too (autograd keeps
+    the float32 weights it saw). A no-op for float32 modules (the tiny profile). Memory: the weights in
+    float32 (SD v1.4's UNet: 3.4 GB instead of 1.7) while the block lasts, and float32 activations."""
+    saved = []
+    for t in itertools.chain.from_iterable(itertools.chain(m.parameters(), m.buffers()) for m in modules):
+        if t.is_floating_point() and t.dtype != torch.float32:
+            saved.append((t, t.dtype))
+            t.data = t.data.float()
+    try:
+        yield modules
+    finally:
+        for t, dtype in saved:
+            t.data = t.data.to(dtype)
 
 
 @contextmanager
@@ -115,12 +156,14 @@ def _fit(pipe, params: list, condition, latents: torch.Tensor, steps: int, lr: f
          weight_decay: float, progress: bool, desc: str, added: dict | None = None) -> list:
     """AdamW on ``params``: each step draws ``batch_size`` (prompt i, image r) pairs of latents (P, R, ...)
     and lowers the frozen UNet's denoising error of image r under ``condition(i)`` (B, T, d) and the
-    prompts' extra inputs ``added`` {name: (P, ...)}."""
+    prompts' extra inputs ``added`` {name: (P, ...)}. Forward and backward run in float32: a half-precision
+    UNet is upcast for the whole fit (``float32_modules``, restored bit for bit after), half-precision latents
+    are cast by ``sds_loss``; ``params`` should be float32."""
     from tqdm.auto import tqdm
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     losses = []
-    with frozen(pipe.unet):
+    with frozen(pipe.unet), float32_modules(pipe.unet):
         for _ in tqdm(range(steps), desc=desc, disable=not progress, leave=False):
             i = torch.randint(0, len(latents), (batch_size,), generator=gen)
             r = torch.randint(0, latents.shape[1], (batch_size,), generator=gen)
@@ -145,7 +188,7 @@ def fit_conditioning(pipe, conds: torch.Tensor, latents: torch.Tensor, transform
     prompts' extra denoiser inputs, kept fixed (SD-XL's pooled text, PixArt's mask, SD3's pooled
     projections; ``pipe.added_conditions(prompts)``). Returns (result, losses).
     """
-    conds = conds.detach().to(pipe.device)
+    conds = conds.detach().to(pipe.device, torch.float32)   # c* and the projections train in float32
     if transform is None:
         target = conds.clone().requires_grad_(True)
         losses = _fit(pipe, [target], lambda i: target[i], latents, steps, lr, batch_size, seed, weight_decay,
@@ -167,7 +210,7 @@ def fit_text_encoder(pipe, prompts, latents: torch.Tensor, last_layers: int | No
     prompts: P strings; latents (P, R, *latent_shape). Returns (TunedEncoder, losses).
     """
     import copy
-    text = copy.deepcopy(pipe.text_model).train()
+    text = copy.deepcopy(pipe.text_model).float().train()   # trained in float32 (a no-op for SD's fp32 tower)
     for p in text.parameters():
         p.requires_grad_(last_layers is None)
     if last_layers is not None:

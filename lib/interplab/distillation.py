@@ -19,13 +19,14 @@ image instead, I(x, c) = eps_theta(v_alpha(x), t, c), so nothing back-propagates
     losses = finetune(student, tokenize, pipe, batches, lam=1.0, objective="features")
 """
 import copy
+from contextlib import ExitStack
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .conditioning import frozen, sds_loss
+from .conditioning import float32_modules, frozen, sds_loss
 from .errors import BadParameter, check_choice
 from .hooks import trace
 from .models.clip_students import features, resize_crop
@@ -35,6 +36,16 @@ from .zoo.clip import infonce
 def layer_norms(model: nn.Module) -> list:
     """Parameters of every ``nn.LayerNorm`` (by type: HF spells one ``pre_layrnorm``)."""
     return [p for m in model.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters()]
+
+
+def train_keeping_batch_norms(model: nn.Module) -> nn.Module:
+    """``model.train()`` with every BatchNorm left in eval mode: RN50's frozen trunk (open_clip's ModifiedResNet)
+    keeps normalising with its pre-trained running statistics, which a training-mode forward would overwrite."""
+    model.train()
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+    return model
 
 
 OBJECTIVES = ("sds", "features")
@@ -104,9 +115,16 @@ def finetune(student: SdsClip, tokenize, teacher, batches, lam: float, steps: in
     at ``feature_t`` / ``feature_layer`` (the student's h_w must map to ``feature_shape``).
 
     batches(rng) -> (images (B, 3, H, W) in [0, 1], captions): the fine-tuning stream (seeded by
-    ``seed``); tokenize(captions) -> the student's input ids (B, T). teacher: a
+    ``seed``); tokenize(captions) -> the student's input ids (B, T). LayerNorms (and ``also_train``) learn
+    at ``lr_ln``, h_w at ``lr_h`` (the tiny spec's 5e-4 / 1e-3; §11.8.5 gives one rate, 5e-5). teacher: a
     ``models.diffusion.Text2Image`` whose UNet stays frozen. Returns the per-step losses
     [(L_CLIP, L_SDS or the feature loss)].
+
+    The student trains in train mode except its BatchNorms (``train_keeping_batch_norms``). With L_SDS
+    (lam > 0, objective "sds") a half-precision teacher UNet (SD in fp16) is held in float32 for the whole
+    fine-tune (``conditioning.float32_modules``; its weights come back bit for bit): the SDS gradient
+    (lam 2 / numel, ~4e-9 at lam 1e-3) would underflow to zero in fp16. The feature objective never
+    back-propagates through the UNet and runs it in its own dtype.
     """
     from tqdm.auto import tqdm
     if lam < 0:
@@ -119,10 +137,13 @@ def finetune(student: SdsClip, tokenize, teacher, batches, lam: float, steps: in
     teacher.unet.eval()
     device = next(student.parameters()).device
     out = []
-    with frozen(teacher.unet):
+    with ExitStack() as stack:
+        stack.enter_context(frozen(teacher.unet))
+        if lam > 0 and objective == "sds":
+            stack.enter_context(float32_modules(teacher.unet))
         for _ in tqdm(range(steps), desc=f"{'SDS-CLIP' if objective == 'sds' else 'UNet features'} (lam={lam})",
                       disable=not progress, leave=False):
-            student.train()
+            train_keeping_batch_norms(student)
             images, captions = batches(rng)
             ids = tokenize(captions).to(device)
             img = features(student.clip.get_image_features(pixel_values=pixel_values(images.to(device))))

@@ -137,9 +137,14 @@ def gors_finetune(pipe, prompts, latents: torch.Tensor, rewards, steps: int = GO
     scores (the release keeps those above ``GORS_THRESHOLDS``). The UNet's adapters train at ``lr``,
     the text encoder's at ``text_lr`` (``train_text`` False: no text adapters). Returns
     (PipelineAdapters, per-step losses).
+
+    Forward and backward run in float32: a half-precision UNet (and, with ``train_text``, text encoder) is
+    held in float32 for the whole fine-tune (``conditioning.float32_modules``; the weights come back bit for
+    bit), where the release trains fp32 weights under fp16 autocast with a GradScaler. A plain fp16 backward
+    would underflow the denoising loss's small gradients. Float32 pipelines (the tiny profile) are untouched.
     """
     from tqdm.auto import tqdm
-    from .conditioning import frozen
+    from .conditioning import float32_modules, frozen
     rewards = torch.as_tensor(rewards, dtype=torch.float32).flatten()
     if not (len(prompts) == len(latents) == len(rewards)):
         raise BadParameter(f"prompts, latents and rewards differ in length: {len(prompts)}, {len(latents)}, "
@@ -155,9 +160,9 @@ def gors_finetune(pipe, prompts, latents: torch.Tensor, rewards, steps: int = GO
     sched = pipe.training_scheduler()
     ids = pipe.tokenize(prompts)
     gen = torch.Generator().manual_seed(seed)
-    unet_dtype = next(pipe.unet.parameters()).dtype
     losses = []
-    with frozen(pipe.unet), frozen(pipe.text_model), adapters.attached(pipe):
+    upcast = (pipe.unet, pipe.text_model) if train_text else (pipe.unet,)
+    with frozen(pipe.unet), frozen(pipe.text_model), float32_modules(*upcast), adapters.attached(pipe):
         pipe.unet.train()
         for _ in tqdm(range(steps), desc="GORS", disable=not progress, leave=False):
             i = torch.randint(0, len(latents), (batch_size,), generator=gen)
@@ -166,7 +171,7 @@ def gors_finetune(pipe, prompts, latents: torch.Tensor, rewards, steps: int = GO
             t = torch.randint(0, sched.config.num_train_timesteps, (batch_size,), generator=gen).to(x0.device)
             zt = sched.add_noise(x0, eps, t)
             cond = pipe.text_model(input_ids=ids[i].to(pipe.text_model.device)).last_hidden_state
-            out = pipe.noise_prediction(pipe.denoise(zt.to(unet_dtype), t, cond.to(unet_dtype))).float()
+            out = pipe.noise_prediction(pipe.denoise(zt, t, cond.to(zt))).float()
             per_sample = ((out - denoising_target(sched, x0, eps, t)) ** 2).flatten(1).mean(1)
             loss = (rewards[i].to(per_sample.device) * per_sample).mean()
             opt.zero_grad()

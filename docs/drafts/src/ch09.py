@@ -25,34 +25,35 @@ profile = "tiny"
 seed = 0
 device = "auto"
 out_dir = None
-n_winoground = 120          # Winoground-tiny items (test copy; the validation copy has as many); paper: all 400
-n_aro = 150                 # ARO-tiny items per kind; paper: all
-diffusion_samples = 20      # paired (t, eps) draws per image for the diffusion score; paper: 50
-ft_steps = 150              # SDS-CLIP / L_CLIP fine-tuning steps; paper: 3700 (one COCO epoch at batch 32)
+# A parameter left at None takes its profile's value (interplab.by_profile): "tiny X; paper Y" below.
+n_winoground = None         # Winoground items; tiny: 120 Winoground-tiny (test copy; the validation copy has as many); paper: all 400 (None)
+n_aro = None                # ARO items per kind; tiny: 150 ARO-tiny; paper: all (None)
+diffusion_samples = None    # paired (t, eps) draws per image for the diffusion score; tiny: 20; paper: 50
+ft_steps = None             # SDS-CLIP / L_CLIP fine-tuning steps; tiny: 150; paper: 3700 (one COCO epoch at batch 32)
 n_ft_seeds = 3
 lambda_grid = [0.1, 1.0, 10.0]  # tiny: lambda chosen on the validation copy; paper: sds_lambda
 categories = ["colour", "texture", "size"]  # paper: T2I-CompBench color, texture, shape (same order)
-n_test_prompts = 24         # held-out compositional prompts per category; paper: 300 (the val split)
-samples_per_prompt = 4      # paper: 10
-train_prompts = 400         # (prompt, render) pairs per category that CLP / WiCLP train on; paper: 700 train prompts
-train_steps = 250           # paper: 10000
+n_test_prompts = None       # held-out compositional prompts per category; tiny: 24; paper: 300 (the val split)
+samples_per_prompt = None   # tiny: 4; paper: 10
+train_prompts = None        # (prompt, render) pairs per category that CLP / WiCLP train on; tiny: 400; paper: 700 train prompts
+train_steps = None          # tiny: 250; paper: 10000
 cstar_prompts = 12
-cstar_steps = 120           # paper: 500
-switch_taus = [1000, 800, 400, 0]  # paper: 1000, 900, 800, 600, 400, 200, 0
-fid_images = 128            # paper: 10000 MS-COCO val captions
-students = ["ViT-B/32"]     # paper: Table 9.1's students, or the appendix's LAION ViT-B/16s and CoCa (keys of clip_students.STUDENTS)
+cstar_steps = None          # tiny: 120; paper: 500
+switch_taus = None          # tiny: [1000, 800, 400, 0]; paper: [1000, 900, 800, 600, 400, 200, 0]
+fid_images = None           # tiny: 128; paper: 10000 MS-COCO val captions
+students = None             # tiny: ["ViT-B/32"] (unused); paper: Table 9.1's five students (ViT-B/16 first: §11.8.5 tuned on it), or the appendix's LAION ViT-B/16s and CoCa (keys of clip_students.STUDENTS)
 finetune_data = "coco"      # paper: "coco" (Table 9.1) or "cc3m" (§11.8.6); tiny: the CLIP's own caption stream
 feature_t = 200             # §11.8.2's timestep for the UNet features (not stated in the dissertation)
 feature_layer = None        # None: the UNet's output, as Eq. 11.19 writes it; or a module path such as "mid_block"
-n_order = 300               # word-order items per set (tiny: ARO-Order-tiny, where 100 were too few; paper: COCO-Order and Flickr30k-Order captions)
-n_clevr = 400               # paper: CLEVR caption pairs (§11.8.8); tiny: unused
+n_order = None              # word-order items per set; tiny: 300 ARO-Order-tiny (100 were too few); paper: all COCO-Order and Flickr30k-Order captions (None)
+n_clevr = None              # paper: all CLEVR caption pairs (None, §11.8.8); tiny: 400 (unused)
 n_human = 160               # paper: prompts of the human study (SD vs SD + WiCLP, §9.2.6); tiny: unused
 human_study_csvs = []       # paper: filled copies of the exported human_study.csv, one per rater
 teacher = "v1"              # paper: the SD version that scores, teaches and generates
 sds_lambda = 0.001          # paper: 11.8.5 (learning rate 5e-5, batch 32)
-per_generator = 8           # own samples per train prompt before the rating filter (tiny: the oracle); paper: 70
-keep_best = 1               # best-rated samples kept per train prompt for CLP / WiCLP; paper: 30
-gors_steps = 1000           # GORS LoRA fine-tuning steps at batch 16; paper: 15000 (the release)
+per_generator = None        # own samples per train prompt before the rating filter; tiny: 8 (the oracle rates); paper: 70
+keep_best = None            # best-rated samples kept per train prompt for CLP / WiCLP; tiny: 1; paper: 30
+gors_steps = None           # GORS LoRA fine-tuning steps at batch 16; tiny: 1000; paper: 15000 (the release)
 gors_threshold = None       # rating an image must exceed; None: the release's (colour 0.92, texture 0.9, shape 0.85)
 table92_models = ["sd-v2", "sdxl", "pixart-512", "pixart-1024", "sd3", "flux"]  # paper: Table 9.2's other families; tiny: unused
 star_generators = ["sdxl", "sd3"]  # paper: the newer models whose best samples train WiCLP*
@@ -83,6 +84,23 @@ from interplab.zoo import clip as zc
 from interplab.zoo import oracle as zo
 from interplab.zoo import t2i as zt
 
+n_winoground = interplab.by_profile(n_winoground, profile, 120, None)       # None: every item
+n_aro = interplab.by_profile(n_aro, profile, 150, None)
+diffusion_samples = interplab.by_profile(diffusion_samples, profile, 20, 50)
+ft_steps = interplab.by_profile(ft_steps, profile, 150, 3700)
+n_test_prompts = interplab.by_profile(n_test_prompts, profile, 24, 300)
+samples_per_prompt = interplab.by_profile(samples_per_prompt, profile, 4, 10)
+train_prompts = interplab.by_profile(train_prompts, profile, 400, 700)
+train_steps = interplab.by_profile(train_steps, profile, 250, 10000)
+cstar_steps = interplab.by_profile(cstar_steps, profile, 120, 500)
+switch_taus = interplab.by_profile(switch_taus, profile, [1000, 800, 400, 0], [1000, 900, 800, 600, 400, 200, 0])
+fid_images = interplab.by_profile(fid_images, profile, 128, 10000)
+students = interplab.by_profile(students, profile, ["ViT-B/32"], ["ViT-B/16", "ViT-B/32", "ViT-L/14", "ViT-L/14-336", "RN50"])
+n_order = interplab.by_profile(n_order, profile, 300, None)
+n_clevr = interplab.by_profile(n_clevr, profile, 400, None)
+per_generator = interplab.by_profile(per_generator, profile, 8, 70)
+keep_best = interplab.by_profile(keep_best, profile, 1, 30)
+gors_steps = interplab.by_profile(gors_steps, profile, 1000, 15000)
 ch = interplab.start("ch09_compositionality", profile=profile, seed=seed, device=device, out_dir=out_dir,
                      params=dict(n_winoground=n_winoground, n_aro=n_aro, diffusion_samples=diffusion_samples,
                                  ft_steps=ft_steps, n_ft_seeds=n_ft_seeds, lambda_grid=lambda_grid, categories=categories,
@@ -207,7 +225,8 @@ else:
         for kind, items in aro_items.items():
             img = cb.embed_files(model, [r["image"] for r in items], size, [r["bbox"] for r in items])
             t, f = (clip_students.embed_texts(model, tok_s, [r[k] for r in items]) for k in ("true", "false"))
-            out[f"aro_{kind}"] = cb.aro_accuracy((img * t).sum(1), (img * f).sum(1))["micro"]
+            acc = cb.aro_accuracy((img * t).sum(1), (img * f).sum(1), [r["label"] for r in items])
+            out[f"aro_{kind}"], out[f"aro_{kind}_macro"] = acc["micro"], acc["macro"]   # macro: over relations / attributes
         out["aro_overall"] = (out["aro_relation"] + out["aro_attribution"]) / 2
         for kind, items in order_items.items():
             img = cb.embed_files(model, [r["image"] for r in items], size)
@@ -253,7 +272,7 @@ if ch.tiny:
     t0c = time.perf_counter()
     clip_scores(clip_model, dict(wino=w, aro={}))
     clip_pair_s = (time.perf_counter() - t0c) / len(w["captions"])
-else:  # SD's own resolution; both images and both captions of an item share the draws
+else:  # SD's own resolution; both captions of an image share its (t, eps) draws (the item's two images share the t grid, not eps)
     t0 = time.perf_counter()
     D = torch.stack([conditioning.diffusion_score(pipe, torch.stack([cb.load_image(it[f"image_{k}"], 512) for k in (0, 1)]),
                                                   pipe.encode([it["caption_0"], it["caption_1"]]), n=diffusion_samples,
@@ -265,10 +284,11 @@ else:  # SD's own resolution; both images and both captions of an item share the
                                                     pipe.encode([r["true"], r["false"]]), n=diffusion_samples, seed=seed + i)
                        for i, r in enumerate(aro_a)])
     diff_aro = float((d_aro[:, 0] < d_aro[:, 1]).float().mean())
+    size0, timed = clip_students.STUDENTS[students[0]].image_size, wino_items[:50]   # ViT-L/14-336 reads 336 px
     t0c = time.perf_counter()
-    clip_students.embed_images(clip_model, torch.stack([cb.load_image(it[f"image_{k}"], 224) for it in wino_items[:50]
-                                                         for k in (0, 1)]))
-    clip_pair_s = (time.perf_counter() - t0c) / 50
+    clip_students.embed_images(clip_model, torch.stack([cb.load_image(it[f"image_{k}"], size0) for it in timed
+                                                         for k in (0, 1)]), size0)
+    clip_pair_s = (time.perf_counter() - t0c) / len(timed)
 clip_wino = vanilla["winoground_object"] if ch.tiny else vanilla["winoground"]   # tiny: the object items
 fig, ax = plt.subplots(figsize=(5, 2.8))
 ax.bar(np.arange(2) - 0.2, [clip_wino, vanilla["aro_attribution"]], 0.4, label="tiny CLIP" if ch.tiny else students[0])
@@ -322,7 +342,7 @@ if ch.tiny:
     lam_star = max(grid, key=grid.get)
     print("validation Winoground-tiny text score per lambda:", grid, "-> lambda", lam_star)
     names = ["tiny CLIP"]
-else:  # MS-COCO train2017 (or CC-3M, §11.8.6), batch 32, LayerNorms at lr 5e-5 (11.8.5), lambda from the dissertation
+else:  # MS-COCO train2017 (or CC-3M, §11.8.6), batch 32, LayerNorms and h_w at lr 5e-5 (11.8.5's one rate), lambda from the dissertation
     pairs = cb.coco_captions("train2017") if finetune_data == "coco" else cb.cc3m_pairs()
     lam_star, names = sds_lambda, students
     test_scores, zero_shot_of = clip_scores, zero_shot
@@ -331,7 +351,7 @@ else:  # MS-COCO train2017 (or CC-3M, §11.8.6), batch 32, LayerNorms at lr 5e-5
         spec = clip_students.STUDENTS[name]
         student = distillation.SdsClip(base, target_shape(objective), also_train=spec.also_train).to(ch.device)
         losses = distillation.finetune(student, clip_students.tokenizer(name), pipe, cb.coco_stream(pairs, 32, spec.image_size),
-                                       lam=lam, steps=ft_steps, lr_ln=5e-5, seed=ft_seed,
+                                       lam=lam, steps=ft_steps, lr_ln=5e-5, lr_h=5e-5, seed=ft_seed,
                                        pixel_values=lambda x: clip_students.pixels(x, spec.image_size),
                                        objective=objective, feature_t=feature_t, feature_layer=feature_layer)
         return student.clip, losses
@@ -640,7 +660,8 @@ if ch.tiny:   # D_p: renders of the prompt
         tw.composition_scenes(p, "colour", 8, seed + 50 + i, pal=zt.DARK), seed=seed + i, noise=0.0)[0]))
         for i, (_, _, p) in enumerate(c_items)])
 else:         # D_p: the model's own best 8 of per_generator samples by BLIP-VQA (the dissertation's images are not released)
-    pool = cb.compbench_training_latents(pipe, {"sd": pipe}, [cap for cap, _, _ in c_items], per_generator, min(8, per_generator), blip, seed=seed)
+    pool = cb.compbench_training_latents(pipe, {"sd": pipe}, [cap for cap, _, _ in c_items], per_generator, min(8, per_generator), blip,
+                                         seed=seed, **SAMPLE)
 c0 = pipe.encode([cap for cap, _, _ in c_items])
 c_star, cstar_losses = conditioning.fit_conditioning(pipe, c0, pool, steps=cstar_steps, lr=1e-2 if ch.tiny else 1e-3,
                                                      batch_size=24 if ch.tiny else 8, seed=seed)
@@ -725,7 +746,7 @@ def train_pairs(category):
     gens = {g: data_generator(g) for g in data_generators}
     lat, own_pools[category] = cb.compbench_training_sets(pipe, gens, prompts_c, per_generator, min(keep_best, per_generator),
                                                           blip, gors_threshold_of(category), seed=seed + 1,
-                                                          rewarded_from=[g for g in gens if gens[g] is pipe])
+                                                          rewarded_from=[g for g in gens if gens[g] is pipe], **SAMPLE)
     return prompts_c, pipe.encode(prompts_c), lat
 
 
@@ -930,13 +951,14 @@ else:
             base_images = torch.stack([(pipe.decode(own_latents[i].to(pipe.device)).cpu() * 255).round().to(torch.uint8)
                                        for i in range(len(captions))])
         star_images = cb.compbench_best_images({g: (lambda g=g: load_t2i(g, ch.device)) for g in star_generators}, captions,
-                                               per_generator, keep_best, blip, size=star_size, seed=seed + 2)[0] if wants_star else None
+                                               per_generator, keep_best, blip, size=star_size, seed=seed + 2,
+                                               **SAMPLE)[0] if wants_star else None
         for name in table92_models:
             pipe_f = load_t2i(name, ch.device)
             row = dict(model=name, category=c, baseline=family_vqa(pipe_f, test_items[c]))
             if "GORS" in TABLE_9_2_FAMILIES.get(name, {}):  # the dissertation's baselines block (SD v2); GORS on its own samples
                 gors_data = cb.compbench_rewarded_samples(pipe_f, captions, per_generator, blip, gors_threshold_of(c),
-                                                          seed=seed + 1)
+                                                          seed=seed + 1, **SAMPLE)
                 row.update(baseline_methods(pipe_f, test_items[c], gors_data)[0])
             for method in ("CLP", "WiCLP", "WiCLP*"):
                 if method in TABLE_9_2_FAMILIES.get(name, {}):

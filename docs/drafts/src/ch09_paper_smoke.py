@@ -9,6 +9,10 @@ builds at their pipelines' default steps, the CLIP students -> clip_students.bui
 random builds with word-level tokenizers, Inception -> random weights), spaCy -> " and "-split noun chunks and
 tags from a word list, and the
 torchvision zero-shot splits (CIFAR's md5-checked pickles cannot be faked) -> a constant.
+
+Every parameter the draft resolves with ``interplab.by_profile`` (left at None it takes the paper value: all 400
+Winoground items, 3700 fine-tuning steps, five students, 70 images per train prompt, ...) is overridden below, so
+this stays a smoke-size run; a new by_profile parameter needs an override here too.
 """
 import json
 import sys

@@ -44,8 +44,9 @@ def batch(rng: np.random.Generator, n: int, mix=tw.PRETRAIN_MIX, **kw):
 
 def infonce(logits_per_image: torch.Tensor, captions) -> torch.Tensor:
     """Symmetric InfoNCE of (B, B) image-text logits; identical captions in a batch are all positives
-    for each other."""
-    same = torch.tensor([[a == b for b in captions] for a in captions], dtype=torch.float32)
+    for each other. The targets live on the logits' device (a GPU fine-tune's logits are on the GPU)."""
+    same = torch.tensor([[a == b for b in captions] for a in captions], dtype=torch.float32,
+                        device=logits_per_image.device)
     target = same / same.sum(1, keepdim=True)
     return (F.cross_entropy(logits_per_image, target) + F.cross_entropy(logits_per_image.T, target)) / 2
 
