@@ -68,3 +68,57 @@ def test_tiny_extractors_shapes_and_training_step(kind):
     E.train(model, x.numpy(), y, epochs=1, batch=8, progress=False)
     E.meta_train(model, x.numpy().repeat(2, 0), np.tile(y, 2), episodes=2, way=3, shot=1, query=1, progress=False)
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_evaluation_transforms_follow_each_release():
+    from interplab import imagenet
+    dino_r50 = E.build_backbone("dino_resnet50")
+    assert imagenet.input_config(dino_r50)[:2] == (224, 0.875) and E._interpolation(dino_r50) == "bicubic"
+    assert E._interpolation(E.build_backbone("resnet18")) == "bilinear"          # torchvision's classifiers
+    assert E._interpolation(E.build_backbone("clip_resnet50")) == "bicubic"
+
+
+def test_embed_images_resizes_with_the_models_filter():
+    from interplab import imagenet
+    torch.manual_seed(0)
+    model = E.build_backbone("resnet18")
+    model.pretrained_cfg = dict(model.pretrained_cfg, input_size=(3, 32, 32))
+    img = np.random.default_rng(0).integers(0, 256, (45, 61, 3), dtype=np.uint8)
+    got = E.embed_images(model, [img])
+    for interpolation, same in (("bilinear", True), ("bicubic", False)):
+        x = imagenet.normalise(model)(imagenet.load([img], 32, 0.875, interpolation))
+        assert torch.allclose(got, E.embed(model, x), atol=1e-6) == same
+
+
+def test_pmf_selector_loads_a_dino_protonet_checkpoint_at_128_px():
+    import math
+
+    import timm
+    import torch.nn.functional as F
+    assert "pmf" not in E.BACKBONES and E.SELECTORS["pmf"].dim == 384   # Fig 4.4 keeps its 13 columns
+    torch.manual_seed(0)
+    dino = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0)
+    checkpoint = {"model": {**{f"backbone.{k}": v for k, v in dino.state_dict().items()},
+                            "scale_cls": torch.tensor([10.0]), "bias": torch.tensor([0.0])}, "epoch": 3}
+    model = E.build_backbone("pmf")
+    assert model.patch_embed.img_size == (128, 128) and model.pretrained_cfg["crop_pct"] == 0.875
+    state = E.pmf_state_dict(checkpoint, model)
+    model.load_state_dict(state)                                        # strict: every key maps
+    grid = dino.pos_embed[:, 1:].reshape(1, 14, 14, -1).permute(0, 3, 1, 2)
+    want = F.interpolate(grid, scale_factor=(8.1 / math.sqrt(196), 8.1 / math.sqrt(196)), mode="bicubic")
+    assert torch.equal(state["pos_embed"][:, 1:], want.permute(0, 2, 3, 1).reshape(1, 64, -1))
+    assert torch.equal(state["pos_embed"][:, :1], dino.pos_embed[:, :1])
+    assert E.embed(model, torch.rand(2, 3, 128, 128)).shape == (2, 384)
+    same = E.pmf_state_dict(checkpoint, dino)                           # at 224 px nothing is resampled
+    assert torch.equal(same["pos_embed"], dino.pos_embed)
+
+
+def test_pmf_selector_offline_names_its_checkpoint(monkeypatch, tmp_path):
+    from interplab.errors import ResourceUnavailable
+
+    def offline(*a, **k):
+        raise OSError("no network")
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    with pytest.raises(ResourceUnavailable, match="pmf_metadataset_dino.*data/backbones/pmf.pt"):
+        E.load_backbone("pmf")

@@ -389,3 +389,188 @@ def test_image_pools_embed_files_and_decoded_images_alike(tmp_path):
     assert a.shape == (3, 512) and torch.allclose(a, b, atol=1e-5)   # PNG is lossless: the same pixels
     assert export.pool_hash(in_memory) != export.pool_hash(data.ImagePool([], by_file.y, {}, {}, "x", images=arrays[::-1]))
     assert export.pool_hash(by_file) == export.pool_hash(data._image_folder("objectnet", tmp_path, "*/*.png"))
+
+
+# ------------------------------------------------------------------------------ paper loaders, real layouts
+def _touch(path, data=b""):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+
+
+def _orbit_tree(root):
+    """Two test users in the benchmark's layout, annotations/test/<video>.json as in ORBIT's extra annotations."""
+    notes = root / "orbit" / "annotations" / "test"
+    videos = {}
+    for user, obj in (("P100", "keys"), ("P100", "mug"), ("P200", "keys")):
+        video = f"{user}--{obj}--clean--vid"
+        ann = {}
+        for j in range(4):
+            frame = f"{video}-{j + 1:05d}.jpg"
+            _touch(root / "orbit" / "test" / user / obj / "clean" / video / frame)
+            absent = j == 3
+            ann[frame] = {"object_not_present_issue": absent,
+                          **{f"{k}_issue": None if absent else bool((j + i) % 2) for i, k in enumerate(data.ORBIT_ISSUES)}}
+        notes.mkdir(parents=True, exist_ok=True)
+        (notes / f"{video}.json").write_text(json.dumps(ann))
+        videos[video] = ann
+        clutter = f"{user}--{obj}--clutter--vid"   # bounding boxes only: not part of the pool
+        _touch(root / "orbit" / "test" / user / obj / "clutter" / clutter / f"{clutter}-00001.jpg")
+    return videos
+
+
+def test_orbit_reads_the_released_annotation_format(tmp_path):
+    videos = _orbit_tree(tmp_path)
+    pool = data.orbit(root=tmp_path)
+    assert "lighting" not in data.ORBIT_ISSUES and len(data.ORBIT_ISSUES) == 6
+    assert len(pool.files) == 9 and all("clean" in f.parts for f in pool.files)        # absent-object frames dropped
+    assert sorted(pool.class_names.values()) == ["P100/keys", "P100/mug", "P200/keys"]
+    assert np.bincount(pool.y).tolist() == [3, 3, 3]
+    for i, f in enumerate(pool.files):
+        want = videos[f.parent.name][f.name]
+        assert {k: bool(pool.annotations[k][i]) for k in data.ORBIT_ISSUES} == {k: want[f"{k}_issue"]
+                                                                             for k in data.ORBIT_ISSUES}
+    assert any(pool.annotations["blur"]) and not all(pool.annotations["blur"])
+    assert len(data.orbit(root=tmp_path, max_frames_per_video=2).files) == 6
+
+
+def test_orbit_fails_loudly_on_missing_annotations(tmp_path):
+    _orbit_tree(tmp_path)
+    path = tmp_path / "orbit" / "annotations" / "test" / "P100--mug--clean--vid.json"
+    ann = json.loads(path.read_text())
+    del ann["P100--mug--clean--vid-00002.jpg"]["blur_issue"]
+    path.write_text(json.dumps(ann))
+    with pytest.raises(ResourceUnavailable, match="blur_issue of frame P100--mug--clean--vid-00002.jpg"):
+        data.orbit(root=tmp_path)
+    path.unlink()
+    with pytest.raises(ResourceUnavailable, match="P100--mug--clean--vid.json"):
+        data.orbit(root=tmp_path)
+
+
+def test_cure_or_parses_release_file_names(tmp_path):
+    folder = tmp_path / "cure_or" / "01_no_challenge" / "white" / "iPhone"
+    for obj in (3, 12):
+        for orientation in range(1, 6):
+            _touch(folder / f"1_1_{orientation}_{obj:03d}_01_0.jpg")
+    _touch(tmp_path / "cure_or" / "05_blur" / "white" / "iPhone" / "1_1_1_003_05_3.jpg")   # a challenge image
+    pool = data.cure_or(root=tmp_path)
+    assert len(pool.files) == 10 and pool.class_names == {0: "003", 1: "012"}
+    for f, view, c in zip(pool.files, pool.annotations["view"], pool.y):
+        _, _, orientation, obj, _, _ = f.stem.split("_")
+        assert view == {"1": "front", "2": "left", "3": "back", "4": "right", "5": "top"}[orientation]
+        assert pool.class_names[int(c)] == obj
+    assert data.CURE_OR_VIEWS == {1: "front", 2: "left", 3: "back", 4: "right", 5: "top"}
+    assert len(data.cure_or(root=tmp_path, challenge=5).files) == 1
+    _touch(folder / "front_view.jpg")
+    with pytest.raises(BadParameter, match="not a CURE-OR file name"):
+        data.cure_or(root=tmp_path)
+
+
+def test_objectnet_crops_the_red_border(tmp_path):
+    from PIL import Image
+    img = np.zeros((20, 24, 3), np.uint8)
+    img[:2], img[-2:], img[:, :2], img[:, -2:] = (255, 0, 0), (255, 0, 0), (255, 0, 0), (255, 0, 0)
+    (tmp_path / "objectnet-1.0" / "images" / "mug").mkdir(parents=True)
+    Image.fromarray(img).save(tmp_path / "objectnet-1.0" / "images" / "mug" / "0.png")
+    pool = data.objectnet(root=tmp_path)
+    x = pool.items[0]
+    assert x.shape == (16, 20, 3) and x.max() == 0 and pool.items[0:1][0].shape == x.shape
+
+
+def _example_class():
+    """tf.train.Example built from its .proto definition with protobuf itself (TensorFlow is not installed)."""
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+    F = descriptor_pb2.FieldDescriptorProto
+    fdp = descriptor_pb2.FileDescriptorProto(name="fake_example.proto", package="fake", syntax="proto3")
+    fdp.message_type.add(name="BytesList").field.add(name="value", number=1, type=F.TYPE_BYTES, label=F.LABEL_REPEATED)
+    fdp.message_type.add(name="Int64List").field.add(name="value", number=1, type=F.TYPE_INT64, label=F.LABEL_REPEATED)
+    feature = fdp.message_type.add(name="Feature")
+    feature.oneof_decl.add(name="kind")
+    for name, number, kind in (("bytes_list", 1, ".fake.BytesList"), ("int64_list", 3, ".fake.Int64List")):
+        feature.field.add(name=name, number=number, type=F.TYPE_MESSAGE, type_name=kind, label=F.LABEL_OPTIONAL,
+                          oneof_index=0)
+    features = fdp.message_type.add(name="Features")
+    entry = features.nested_type.add(name="FeatureEntry")
+    entry.options.map_entry = True
+    entry.field.add(name="key", number=1, type=F.TYPE_STRING, label=F.LABEL_OPTIONAL)
+    entry.field.add(name="value", number=2, type=F.TYPE_MESSAGE, type_name=".fake.Feature", label=F.LABEL_OPTIONAL)
+    features.field.add(name="feature", number=1, type=F.TYPE_MESSAGE, type_name=".fake.Features.FeatureEntry",
+                       label=F.LABEL_REPEATED)
+    fdp.message_type.add(name="Example").field.add(name="features", number=1, type=F.TYPE_MESSAGE,
+                                                   type_name=".fake.Features", label=F.LABEL_OPTIONAL)
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(fdp)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName("fake.Example"))
+
+
+def _md_tree(root, n_train=2, n_valid=1, n_test=10, per_class=3):
+    """A Meta-Dataset source as its converter writes it: dataset_spec.json + <class id>.tfrecords (PNG payloads
+    whose pixels encode the class), test class ids 3..12 so that "10" sorts before "3" as text."""
+    import io
+    import struct
+
+    from PIL import Image
+    Example = _example_class()
+    folder = root / "meta_dataset" / "aircraft"
+    folder.mkdir(parents=True)
+    total = n_train + n_valid + n_test
+    spec = {"__class__": "DatasetSpecification", "name": "aircraft", "file_pattern": "{}.tfrecords",
+            "classes_per_split": {"TRAIN": n_train, "VALID": n_valid, "TEST": n_test},
+            "images_per_class": {str(c): per_class + c for c in range(total)},
+            "class_names": {str(c): f"plane{c}" for c in range(total)}, "path": str(folder)}
+    (folder / "dataset_spec.json").write_text(json.dumps(spec))
+    for c in range(total):
+        with open(folder / f"{c}.tfrecords", "wb") as f:
+            for j in range(per_class + c):
+                buf = io.BytesIO()
+                Image.fromarray(np.full((5, 7, 3), [c, j, 7], np.uint8)).save(buf, format="PNG")
+                ex = Example()
+                ex.features.feature["label"].int64_list.value.append(c)
+                ex.features.feature["image"].bytes_list.value.append(buf.getvalue())
+                payload = ex.SerializeToString()
+                f.write(struct.pack("<Q", len(payload)) + b"\0" * 4 + payload + b"\0" * 4)
+    return folder
+
+
+def test_meta_dataset_reads_test_classes_lazily_in_numeric_order(tmp_path):
+    _md_tree(tmp_path)
+    pool = data.meta_dataset("aircraft", root=tmp_path)
+    assert isinstance(pool.images, data.LazyImages)
+    assert np.unique(pool.y).tolist() == list(range(3, 13))                # test split only: train/valid skipped
+    assert np.bincount(pool.y)[3:].tolist() == [3 + c for c in range(3, 13)]
+    for i in (0, len(pool.y) // 2, len(pool.y) - 1):
+        c, j = pool.items[i][0, 0, :2]
+        assert c == pool.y[i] and pool.items[i].shape == (5, 7, 3)
+        assert j == i - np.flatnonzero(pool.y == pool.y[i])[0]           # records in file order
+    assert export.pool_hash(pool) == export.pool_hash(data.meta_dataset("aircraft", root=tmp_path))
+    capped = data.meta_dataset("aircraft", root=tmp_path, max_per_class=4)
+    assert np.bincount(capped.y)[3:].tolist() == [min(4, 3 + c) for c in range(3, 13)]
+    first = [capped.items[i][0, 0, 1] for i in np.flatnonzero(capped.y == 12)]
+    assert first == sorted(first) and len(set(first)) == 4
+    (tmp_path / "meta_dataset" / "aircraft" / "7.tfrecords").unlink()
+    with pytest.raises(ResourceUnavailable, match="test class 7"):
+        data.meta_dataset("aircraft", root=tmp_path)
+
+
+def test_md_test_classes_follow_meta_datasets_split_offsets():
+    flat = {"__class__": "DatasetSpecification", "classes_per_split": {"TRAIN": 70, "VALID": 15, "TEST": 15}}
+    assert data.md_test_classes(flat) == list(range(85, 100))
+    bilevel = {"__class__": "BiLevelDatasetSpecification", "superclasses_per_split": {"TRAIN": 2, "VALID": 1, "TEST": 2},
+               "classes_per_superclass": {"0": 3, "1": 4, "2": 5, "3": 6, "4": 2}}
+    assert data.md_test_classes(bilevel) == list(range(12, 20))
+    hierarchical = {"__class__": "HierarchicalDatasetSpecification",
+                    "class_names": {"0": "n01", "1": "n02", "2": "n03", "3": "n04"},
+                    "images_per_class": {"TRAIN": {"n01": 5, "n02": 5, "root": 10}, "VALID": {"n03": 5},
+                                         "TEST": {"n04": 5, "n99": 5}}}
+    assert data.md_test_classes(hierarchical) == [3]
+
+
+def test_select_tasks_in_chunks():
+    feats, y = gaussian_world(n_cls=8, per=30)
+    tasks = T.sample_tasks(T.MetaDatasetSampler(min_way=3, max_way=6, max_support=40, max_shot=8, max_query=5), y, 5, seed=3)
+    whole, sel = S.select_tasks(tasks, feats, y)
+    one, sel1 = S.select_tasks(tasks, feats, y, chunk=1)
+    assert one == [S.select_tasks([t], feats, y)[0][0] for t in tasks]
+    assert len(sel1.chosen) == 5 and torch.is_tensor(sel.chosen)
+    pairs, _ = S.select_tasks(tasks, feats, y, chunk=2)
+    assert all(not T.check_task(t, y) for t in whole + one + pairs)
+    assert torch.allclose(S.support_loss(one, feats, y, chunk=2), S.support_loss(one, feats, y), rtol=1e-5)

@@ -1,7 +1,8 @@
 """Run notebooks/ch04_hard_md.ipynb's paper profile end to end offline (development check, not a result): fake
-Meta-Dataset sources (decoded noise images: reading the real ones needs h5py or TensorFlow), ORBIT / CURE-OR /
+Meta-Dataset sources (decoded noise images; the TFRecord reader is tested in tests/test_fewshot.py), ORBIT / CURE-OR /
 ObjectNet trees of noise JPEGs in the layouts `fewshot.data` reads, and one small random ResNet-18 at 32 px in
-place of each of the 13 backbones (their architectures are tested in tests/test_fewshot.py).
+place of each of the 13 backbones and of the P>M>F selector (their architectures are tested in
+tests/test_extractors_paper.py).
 
     OMP_NUM_THREADS=2 INTERPLAB_OUT_ROOT=build/draft_paper python docs/drafts/src/ch04_paper_smoke.py
 """
@@ -30,24 +31,26 @@ def noise(path: Path) -> None:
 
 
 def fake_tree(root: Path) -> None:
+    notes = root / "orbit" / "annotations" / "test"
+    notes.mkdir(parents=True, exist_ok=True)
     for c in range(CLASSES):
-        for j in range(PER_CLASS):
+        video = f"P{c}--object{c}--clean--v{c}"
+        ann = {}
+        for j in range(PER_CLASS + 1):   # one frame without the object, which the loader drops
             noise(root / "objectnet-1.0" / "images" / f"class{c}" / f"{j}.png")
-            noise(root / "orbit" / "test" / "user0" / f"object{c}" / "clean" / f"video{c}" / f"{j}.jpg")
-        (root / "orbit" / "annotations").mkdir(parents=True, exist_ok=True)
-        (root / "orbit" / "annotations" / f"video{c}.json").write_text(json.dumps(
-            {f"{j}.jpg": {"issues": [data.ORBIT_ISSUES[j % len(data.ORBIT_ISSUES)]] if j % 2 else []}
-             for j in range(PER_CLASS)}))
-    rows = ["file,object,viewpoint"]
-    for c in range(CLASSES):
-        for j in range(5 * PER_CLASS // 2):   # 10 front views per object: Fig 4.5's front-only query sets
-            f = f"bg0/dev0/object{c}/{j}.jpg"
-            noise(root / "cure_or" / f)
-            rows.append(f"{f},object{c},{('front', 'back', 'side', 'top', 'bottom')[j % 5]}")
-    (root / "cure_or" / "annotations.csv").write_text("\n".join(rows) + "\n")
+            frame = f"{video}-{j + 1:05d}.jpg"
+            noise(root / "orbit" / "test" / f"P{c}" / f"object{c}" / "clean" / video / frame)
+            absent = j == PER_CLASS
+            ann[frame] = {"object_not_present_issue": absent,
+                          **{f"{k}_issue": None if absent else (j + i) % 3 == 0 for i, k in enumerate(data.ORBIT_ISSUES)}}
+        (notes / f"{video}.json").write_text(json.dumps(ann))
+        for j in range(5 * PER_CLASS // 2):   # orientations 1-5 in turn: 20 front or back views per object (Fig 4.5)
+            bg, device, orientation = j // 5 % 5 + 1, j // 25 + 1, j % 5 + 1
+            noise(root / "cure_or" / "01_no_challenge" / f"bg{bg}" / f"dev{device}" /
+                  f"{bg}_{device}_{orientation}_{c + 1:03d}_01_0.jpg")
 
 
-def fake_meta_dataset(source, root=None):
+def fake_meta_dataset(source, root=None, max_per_class=None):
     y = np.repeat(np.arange(CLASSES), PER_CLASS)
     images = [rng.integers(0, 256, (36, 36, 3), dtype=np.uint8) for _ in y]
     return data.ImagePool([], y, {}, {c: f"{source} class {c}" for c in range(CLASSES)}, f"meta_dataset/{source}", images)
@@ -67,8 +70,9 @@ def main():
         data.meta_dataset = fake_meta_dataset
         E.load_backbone = small_backbone
         assert imagenet.input_config(small_backbone("x"))[0] == 32
-        run_notebook(NOTEBOOK, dict(profile="paper", n_md_tasks=2, n_fixed_tasks=2, n_property_tasks=3, steps=1,
-                                    restarts=1, greedy_rounds=1, timing_repeats=1, device="cpu"))
+        run_notebook(NOTEBOOK, dict(profile="paper", n_md_tasks=2, n_hard_md_tasks=2, n_fixed_tasks=2, n_stress_tasks=2,
+                                    n_property_tasks=3, steps=1, restarts=1, greedy_rounds=1, timing_repeats=1,
+                                    device="cpu"))
 
 
 if __name__ == "__main__":

@@ -15,13 +15,19 @@ in training. Everything is deterministic from ``seed``.
 paper: ``meta_dataset``, ``orbit``, ``cure_or``, ``objectnet`` find the real datasets under
 ``data/`` and raise ``ResourceUnavailable`` naming what to download when they are absent.
 """
+import json
+import re
+import struct
+import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
 from .. import paths
-from ..errors import check_choice, resource_unavailable
+from ..errors import BadParameter, check_choice, resource_unavailable
 
 VIEWS = ("front", "side", "back")
 ISSUES = ("blur", "noise", "low_contrast", "occlusion", "framing")
@@ -152,79 +158,225 @@ def load(pool_id: str) -> Pool:
 MD_SOURCES = ("ilsvrc_2012", "omniglot", "aircraft", "cu_birds", "dtd", "quickdraw", "fungi", "vgg_flower",
               "traffic_sign", "mscoco")
 MD_TEST_SOURCES = MD_SOURCES[1:]  # HARD-MD leaves ilsvrc_2012 out so extractors may be trained on it
+# Images per class kept as a task's search pool: the official HARD-MD code (Samyadeep/HardMD, fastdiffsel_md.py)
+# caps only these two sources, at 800 images per class for tasks of <= 20 ways (100 above); without a cap their
+# test classes hold ~145k (quickdraw) and up to tens of thousands (mscoco) images each.
+MD_POOL_CAP = {"quickdraw": 800, "mscoco": 800}
 
 DOWNLOAD = {
     "meta_dataset": "convert Meta-Dataset with its official scripts (github.com/google-research/meta-dataset, "
                     "'Downloading and converting datasets') into data/meta_dataset/<source>/ "
-                    "(*.tfrecords + dataset_spec.json; needs `pip install tensorflow`) or into "
-                    "data/meta_dataset_h5/<source>.h5 (images/labels arrays; needs `pip install h5py`)",
-    "orbit": "download the ORBIT test split (city.ac.uk ORBIT dataset, 'test' videos + annotations) and unpack "
-             "it into data/orbit/test/<user>/<object>/{clean,clutter}/<video>/*.jpg with "
-             "data/orbit/annotations/<video>.json",
-    "cure_or": "download CURE-OR (ghassanalregib CURE-OR release) and unpack it into "
-               "data/cure_or/<background>/<device>/<object>/<image>.jpg with data/cure_or/annotations.csv",
+                    "(dataset_spec.json + one <class id>.tfrecords per class, read without TensorFlow), or put "
+                    "P>M>F's per-class <class id>.h5 conversion (hushell/pmf_cvpr22; needs `pip install h5py`) "
+                    "next to dataset_spec.json there",
+    "orbit": "download the ORBIT benchmark test split (github.com/microsoft/ORBIT-Dataset, "
+             "scripts/download_benchmark_dataset.sh or city.figshare.com/articles/dataset/_/14294597) into "
+             "data/orbit/test/<user>/<object>/clean/<video>/*.jpg and unzip data/orbit_extra_annotations.zip from "
+             "that repository so that data/orbit/annotations/test/<video>.json exist",
+    "cure_or": "download CURE-OR (github.com/olivesgatech/CURE-OR, request form) and unpack it under data/cure_or/ "
+               "(e.g. data/cure_or/01_no_challenge/<background>/<device>/<bg>_<dev>_<orientation>_<object>_01_0.jpg)",
     "objectnet": "download ObjectNet 1.0 (objectnet.dev) and unpack it into data/objectnet-1.0/images/<class>/*.png",
 }
 
 
+class LazyImages(Sequence):
+    """Images decoded when indexed (a slice gives a list of (H, W, 3) uint8 arrays), so a pool of
+    hundreds of thousands of images holds only their addresses; ``keys`` are the addresses, ``read``
+    decodes one. ``fingerprint`` (export.pool_hash) covers the addresses, not the pixels."""
+
+    def __init__(self, keys: list, read):
+        self.keys, self._read = list(keys), read
+
+    def __len__(self):
+        return len(self.keys)
+
+    def __getitem__(self, i):
+        return [self._read(k) for k in self.keys[i]] if isinstance(i, slice) else self._read(self.keys[i])
+
+    def fingerprint(self) -> bytes:
+        return ";".join(f"{Path(k[0]).parent.name}/{Path(k[0]).name}:{':'.join(map(str, k[1:]))}"
+                        for k in self.keys).encode()
+
+
 @dataclass
 class ImagePool:
-    """A paper-profile pool: image file paths (or, for Meta-Dataset, decoded images (H, W, 3) uint8 in
-    ``images``), class ids and per-image annotations."""
+    """A paper-profile pool: image file paths and/or ``images`` (decoded (H, W, 3) uint8 arrays, or a
+    ``LazyImages``), class ids and per-image annotations."""
     files: list
     y: np.ndarray
     annotations: dict
     class_names: dict
     id: str
-    images: list | None = None
+    images: Sequence | None = None
 
     @property
-    def items(self) -> list:
+    def items(self) -> Sequence:
         """What each example is read from: its decoded image or its file."""
         return self.images if self.images is not None else self.files
 
 
-def meta_dataset(source: str, root=None) -> ImagePool:
-    """The test classes of one Meta-Dataset source as an ``ImagePool`` of decoded images.
+# ---------------------------------------------------------------- Meta-Dataset
+def md_test_classes(spec: dict) -> list[int]:
+    """The class ids of a Meta-Dataset source's test split from its ``dataset_spec.json``.
 
-    Reads ``data/meta_dataset_h5/<source>.h5`` (datasets ``images`` (n, H, W, 3) uint8 and
-    ``labels`` (n,)) or the official TFRecords under ``data/meta_dataset/<source>/``.
+    Ids run train -> validation -> test without gaps (``dataset_spec.get_classes``): a flat spec gives
+    range(TRAIN + VALID, + TEST) of ``classes_per_split``; omniglot's bi-level spec counts the classes of
+    the train and validation superclasses first (``_get_split_offset``); ilsvrc_2012's hierarchical spec
+    has the test leaves, i.e. the class names that appear in its TEST subgraph.
+    """
+    kind = spec.get("__class__")
+    if kind == "DatasetSpecification":
+        n = spec["classes_per_split"]
+        start = n["TRAIN"] + n["VALID"]
+        return list(range(start, start + n["TEST"]))
+    if kind == "BiLevelDatasetSpecification":
+        sup = spec["superclasses_per_split"]
+        per = {int(k): int(v) for k, v in spec["classes_per_superclass"].items()}
+        first = sup["TRAIN"] + sup["VALID"]
+        start = sum(per[s] for s in range(first))
+        return list(range(start, start + sum(per[s] for s in range(first, first + sup["TEST"]))))
+    if kind == "HierarchicalDatasetSpecification":
+        test = set(spec["images_per_class"]["TEST"])
+        ids = sorted(int(k) for k, wn in spec["class_names"].items() if wn in test)
+        if not ids or ids != list(range(ids[0], ids[0] + len(ids))):
+            raise BadParameter(f"{spec.get('name')}: dataset_spec.json has no contiguous run of test class ids")
+        return ids
+    raise BadParameter(f"dataset_spec.json of class {kind!r} is not a Meta-Dataset specification")
+
+
+def meta_dataset(source: str, root=None, max_per_class: int | None = None, seed: int = 0) -> ImagePool:
+    """The test classes of one Meta-Dataset source (``md_test_classes``), images decoded lazily.
+
+    Reads ``data/meta_dataset/<source>/dataset_spec.json`` and, per test class, the official converter's
+    ``<class id>.tfrecords`` (or its shards, ``file_pattern``) or P>M>F's ``<class id>.h5``. y holds the
+    Meta-Dataset class ids. ``max_per_class``: keep that many images of a larger class, drawn without
+    replacement from ``seed`` (see ``MD_POOL_CAP``).
     """
     check_choice("source", source, MD_SOURCES)
     root = paths.DATA if root is None else root
-    h5 = root / "meta_dataset_h5" / f"{source}.h5"
-    rec = root / "meta_dataset" / source
-    if h5.exists():
-        try:
-            import h5py
-        except ImportError:
-            raise resource_unavailable("h5py (to read Meta-Dataset .h5 files)", "run `pip install h5py`") from None
-        with h5py.File(h5, "r") as f:
-            images, labels = list(np.asarray(f["images"])), np.asarray(f["labels"])
-    elif (rec / "dataset_spec.json").exists():
-        images, labels = _md_tfrecords(rec)
-    else:
-        raise resource_unavailable(f"Meta-Dataset source {source!r} (looked for {h5} and {rec})",
+    folder = root / "meta_dataset" / source
+    if not (folder / "dataset_spec.json").exists():
+        raise resource_unavailable(f"Meta-Dataset source {source!r} (looked for {folder / 'dataset_spec.json'})",
                                    DOWNLOAD["meta_dataset"])
-    return ImagePool([], labels, {}, {int(c): f"{source} class {c}" for c in np.unique(labels)},
-                     id=f"meta_dataset/{source}", images=images)
+    spec = json.loads((folder / "dataset_spec.json").read_text())
+    pattern = spec.get("file_pattern", "{}.tfrecords")
+    keys, y = [], []
+    for cid in md_test_classes(spec):
+        h5 = folder / f"{cid}.h5"
+        if h5.exists():
+            found = [(str(h5), j) for j in range(_h5_count(h5))]
+        else:
+            shards = ([folder / pattern.format(cid)] if pattern == "{}.tfrecords" else
+                      sorted(folder.glob(f"{cid}_*.tfrecords"), key=lambda p: _natural(p.stem)))
+            if not shards or not all(s.exists() for s in shards):
+                raise resource_unavailable(f"Meta-Dataset {source!r} test class {cid} (no {h5.name} or "
+                                           f"{pattern.format(cid, '*')} in {folder})", DOWNLOAD["meta_dataset"])
+            found = [(str(s), off, n) for s in shards for off, n in _tfrecord_index(s)]
+        if max_per_class is not None and len(found) > max_per_class:
+            pick = np.random.default_rng([seed, zlib.crc32(source.encode()), cid]).choice(
+                len(found), max_per_class, replace=False)
+            found = [found[i] for i in np.sort(pick)]
+        keys += found
+        y += [cid] * len(found)
+    names = spec.get("class_names", {})
+    return ImagePool([], np.asarray(y, dtype=np.int64), {}, {c: f"{source}/{names.get(str(c), c)}" for c in set(y)},
+                     id=f"meta_dataset/{source}", images=LazyImages(keys, _read_md))
 
 
-def _md_tfrecords(folder):
+def _natural(s: str) -> tuple:
+    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s))
+
+
+def _tfrecord_index(path) -> list[tuple[int, int]]:
+    """(offset, length) of each record's payload. TFRecord framing: uint64 length, uint32 CRC of it,
+    the payload, uint32 CRC of it (little-endian); the CRCs are not checked."""
+    out = []
+    with open(path, "rb") as f:
+        size = f.seek(0, 2)
+        pos = 0
+        while pos < size:
+            f.seek(pos)
+            head = f.read(12)
+            if len(head) < 12:
+                raise BadParameter(f"{path}: truncated TFRecord at byte {pos}")
+            (n,) = struct.unpack("<Q", head[:8])
+            out.append((pos + 12, n))
+            pos += 12 + n + 4
+    return out
+
+
+def _h5_count(path) -> int:
     try:
-        import tensorflow as tf
+        import h5py
     except ImportError:
-        raise resource_unavailable("tensorflow (to read Meta-Dataset TFRecords)",
-                                   "run `pip install tensorflow` or convert the source to .h5") from None
-    images, labels = [], []
-    for label, rec in enumerate(sorted(folder.glob("*.tfrecords"))):  # one file per class
-        for raw in tf.data.TFRecordDataset(str(rec)):
-            ex = tf.io.parse_single_example(raw, {"image": tf.io.FixedLenFeature([], tf.string)})
-            images.append(tf.io.decode_image(ex["image"], channels=3).numpy())
-            labels.append(label)
-    return images, np.asarray(labels)
+        raise resource_unavailable("h5py (to read P>M>F's Meta-Dataset .h5 files)", "run `pip install h5py`") from None
+    with h5py.File(path, "r") as f:
+        return len(f.keys())
 
 
+def _read_md(key) -> np.ndarray:
+    import io
+
+    from PIL import Image
+    if len(key) == 2:   # P>M>F h5: group "<j>" holds the decoded image
+        import h5py
+        with h5py.File(key[0], "r") as f:
+            img = np.asarray(f[str(key[1])]["image"][()])
+        img = img if img.ndim == 3 else np.repeat(img[..., None], 3, -1)
+        return img[..., :3].astype(np.uint8)
+    path, offset, n = key
+    with open(path, "rb") as f:
+        f.seek(offset)
+        raw = f.read(n)
+    return np.asarray(Image.open(io.BytesIO(_example_bytes(raw, "image"))).convert("RGB"))
+
+
+def _varint(buf, i: int) -> tuple[int, int]:
+    out = shift = 0
+    while True:
+        b = buf[i]
+        i += 1
+        out |= (b & 0x7F) << shift
+        if b < 0x80:
+            return out, i
+        shift += 7
+
+
+def _fields(buf):
+    """(field number, value) of a serialised protobuf message; length-delimited values as memoryviews."""
+    buf, i = memoryview(buf), 0
+    while i < len(buf):
+        tag, i = _varint(buf, i)
+        wire = tag & 7
+        if wire == 0:
+            value, i = _varint(buf, i)
+        elif wire == 2:
+            n, i = _varint(buf, i)
+            value, i = buf[i:i + n], i + n
+        elif wire in (1, 5):
+            n = 8 if wire == 1 else 4
+            value, i = buf[i:i + n], i + n
+        else:
+            raise BadParameter(f"unsupported protobuf wire type {wire}")
+        yield tag >> 3, value
+
+
+def _example_bytes(raw: bytes, name: str) -> bytes:
+    """The first bytes value of feature ``name`` of a serialised tf.train.Example (Example.features = 1,
+    Features.feature = 1 as map entries key = 1 / value = 2, Feature.bytes_list = 1, BytesList.value = 1):
+    what Meta-Dataset's reader parses with TensorFlow, without it."""
+    for f1, features in _fields(raw):
+        for f2, entry in (_fields(features) if f1 == 1 else ()):
+            fields = dict(_fields(entry)) if f2 == 1 else {}
+            if bytes(fields.get(1, b"")).decode() == name:
+                for f3, bytes_list in _fields(fields.get(2, b"")):
+                    for f4, value in (_fields(bytes_list) if f3 == 1 else ()):
+                        if f4 == 1:
+                            return bytes(value)
+    raise BadParameter(f"a Meta-Dataset record has no bytes feature {name!r}")
+
+
+# ---------------------------------------------------------------- ObjectNet, ORBIT, CURE-OR
 def _image_folder(name: str, folder, pattern: str, annotate=None) -> ImagePool:
     if not folder.exists():
         raise resource_unavailable(f"{name} (looked for {folder})", DOWNLOAD[name])
@@ -237,54 +389,111 @@ def _image_folder(name: str, folder, pattern: str, annotate=None) -> ImagePool:
     return ImagePool(files, y, annotate(files) if annotate else {}, dict(enumerate(names)), id=name)
 
 
+OBJECTNET_BORDER = 2  # ObjectNet's images carry a red frame; its own PyTorch loader crops 2 px per side
+
+
 def objectnet(root=None) -> ImagePool:
+    """ObjectNet 1.0's 313 classes; images are read with the red border cropped (``OBJECTNET_BORDER``)."""
     root = paths.DATA if root is None else root
-    return _image_folder("objectnet", root / "objectnet-1.0" / "images", "*/*.png")
+    pool = _image_folder("objectnet", root / "objectnet-1.0" / "images", "*/*.png")
+    pool.images = LazyImages([(str(f),) for f in pool.files], _read_objectnet)
+    return pool
 
 
-def orbit(root=None) -> ImagePool:
-    """ORBIT test frames; classes are objects, annotations the per-frame quality issues."""
+def _read_objectnet(key) -> np.ndarray:
+    from PIL import Image
+    with Image.open(key[0]) as img:
+        w, h = img.size
+        b = OBJECTNET_BORDER
+        return np.asarray(img.convert("RGB").crop((b, b, w - b, h - b)))
+
+
+# The per-frame quality issues of ORBIT's clean videos (README 'Extra annotations'; the file key is
+# "<issue>_issue"). The seventh, object_not_present, drops the frame instead: the dissertation uses every
+# issue but that one, and ORBIT's protocol excludes such frames (their other issues are null). The
+# dissertation's "lighting" is overexposed / underexposed.
+ORBIT_ISSUES = ("framing", "viewpoint", "blur", "occlusion", "overexposed", "underexposed")
+
+
+def orbit(root=None, max_frames_per_video: int | None = None) -> ImagePool:
+    """Frames of the clean videos of ORBIT's test users; classes are (user, object), annotations the
+    per-frame quality issues (``ORBIT_ISSUES``), frames without the object dropped. Only clean videos
+    carry quality annotations (clutter videos carry bounding boxes) and the official HARD-MD extraction
+    drew support and query frames from them alone. ``max_frames_per_video``: evenly spaced frames per
+    video (the official code kept up to 300 support frames per video)."""
     root = paths.DATA if root is None else root
-    folder = root / "orbit" / "test"
+    folder, notes = root / "orbit" / "test", root / "orbit" / "annotations" / "test"
     if not folder.exists():
         raise resource_unavailable(f"orbit (looked for {folder})", DOWNLOAD["orbit"])
-    files = sorted(folder.glob("*/*/*/*/*.jpg"))
-    objects = sorted({(f.parts[-5], f.parts[-4]) for f in files})
-    ids = {o: i for i, o in enumerate(objects)}
-    y = np.array([ids[(f.parts[-5], f.parts[-4])] for f in files])
-    return ImagePool(files, y, _orbit_annotations(root / "orbit" / "annotations", files),
+    if not notes.exists():
+        raise resource_unavailable(f"ORBIT's frame annotations (looked for {notes})", DOWNLOAD["orbit"])
+    videos = sorted(v for v in folder.glob("*/*/clean/*") if v.is_dir())
+    if not videos:
+        raise resource_unavailable(f"ORBIT clean videos under {folder}", DOWNLOAD["orbit"])
+    keys = ["object_not_present_issue"] + [f"{k}_issue" for k in ORBIT_ISSUES]
+    files, objects, issues = [], [], []
+    for video in videos:
+        path = notes / f"{video.name}.json"
+        if not path.exists():
+            raise resource_unavailable(f"ORBIT annotation {path}", DOWNLOAD["orbit"])
+        ann = json.loads(path.read_text())
+        kept = []
+        for f in sorted(video.glob("*.jpg")):
+            a = ann.get(f.name)
+            missing = [k for k in keys if a is None or k not in a]
+            if missing:
+                raise resource_unavailable(f"ORBIT annotation {', '.join(missing)} of frame {f.name} in {path.name}",
+                                           DOWNLOAD["orbit"])
+            if a["object_not_present_issue"]:
+                continue
+            if any(a[k] is None for k in keys[1:]):
+                raise BadParameter(f"{path.name}: frame {f.name} has the object but a null quality issue")
+            kept.append((f, [bool(a[k]) for k in keys[1:]]))
+        if max_frames_per_video is not None and len(kept) > max_frames_per_video:
+            kept = [kept[i] for i in np.linspace(0, len(kept) - 1, max_frames_per_video).round().astype(int)]
+        for f, issue in kept:
+            files.append(f)
+            objects.append((f.parts[-5], f.parts[-4]))
+            issues.append(issue)
+    names = sorted(set(objects))
+    ids = {o: i for i, o in enumerate(names)}
+    table = np.array(issues, dtype=bool).reshape(len(files), len(ORBIT_ISSUES))
+    return ImagePool(files, np.array([ids[o] for o in objects], dtype=np.int64),
+                     {k: table[:, j] for j, k in enumerate(ORBIT_ISSUES)},
                      {i: "/".join(o) for o, i in ids.items()}, id="orbit")
 
 
-ORBIT_ISSUES = ("blur", "framing", "lighting", "occlusion", "viewpoint", "overexposed", "underexposed")
+# CURE-OR file names: <background>_<device>_<orientation>_<object>_<challenge type>_<challenge level>.jpg.
+# Orientation ids (its README): 1 front (0 deg), 2 left side (90 deg), 3 back (180 deg), 4 right side
+# (270 deg), 5 top; its analysis code calls them '0 deg', '90 deg', '180 deg', '270 deg', 'Overhead'.
+CURE_OR_VIEWS = {1: "front", 2: "left", 3: "back", 4: "right", 5: "top"}
+_CURE_OR_NAME = re.compile(r"^(\d+)_(\d+)_(\d+)_(\d+)_(\d+)_(\d+)$")
 
 
-def _orbit_annotations(folder, files) -> dict:
-    import json
-    ann = {k: np.zeros(len(files), bool) for k in ORBIT_ISSUES}
-    cache = {}
-    for i, f in enumerate(files):
-        video = f.parent.name
-        if video not in cache:
-            p = folder / f"{video}.json"
-            cache[video] = json.loads(p.read_text()) if p.exists() else {}
-        for k in cache[video].get(f.name, {}).get("issues", []):
-            if k in ann:
-                ann[k][i] = True
-    return ann
-
-
-def cure_or(root=None) -> ImagePool:
-    """CURE-OR images; classes are the 100 objects, annotations the viewpoint (front/back/side/top/bottom)."""
+def cure_or(root=None, challenge: int = 1) -> ImagePool:
+    """CURE-OR images of one challenge type (1: no challenge, the images the official HARD-MD code
+    used); classes are the 100 objects, annotations ``view`` (``CURE_OR_VIEWS`` names), ``background``
+    and ``device`` ids, all parsed from the release's file names."""
     root = paths.DATA if root is None else root
     folder = root / "cure_or"
-    csv = folder / "annotations.csv"
-    if not csv.exists():
-        raise resource_unavailable(f"cure_or (looked for {csv})", DOWNLOAD["cure_or"])
-    import pandas as pd
-    table = pd.read_csv(csv)  # columns: file, object, viewpoint
-    files = [folder / f for f in table["file"]]
-    objects = sorted(table["object"].unique())
+    files = sorted(folder.rglob("*.jpg")) if folder.exists() else []
+    if not files:
+        raise resource_unavailable(f"cure_or (looked for {folder}/**/*.jpg)", DOWNLOAD["cure_or"])
+    parsed = []
+    for f in files:
+        m = _CURE_OR_NAME.match(f.stem)
+        if m is None or int(m[3]) not in CURE_OR_VIEWS:
+            raise BadParameter(f"{f}: not a CURE-OR file name "
+                               "(<background>_<device>_<orientation 1-5>_<object>_<challenge>_<level>.jpg)")
+        parsed.append((f, *map(int, m.groups())))
+    parsed = [p for p in parsed if p[5] == challenge]
+    if not parsed:
+        raise resource_unavailable(f"CURE-OR images of challenge type {challenge:02d} under {folder}",
+                                   DOWNLOAD["cure_or"])
+    objects = sorted({p[4] for p in parsed})
     ids = {o: i for i, o in enumerate(objects)}
-    return ImagePool(files, table["object"].map(ids).to_numpy(), {"view": table["viewpoint"].to_numpy()},
-                     dict(enumerate(objects)), id="cure_or")
+    return ImagePool([p[0] for p in parsed], np.array([ids[p[4]] for p in parsed], dtype=np.int64),
+                     {"view": np.array([CURE_OR_VIEWS[p[3]] for p in parsed]),
+                      "background": np.array([p[1] for p in parsed]), "device": np.array([p[2] for p in parsed])},
+                     {i: f"{o:03d}" for o, i in ids.items()},
+                     id="cure_or" if challenge == 1 else f"cure_or?challenge={challenge}")

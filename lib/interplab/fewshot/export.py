@@ -34,16 +34,19 @@ VERSION = 1
 
 def pool_hash(pool) -> str:
     """sha256 of a pool's images and labels: a reload must see the very same pixels (a pool of image
-    files: their names and sizes, not their bytes, which would mean reading the whole dataset)."""
+    files: their names and sizes, not their bytes, which would mean reading the whole dataset; a lazily
+    decoded pool: its records' addresses)."""
     h = hashlib.sha256()
     if hasattr(pool, "x"):
         h.update(np.ascontiguousarray(pool.x).tobytes())
-    elif pool.images is not None:
-        for image in pool.images:
-            h.update(np.ascontiguousarray(image).tobytes())
-    else:
+    elif pool.files:
         for f in pool.files:
             h.update(f"{Path(f).name}:{Path(f).stat().st_size};".encode())
+    elif hasattr(pool.images, "fingerprint"):   # decoded on demand: the record addresses
+        h.update(pool.images.fingerprint())
+    else:
+        for image in pool.images:
+            h.update(np.ascontiguousarray(image).tobytes())
     h.update(np.ascontiguousarray(pool.y).tobytes())
     return h.hexdigest()
 

@@ -20,7 +20,7 @@ gradient is computed in closed form (``loss_and_grad``; equal to autograd, teste
 per-task timing on a CPU otherwise measures autograd's overhead, not the algorithm.
 
 Pools are padded to (T, N, P): pool_x (T, N, P, d), pool_m (T, N, P) valid, shots (T, N) with
-0 for padded class slots; q_x (T, Q, d), q_y (T, Q), q_m (T, Q).
+0 for padded class slots; q_x (T, Q, d), q_y (T, Q), q_m (T, Q). ``select_tasks(chunk=...)`` bounds T.
 """
 import functools
 import time
@@ -397,17 +397,28 @@ def pool_tensors(tasks: list[Task], features: torch.Tensor, y: np.ndarray):
 
 
 def select_tasks(tasks: list[Task], features: torch.Tensor, y: np.ndarray, method: str = "fastdiffsel",
-           **kw) -> tuple[list[Task], Selection]:
-    """Replace each task's support set by the selected one (same classes, shots and query set)."""
+                 chunk: int | None = None, **kw) -> tuple[list[Task], Selection]:
+    """Replace each task's support set by the selected one (same classes, shots and query set).
+
+    chunk: select that many tasks per batch (each call draws its own initial weights from ``seed``);
+    the padded inputs of a batch are (tasks, N, largest class pool, d), tens of GB for Meta-Dataset's
+    50-way tasks over 1000-image classes. None: all in one batch, one ``Selection``; otherwise the
+    ``Selection`` holds per-batch lists in ``chosen`` / ``weights`` and the summed time."""
     from ..errors import check_choice
     check_choice("method", method, ("fastdiffsel", "greedy"))
-    *inputs, idx = pool_tensors(tasks, features, y)
-    sel = (fastdiffsel if method == "fastdiffsel" else greedy)(*inputs, **kw)
-    out = []
-    for t, task in enumerate(tasks):
-        support = [int(i) for j in range(task.way) for i in idx[t, j][sel.chosen[t, j]]]
-        out.append(task.with_support(support))
-    return out, sel
+    fn = fastdiffsel if method == "fastdiffsel" else greedy
+    out, sels = [], []
+    for start in range(0, len(tasks), chunk or max(len(tasks), 1)):
+        part = tasks[start:start + (chunk or len(tasks))]
+        *inputs, idx = pool_tensors(part, features, y)
+        sel = fn(*inputs, **kw)
+        for t, task in enumerate(part):
+            out.append(task.with_support([int(i) for j in range(task.way) for i in idx[t, j][sel.chosen[t, j]]]))
+        sels.append(sel)
+    if len(sels) == 1:
+        return out, sels[0]
+    return out, Selection([s.chosen for s in sels], [s.weights for s in sels], [s.trace for s in sels],
+                          sum(s.seconds for s in sels))
 
 
 def select_timed(tasks: list[Task], features: torch.Tensor, y: np.ndarray, method: str = "fastdiffsel",
@@ -428,8 +439,11 @@ def select_timed(tasks: list[Task], features: torch.Tensor, y: np.ndarray, metho
     return out, np.array(times)
 
 
-def support_loss(tasks: list[Task], features: torch.Tensor, y: np.ndarray) -> torch.Tensor:
-    """Eq. 4.1's objective at the tasks' actual (binary) support sets: (T,) summed query loss."""
+def support_loss(tasks: list[Task], features: torch.Tensor, y: np.ndarray, chunk: int | None = None) -> torch.Tensor:
+    """Eq. 4.1's objective at the tasks' actual (binary) support sets: (T,) summed query loss
+    (``chunk`` tasks padded together, as in ``select_tasks``)."""
+    if chunk and len(tasks) > chunk:
+        return torch.cat([support_loss(tasks[i:i + chunk], features, y) for i in range(0, len(tasks), chunk)])
     pool_x, pool_m, _, q_x, q_y, q_m, idx = pool_tensors(tasks, features, y)
     chosen = torch.zeros_like(pool_m)
     for t, task in enumerate(tasks):
@@ -449,7 +463,7 @@ def tune_alpha(tasks: list[Task], features: torch.Tensor, y: np.ndarray, alphas=
     rows = []
     for a in alphas:
         picked, _ = select_tasks(tasks, features, y, "fastdiffsel", alpha=a, maximize=maximize, **kw)
-        rows.append(dict(alpha=a, loss=float(support_loss(picked, features, y).mean())))
+        rows.append(dict(alpha=a, loss=float(support_loss(picked, features, y, kw.get("chunk")).mean())))
     table = pd.DataFrame(rows)
     best = table.loc[table["loss"].idxmax() if maximize else table["loss"].idxmin(), "alpha"]
     return float(best), table

@@ -10,8 +10,9 @@ world, in seconds on one CPU thread:
 learning recipe of Sec. 4.2); ``embed(model, x)`` returns the frozen features.
 
 paper: the 13 backbones of Fig 4.4 as facts (``BACKBONES``: library, model id, pretrained tag,
-feature dim) and ``load_backbone(name)``, which needs hub access or a local checkpoint under
-``data/backbones/`` and otherwise says what to download.
+feature dim), the base model f_theta of Sec. 4.4 (``SELECTORS["pmf"]``: P>M>F's DINO ViT-S/16
+meta-trained with ProtoNets on Meta-Dataset's ilsvrc_2012) and ``load_backbone(name)``, which needs
+hub access or a local checkpoint under ``data/backbones/`` and otherwise says what to download.
 """
 from dataclasses import dataclass
 
@@ -125,9 +126,16 @@ def embed_images(model: nn.Module, items, batch: int = 64) -> torch.Tensor:
     from .. import imagenet
     model.eval()
     size, crop_pct, _, _ = imagenet.input_config(model)
-    pixels = imagenet.normalise(model)
-    return torch.cat([_features(model, pixels(imagenet.load(items[i:i + batch], size, crop_pct))).float().cpu()
-                      for i in range(0, len(items), batch)])
+    pixels, interpolation = imagenet.normalise(model), _interpolation(model)
+    return torch.cat([_features(model, pixels(imagenet.load(items[i:i + batch], size, crop_pct, interpolation)))
+                      .float().cpu() for i in range(0, len(items), batch)])
+
+
+def _interpolation(model) -> str:
+    """The resize filter of the model's released evaluation transform (torchvision's ResNets: bilinear)."""
+    visual = getattr(model, "visual", model)
+    cfg = getattr(visual, "preprocess_cfg", None) or getattr(model, "pretrained_cfg", None) or {}
+    return cfg.get("interpolation", "bicubic")
 
 
 def _features(model, x):
@@ -175,27 +183,82 @@ BACKBONES = {b.name: b for b in [
 ]}
 
 
+# P>M>F (Hu et al. 2022), the dissertation's base model: DINO ViT-S/16 meta-trained with ProtoNets on MD's
+# ilsvrc_2012 at 128 px, the checkpoint linked as "md_inet_128x128_dinosmall_fp16_lr2e-4" in hushell/pmf_cvpr22's
+# README; its test transform resizes to 146 and centre-crops 128 (bilinear), with ImageNet's mean and std.
+SELECTORS = {"pmf": Backbone(
+    "pmf", "pmf", "vit_small_patch16_224.dino",
+    "https://huggingface.co/hushell/pmf_metadataset_dino/resolve/main/md_imagenet_128x128_dinosmall_fp16_lr2e-4/"
+    "best.pth", 384, "DINO self-supervised ImageNet-1k, then ProtoNet meta-training on MD ilsvrc_2012 (P>M>F)")}
+_ALL = {**BACKBONES, **SELECTORS}
+PMF_SIZE = 128
+# DINO evaluated every backbone with Resize(256, bicubic) + CenterCrop(224) (its eval_linear / eval_knn);
+# timm's default resnet50 config is a1_in1k's (crop 0.95), its dino ViT configs use 0.9.
+_EVAL_CFG = {"dino_small": dict(crop_pct=0.875), "dino_base": dict(crop_pct=0.875),
+             "dino_resnet50": dict(crop_pct=0.875, interpolation="bicubic"),
+             "pmf": dict(input_size=(3, PMF_SIZE, PMF_SIZE), crop_pct=0.875, interpolation="bilinear")}
+
+
 def backbone_table():
     import pandas as pd
     return pd.DataFrame([b.__dict__ for b in BACKBONES.values()])
 
 
 def build_backbone(name: str, pretrained: bool = False, **kw) -> nn.Module:
-    """The architecture of ``name`` (random weights unless ``pretrained``), classifier removed.
-    ``kw`` reaches timm.create_model (e.g. img_size) or open_clip.create_model."""
-    check_choice("backbone", name, tuple(BACKBONES))
-    b = BACKBONES[name]
+    """The architecture of ``name`` (random weights unless ``pretrained``), classifier removed, with
+    its evaluation transform in ``pretrained_cfg``. ``kw`` reaches timm.create_model (e.g. img_size)
+    or open_clip.create_model."""
+    check_choice("backbone", name, tuple(_ALL))
+    b = _ALL[name]
     if b.library == "open_clip":
         import open_clip
         model = open_clip.create_model(b.model, pretrained=b.tag if pretrained else None, **kw)
         return _ClipImage(model.visual, b.dim)
     import timm
-    model_id = f"{b.model}.{b.tag}" if b.library == "timm" else b.model
+    model_id = {"timm": f"{b.model}.{b.tag}", "torch.hub": f"{b.model}.tv_in1k", "pmf": b.model}[b.library]
+    if b.library == "pmf":
+        kw = {"img_size": PMF_SIZE, **kw}
     model = timm.create_model(model_id, pretrained=pretrained and b.library == "timm", num_classes=0, **kw)
+    if name in _EVAL_CFG:
+        model.pretrained_cfg = {**model.pretrained_cfg, **_EVAL_CFG[name]}
     if pretrained and b.library == "torch.hub":
         state = torch.hub.load_state_dict_from_url(b.tag, map_location="cpu", progress=False)
         model.load_state_dict(state)  # torchvision key names, which timm ResNets share
+    if pretrained and b.library == "pmf":
+        model.load_state_dict(pmf_state_dict(_fetch_checkpoint(b.tag, "pmf_md_imagenet_dinosmall.pth"), model))
     return model.eval()
+
+
+def _fetch_checkpoint(url: str, file_name: str) -> dict:
+    """A training checkpoint from ``url`` (cached by torch.hub), unpickled with only the non-tensor types
+    such a checkpoint holds (its argparse ``args``) allowed."""
+    import argparse
+    import pathlib
+    path = pathlib.Path(torch.hub.get_dir()) / "checkpoints" / file_name
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(url, str(path), progress=False)
+    with torch.serialization.safe_globals([argparse.Namespace, pathlib.PosixPath]):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def pmf_state_dict(checkpoint: dict, model: nn.Module) -> dict:
+    """P>M>F's ProtoNet checkpoint ({"model": {"backbone.<DINO ViT key>": ..., "scale_cls", "bias"}})
+    as a state dict of timm's ViT-S/16 at ``model``'s input size: DINO's ViT shares timm's key names;
+    its 14x14 position embedding is resampled as DINO resamples it at run time (bicubic, scale
+    factor (grid + 0.1) / 14, no antialiasing)."""
+    import math
+    state = checkpoint.get("model", checkpoint)
+    state = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
+    pos = state["pos_embed"]
+    grid, target = int(math.sqrt(pos.shape[1] - 1)), model.patch_embed.grid_size
+    if (grid, grid) != tuple(target):
+        patch = pos[:, 1:].reshape(1, grid, grid, -1).permute(0, 3, 1, 2)
+        patch = F.interpolate(patch, scale_factor=((target[0] + 0.1) / grid, (target[1] + 0.1) / grid),
+                              mode="bicubic")
+        assert tuple(patch.shape[-2:]) == tuple(target), patch.shape
+        state["pos_embed"] = torch.cat([pos[:, :1], patch.permute(0, 2, 3, 1).reshape(1, -1, pos.shape[-1])], 1)
+    return state
 
 
 class _ClipImage(nn.Module):
@@ -213,21 +276,22 @@ class _ClipImage(nn.Module):
 
 
 def load_backbone(name: str, device="cpu") -> nn.Module:
-    """A pretrained Fig 4.4 backbone: a local file ``data/backbones/<name>.pt`` (a state dict)
-    when present, otherwise the hub (timm / open_clip / torch.hub); offline: a clear error."""
-    check_choice("backbone", name, tuple(BACKBONES))
+    """A pretrained Fig 4.4 backbone or selector (``SELECTORS``): a local file ``data/backbones/<name>.pt``
+    (a state dict of ``build_backbone(name)``) when present, otherwise the hub (timm / open_clip /
+    torch.hub / the P>M>F checkpoint's URL); offline: a clear error."""
+    check_choice("backbone", name, tuple(_ALL))
     local = paths.DATA / "backbones" / f"{name}.pt"
     if local.exists():
         model = build_backbone(name, pretrained=False)
         model.load_state_dict(torch.load(local, map_location="cpu"))
         return model.to(device).eval()
-    b = BACKBONES[name]
+    b = _ALL[name]
     try:
         return build_backbone(name, pretrained=True).to(device).eval()
     except Exception as e:  # hub offline / no network: every library words it differently
         where = {"timm": f"timm/{b.model}.{b.tag} from the Hugging Face hub",
                  "open_clip": f"open_clip {b.model} '{b.tag}' weights",
-                 "torch.hub": b.tag}[b.library]
+                 "torch.hub": b.tag, "pmf": b.tag}[b.library]
         raise resource_unavailable(f"backbone {name!r} ({type(e).__name__})",
                                    f"run on a machine with hub access to fetch {where}, or save its "
                                    f"state dict to {local}") from None
