@@ -46,6 +46,22 @@ def test_hvp_and_hessian_match_autograd_hessian():
     assert torch.allclose(obj.hessian(theta, X, y), H_ref, rtol=0, atol=1e-10 * float(H_ref.abs().max()))
 
 
+def test_chunked_grad_and_hvp_equal_one_batch():
+    torch.manual_seed(0)
+    X, y = torch.randn(50, 4), torch.randint(0, 3, (50,))
+    obj = inf.Objective(classifiers.mlp(4, 3, width=6, depth=2, activation="tanh"), "cross_entropy", 1e-3)
+    theta, v, V = obj.params(), torch.randn(obj.dim), torch.randn(3, obj.dim)
+    w = torch.rand(50)
+    w[:16] = 0  # a chunk of removed points only
+    close = lambda a, b: float((a - b).norm()) <= 1e-12 * float(b.norm())  # noqa: E731
+    for ww in (None, w):
+        for bs in (16, 7):  # 50 is no multiple of either: a short last chunk
+            assert close(obj.grad(theta, X, y, ww, batch_size=bs), obj.grad(theta, X, y, ww))
+            assert close(obj.hvp(theta, X, y, v, ww, batch_size=bs), obj.hvp(theta, X, y, v, ww))
+            assert close(obj.hvps(theta, X, y, V, ww, batch_size=bs), obj.hvps(theta, X, y, V, ww))
+    assert close(obj.hvp_fn(theta, X, y, batch_size=16)(V), obj.hvps(theta, X, y, V))
+
+
 def test_sample_grads_include_decay_and_sum_to_zero_at_optimum():
     opt, _ = logistic()
     G = opt.grads

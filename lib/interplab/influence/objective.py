@@ -11,6 +11,9 @@ Weight decay sits inside every per-sample term: reweighting samples (Eq. 3.7) th
 regulariser at full strength, sum_i g_i = 0 at the optimum as the derivation of Eq. 3.13 needs,
 and the Hessian of any subset H_U includes the decay. The model's buffers (BatchNorm running
 statistics) are held fixed, so models with BatchNorm must be in eval mode.
+
+``grad``, ``hvp`` and ``hvps`` take ``batch_size``: the same sums accumulated over chunks of the
+data, so that a network whose activations for the whole set would not fit holds one chunk's.
 """
 from typing import Callable
 
@@ -102,9 +105,24 @@ class Objective:
         return (w * losses).sum() / w.sum()
 
     # -- derivatives -------------------------------------------------------------------
-    def grad(self, theta, X, y, w=None) -> torch.Tensor:
-        """Gradient of ``loss``, (P,)."""
-        return grad(self.loss)(theta, X, y, w)
+    def _summed(self, theta, X, y, w=None) -> torch.Tensor:
+        """sum_i w_i l_i(theta): the numerator of ``loss`` on a chunk of the data."""
+        losses = self.sample_losses(theta, X, y)
+        return losses.sum() if w is None else (w * losses).sum()
+
+    def _chunked(self, f, X, y, w, batch_size):
+        """sum over chunks of f(X_c, y_c, w_c), divided by the whole set's total weight."""
+        total = len(X) if w is None else w.sum()
+        out = 0
+        for i in range(0, len(X), batch_size):
+            out = out + f(X[i:i + batch_size], y[i:i + batch_size], None if w is None else w[i:i + batch_size])
+        return out / total
+
+    def grad(self, theta, X, y, w=None, batch_size: int | None = None) -> torch.Tensor:
+        """Gradient of ``loss``, (P,); batch_size: accumulated over chunks of that many samples."""
+        if batch_size is None or len(X) <= batch_size:
+            return grad(self.loss)(theta, X, y, w)
+        return self._chunked(lambda Xc, yc, wc: grad(self._summed)(theta, Xc, yc, wc), X, y, w, batch_size)
 
     def sample_grads(self, theta, X, y, chunk_size: int | None = 256) -> torch.Tensor:
         """Per-sample gradients g_i = grad l_i(theta) (decay included), (N, P)."""
@@ -131,15 +149,20 @@ class Objective:
         """Hessian of the summed test losses (no decay term) times v, (P,)."""
         return jvp(lambda th: self.test_grad(th, X, y), (theta,), (v,))[1]
 
-    def hvp(self, theta, X, y, v, w=None) -> torch.Tensor:
-        """Hessian-vector product H v as forward-over-reverse (jvp of grad), (P,) -> (P,)."""
-        return jvp(lambda th: self.grad(th, X, y, w), (theta,), (v,))[1]
+    def hvp(self, theta, X, y, v, w=None, batch_size: int | None = None) -> torch.Tensor:
+        """Hessian-vector product H v as forward-over-reverse (jvp of grad), (P,) -> (P,);
+        batch_size: accumulated over chunks of that many samples."""
+        if batch_size is None or len(X) <= batch_size:
+            return jvp(lambda th: self.grad(th, X, y, w), (theta,), (v,))[1]
+        return self._chunked(lambda Xc, yc, wc: jvp(lambda th: grad(self._summed)(th, Xc, yc, wc), (theta,), (v,))[1],
+                             X, y, w, batch_size)
 
-    def hvps(self, theta, X, y, V, w=None, chunk_size: int | None = None) -> torch.Tensor:
-        """Many products at once: V (m, P) -> (m, P), the rows being H v_j."""
+    def hvps(self, theta, X, y, V, w=None, chunk_size: int | None = None, batch_size: int | None = None) -> torch.Tensor:
+        """Many products at once: V (m, P) -> (m, P), the rows being H v_j. chunk_size: rows of V per
+        vmapped batch; batch_size: samples per chunk of the data (see ``hvp``)."""
         if len(V) == 1:  # vmap's overhead dominates a single small product
-            return self.hvp(theta, X, y, V[0], w)[None]
-        return vmap(lambda v: self.hvp(theta, X, y, v, w), chunk_size=chunk_size)(V)
+            return self.hvp(theta, X, y, V[0], w, batch_size)[None]
+        return vmap(lambda v: self.hvp(theta, X, y, v, w, batch_size), chunk_size=chunk_size)(V)
 
     def hessian(self, theta, X, y, w=None, chunk_size: int | None = 32) -> torch.Tensor:
         """The exact Hessian (P, P), one HVP per basis vector, symmetrised against round-off.
@@ -151,10 +174,11 @@ class Objective:
         H = self.hvps(theta, X, y, eye, w, chunk_size=chunk_size)
         return 0.5 * (H + H.T)
 
-    def hvp_fn(self, theta, X, y, w=None) -> Callable:
+    def hvp_fn(self, theta, X, y, w=None, batch_size: int | None = None) -> Callable:
         """``v -> H v`` at fixed (theta, X, y, w), batched over rows: (P,) or (m, P)."""
         def apply(V):
-            return self.hvp(theta, X, y, V, w) if V.dim() == 1 else self.hvps(theta, X, y, V, w)
+            return (self.hvp(theta, X, y, V, w, batch_size) if V.dim() == 1
+                    else self.hvps(theta, X, y, V, w, batch_size=batch_size))
         return apply
 
 

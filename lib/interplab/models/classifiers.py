@@ -6,7 +6,8 @@ Paper profile (28x28 MNIST, 32x32 CIFAR-10): the architectures of Table 3.1.
 
 No BatchNorm in the tiny models: influence reweights samples, and batch statistics would make
 the loss of one sample depend on the others. The paper-profile VGG/ResNet keep BatchNorm as
-published; influence is computed on them in eval mode (frozen statistics).
+published: trained in train mode (batch statistics), influence is computed on them in eval mode
+(the trained running statistics, frozen).
 
     logistic_regression(d_in, n_classes)           linear; one logit when n_classes == 2
     mlp(d_in, n_classes, width, depth, activation)  depth hidden layers of equal width
