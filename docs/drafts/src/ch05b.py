@@ -585,7 +585,8 @@ def replacement_of(a, concept):
     if not ch.tiny:
         from interplab import prompts
         key = {"objects": "object", "facts": "fact"}[a]
-        return dict(prompts.EDIT_CONCEPTS[key])[concept]
+        value = dict(prompts.EDIT_CONCEPTS[key])[concept]
+        return f"a {value}" if a == "objects" else value   # the anchor phrase ("a dog"), as the release
     if a == "objects":
         return f"a {tw.MASCOTS[concept][0]}"
     s, c = tw.STALE_EMBLEMS[concept]
