@@ -60,6 +60,9 @@ def test_chunked_grad_and_hvp_equal_one_batch():
             assert close(obj.hvp(theta, X, y, v, ww, batch_size=bs), obj.hvp(theta, X, y, v, ww))
             assert close(obj.hvps(theta, X, y, V, ww, batch_size=bs), obj.hvps(theta, X, y, V, ww))
     assert close(obj.hvp_fn(theta, X, y, batch_size=16)(V), obj.hvps(theta, X, y, V))
+    H = obj.hessian(theta, X, y, w)
+    assert close(obj.hessian(theta, X, y, w, batch_size=7), H)
+    assert close(inf.Optimum(obj, theta, X, y, batch_size=16).hessian, obj.hessian(theta, X, y))
 
 
 def test_sample_grads_include_decay_and_sum_to_zero_at_optimum():

@@ -164,14 +164,15 @@ class Objective:
             return self.hvp(theta, X, y, V[0], w, batch_size)[None]
         return vmap(lambda v: self.hvp(theta, X, y, v, w, batch_size), chunk_size=chunk_size)(V)
 
-    def hessian(self, theta, X, y, w=None, chunk_size: int | None = 32) -> torch.Tensor:
+    def hessian(self, theta, X, y, w=None, chunk_size: int | None = 32, batch_size: int | None = None) -> torch.Tensor:
         """The exact Hessian (P, P), one HVP per basis vector, symmetrised against round-off.
 
         chunk_size: basis vectors per vmapped batch; 16-64 is fastest on one CPU thread (larger
-        batches fall out of cache), None does all P at once.
+        batches fall out of cache), None does all P at once. batch_size: samples per chunk of the
+        data (see ``hvp``): chunk_size x batch_size samples' activations are held at once.
         """
         eye = torch.eye(self.dim, dtype=theta.dtype, device=theta.device)
-        H = self.hvps(theta, X, y, eye, w, chunk_size=chunk_size)
+        H = self.hvps(theta, X, y, eye, w, chunk_size=chunk_size, batch_size=batch_size)
         return 0.5 * (H + H.T)
 
     def hvp_fn(self, theta, X, y, w=None, batch_size: int | None = None) -> Callable:

@@ -278,6 +278,7 @@ class Optimum:
     y: torch.Tensor
     fit: FitResult | None = None
     seconds: dict = field(default_factory=dict)  # how long the Hessian and the gradients took
+    batch_size: int | None = None  # samples per chunk of the Hessian's HVPs (None: all at once; see Objective.hvp)
     _cache: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -288,7 +289,7 @@ class Optimum:
     def hessian(self) -> torch.Tensor:
         if "H" not in self._cache:
             t0 = time.perf_counter()
-            self._cache["H"] = self.obj.hessian(self.theta, self.X, self.y)
+            self._cache["H"] = self.obj.hessian(self.theta, self.X, self.y, batch_size=self.batch_size)
             self.seconds["hessian"] = time.perf_counter() - t0
         return self._cache["H"]
 
