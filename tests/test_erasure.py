@@ -30,8 +30,11 @@ def test_fp16_unet_trains_in_float32_and_stays_finite(pipe):
     """Adam on fp16 weights underflows (eps = 1e-8 is 0 in fp16); the copy trains in float32."""
     half = tiny_random.stable_diffusion()
     half.unet.half(), half.vae.half()  # as from_pretrained loads them (the text tower too, on a GPU)
-    er = erasure.erase(half, "esd_x", "van gogh", lr=1e-5, **FAST)
+    before = {p: half.unet.get_submodule(p).weight.detach().float().clone() for p in erasure.kv_paths(half.unet)}
+    er = erasure.erase(half, "esd_x", "van gogh", lr=1e-3, **FAST)
     assert all(w.dtype == torch.float32 and torch.isfinite(w).all() for w in er.weights.values())
+    assert all(torch.isfinite(torch.tensor(er.losses)))
+    assert any(not torch.equal(w, before[p]) for p, w in er.weights.items())       # it trained
     assert next(half.unet.parameters()).dtype == torch.float16
     er.apply(half.unet)
     assert all(torch.isfinite(p).all() for p in half.unet.parameters())

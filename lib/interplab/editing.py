@@ -448,7 +448,7 @@ def finetuned(params, loss_fn, steps: int = 50, lr: float = 1e-3, stop_loss: flo
             with torch.no_grad():
                 for p, m, p0 in zip(params, masters, saved):
                     if linf is not None:
-                        p0 = p0.float()
+                        p0 = p0.to(m.dtype)  # the master's dtype: float32 for half weights, else their own
                         m.copy_(torch.maximum(torch.minimum(m, p0 + linf), p0 - linf))
                     if m is not p:
                         p.copy_(m)

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import paths
+from .errors import BadParameter
 
 ANSWER_PREFIX = "Answer:"
 DASH = "—"
@@ -604,8 +605,10 @@ def first_token(tokenizer, value: str, prefix: str = ANSWER_PREFIX) -> int:
     sep = "" if prefix[-1:].isspace() else " "
     base = tokenizer(prefix, add_special_tokens=False).input_ids
     ids = tokenizer(prefix + sep + value, add_special_tokens=False).input_ids
-    n = next((i for i, (a, b) in enumerate(zip(base, ids)) if a != b), min(len(base), len(ids) - 1))
-    return ids[n]
+    n = next((i for i, (a, b) in enumerate(zip(base, ids)) if a != b), None)
+    if n is None and len(ids) <= len(base):
+        raise BadParameter(f"{value!r} adds no token after {prefix!r}")
+    return ids[len(base) if n is None else n]
 
 
 def answer_lead(tokenizer, answer_prefix: str = ANSWER_PREFIX) -> str:

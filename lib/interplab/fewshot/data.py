@@ -160,7 +160,8 @@ MD_SOURCES = ("ilsvrc_2012", "omniglot", "aircraft", "cu_birds", "dtd", "quickdr
 MD_TEST_SOURCES = MD_SOURCES[1:]  # HARD-MD leaves ilsvrc_2012 out so extractors may be trained on it
 # Images per class kept as a task's search pool: the official HARD-MD code (Samyadeep/HardMD, fastdiffsel_md.py)
 # caps only these two sources, at 800 images per class for tasks of <= 20 ways (100 above); without a cap their
-# test classes hold ~145k (quickdraw) and up to tens of thousands (mscoco) images each.
+# test classes hold ~145k (quickdraw) and up to tens of thousands (mscoco) images each. Here the 800 applies to
+# every task (the pool is drawn once per source; the 100 of wider tasks is not reproduced).
 MD_POOL_CAP = {"quickdraw": 800, "mscoco": 800}
 
 DOWNLOAD = {
