@@ -281,3 +281,15 @@ def test_streamed_influence_lissa_and_sgd_equal_the_in_memory_ones():
     got = streaming.sgd_sampled(opt.obj, opt.theta, sample, opt.n, removed, generator=torch.Generator().manual_seed(4),
                                 progress=False, **kw)
     assert torch.allclose(got, ref, atol=1e-10) and not torch.allclose(got[0], got[2])
+
+
+def test_adam_train_mode_updates_batchnorm_statistics_and_ends_in_eval():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    obj = inf.Objective(model.eval(), "cross_entropy", 1e-3)
+    X, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
+    theta0, stats0 = obj.params(), model[1].running_mean.clone()
+    theta = inf.adam_train_mode(obj, theta0, X, y, steps=30, lr=1e-2, batch_size=16,
+                                generator=torch.Generator().manual_seed(0))
+    assert not model.training and not torch.equal(model[1].running_mean, stats0)   # statistics followed the batches
+    assert float(obj.loss(theta, X, y)) < float(obj.loss(theta0, X, y))

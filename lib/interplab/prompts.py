@@ -42,6 +42,11 @@ def _article(word: str) -> str:
     return "An" if word[0] in "aeiou" else "A"
 
 
+def style_captions(style: str) -> list:
+    """§11.4.1's style template over the COCO objects: "A <object> in the style of <style>" (80 captions)."""
+    return [f"{_article(o)} {o} in the style of {style}" for o in COCO]
+
+
 def ch5_probes(attribute: str, keep_duplicate_tv: bool = False) -> list:
     """Probe captions of one attribute (§11.4.1) with the subject span that tracing corrupts."""
     check_choice("attribute", attribute, ATTRIBUTES)
@@ -49,7 +54,8 @@ def ch5_probes(attribute: str, keep_duplicate_tv: bool = False) -> list:
     if attribute == "objects":
         rows = [(f"A photo of {o} in {loc}.", o) for o in objects for loc in LOCATIONS]
     elif attribute == "style":
-        rows = [(f"{_article(o)} {o} in the style of {s}", s) for o in COCO for s in STYLES]
+        by_style = {s: style_captions(s) for s in STYLES}
+        rows = [(by_style[s][i], s) for i in range(len(COCO)) for s in STYLES]
     elif attribute == "color":
         rows = [(f"{_article(c)} {c} {o}", c) for o in COCO for c in COLORS]
     elif attribute == "action":

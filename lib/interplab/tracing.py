@@ -402,6 +402,7 @@ def trace_text_states(text_model: nn.Module, input_ids: torch.Tensor, corruption
     padding mask); default the ids alone.
     """
     inputs = inputs or (lambda ids: {"input_ids": ids})
+    input_ids = input_ids.to(next(text_model.parameters()).device)  # tokenizers return CPU ids; the tower may not be
     def hidden(h):
         if states is not None:
             return states(h)

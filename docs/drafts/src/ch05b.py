@@ -755,7 +755,7 @@ def style_prompt_sets(artist):
         with_style = [f"a {c} {s} in the style of {artist}" for c, s in objs]
         select, test = with_style[n_eval:], with_style[:n_eval]
     else:  # selection: §11.4.1's style captions (COCO objects); evaluation: the concept's edit prompts
-        select = [p.caption.replace(p.subject, artist) for p in prompts.ch5_probes("style") if p.subject == "monet"]
+        select = prompts.style_captions(artist)
         test = prompts.edit_eval_prompts(artist, "style")[:n_eval]
     return select, [p.replace(artist, "painting") for p in select], test
 

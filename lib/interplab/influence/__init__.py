@@ -13,7 +13,7 @@ from .functions import (group_effects, group_effects_full, group_mask, group_par
                         loo_effects, loo_param_changes, project_capped_simplex, select_group)
 from .metrics import mean_abs_error, pearson, relative_error, spearman
 from .objective import Objective, top_eigenvalue
-from .retrain import (FitResult, Optimum, adam, fit, group_study, loo_study, loss_changes, positive_definite_solver,
+from .retrain import (FitResult, Optimum, adam, adam_train_mode, fit, group_study, loo_study, loss_changes, positive_definite_solver,
                       retrain, retrain_without, sgd, train)
 from .solvers import CholeskySolver, LissaDiverged, NotPositiveDefinite, conjugate_gradient, lissa
 
@@ -22,5 +22,6 @@ __all__ = ["Objective", "top_eigenvalue",
            "group_mask", "individual_influence", "loo_effects", "loo_param_changes", "group_effects",
            "group_effects_full", "group_param_changes", "select_group", "project_capped_simplex",
            "train", "Optimum", "fit", "FitResult", "retrain", "retrain_without", "loss_changes", "sgd", "adam",
+           "adam_train_mode",
            "positive_definite_solver", "loo_study", "group_study",
            "pearson", "spearman", "mean_abs_error", "relative_error"]

@@ -377,6 +377,26 @@ def adam(obj: Objective, theta0, X, y, weights=None, steps: int = 1000, lr: floa
     return Theta
 
 
+def adam_train_mode(obj: Objective, theta0, X, y, steps: int, lr: float = 1e-3, batch_size: int = 128,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+    """``steps`` minibatch Adam steps on one (P,) parameter vector with ``obj.model`` in train mode, as the
+    published BatchNorm nets train: BatchNorm normalises by batch statistics and its running statistics follow
+    them (``adam``'s vmapped gradients cannot update buffers). Returns theta (P,) and leaves the model in eval
+    mode, whose loss is a sum over samples with those statistics frozen: what influence and retraining assume."""
+    theta = theta0.detach().clone().requires_grad_(True)
+    opt = torch.optim.Adam([theta], lr=lr)
+    obj.model.train()
+    try:
+        for _ in range(steps):
+            idx = torch.randint(len(X), (batch_size,), generator=generator).to(X.device)
+            opt.zero_grad()
+            obj.loss(theta, X[idx], y[idx]).backward()  # functional_call updates the module's running statistics
+            opt.step()
+    finally:
+        obj.model.eval()
+    return theta.detach()
+
+
 def _budget(obj, theta0, X, y, weights, batch_size, generator):
     """Rows of parameters (m, P), weights (m, n), and rows -> gradients on the full batch or a
     random minibatch (the same for every row, drawn afresh at each call)."""
