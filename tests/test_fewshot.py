@@ -551,6 +551,31 @@ def test_meta_dataset_reads_test_classes_lazily_in_numeric_order(tmp_path):
         data.meta_dataset("aircraft", root=tmp_path)
 
 
+def test_meta_dataset_reads_pmf_h5_conversion(tmp_path):
+    """P>M>F's convert_tfrecord_to_h5.py layout: one <class id>.h5 per class, group "<j>" per record holding the
+    decoded "image" (RGB; 2-D for grayscale sources such as omniglot; PNGs with alpha keep 4 channels), "label", "id"."""
+    import h5py
+    folder = _md_tree(tmp_path, n_test=3)                  # test classes 3, 4, 5
+    for c in (3, 4, 5):
+        (folder / f"{c}.tfrecords").unlink()               # only the .h5 conversion is there
+        with h5py.File(folder / f"{c}.h5", "w") as f:
+            for j in range(2 + c):
+                img = {3: np.full((6, 4, 3), [c, j, 1], np.uint8), 4: np.full((6, 4), c * 10 + j, np.uint8),
+                       5: np.full((6, 4, 4), [c, j, 2, 255], np.uint8)}[c]
+                grp = f.create_group(str(j))
+                grp.create_dataset("image", data=img)
+                grp.create_dataset("label", data=np.array(c))
+                grp.create_dataset("id", data=np.array(j))
+    pool = data.meta_dataset("aircraft", root=tmp_path)
+    assert np.bincount(pool.y)[3:].tolist() == [5, 6, 7]
+    images = [pool.items[i] for i in range(len(pool.y))]
+    assert all(im.shape == (6, 4, 3) and im.dtype == np.uint8 for im in images)
+    by_class = {c: [im for im, y in zip(images, pool.y) if y == c] for c in (3, 4, 5)}
+    assert [im[0, 0].tolist() for im in by_class[3]] == [[3, j, 1] for j in range(5)]      # records in group order
+    assert [im[0, 0].tolist() for im in by_class[4]] == [[40 + j] * 3 for j in range(6)]   # grey -> 3 equal channels
+    assert [im[0, 0].tolist() for im in by_class[5]] == [[5, j, 2] for j in range(7)]      # alpha dropped
+
+
 def test_md_test_classes_follow_meta_datasets_split_offsets():
     flat = {"__class__": "DatasetSpecification", "classes_per_split": {"TRAIN": 70, "VALID": 15, "TEST": 15}}
     assert data.md_test_classes(flat) == list(range(85, 100))

@@ -168,7 +168,7 @@ DOWNLOAD = {
     "meta_dataset": "convert Meta-Dataset with its official scripts (github.com/google-research/meta-dataset, "
                     "'Downloading and converting datasets') into data/meta_dataset/<source>/ "
                     "(dataset_spec.json + one <class id>.tfrecords per class, read without TensorFlow), or put "
-                    "P>M>F's per-class <class id>.h5 conversion (hushell/pmf_cvpr22; needs `pip install h5py`) "
+                    "P>M>F's per-class <class id>.h5 conversion (hushell/pmf_cvpr22, scripts/convert_tfrecord_to_h5.py) "
                     "next to dataset_spec.json there",
     "orbit": "download the ORBIT benchmark test split (github.com/microsoft/ORBIT-Dataset, "
              "scripts/download_benchmark_dataset.sh or city.figshare.com/articles/dataset/_/14294597) into "
@@ -307,10 +307,7 @@ def _tfrecord_index(path) -> list[tuple[int, int]]:
 
 
 def _h5_count(path) -> int:
-    try:
-        import h5py
-    except ImportError:
-        raise resource_unavailable("h5py (to read P>M>F's Meta-Dataset .h5 files)", "run `pip install h5py`") from None
+    import h5py
     with h5py.File(path, "r") as f:
         return len(f.keys())
 
