@@ -46,7 +46,7 @@ bias_mode = "exact"           # "exact": v = W' k_v (Eq. 5.8); "as_released": v 
 preserve_weight = None        # weight of rows that keep the layer's outputs on ordinary captions (None: tiny 1, paper 0 as released)
 n_preserve_prompts = 256      # ordinary captions (tiny: the training grammar; paper: COCO objects in places) for those rows
 n_edit_prompts = None         # evaluation prompts per edited concept; None: tiny 8, paper 10 (Concept-Ablation's eval files)
-n_edit_seeds = None           # seeds per evaluation prompt; None: tiny 1, paper 5 (seeds 0-4)
+n_edit_seeds = None           # seeds per evaluation prompt; None: tiny 4 (32 images per concept), paper 5 (seeds 0-4)
 run_baselines = True          # the two fine-tuning erasers of Fig 5.4b
 baseline_steps = None         # None: tiny 100 at lr 1e-3; paper the releases' (ESD-x 1000 at 1e-5, Concept-Ablation 200 at 8e-6)
 
@@ -75,7 +75,7 @@ attributes = interplab.by_profile(attributes, profile, ["objects", "style", "col
 n_prompts_per_attribute = interplab.by_profile(n_prompts_per_attribute, profile, 4, 50)
 n_validation = interplab.by_profile(n_validation, profile, 2, 10)
 n_edit_prompts = interplab.by_profile(n_edit_prompts, profile, 8, 10)
-n_edit_seeds = interplab.by_profile(n_edit_seeds, profile, 1, 5)
+n_edit_seeds = interplab.by_profile(n_edit_seeds, profile, 4, 5)  # tiny 1 (8 images) read the fact update in steps of 1/8
 # the dissertation traces viewpoint and count but leaves them out of its findings (generations unreliable)
 headline = [a for a in attributes if a not in ("viewpoint", "count")]
 ch = interplab.start("ch05a_causal_tracing", profile=profile, seed=seed, device=device, out_dir=out_dir,
