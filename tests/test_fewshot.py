@@ -66,6 +66,40 @@ def test_query_filter_and_pool_exclude_queries(pool):
             assert not np.isin(p, task.query).any()
 
 
+def test_capped_search_pool_is_a_fixed_subset_per_task(pool):
+    task = T.sample_tasks(T.FixedSampler(5, 5, 10), pool.y, 1, seed=3)[0]
+    full = T.search_pool(task, pool.y)
+    capped = T.search_pool(task, pool.y, cap=25)                      # 25 - 10 queries = 15 per class
+    assert [len(p) for p in full] == [30] * 5 and [len(p) for p in capped] == [15] * 5
+    assert all(np.isin(c, f).all() and np.all(np.diff(c) > 0) for c, f in zip(capped, full))
+    assert all(np.array_equal(a, b) for a, b in zip(capped, T.search_pool(task, pool.y, cap=25)))  # same task, same pool
+    other = T.search_pool(task, pool.y, cap=25, seed=1)
+    assert any(not np.array_equal(a, b) for a, b in zip(capped, other))
+    assert [len(p) for p in T.search_pool(task, pool.y, cap=12)] == [5] * 5       # never fewer than the shots
+    assert all(np.array_equal(a, b) for a, b in zip(full, T.search_pool(task, pool.y, cap=1000)))
+
+
+def test_md_pool_cap_follows_hard_md_release():
+    narrow, wide = T.Task(tuple(range(20)), (1,) * 20, (), ()), T.Task(tuple(range(21)), (1,) * 21, (), ())
+    cap = data.md_pool_cap("quickdraw")
+    assert cap(narrow) == 800 and cap(wide) == 100
+    assert data.md_pool_cap("mscoco")(wide) == 100 and data.md_pool_cap("aircraft") is None
+
+
+def test_select_tasks_searches_only_the_capped_pool():
+    x, y = gaussian_world(n_cls=6, per=40)
+    tasks = T.sample_tasks(T.FixedSampler(3, 2, 5), y, 4, seed=0)
+    rule = lambda task: 15                                            # noqa: E731  (10 per class after 5 queries)
+    picked, _ = S.select_tasks(tasks, x, y, "fastdiffsel", pool_cap=rule)
+    for task, new in zip(tasks, picked):
+        inside = np.concatenate(T.search_pool(task, y, cap=15))
+        assert np.isin(new.support, inside).all() and T.check_task(new, y) == []
+    wide, _ = S.select_tasks(tasks, x, y, "fastdiffsel")
+    loss = S.support_loss(picked, x, y, pool_cap=rule)
+    assert torch.allclose(loss, S.support_loss(picked, x, y)) and loss.shape == (4,)
+    assert any(a.support != b.support for a, b in zip(picked, wide))
+
+
 def test_check_task_catches_violations(pool):
     task = T.sample_tasks(T.FixedSampler(5, 2, 3), pool.y, 1, seed=0)[0]
     leaked = task.with_support(task.support[:-1] + (task.query[0],))

@@ -50,7 +50,7 @@ def fake_tree(root: Path) -> None:
                   f"{bg}_{device}_{orientation}_{c + 1:03d}_01_0.jpg")
 
 
-def fake_meta_dataset(source, root=None, max_per_class=None):
+def fake_meta_dataset(source, root=None, max_per_class=None, seed=0):
     y = np.repeat(np.arange(CLASSES), PER_CLASS)
     images = [rng.integers(0, 256, (36, 36, 3), dtype=np.uint8) for _ in y]
     return data.ImagePool([], y, {}, {c: f"{source} class {c}" for c in range(CLASSES)}, f"meta_dataset/{source}", images)

@@ -159,10 +159,19 @@ MD_SOURCES = ("ilsvrc_2012", "omniglot", "aircraft", "cu_birds", "dtd", "quickdr
               "traffic_sign", "mscoco")
 MD_TEST_SOURCES = MD_SOURCES[1:]  # HARD-MD leaves ilsvrc_2012 out so extractors may be trained on it
 # Images per class kept as a task's search pool: the official HARD-MD code (Samyadeep/HardMD, fastdiffsel_md.py)
-# caps only these two sources, at 800 images per class for tasks of <= 20 ways (100 above); without a cap their
-# test classes hold ~145k (quickdraw) and up to tens of thousands (mscoco) images each. Here the 800 applies to
-# every task (the pool is drawn once per source; the 100 of wider tasks is not reproduced).
+# caps only these two sources, at 800 images per class for tasks of <= 20 ways and 100 above (queries included);
+# without a cap their test classes hold ~145k (quickdraw) and up to tens of thousands (mscoco) images each. The
+# source is read with the 800 (``meta_dataset(max_per_class=)``), and each wider task searches 100 of them
+# (``md_pool_cap``, applied by ``select.select_tasks(pool_cap=)``).
 MD_POOL_CAP = {"quickdraw": 800, "mscoco": 800}
+MD_WIDE_WAYS, MD_WIDE_CAP = 20, 100
+
+
+def md_pool_cap(source: str):
+    """HARD-MD's per-task pool cap for a Meta-Dataset source: task -> images per class (None: uncapped)."""
+    if source not in MD_POOL_CAP:
+        return None
+    return lambda task: MD_POOL_CAP[source] if task.way <= MD_WIDE_WAYS else MD_WIDE_CAP
 
 DOWNLOAD = {
     "meta_dataset": "convert Meta-Dataset with its official scripts (github.com/google-research/meta-dataset, "

@@ -375,9 +375,14 @@ def _ce(logits, y):
 
 
 # ------------------------------------------------------------------------------ tasks in, tasks out
-def pool_tensors(tasks: list[Task], features: torch.Tensor, y: np.ndarray):
-    """Padded selection inputs for ``tasks``: (pool_x, pool_m, shots, q_x, q_y, q_m, pool_idx)."""
-    pools = [search_pool(t, y) for t in tasks]
+def _cap(pool_cap, task):
+    return pool_cap(task) if callable(pool_cap) else pool_cap
+
+
+def pool_tensors(tasks: list[Task], features: torch.Tensor, y: np.ndarray, pool_cap=None):
+    """Padded selection inputs for ``tasks``: (pool_x, pool_m, shots, q_x, q_y, q_m, pool_idx).
+    pool_cap: images per class a task searches (``search_pool``'s cap), an int or task -> int | None."""
+    pools = [search_pool(t, y, _cap(pool_cap, t)) for t in tasks]
     T, N, P = len(tasks), max(t.way for t in tasks), max(len(p) for ps in pools for p in ps)
     Q = max(len(t.query) for t in tasks)
     idx = torch.zeros(T, N, P, dtype=torch.long)
@@ -397,20 +402,21 @@ def pool_tensors(tasks: list[Task], features: torch.Tensor, y: np.ndarray):
 
 
 def select_tasks(tasks: list[Task], features: torch.Tensor, y: np.ndarray, method: str = "fastdiffsel",
-                 chunk: int | None = None, **kw) -> tuple[list[Task], Selection]:
+                 chunk: int | None = None, pool_cap=None, **kw) -> tuple[list[Task], Selection]:
     """Replace each task's support set by the selected one (same classes, shots and query set).
 
     chunk: select that many tasks per batch (each call draws its own initial weights from ``seed``);
     the padded inputs of a batch are (tasks, N, largest class pool, d), tens of GB for Meta-Dataset's
     50-way tasks over 1000-image classes. None: all in one batch, one ``Selection``; otherwise the
-    ``Selection`` holds per-batch lists in ``chosen`` / ``weights`` and the summed time."""
+    ``Selection`` holds per-batch lists in ``chosen`` / ``weights`` and the summed time.
+    pool_cap: see ``pool_tensors`` (e.g. ``data.md_pool_cap(source)``)."""
     from ..errors import check_choice
     check_choice("method", method, ("fastdiffsel", "greedy"))
     fn = fastdiffsel if method == "fastdiffsel" else greedy
     out, sels = [], []
     for start in range(0, len(tasks), chunk or max(len(tasks), 1)):
         part = tasks[start:start + (chunk or len(tasks))]
-        *inputs, idx = pool_tensors(part, features, y)
+        *inputs, idx = pool_tensors(part, features, y, pool_cap)
         sel = fn(*inputs, **kw)
         for t, task in enumerate(part):
             out.append(task.with_support([int(i) for j in range(task.way) for i in idx[t, j][sel.chosen[t, j]]]))
@@ -422,7 +428,7 @@ def select_tasks(tasks: list[Task], features: torch.Tensor, y: np.ndarray, metho
 
 
 def select_timed(tasks: list[Task], features: torch.Tensor, y: np.ndarray, method: str = "fastdiffsel",
-                 repeats: int = 1, **kw) -> tuple[list[Task], np.ndarray]:
+                 repeats: int = 1, pool_cap=None, **kw) -> tuple[list[Task], np.ndarray]:
     """Select each task alone and time it: (selected tasks, seconds per task (T,), the fastest of
     ``repeats`` runs). Features are precomputed and gathered outside the clock, for every method
     alike (Sec. 4.4's fair timing: same query sets, same device)."""
@@ -431,7 +437,7 @@ def select_timed(tasks: list[Task], features: torch.Tensor, y: np.ndarray, metho
     fn = fastdiffsel if method == "fastdiffsel" else greedy
     out, times = [], []
     for task in tasks:
-        *inputs, idx = pool_tensors([task], features, y)
+        *inputs, idx = pool_tensors([task], features, y, pool_cap)
         runs = [fn(*inputs, **kw) for _ in range(repeats)]
         sel = runs[0]
         out.append(task.with_support([int(i) for j in range(task.way) for i in idx[0, j][sel.chosen[0, j]]]))
@@ -439,12 +445,14 @@ def select_timed(tasks: list[Task], features: torch.Tensor, y: np.ndarray, metho
     return out, np.array(times)
 
 
-def support_loss(tasks: list[Task], features: torch.Tensor, y: np.ndarray, chunk: int | None = None) -> torch.Tensor:
+def support_loss(tasks: list[Task], features: torch.Tensor, y: np.ndarray, chunk: int | None = None,
+                 pool_cap=None) -> torch.Tensor:
     """Eq. 4.1's objective at the tasks' actual (binary) support sets: (T,) summed query loss
-    (``chunk`` tasks padded together, as in ``select_tasks``)."""
+    (``chunk`` tasks padded together and ``pool_cap`` as in ``select_tasks``)."""
     if chunk and len(tasks) > chunk:
-        return torch.cat([support_loss(tasks[i:i + chunk], features, y) for i in range(0, len(tasks), chunk)])
-    pool_x, pool_m, _, q_x, q_y, q_m, idx = pool_tensors(tasks, features, y)
+        return torch.cat([support_loss(tasks[i:i + chunk], features, y, pool_cap=pool_cap)
+                          for i in range(0, len(tasks), chunk)])
+    pool_x, pool_m, _, q_x, q_y, q_m, idx = pool_tensors(tasks, features, y, pool_cap)
     chosen = torch.zeros_like(pool_m)
     for t, task in enumerate(tasks):
         chosen[t] = torch.as_tensor(np.isin(idx[t].numpy(), task.support)) & pool_m[t]
@@ -463,7 +471,8 @@ def tune_alpha(tasks: list[Task], features: torch.Tensor, y: np.ndarray, alphas=
     rows = []
     for a in alphas:
         picked, _ = select_tasks(tasks, features, y, "fastdiffsel", alpha=a, maximize=maximize, **kw)
-        rows.append(dict(alpha=a, loss=float(support_loss(picked, features, y, kw.get("chunk")).mean())))
+        loss = support_loss(picked, features, y, kw.get("chunk"), kw.get("pool_cap"))
+        rows.append(dict(alpha=a, loss=float(loss.mean())))
     table = pd.DataFrame(rows)
     best = table.loc[table["loss"].idxmax() if maximize else table["loss"].idxmin(), "alpha"]
     return float(best), table

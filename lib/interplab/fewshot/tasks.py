@@ -8,12 +8,14 @@ label of an example is the position of its class in ``Task.classes``.
     MetaDatasetSampler(...)              Meta-Dataset's variable-way variable-shot sampler
                                          (Triantafillou et al. 2020, Sec. 3.2), its caps scaled
                                          to small pools
-    search_pool(task, y)                 per class: its examples minus the query set (P = D' - Q)
+    search_pool(task, y, cap)            per class: its examples minus the query set (P = D' - Q),
+                                         optionally a seeded subset (HARD-MD's per-task cap)
     check_task(task, y)                  the way/shot/membership/disjointness constraints
     collate(tasks, features, y)          padded tensors for learners batched over tasks
     composition(tasks, flag)             support vs query share of an annotated property
 """
 import math
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -117,10 +119,25 @@ def sample_tasks(sampler, y: np.ndarray, n: int, seed: int, **kw) -> list[Task]:
     return [sampler.sample(y, rng, **kw) for _ in range(n)]
 
 
-def search_pool(task: Task, y: np.ndarray) -> list[np.ndarray]:
-    """Per class j: the pool P_j = (examples of class j) - query, sorted, query never inside."""
+def search_pool(task: Task, y: np.ndarray, cap: int | None = None, seed: int = 0) -> list[np.ndarray]:
+    """Per class j: the pool P_j = (examples of class j) - query, sorted, query never inside.
+
+    cap: keep at most max(cap - q, k_j) examples of each P_j (q queries and k_j shots per class), a
+    subset drawn from ``seed`` and the task's query set, so the same task always gets the same pool. The
+    HARD-MD release shuffles each class per task and searches images [q:cap] of it (``data.md_pool_cap``).
+    """
     query = np.asarray(task.query)
-    return [np.setdiff1d(np.flatnonzero(y == c), query) for c in task.classes]
+    pools = [np.setdiff1d(np.flatnonzero(y == c), query) for c in task.classes]
+    if cap is None:
+        return pools
+    key = zlib.crc32(query.astype(np.int64).tobytes())
+    out = []
+    for c, k, p in zip(task.classes, task.shots, pools):
+        keep = max(cap - task.n_query, k)
+        if len(p) > keep:
+            p = np.sort(np.random.default_rng([seed, key, int(c)]).choice(p, keep, replace=False))
+        out.append(p)
+    return out
 
 
 def check_task(task: Task, y: np.ndarray) -> list[str]:
