@@ -467,6 +467,47 @@ def test_orbit_reads_the_released_annotation_format(tmp_path):
     assert len(data.orbit(root=tmp_path, max_frames_per_video=2).files) == 6
 
 
+def _orbit_videos_tree(root, objects):
+    """Clean videos of 3 frames each: objects = {(user, object): number of videos}."""
+    notes = root / "orbit" / "annotations" / "test"
+    notes.mkdir(parents=True, exist_ok=True)
+    for (user, obj), n in objects.items():
+        for v in range(n):
+            video = f"{user}--{obj}--clean--v{v}"
+            ann = {}
+            for j in range(3):
+                frame = f"{video}-{j + 1:05d}.jpg"
+                _touch(root / "orbit" / "test" / user / obj / "clean" / video / frame)
+                ann[frame] = {"object_not_present_issue": False, **{f"{k}_issue": False for k in data.ORBIT_ISSUES}}
+            (notes / f"{video}.json").write_text(json.dumps(ann))
+
+
+def test_orbit_protocol_splits_videos_and_keeps_tasks_within_a_user(tmp_path):
+    objects = {**{("P1", f"o{i}"): 7 for i in range(5)}, ("P1", "single"): 1,
+               **{("P2", f"o{i}"): 3 for i in range(4)}}            # P2 has only 4 objects: never a 5-way task
+    _orbit_videos_tree(tmp_path, objects)
+    pool = data.orbit(root=tmp_path)
+    proto = data.orbit_protocol(pool)
+    video = np.array([f.parent.name for f in pool.files])
+    for c, name in pool.class_names.items():
+        vids = sorted(set(video[pool.y == c]))
+        context = sorted(set(video[(pool.y == c) & proto["support_from"]]))
+        assert context == vids[:min(5, len(vids) - 1)]                    # the release's min(5, n - 1)
+    assert not proto["support_from"][[f.parts[-4] == "single" for f in pool.files]].any()
+    assert (proto["query_from"] == ~proto["support_from"]).all()
+    user = np.array([f.parts[-5] for f in pool.files])
+    tasks = T.sample_tasks(T.FixedSampler(5, 2, 3), pool.y, 10, seed=0, **proto)
+    x = torch.randn(len(pool.y), 4, generator=torch.Generator().manual_seed(0))
+    picked, _ = S.select_tasks(tasks, x, pool.y, "fastdiffsel", pool_from=proto["support_from"])
+    for task in tasks + picked:
+        assert T.check_task(task, pool.y) == []
+        assert set(user[list(task.query)]) == {"P1"} and "single" not in {pool.class_names[c] for c in task.classes}
+        assert proto["query_from"][list(task.query)].all() and proto["support_from"][list(task.support)].all()
+        assert not set(video[list(task.support)]) & set(video[list(task.query)])
+    with pytest.raises(BadParameter, match="no domain has 6 classes"):
+        T.FixedSampler(6, 2, 3).sample(pool.y, np.random.default_rng(0), **proto)
+
+
 def test_orbit_fails_loudly_on_missing_annotations(tmp_path):
     _orbit_tree(tmp_path)
     path = tmp_path / "orbit" / "annotations" / "test" / "P100--mug--clean--vid.json"

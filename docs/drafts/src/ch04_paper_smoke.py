@@ -30,24 +30,30 @@ def noise(path: Path) -> None:
     Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(path)
 
 
-def fake_tree(root: Path) -> None:
+def fake_orbit_video(root: Path, user: str, obj: str, video: str, frames: int) -> None:
     notes = root / "orbit" / "annotations" / "test"
     notes.mkdir(parents=True, exist_ok=True)
+    ann = {}
+    for j in range(frames + 1):   # one frame without the object, which the loader drops
+        frame = f"{video}-{j + 1:05d}.jpg"
+        noise(root / "orbit" / "test" / user / obj / "clean" / video / frame)
+        absent = j == frames
+        ann[frame] = {"object_not_present_issue": absent,
+                      **{f"{k}_issue": None if absent else (j + i) % 3 == 0 for i, k in enumerate(data.ORBIT_ISSUES)}}
+    (notes / f"{video}.json").write_text(json.dumps(ann))
+
+
+def fake_tree(root: Path) -> None:
     for c in range(CLASSES):
-        video = f"P{c}--object{c}--clean--v{c}"
-        ann = {}
-        for j in range(PER_CLASS + 1):   # one frame without the object, which the loader drops
+        for j in range(PER_CLASS):
             noise(root / "objectnet-1.0" / "images" / f"class{c}" / f"{j}.png")
-            frame = f"{video}-{j + 1:05d}.jpg"
-            noise(root / "orbit" / "test" / f"P{c}" / f"object{c}" / "clean" / video / frame)
-            absent = j == PER_CLASS
-            ann[frame] = {"object_not_present_issue": absent,
-                          **{f"{k}_issue": None if absent else (j + i) % 3 == 0 for i, k in enumerate(data.ORBIT_ISSUES)}}
-        (notes / f"{video}.json").write_text(json.dumps(ann))
+        for v in range(3):   # one user's objects, three clean videos each: two context videos, one target video
+            fake_orbit_video(root, "P0", f"object{c}", f"P0--object{c}--clean--v{v}", 12)
         for j in range(5 * PER_CLASS // 2):   # orientations 1-5 in turn: 20 front or back views per object (Fig 4.5)
             bg, device, orientation = j // 5 % 5 + 1, j // 25 + 1, j % 5 + 1
             noise(root / "cure_or" / "01_no_challenge" / f"bg{bg}" / f"dev{device}" /
                   f"{bg}_{device}_{orientation}_{c + 1:03d}_01_0.jpg")
+    fake_orbit_video(root, "P1", "lone", "P1--lone--clean--v0", 12)   # a user with one object: never in a task
 
 
 def fake_meta_dataset(source, root=None, max_per_class=None, seed=0):

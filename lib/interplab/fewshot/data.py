@@ -470,6 +470,25 @@ def orbit(root=None, max_frames_per_video: int | None = None) -> ImagePool:
                      {i: "/".join(o) for o, i in ids.items()}, id="orbit")
 
 
+ORBIT_CONTEXT_VIDEOS = 5   # the release's split: per object, its first min(5, n - 1) clean videos are the context
+
+
+def orbit_protocol(pool: ImagePool) -> dict:
+    """ORBIT's benchmark protocol as HARD-MD's release samples it, for ``tasks.FixedSampler.sample``: a task's
+    objects belong to one user (``domain``), its queries come from an object's target videos and its support
+    from the context videos, the first min(5, n - 1) of the object's n clean videos in name order
+    (``query_from`` / ``support_from``; pass ``support_from`` as ``select_tasks(pool_from=)`` too, so no support
+    frame shares a video with a query). Objects with one clean video have no context and are never drawn."""
+    users = np.array([Path(f).parts[-5] for f in pool.files])
+    videos = np.array([Path(f).parts[-2] for f in pool.files])
+    context = np.zeros(len(pool.y), bool)
+    for c in np.unique(pool.y):
+        names = sorted(set(videos[pool.y == c]))
+        chosen = names[:min(ORBIT_CONTEXT_VIDEOS, len(names) - 1)]
+        context |= (pool.y == c) & np.isin(videos, chosen)
+    return {"domain": np.unique(users, return_inverse=True)[1], "query_from": ~context, "support_from": context}
+
+
 # CURE-OR file names: <background>_<device>_<orientation>_<object>_<challenge type>_<challenge level>.jpg.
 # Orientation ids (its README): 1 front (0 deg), 2 left side (90 deg), 3 back (180 deg), 4 right side
 # (270 deg), 5 top; its analysis code calls them '0 deg', '90 deg', '180 deg', '270 deg', 'Overhead'.

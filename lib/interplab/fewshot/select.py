@@ -379,10 +379,11 @@ def _cap(pool_cap, task):
     return pool_cap(task) if callable(pool_cap) else pool_cap
 
 
-def pool_tensors(tasks: list[Task], features: torch.Tensor, y: np.ndarray, pool_cap=None):
+def pool_tensors(tasks: list[Task], features: torch.Tensor, y: np.ndarray, pool_cap=None, pool_from=None):
     """Padded selection inputs for ``tasks``: (pool_x, pool_m, shots, q_x, q_y, q_m, pool_idx).
-    pool_cap: images per class a task searches (``search_pool``'s cap), an int or task -> int | None."""
-    pools = [search_pool(t, y, _cap(pool_cap, t)) for t in tasks]
+    pool_cap: images per class a task searches (``search_pool``'s cap), an int or task -> int | None;
+    pool_from (n,) bool: the examples a support may come from (``search_pool``'s allowed)."""
+    pools = [search_pool(t, y, _cap(pool_cap, t), allowed=pool_from) for t in tasks]
     T, N, P = len(tasks), max(t.way for t in tasks), max(len(p) for ps in pools for p in ps)
     Q = max(len(t.query) for t in tasks)
     idx = torch.zeros(T, N, P, dtype=torch.long)
@@ -402,21 +403,21 @@ def pool_tensors(tasks: list[Task], features: torch.Tensor, y: np.ndarray, pool_
 
 
 def select_tasks(tasks: list[Task], features: torch.Tensor, y: np.ndarray, method: str = "fastdiffsel",
-                 chunk: int | None = None, pool_cap=None, **kw) -> tuple[list[Task], Selection]:
+                 chunk: int | None = None, pool_cap=None, pool_from=None, **kw) -> tuple[list[Task], Selection]:
     """Replace each task's support set by the selected one (same classes, shots and query set).
 
     chunk: select that many tasks per batch (each call draws its own initial weights from ``seed``);
     the padded inputs of a batch are (tasks, N, largest class pool, d), tens of GB for Meta-Dataset's
     50-way tasks over 1000-image classes. None: all in one batch, one ``Selection``; otherwise the
     ``Selection`` holds per-batch lists in ``chosen`` / ``weights`` and the summed time.
-    pool_cap: see ``pool_tensors`` (e.g. ``data.md_pool_cap(source)``)."""
+    pool_cap, pool_from: see ``pool_tensors`` (e.g. ``data.md_pool_cap(source)``, ``data.orbit_protocol``)."""
     from ..errors import check_choice
     check_choice("method", method, ("fastdiffsel", "greedy"))
     fn = fastdiffsel if method == "fastdiffsel" else greedy
     out, sels = [], []
     for start in range(0, len(tasks), chunk or max(len(tasks), 1)):
         part = tasks[start:start + (chunk or len(tasks))]
-        *inputs, idx = pool_tensors(part, features, y, pool_cap)
+        *inputs, idx = pool_tensors(part, features, y, pool_cap, pool_from)
         sel = fn(*inputs, **kw)
         for t, task in enumerate(part):
             out.append(task.with_support([int(i) for j in range(task.way) for i in idx[t, j][sel.chosen[t, j]]]))
@@ -428,7 +429,7 @@ def select_tasks(tasks: list[Task], features: torch.Tensor, y: np.ndarray, metho
 
 
 def select_timed(tasks: list[Task], features: torch.Tensor, y: np.ndarray, method: str = "fastdiffsel",
-                 repeats: int = 1, pool_cap=None, **kw) -> tuple[list[Task], np.ndarray]:
+                 repeats: int = 1, pool_cap=None, pool_from=None, **kw) -> tuple[list[Task], np.ndarray]:
     """Select each task alone and time it: (selected tasks, seconds per task (T,), the fastest of
     ``repeats`` runs). Features are precomputed and gathered outside the clock, for every method
     alike (Sec. 4.4's fair timing: same query sets, same device)."""
@@ -437,7 +438,7 @@ def select_timed(tasks: list[Task], features: torch.Tensor, y: np.ndarray, metho
     fn = fastdiffsel if method == "fastdiffsel" else greedy
     out, times = [], []
     for task in tasks:
-        *inputs, idx = pool_tensors([task], features, y, pool_cap)
+        *inputs, idx = pool_tensors([task], features, y, pool_cap, pool_from)
         runs = [fn(*inputs, **kw) for _ in range(repeats)]
         sel = runs[0]
         out.append(task.with_support([int(i) for j in range(task.way) for i in idx[0, j][sel.chosen[0, j]]]))
@@ -446,13 +447,13 @@ def select_timed(tasks: list[Task], features: torch.Tensor, y: np.ndarray, metho
 
 
 def support_loss(tasks: list[Task], features: torch.Tensor, y: np.ndarray, chunk: int | None = None,
-                 pool_cap=None) -> torch.Tensor:
+                 pool_cap=None, pool_from=None) -> torch.Tensor:
     """Eq. 4.1's objective at the tasks' actual (binary) support sets: (T,) summed query loss
-    (``chunk`` tasks padded together and ``pool_cap`` as in ``select_tasks``)."""
+    (``chunk`` tasks padded together, ``pool_cap`` and ``pool_from`` as in ``select_tasks``)."""
     if chunk and len(tasks) > chunk:
-        return torch.cat([support_loss(tasks[i:i + chunk], features, y, pool_cap=pool_cap)
+        return torch.cat([support_loss(tasks[i:i + chunk], features, y, pool_cap=pool_cap, pool_from=pool_from)
                           for i in range(0, len(tasks), chunk)])
-    pool_x, pool_m, _, q_x, q_y, q_m, idx = pool_tensors(tasks, features, y, pool_cap)
+    pool_x, pool_m, _, q_x, q_y, q_m, idx = pool_tensors(tasks, features, y, pool_cap, pool_from)
     chosen = torch.zeros_like(pool_m)
     for t, task in enumerate(tasks):
         chosen[t] = torch.as_tensor(np.isin(idx[t].numpy(), task.support)) & pool_m[t]
@@ -471,7 +472,7 @@ def tune_alpha(tasks: list[Task], features: torch.Tensor, y: np.ndarray, alphas=
     rows = []
     for a in alphas:
         picked, _ = select_tasks(tasks, features, y, "fastdiffsel", alpha=a, maximize=maximize, **kw)
-        loss = support_loss(picked, features, y, kw.get("chunk"), kw.get("pool_cap"))
+        loss = support_loss(picked, features, y, kw.get("chunk"), kw.get("pool_cap"), kw.get("pool_from"))
         rows.append(dict(alpha=a, loss=float(loss.mean())))
     table = pd.DataFrame(rows)
     best = table.loc[table["loss"].idxmax() if maximize else table["loss"].idxmin(), "alpha"]

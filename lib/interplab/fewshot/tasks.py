@@ -58,19 +58,41 @@ class FixedSampler:
             raise BadParameter(f"way={way}, shot={shot}, query={query} must all be >= 1")
         self.way, self.shot, self.query = way, shot, query
 
-    def sample(self, y: np.ndarray, rng: np.random.Generator, query_from: np.ndarray | None = None) -> Task:
-        """query_from (n,) bool: draw queries only among these examples (e.g. front views, Fig 4.5);
-        the support may come from any other example of the class."""
-        classes = rng.choice(np.unique(y), size=self.way, replace=False)
+    def sample(self, y: np.ndarray, rng: np.random.Generator, query_from: np.ndarray | None = None,
+               support_from: np.ndarray | None = None, domain: np.ndarray | None = None) -> Task:
+        """query_from / support_from (n,) bool: draw queries / support only among these examples (e.g. front
+        views as queries, Fig 4.5; ORBIT's target and context videos, ``data.orbit_protocol``); by default the
+        support may come from any other example of the class. domain (n,) ints: the task's classes share one
+        value (ORBIT: one user's objects), drawn uniformly among the values with ``way`` classes that can
+        fill a task."""
         ok = np.ones(len(y), bool) if query_from is None else np.asarray(query_from, bool)
+        ok_s = np.ones(len(y), bool) if support_from is None else np.asarray(support_from, bool)
+        candidates = np.unique(y)
+        if domain is not None:
+            domain = np.asarray(domain)
+            def fills(c):   # enough queries, and enough support left whichever queries are drawn
+                m = y == c
+                spare = (ok_s & ~ok & m).sum() + max(0, (ok_s & ok & m).sum() - self.query)
+                return (ok & m).sum() >= self.query and spare >= self.shot
+            usable = [c for c in candidates if fills(c)]
+            by = {}
+            for c in usable:
+                by.setdefault(int(domain[np.flatnonzero(y == c)[0]]), []).append(c)
+            eligible = sorted(d for d, cs in by.items() if len(cs) >= self.way)
+            if not eligible:
+                raise BadParameter(f"no domain has {self.way} classes with {self.query} queries and {self.shot} "
+                                   "support examples each")
+            candidates = np.array(by[eligible[rng.integers(len(eligible))]])
+        classes = rng.choice(candidates, size=self.way, replace=False)
         support, query = [], []
         for c in classes:
             idx = rng.permutation(np.flatnonzero(y == c))
             q = idx[ok[idx]][:self.query]
             rest = np.setdiff1d(idx, q, assume_unique=True)
+            rest = rest[ok_s[rest]]
             if len(q) < self.query or len(rest) < self.shot:
-                raise BadParameter(f"class {c} has {len(idx)} examples ({int(ok[idx].sum())} allowed as queries); "
-                                   f"{self.shot}-shot with {self.query} queries needs more")
+                raise BadParameter(f"class {c} has {len(idx)} examples ({int(ok[idx].sum())} allowed as queries, "
+                                   f"{len(rest)} as support); {self.shot}-shot with {self.query} queries needs more")
             query += list(q)
             support += list(rng.permutation(rest)[:self.shot])
         return _task(classes, [self.shot] * self.way, support, query)
@@ -119,15 +141,19 @@ def sample_tasks(sampler, y: np.ndarray, n: int, seed: int, **kw) -> list[Task]:
     return [sampler.sample(y, rng, **kw) for _ in range(n)]
 
 
-def search_pool(task: Task, y: np.ndarray, cap: int | None = None, seed: int = 0) -> list[np.ndarray]:
+def search_pool(task: Task, y: np.ndarray, cap: int | None = None, seed: int = 0,
+                allowed: np.ndarray | None = None) -> list[np.ndarray]:
     """Per class j: the pool P_j = (examples of class j) - query, sorted, query never inside.
 
+    allowed (n,) bool: only these examples may be searched (ORBIT: frames of the context videos, so
+    no support frame shares a video with a query; ``data.orbit_protocol``).
     cap: keep at most max(cap - q, k_j) examples of each P_j (q queries and k_j shots per class), a
     subset drawn from ``seed`` and the task's query set, so the same task always gets the same pool. The
     HARD-MD release shuffles each class per task and searches images [q:cap] of it (``data.md_pool_cap``).
     """
     query = np.asarray(task.query)
-    pools = [np.setdiff1d(np.flatnonzero(y == c), query) for c in task.classes]
+    member = (lambda c: y == c) if allowed is None else (lambda c: (y == c) & np.asarray(allowed, bool))
+    pools = [np.setdiff1d(np.flatnonzero(member(c)), query) for c in task.classes]
     if cap is None:
         return pools
     key = zlib.crc32(query.astype(np.int64).tobytes())
