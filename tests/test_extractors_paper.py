@@ -104,6 +104,10 @@ def test_pmf_selector_loads_a_dino_protonet_checkpoint_at_128_px():
     assert model.patch_embed.img_size == (128, 128) and model.pretrained_cfg["crop_pct"] == 0.875
     state = E.pmf_state_dict(checkpoint, model)
     model.load_state_dict(state)                                        # strict: every key maps
+    assert float(model.cosine_scale) == 10.0
+    checkpoint["model"]["scale_cls"] = torch.tensor([17.5])             # the learned head scale is kept
+    model.load_state_dict(E.pmf_state_dict(checkpoint, model))
+    assert float(model.cosine_scale) == 17.5
     grid = dino.pos_embed[:, 1:].reshape(1, 14, 14, -1).permute(0, 3, 1, 2)
     want = F.interpolate(grid, scale_factor=(8.1 / math.sqrt(196), 8.1 / math.sqrt(196)), mode="bicubic")
     assert torch.equal(state["pos_embed"][:, 1:], want.permute(0, 2, 3, 1).reshape(1, 64, -1))

@@ -4,6 +4,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from interplab.errors import BadParameter, ResourceUnavailable
 from interplab.fewshot import data, export, learners as L, select as S, tasks as T
@@ -236,6 +237,31 @@ def test_closed_form_gradient_equals_autograd():
     loss, g = S.loss_and_grad(w, pool_x, pool_m, *inp[3:])
     torch.testing.assert_close(loss, S.query_loss(w, pool_x, pool_m, *inp[3:]))
     torch.testing.assert_close(g, g_auto, atol=1e-5, rtol=1e-4)
+
+
+def test_cosine_classifier_gradient_equals_autograd_and_pmf_head():
+    f, y = gaussian_world(2)
+    tasks = T.sample_tasks(T.MetaDatasetSampler(max_way=8, max_support=60), y, 3, seed=1)
+    *inp, _ = S.pool_tensors(tasks, f, y)
+    pool_m = inp[1]
+    w = torch.rand(pool_m.shape, dtype=torch.float64) * pool_m
+    inp64 = [t.double() if t.is_floating_point() else t for t in inp]
+    wr = w.clone().requires_grad_(True)
+    (g_auto,) = torch.autograd.grad(S.query_loss(wr, inp64[0], pool_m, *inp64[3:], cosine_scale=12.5).sum(), wr)
+    loss, g = S.loss_and_grad(w, inp64[0], pool_m, *inp64[3:], cosine_scale=12.5)
+    torch.testing.assert_close(loss, S.query_loss(w, inp64[0], pool_m, *inp64[3:], cosine_scale=12.5))
+    torch.testing.assert_close(g, g_auto)
+    assert not torch.allclose(loss, S.query_loss(w, inp64[0], pool_m, *inp64[3:]))   # not the Euclidean loss
+    # P>M>F's head: scale * (cos + bias) on the class means; the bias leaves the softmax unchanged
+    b = T.collate(tasks, f, y)
+    protos = L.prototypes(b.s_x, b.s_y, b.s_m, b.c_m.shape[1])
+    head = 12.5 * (F.normalize(b.q_x, dim=-1) @ F.normalize(protos, dim=-1).transpose(1, 2) + 0.3)
+    ours = L.ProtoNet(cosine_scale=12.5).logits(b)
+    ok = b.c_m.unsqueeze(1).expand_as(ours)
+    torch.testing.assert_close(ours.log_softmax(-1)[ok], head.masked_fill(~ok, -1e9).log_softmax(-1)[ok])
+    for method in ("fastdiffsel", "greedy"):
+        picked, _ = S.select_tasks(tasks, f, y, method, cosine_scale=12.5)
+        assert all(T.check_task(t, y) == [] for t in picked)
 
 
 def test_objective_is_monotone_over_ascent_steps():

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import timm
+import torch
 from PIL import Image
 
 from interplab import imagenet
@@ -65,6 +66,8 @@ def fake_meta_dataset(source, root=None, max_per_class=None, seed=0):
 def small_backbone(name, device="cpu"):
     model = timm.create_model("resnet18", pretrained=False, num_classes=0).eval()
     model.pretrained_cfg = dict(model.pretrained_cfg, input_size=(3, 32, 32), crop_pct=1.0)
+    if name in E.SELECTORS:   # the selector's cosine head, as the P>M>F checkpoint brings it
+        model.register_buffer("cosine_scale", torch.tensor(12.0))
     return model.to(device)
 
 

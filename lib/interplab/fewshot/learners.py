@@ -32,12 +32,24 @@ def _mask(logits: torch.Tensor, c_m: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(~c_m.unsqueeze(1), NEG)
 
 
+def proto_logits(q: torch.Tensor, protos: torch.Tensor, cosine_scale: float | None = None) -> torch.Tensor:
+    """(..., Q, d), (..., N, d) -> (..., Q, N): -||q - c||^2 (Snell et al.), or with ``cosine_scale`` s
+    P>M>F's cosine classifier s (cos(q, c) + b), whose learned b shifts every class alike and is dropped."""
+    if cosine_scale is None:
+        return -sqdist(q, protos)
+    return cosine_scale * F.normalize(q, dim=-1) @ F.normalize(protos, dim=-1).transpose(-1, -2)
+
+
 class ProtoNet:
+    """Class means; squared Euclidean logits, or P>M>F's cosine classifier (``cosine_scale``)."""
     name = "proto"
+
+    def __init__(self, cosine_scale: float | None = None):
+        self.cosine_scale = cosine_scale
 
     def logits(self, b) -> torch.Tensor:
         protos = prototypes(b.s_x, b.s_y, b.s_m, b.c_m.shape[1])
-        return _mask(-sqdist(b.q_x, protos), b.c_m)
+        return _mask(proto_logits(b.q_x, protos, self.cosine_scale), b.c_m)
 
 
 class NearestNeighbour:
@@ -92,11 +104,13 @@ def mean_ci(acc) -> tuple[float, float]:
     return float(acc.mean()), float(1.96 * acc.std(ddof=1) / np.sqrt(len(acc))) if len(acc) > 1 else 0.0
 
 
-def evaluate(tasks, features: dict, y: np.ndarray, learners=("proto", "linear", "1-nn"), chunk: int = 100):
+def evaluate(tasks, features: dict, y: np.ndarray, learners=("proto", "linear", "1-nn"), chunk: int = 100,
+             cosine: dict | None = None):
     """Accuracy of every (extractor, learner) on every task.
 
     features: extractor name -> (n, d) frozen features of the pool. Returns a DataFrame with
     columns extractor, learner, task, accuracy (percent). Tasks go in chunks to bound padding.
+    cosine: extractor name -> the scale of its own cosine ProtoNet head (P>M>F's), used for "proto".
     """
     import pandas as pd
     from .tasks import collate
@@ -104,7 +118,8 @@ def evaluate(tasks, features: dict, y: np.ndarray, learners=("proto", "linear", 
     for name, feats in features.items():
         batches = [collate(tasks[i:i + chunk], feats, y) for i in range(0, len(tasks), chunk)]
         for ln in learners:
-            acc = np.concatenate([accuracy(LEARNERS[ln](), b) for b in batches])
+            learner = ProtoNet((cosine or {}).get(name)) if ln == "proto" else LEARNERS[ln]()
+            acc = np.concatenate([accuracy(learner, b) for b in batches])
             rows += [dict(extractor=name, learner=ln, task=i, accuracy=float(a)) for i, a in enumerate(acc)]
     return pd.DataFrame(rows)
 

@@ -6,7 +6,8 @@ the ProtoNet query loss
 
     L(w) = sum_{(x, y) in Q} -log softmax_j(-||f(x) - c_j||^2)[y],   c_j = sum_i w_j^i f(x_j^i) / sum_i w_j^i
 
-(Eq. 4.1, binary w with ||w_j||_0 <= k_j). FastDiffSel relaxes it: positive random w, ``steps``
+(Eq. 4.1, binary w with ||w_j||_0 <= k_j), or with ``cosine_scale`` s the loss of P>M>F's cosine classifier
+(logits s cos(f(x), c_j): the dissertation's base model's own head). FastDiffSel relaxes it: positive random w, ``steps``
 gradient ascent steps of size ``alpha`` each followed by a per-class projection, then the k_j
 largest weights. The dissertation uses one step with alpha = 200 (appendix 11.3) and projects
 onto the l1 ball {||w_j||_1 <= k_j} (Eq. 4.2, solved through its dual Eq. 4.3 / 11.1-11.6:
@@ -30,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .learners import NEG, sqdist
+from .learners import NEG, proto_logits
 from .tasks import Task, search_pool
 
 
@@ -154,15 +155,15 @@ def _protos(w, pool_x, pool_m):
     return (w.unsqueeze(-2) @ pool_x).squeeze(-2) / denom.unsqueeze(-1), denom
 
 
-def query_loss(w, pool_x, pool_m, q_x, q_y, q_m) -> torch.Tensor:
+def query_loss(w, pool_x, pool_m, q_x, q_y, q_m, cosine_scale: float | None = None) -> torch.Tensor:
     """Eq. 4.1 per task (T,): summed ProtoNet cross-entropy of Q against the w-weighted prototypes."""
     protos, _ = _protos(w, pool_x, pool_m)
-    logits = (-sqdist(q_x, protos)).masked_fill(~pool_m.any(-1).unsqueeze(1), NEG)
+    logits = proto_logits(q_x, protos, cosine_scale).masked_fill(~pool_m.any(-1).unsqueeze(1), NEG)
     ce = F.cross_entropy(logits.transpose(1, 2), q_y, reduction="none")
     return (ce * q_m).sum(-1)
 
 
-def loss_and_grad(w, pool_x, pool_m, q_x, q_y, q_m, ctx=None, grad: bool = True):
+def loss_and_grad(w, pool_x, pool_m, q_x, q_y, q_m, ctx=None, grad: bool = True, cosine_scale: float | None = None):
     """(L, dL/dw) in closed form; equals autograd on ``query_loss`` (tested), at a fraction of its
     overhead, which is what a per-task timing on a CPU measures. w is (T, N, P), giving L (T,) and
     dL/dw (T, N, P), or (T, N, R, P) for R restarts of the same tasks, giving (T, R) and
@@ -171,38 +172,51 @@ def loss_and_grad(w, pool_x, pool_m, q_x, q_y, q_m, ctx=None, grad: bool = True)
 
     With E = q_m (softmax - onehot) (T, Q, N) and logit_qj = -||q - c_j||^2:
     dL/dc_j = sum_q E_qj 2 (q - c_j);  dL/dw_i = (x_i - c_j) . dL/dc_j / sum_i w_j^i  for i in P_j.
-    ``ctx`` caches what does not depend on w (see ``_context``) across ascent steps.
+    With ``cosine_scale`` s, logit_qj = s q^ . c^_j (unit vectors): dL/dc^_j = s sum_q E_qj q^ and
+    dL/dc_j = (I - c^_j c^_j^T) dL/dc^_j / ||c_j||. ``ctx`` caches what does not depend on w (see
+    ``_context``, built for the same ``cosine_scale``) across ascent steps.
     """
     single = w.dim() == pool_m.dim()
     if single:
         w = w.unsqueeze(2)
     t, n, r, _ = w.shape
-    neg_target, tsum, bias, m, q2 = ctx or _context(pool_m, q_x, q_y, q_m)
+    neg_target, tsum, bias, m, q2 = ctx or _context(pool_m, q_x, q_y, q_m, cosine_scale)
     w = w * m                                                                            # (T, N, R, P)
     denom = w.sum(-1, keepdim=True).clamp_min(1e-30)                                     # 0 / 0 -> 0: absent class
     protos = (w @ pool_x) / denom                                                        # (T, N, R, d)
-    # -||q - c||^2 without ||q||^2, which shifts each query's logits equally (softmax-invariant)
-    logits = ((protos.view(t, n * r, -1) @ q2.transpose(1, 2)).view(t, n, r, -1)
-              - protos.pow(2).sum(-1, keepdim=True) + bias)                              # (T, N, R, Q)
+    if cosine_scale is None:
+        # -||q - c||^2 without ||q||^2, which shifts each query's logits equally (softmax-invariant)
+        logits = ((protos.view(t, n * r, -1) @ q2.transpose(1, 2)).view(t, n, r, -1)
+                  - protos.pow(2).sum(-1, keepdim=True) + bias)                          # (T, N, R, Q)
+    else:   # q2 holds s q^: s cos(q, c)
+        norm = protos.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        unit = protos / norm
+        logits = (unit.view(t, n * r, -1) @ q2.transpose(1, 2)).view(t, n, r, -1) + bias
     logp = logits.log_softmax(1)
     loss = (logp * neg_target).sum((1, 3))                                               # (T, R)
     if not grad:
         return loss.squeeze(1) if single else loss
     err = torch.addcmul(neg_target, logp.exp(), tsum)                                    # q_m (softmax - onehot)
-    g_c = torch.addcmul((err.view(t, n * r, -1) @ q2).view(t, n, r, -1), err.sum(-1, keepdim=True), protos,
-                        value=-2)                                                        # dL/dc (T, N, R, d)
+    if cosine_scale is None:
+        g_c = torch.addcmul((err.view(t, n * r, -1) @ q2).view(t, n, r, -1), err.sum(-1, keepdim=True), protos,
+                            value=-2)                                                    # dL/dc (T, N, R, d)
+    else:
+        g_u = (err.view(t, n * r, -1) @ q2).view(t, n, r, -1)                            # dL/dc^
+        g_c = (g_u - unit * (unit * g_u).sum(-1, keepdim=True)) / norm
     g_w = (g_c @ pool_x.transpose(-1, -2) - (protos * g_c).sum(-1, keepdim=True)) * (m / denom)
     return (loss.squeeze(1), g_w.squeeze(2)) if single else (loss, g_w)
 
 
-def _context(pool_m, q_x, q_y, q_m):
+def _context(pool_m, q_x, q_y, q_m, cosine_scale: float | None = None):
     """w-independent pieces: minus the masked one-hot targets (T, N, 1, Q), their per-query sum
-    (T, 1, 1, Q) (= q_m), the absent-class bias (T, N, 1, 1), the pool mask (T, N, 1, P) and 2 q_x."""
+    (T, 1, 1, Q) (= q_m), the absent-class bias (T, N, 1, 1), the pool mask (T, N, 1, P) and 2 q_x
+    (with ``cosine_scale`` s: s q_x / ||q_x||)."""
     dt = q_x.dtype
     target = ((q_y.unsqueeze(1) == torch.arange(pool_m.shape[1], device=q_y.device)[:, None])
               & q_m.unsqueeze(1)).to(dt).unsqueeze(2)
     bias = (~pool_m.any(-1)).to(dt)[:, :, None, None] * NEG
-    return -target, q_m.to(dt)[:, None, None], bias, pool_m.unsqueeze(2).to(dt), 2 * q_x
+    q2 = 2 * q_x if cosine_scale is None else cosine_scale * F.normalize(q_x, dim=-1)
+    return -target, q_m.to(dt)[:, None, None], bias, pool_m.unsqueeze(2).to(dt), q2
 
 
 # ------------------------------------------------------------------------------ rounding
@@ -242,7 +256,8 @@ class Selection:
 
 def fastdiffsel(pool_x, pool_m, shots, q_x, q_y, q_m, alpha: float = 200.0, steps: int = 1,
                 maximize: bool = True, seed: int = 0, nonneg: bool = True, track: bool = False,
-                relax: str = "box", restarts: int = 1, best_iterate: bool = True) -> Selection:
+                relax: str = "box", restarts: int = 1, best_iterate: bool = True,
+                cosine_scale: float | None = None) -> Selection:
     """Algorithm 1, batched over tasks (they are independent: the loss is a sum over tasks).
 
     The dissertation's algorithm is ``steps=1, relax="l1", restarts=1`` (appendix 11.3: one step,
@@ -270,6 +285,7 @@ def fastdiffsel(pool_x, pool_m, shots, q_x, q_y, q_m, alpha: float = 200.0, step
     very different local optima, and the best of a few beats any one of them by a wide margin.
     maximize=False descends instead: the 'easy' tasks of Fig 4.5. track: record L(w) after the
     last projection too. trace: L summed over tasks (averaged over restarts) before each step.
+    cosine_scale: the base model's classifier is P>M>F's cosine head at this scale (module docstring).
     """
     from ..errors import check_choice
     check_choice("relax", relax, ("box", "l1"))
@@ -282,10 +298,11 @@ def fastdiffsel(pool_x, pool_m, shots, q_x, q_y, q_m, alpha: float = 200.0, step
     radius = shots.to(pool_x.dtype).unsqueeze(2)                               # (T, N, 1)
     kmax = int(shots.max()) if shots.numel() else 0
     trace, best = [], None
-    ctx = _context(pool_m, q_x, q_y, q_m)
+    ctx = _context(pool_m, q_x, q_y, q_m, cosine_scale)
+    lg = functools.partial(loss_and_grad, ctx=ctx, cosine_scale=cosine_scale)
     w_hat = w
     for step in range(steps):
-        loss, grad = loss_and_grad(w, pool_x, pool_m, q_x, q_y, q_m, ctx)   # L at the last projection
+        loss, grad = lg(w, pool_x, pool_m, q_x, q_y, q_m)                    # L at the last projection
         trace.append(loss.mean(1))
         if best_iterate and step > 0:
             best = _keep(best, sign * loss, w, w_hat)
@@ -295,14 +312,14 @@ def fastdiffsel(pool_x, pool_m, shots, q_x, q_y, q_m, alpha: float = 200.0, step
         else:
             w, _ = project_l1(w_hat.clamp_min(0) if nonneg else w_hat, radius, m)
     if track or (best_iterate and steps > 1):
-        last = loss_and_grad(w, pool_x, pool_m, q_x, q_y, q_m, ctx, grad=False)
+        last = lg(w, pool_x, pool_m, q_x, q_y, q_m, grad=False)
         if track:
             trace.append(last.mean(1))
         if best_iterate and steps > 1:
             _, w, w_hat = _keep(best, sign * last, w, w_hat)
     chosen = _largest(w_hat, m, shots.unsqueeze(2))                            # (T, N, R, P)
     if restarts > 1:
-        score = sign * loss_and_grad(chosen.to(pool_x.dtype), pool_x, pool_m, q_x, q_y, q_m, ctx, grad=False)
+        score = sign * lg(chosen.to(pool_x.dtype), pool_x, pool_m, q_x, q_y, q_m, grad=False)
         pick = score.argmax(1)[:, None, None, None].expand(t, n, 1, p)
         chosen, w = chosen.gather(2, pick), w.gather(2, pick)
     seconds = time.perf_counter() - t0
@@ -319,30 +336,32 @@ def _keep(best, score, w, w_hat):
 
 
 # ------------------------------------------------------------------------------ greedy
-def greedy(pool_x, pool_m, shots, q_x, q_y, q_m, rounds: int = 10, maximize: bool = True, seed: int = 0):
+def greedy(pool_x, pool_m, shots, q_x, q_y, q_m, rounds: int = 10, maximize: bool = True, seed: int = 0,
+           cosine_scale: float | None = None):
     """Greedy search (the baseline of Sec. 4.4), one task at a time: start from a random support
     set; in each round visit every support slot and swap in the pool example of the same class
     that most increases the query loss; stop when a round changes nothing (a local optimum) or
     after ``rounds``. Candidates of a slot are scored together (only that class's prototype
     moves), the fastest honest form of the O(N k d r) search. Returns a ``Selection`` whose
-    ``trace`` holds, per task, the query loss at the start and after every round."""
+    ``trace`` holds, per task, the query loss at the start and after every round. cosine_scale: as in
+    ``fastdiffsel``."""
     t0 = time.perf_counter()
     rng = np.random.default_rng(seed)
     chosen = torch.zeros_like(pool_m)
     trace = []
     for t in range(pool_m.shape[0]):
         c, tr = _greedy_one(pool_x[t], pool_m[t], shots[t], q_x[t][q_m[t]], q_y[t][q_m[t]], rounds,
-                            1.0 if maximize else -1.0, rng)
+                            1.0 if maximize else -1.0, rng, cosine_scale)
         chosen[t], trace = c, trace + [tr]
     return Selection(chosen, chosen.to(pool_x.dtype), trace, time.perf_counter() - t0)
 
 
-def _greedy_one(px, pm, shots, qx, qy, rounds, sign, rng):
+def _greedy_one(px, pm, shots, qx, qy, rounds, sign, rng, cosine_scale=None):
     n_way = int((shots > 0).sum())
     sel = [list(rng.choice(int(pm[j].sum()), size=int(shots[j]), replace=False)) for j in range(n_way)]
     protos = torch.stack([px[j, sel[j]].mean(0) for j in range(n_way)])
-    dist = sqdist(qx, protos)                                                     # (Q, N)
-    trace = [_ce(-dist, qy).item()]
+    logit = proto_logits(qx, protos, cosine_scale)                                # (Q, N)
+    trace = [_ce(logit, qy).item()]
     for _ in range(rounds):
         changed = False
         for j in range(n_way):
@@ -350,9 +369,9 @@ def _greedy_one(px, pm, shots, qx, qy, rounds, sign, rng):
             for slot in range(int(shots[j])):
                 # prototype of class j if slot held each candidate: (P_j, d)
                 moved = protos[j] + (cand - px[j, sel[j][slot]]) / shots[j]
-                cols = sqdist(qx, moved)                                          # (Q, P_j)
-                logits = (-dist).unsqueeze(0).repeat(len(cand), 1, 1)            # (P_j, Q, N)
-                logits[:, :, j] = -cols.T
+                cols = proto_logits(qx, moved, cosine_scale)                      # (Q, P_j)
+                logits = logit.unsqueeze(0).repeat(len(cand), 1, 1)              # (P_j, Q, N)
+                logits[:, :, j] = cols.T
                 score = sign * F.cross_entropy(logits.transpose(1, 2), qy.expand(len(cand), -1),
                                                reduction="none").sum(-1)
                 score[[i for s, i in enumerate(sel[j]) if s != slot]] = -torch.inf  # no duplicates
@@ -360,8 +379,8 @@ def _greedy_one(px, pm, shots, qx, qy, rounds, sign, rng):
                 if best != sel[j][slot]:
                     sel[j][slot], changed = best, True
                     protos[j] = moved[best]
-                    dist[:, j] = cols[:, best]
-        trace.append(_ce(-dist, qy).item())
+                    logit[:, j] = cols[:, best]
+        trace.append(_ce(logit, qy).item())
         if not changed:
             break
     chosen = torch.zeros_like(pm)
@@ -447,17 +466,17 @@ def select_timed(tasks: list[Task], features: torch.Tensor, y: np.ndarray, metho
 
 
 def support_loss(tasks: list[Task], features: torch.Tensor, y: np.ndarray, chunk: int | None = None,
-                 pool_cap=None, pool_from=None) -> torch.Tensor:
+                 pool_cap=None, pool_from=None, cosine_scale: float | None = None) -> torch.Tensor:
     """Eq. 4.1's objective at the tasks' actual (binary) support sets: (T,) summed query loss
     (``chunk`` tasks padded together, ``pool_cap`` and ``pool_from`` as in ``select_tasks``)."""
     if chunk and len(tasks) > chunk:
-        return torch.cat([support_loss(tasks[i:i + chunk], features, y, pool_cap=pool_cap, pool_from=pool_from)
-                          for i in range(0, len(tasks), chunk)])
+        return torch.cat([support_loss(tasks[i:i + chunk], features, y, pool_cap=pool_cap, pool_from=pool_from,
+                                       cosine_scale=cosine_scale) for i in range(0, len(tasks), chunk)])
     pool_x, pool_m, _, q_x, q_y, q_m, idx = pool_tensors(tasks, features, y, pool_cap, pool_from)
     chosen = torch.zeros_like(pool_m)
     for t, task in enumerate(tasks):
         chosen[t] = torch.as_tensor(np.isin(idx[t].numpy(), task.support)) & pool_m[t]
-    return query_loss(chosen.to(pool_x.dtype), pool_x, pool_m, q_x, q_y, q_m)
+    return query_loss(chosen.to(pool_x.dtype), pool_x, pool_m, q_x, q_y, q_m, cosine_scale)
 
 
 ALPHAS = (0.01, 0.1, 1.0, 10.0, 100.0, 200.0, 500.0)  # the log grid of appendix 11.3 over [0.01, 500]
@@ -472,7 +491,8 @@ def tune_alpha(tasks: list[Task], features: torch.Tensor, y: np.ndarray, alphas=
     rows = []
     for a in alphas:
         picked, _ = select_tasks(tasks, features, y, "fastdiffsel", alpha=a, maximize=maximize, **kw)
-        loss = support_loss(picked, features, y, kw.get("chunk"), kw.get("pool_cap"), kw.get("pool_from"))
+        loss = support_loss(picked, features, y, kw.get("chunk"), kw.get("pool_cap"), kw.get("pool_from"),
+                            kw.get("cosine_scale"))
         rows.append(dict(alpha=a, loss=float(loss.mean())))
     table = pd.DataFrame(rows)
     best = table.loc[table["loss"].idxmax() if maximize else table["loss"].idxmin(), "alpha"]

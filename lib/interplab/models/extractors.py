@@ -219,6 +219,8 @@ def build_backbone(name: str, pretrained: bool = False, **kw) -> nn.Module:
     if b.library == "pmf":
         kw = {"img_size": PMF_SIZE, **kw}
     model = timm.create_model(model_id, pretrained=pretrained and b.library == "timm", num_classes=0, **kw)
+    if b.library == "pmf":   # its ProtoNet's cosine head (logits = scale (cos + bias)); 10 is P>M>F's initial value
+        model.register_buffer("cosine_scale", torch.tensor(10.0))
     if name in _EVAL_CFG:
         model.pretrained_cfg = {**model.pretrained_cfg, **_EVAL_CFG[name]}
     if pretrained and b.library == "torch.hub":
@@ -246,10 +248,14 @@ def pmf_state_dict(checkpoint: dict, model: nn.Module) -> dict:
     """P>M>F's ProtoNet checkpoint ({"model": {"backbone.<DINO ViT key>": ..., "scale_cls", "bias"}})
     as a state dict of timm's ViT-S/16 at ``model``'s input size: DINO's ViT shares timm's key names;
     its 14x14 position embedding is resampled as DINO resamples it at run time (bicubic, scale
-    factor (grid + 0.1) / 14, no antialiasing)."""
+    factor (grid + 0.1) / 14, no antialiasing). The learned ``scale_cls`` becomes the ``cosine_scale``
+    buffer (FastDiffSel's loss and ProtoNet use it, ``fewshot.select``); ``bias`` shifts every class's
+    logit alike and is dropped."""
     import math
-    state = checkpoint.get("model", checkpoint)
-    state = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
+    full = checkpoint.get("model", checkpoint)
+    state = {k.removeprefix("backbone."): v for k, v in full.items() if k.startswith("backbone.")}
+    if "scale_cls" in full and hasattr(model, "cosine_scale"):
+        state["cosine_scale"] = full["scale_cls"].reshape(()).float()
     pos = state["pos_embed"]
     grid, target = int(math.sqrt(pos.shape[1] - 1)), model.patch_embed.grid_size
     if (grid, grid) != tuple(target):
