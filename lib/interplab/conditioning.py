@@ -53,10 +53,12 @@ def predicted_noise(sched, out: torch.Tensor, zt: torch.Tensor, t: torch.Tensor)
     return abar.sqrt() * out + (1 - abar).sqrt() * zt
 
 
-def sds_loss(pipe, z: torch.Tensor, cond: torch.Tensor, gen: torch.Generator, added: dict | None = None) -> torch.Tensor:
+def sds_loss(pipe, z: torch.Tensor, cond: torch.Tensor, gen: torch.Generator, added: dict | None = None,
+             t: torch.Tensor | None = None, eps: torch.Tensor | None = None) -> torch.Tensor:
     """||eps_theta(z_t, t, c) - eps||^2 averaged over the batch, t ~ U{0..T-1}: z (N, *latent_shape)
     from the student (gradients flow through the frozen UNet into z), cond (N, T, d); ``added``: the
-    denoiser's extra inputs of these rows, {name: (N, ...)} (SD-XL, PixArt, SD3).
+    denoiser's extra inputs of these rows, {name: (N, ...)} (SD-XL, PixArt, SD3); ``t`` (N,) and ``eps``
+    (N, *latent_shape) given instead of drawn from ``gen`` (``sds_loss_and_grad``'s chunks).
 
     Computed in float32: z, cond and ``added`` are cast to float32, and the denoiser must be float32 while
     the loss is built *and* back-propagated. A half-precision one (SD loaded in fp16) is refused: in fp16
@@ -70,13 +72,35 @@ def sds_loss(pipe, z: torch.Tensor, cond: torch.Tensor, gen: torch.Generator, ad
                            "conditioning.float32_modules(pipe.unet)")
     z = z.float()
     sched = pipe.training_scheduler()
-    t = torch.randint(0, sched.config.num_train_timesteps, (len(z),), generator=gen).to(z.device)
-    eps = torch.randn(z.shape, generator=gen).to(z)
-    zt = sched.add_noise(z, eps, t)
+    if t is None:
+        t = torch.randint(0, sched.config.num_train_timesteps, (len(z),), generator=gen).to(z.device)
+        eps = torch.randn(z.shape, generator=gen).to(z)
+    zt = sched.add_noise(z, eps.to(z), t)
     if added is not None:
         added = {k: v.to(z) for k, v in added.items()}
     out = pipe.noise_prediction(pipe.denoise(zt, t, cond.to(z), added))
     return F.mse_loss(predicted_noise(sched, out.to(z), zt, t), eps)
+
+
+def sds_loss_and_grad(pipe, z: torch.Tensor, cond: torch.Tensor, gen: torch.Generator, chunk: int,
+                      added: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(``sds_loss``, its gradient with respect to z (N, *latent_shape)) with the UNet back-propagated ``chunk``
+    rows at a time, so that one chunk's activations are alive instead of the batch's (SD-v1's UNet in float32
+    keeps about 2 GB per 64 x 64 latent for its backward pass: ``benchmarks/mem_sds_clip.py``). The t and eps
+    draws are those of one ``sds_loss`` call on the whole batch; the loss and gradient equal its up to rounding."""
+    z = z.detach().float()
+    sched = pipe.training_scheduler()
+    t = torch.randint(0, sched.config.num_train_timesteps, (len(z),), generator=gen).to(z.device)
+    eps = torch.randn(z.shape, generator=gen).to(z)
+    loss, grad = z.new_zeros(()), torch.zeros_like(z)
+    for start in range(0, len(z), chunk):
+        part = slice(start, start + chunk)
+        zc = z[part].clone().requires_grad_(True)
+        sub = None if added is None else {k: v[part] for k, v in added.items()}
+        term = sds_loss(pipe, zc, cond[part], gen, sub, t=t[part], eps=eps[part]) * (len(zc) / len(z))
+        (grad[part],) = torch.autograd.grad(term, zc)
+        loss = loss + term.detach()
+    return loss, grad
 
 
 def _float32(module: nn.Module) -> bool:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .conditioning import float32_modules, frozen, sds_loss
+from .conditioning import float32_modules, frozen, sds_loss, sds_loss_and_grad
 from .errors import BadParameter, check_choice
 from .hooks import trace
 from .models.clip_students import features, resize_crop
@@ -109,7 +109,8 @@ class SdsClip(nn.Module):
 
 def finetune(student: SdsClip, tokenize, teacher, batches, lam: float, steps: int = 150, lr_ln: float = 5e-4,
              lr_h: float = 1e-3, seed: int = 0, pixel_values=lambda x: x * 2 - 1, progress: bool = True,
-             objective: str = "sds", feature_t: int = 200, feature_layer: str | None = None) -> list:
+             objective: str = "sds", feature_t: int = 200, feature_layer: str | None = None,
+             sds_chunk: int | None = None) -> list:
     """Fine-tune the student's LayerNorms and h_w on L_CLIP + lam L_SDS (lam = 0: L_CLIP alone), or with
     objective="features" on Eq. 11.19's L_CLIP + lam ||h_w(f_phi(x)) - I(x, c)||^2, I = ``unet_features``
     at ``feature_t`` / ``feature_layer`` (the student's h_w must map to ``feature_shape``).
@@ -124,7 +125,9 @@ def finetune(student: SdsClip, tokenize, teacher, batches, lam: float, steps: in
     (lam > 0, objective "sds") a half-precision teacher UNet (SD in fp16) is held in float32 for the whole
     fine-tune (``conditioning.float32_modules``; its weights come back bit for bit): the SDS gradient
     (lam 2 / numel, ~4e-9 at lam 1e-3) would underflow to zero in fp16. The feature objective never
-    back-propagates through the UNet and runs it in its own dtype.
+    back-propagates through the UNet and runs it in its own dtype. sds_chunk: back-propagate L_SDS through
+    the UNet that many rows at a time (``conditioning.sds_loss_and_grad``; same draws, same gradient up to
+    rounding): SD-v1 in float32 needs about 2 GB per row for it, so batch 32 in one piece is over 70 GB.
     """
     from tqdm.auto import tqdm
     if lam < 0:
@@ -150,18 +153,23 @@ def finetune(student: SdsClip, tokenize, teacher, batches, lam: float, steps: in
             txt = features(student.clip.get_text_features(input_ids=ids))
             logits = student.clip.logit_scale.exp() * F.normalize(img, dim=-1) @ F.normalize(txt, dim=-1).T
             l_clip = infonce(logits, captions)
-            l_sds = torch.zeros(())
+            l_sds, z_grad = torch.zeros(()), None
             if lam > 0:
                 with torch.no_grad():
                     cond = teacher.encode(captions)
-                if objective == "sds":
+                if objective == "sds" and sds_chunk and sds_chunk < len(img):
+                    z = student.latent(img)
+                    l_sds, z_grad = sds_loss_and_grad(teacher, z, cond, gen, sds_chunk)
+                elif objective == "sds":
                     l_sds = sds_loss(teacher, student.latent(img), cond, gen)
                 else:
                     target = unet_features(teacher, images, cond, feature_t, feature_layer).to(img)
                     l_sds = F.mse_loss(student.latent(img), target)
-            loss = l_clip + lam * l_sds
             opt.zero_grad()
-            loss.backward()
+            if z_grad is None:
+                (l_clip + lam * l_sds).backward()
+            else:   # L_SDS's gradient enters at z, the student's output, beside L_CLIP's
+                torch.autograd.backward([l_clip, z], [None, lam * z_grad.to(z)])
             opt.step()
             out.append((float(l_clip.detach()), float(l_sds.detach())))
     student.eval()

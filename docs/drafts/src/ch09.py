@@ -51,6 +51,7 @@ n_human = 160               # paper: prompts of the human study (SD vs SD + WiCL
 human_study_csvs = []       # paper: filled copies of the exported human_study.csv, one per rater
 teacher = "v1"              # paper: the SD version that scores, teaches and generates
 sds_lambda = 0.001          # paper: 11.8.5 (learning rate 5e-5, batch 32)
+sds_chunk = None            # rows per backward pass through the UNet for L_SDS; tiny: the whole batch; paper: 8 (batch 32 at once needs > 70 GB in float32, benchmarks/mem_sds_clip.py)
 per_generator = None        # own samples per train prompt before the rating filter; tiny: 8 (the oracle rates); paper: 70
 keep_best = None            # best-rated samples kept per train prompt for CLP / WiCLP; tiny: 1; paper: 30
 gors_steps = None           # GORS LoRA fine-tuning steps at batch 16; tiny: 1000; paper: 15000 (the release)
@@ -101,13 +102,15 @@ n_clevr = interplab.by_profile(n_clevr, profile, 400, None)
 per_generator = interplab.by_profile(per_generator, profile, 8, 70)
 keep_best = interplab.by_profile(keep_best, profile, 1, 30)
 gors_steps = interplab.by_profile(gors_steps, profile, 1000, 15000)
+sds_chunk = interplab.by_profile(sds_chunk, profile, None, 8)
 ch = interplab.start("ch09_compositionality", profile=profile, seed=seed, device=device, out_dir=out_dir,
                      params=dict(n_winoground=n_winoground, n_aro=n_aro, diffusion_samples=diffusion_samples,
                                  ft_steps=ft_steps, n_ft_seeds=n_ft_seeds, lambda_grid=lambda_grid, categories=categories,
                                  n_test_prompts=n_test_prompts, samples_per_prompt=samples_per_prompt,
                                  train_prompts=train_prompts, train_steps=train_steps, cstar_prompts=cstar_prompts,
                                  cstar_steps=cstar_steps, switch_taus=switch_taus, fid_images=fid_images,
-                                 students=students, teacher=teacher, sds_lambda=sds_lambda, per_generator=per_generator,
+                                 students=students, teacher=teacher, sds_lambda=sds_lambda, sds_chunk=sds_chunk,
+                                 per_generator=per_generator,
                                  keep_best=keep_best, gors_steps=gors_steps, gors_threshold=gors_threshold,
                                  table92_models=table92_models, star_generators=star_generators, star_size=star_size,
                                  data_generators=data_generators, finetune_data=finetune_data, feature_t=feature_t,
@@ -353,7 +356,8 @@ else:  # MS-COCO train2017 (or CC-3M, §11.8.6), batch 32, LayerNorms and h_w at
         losses = distillation.finetune(student, clip_students.tokenizer(name), pipe, cb.coco_stream(pairs, 32, spec.image_size),
                                        lam=lam, steps=ft_steps, lr_ln=5e-5, lr_h=5e-5, seed=ft_seed,
                                        pixel_values=lambda x: clip_students.pixels(x, spec.image_size),
-                                       objective=objective, feature_t=feature_t, feature_layer=feature_layer)
+                                       objective=objective, feature_t=feature_t, feature_layer=feature_layer,
+                                       sds_chunk=sds_chunk)
         return student.clip, losses
 
 rows, zs_sds = [], []
