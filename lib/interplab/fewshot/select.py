@@ -6,10 +6,10 @@ the ProtoNet query loss
 
     L(w) = sum_{(x, y) in Q} -log softmax_j(-||f(x) - c_j||^2)[y],   c_j = sum_i w_j^i f(x_j^i) / sum_i w_j^i
 
-(Eq. 4.1, binary w with ||w_j||_0 <= k_j), or with ``cosine_scale`` s the loss of P>M>F's cosine classifier
-(logits s cos(f(x), c_j): the dissertation's base model's own head). FastDiffSel relaxes it: positive random w, ``steps``
-gradient ascent steps of size ``alpha`` each followed by a per-class projection, then the k_j
-largest weights. The dissertation uses one step with alpha = 200 (appendix 11.3) and projects
+(Eq. 4.1, binary w with ||w_j||_0 <= k_j), or with ``cosine_scale`` s the loss of P>M>F's cosine
+classifier (logits s cos(f(x), c_j): the dissertation's base model's own head). FastDiffSel relaxes
+it: positive random w, ``steps`` gradient ascent steps of size ``alpha`` each followed by a
+per-class projection, then the k_j largest weights. The dissertation uses one step with alpha = 200 (appendix 11.3) and projects
 onto the l1 ball {||w_j||_1 <= k_j} (Eq. 4.2, solved through its dual Eq. 4.3 / 11.1-11.6:
 soft-thresholding at the multiplier lambda_j found by sorting): ``relax="l1"``. The default
 ``relax="box"`` also relaxes Eq. 4.1's w in {0, 1} to 0 <= w <= 1 (with sum_i w_j^i = k_j), the

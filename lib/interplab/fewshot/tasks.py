@@ -8,8 +8,8 @@ label of an example is the position of its class in ``Task.classes``.
     MetaDatasetSampler(...)              Meta-Dataset's variable-way variable-shot sampler
                                          (Triantafillou et al. 2020, Sec. 3.2), its caps scaled
                                          to small pools
-    search_pool(task, y, cap)            per class: its examples minus the query set (P = D' - Q),
-                                         optionally a seeded subset (HARD-MD's per-task cap)
+    search_pool(task, y, cap, allowed)   per class: its examples minus the query set (P = D' - Q),
+                                         optionally among allowed ones and a seeded subset (HARD-MD)
     check_task(task, y)                  the way/shot/membership/disjointness constraints
     collate(tasks, features, y)          padded tensors for learners batched over tasks
     composition(tasks, flag)             support vs query share of an annotated property
