@@ -73,13 +73,18 @@ def sds_loss(pipe, z: torch.Tensor, cond: torch.Tensor, gen: torch.Generator, ad
     z = z.float()
     sched = pipe.training_scheduler()
     if t is None:
-        t = torch.randint(0, sched.config.num_train_timesteps, (len(z),), generator=gen).to(z.device)
-        eps = torch.randn(z.shape, generator=gen).to(z)
+        t, eps = _sds_draws(sched, z, gen)
     zt = sched.add_noise(z, eps.to(z), t)
     if added is not None:
         added = {k: v.to(z) for k, v in added.items()}
     out = pipe.noise_prediction(pipe.denoise(zt, t, cond.to(z), added))
     return F.mse_loss(predicted_noise(sched, out.to(z), zt, t), eps)
+
+
+def _sds_draws(sched, z: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """t (N,) ~ U{0..T-1} and eps like z: one place, so that chunked and whole-batch SDS draw alike."""
+    t = torch.randint(0, sched.config.num_train_timesteps, (len(z),), generator=gen).to(z.device)
+    return t, torch.randn(z.shape, generator=gen).to(z)
 
 
 def sds_loss_and_grad(pipe, z: torch.Tensor, cond: torch.Tensor, gen: torch.Generator, chunk: int,
@@ -89,9 +94,7 @@ def sds_loss_and_grad(pipe, z: torch.Tensor, cond: torch.Tensor, gen: torch.Gene
     keeps about 2 GB per 64 x 64 latent for its backward pass: ``benchmarks/mem_sds_clip.py``). The t and eps
     draws are those of one ``sds_loss`` call on the whole batch; the loss and gradient equal its up to rounding."""
     z = z.detach().float()
-    sched = pipe.training_scheduler()
-    t = torch.randint(0, sched.config.num_train_timesteps, (len(z),), generator=gen).to(z.device)
-    eps = torch.randn(z.shape, generator=gen).to(z)
+    t, eps = _sds_draws(pipe.training_scheduler(), z, gen)
     loss, grad = z.new_zeros(()), torch.zeros_like(z)
     for start in range(0, len(z), chunk):
         part = slice(start, start + chunk)

@@ -69,15 +69,15 @@ class FixedSampler:
         ok_s = np.ones(len(y), bool) if support_from is None else np.asarray(support_from, bool)
         candidates = np.unique(y)
         if domain is not None:
-            domain = np.asarray(domain)
-            def fills(c):   # enough queries, and enough support left whichever queries are drawn
-                m = y == c
-                spare = (ok_s & ~ok & m).sum() + max(0, (ok_s & ok & m).sum() - self.query)
-                return (ok & m).sum() >= self.query and spare >= self.shot
-            usable = [c for c in candidates if fills(c)]
+            # per class (counts in one pass over the pool): enough queries, and enough support left whichever
+            # queries are drawn; a class's domain is that of its first example
+            _, first, inv = np.unique(y, return_index=True, return_inverse=True)
+            count = lambda mask: np.bincount(inv, weights=mask, minlength=len(candidates))  # noqa: E731
+            spare = count(ok_s & ~ok) + np.maximum(0, count(ok_s & ok) - self.query)
+            usable = (count(ok) >= self.query) & (spare >= self.shot)
             by = {}
-            for c in usable:
-                by.setdefault(int(domain[np.flatnonzero(y == c)[0]]), []).append(c)
+            for c, d in zip(candidates[usable], np.asarray(domain)[first[usable]]):
+                by.setdefault(int(d), []).append(c)
             eligible = sorted(d for d, cs in by.items() if len(cs) >= self.way)
             if not eligible:
                 raise BadParameter(f"no domain has {self.way} classes with {self.query} queries and {self.shot} "
