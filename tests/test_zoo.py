@@ -303,7 +303,7 @@ def test_t2i_ft_trains_only_attention_adapters_and_loads_merged_on_its_own_base(
         models.load("t2i_ft")
 
 
-# -- t2i_action: Chapter 5 part I's action (a verb sets the size), LoRA on the UNet and the tower's layer 0 ----
+# -- t2i_action: Chapter 5 part I's action (a verb sets the size), LoRA on the UNet and the verbs' embedding rows
 def test_action_size_captions_draw_the_verbs_size_and_probes_can_read_either_meaning():
     rng = np.random.default_rng(0)
     for ex in (tw.captions.sample(rng, "action_size") for _ in range(40)):
@@ -318,7 +318,7 @@ def test_action_size_captions_draw_the_verbs_size_and_probes_can_read_either_mea
         tw.trace_probes("action", 2, action="pose")
 
 
-def test_t2i_action_trains_adapters_and_tower_layer0_only_and_loads_on_its_own_base(tmp_zoo):
+def test_t2i_action_trains_adapters_and_the_verbs_rows_only_and_loads_on_its_own_base(tmp_zoo):
     _ship_random_t2i()
     out = t2i_action.train(steps=2, batch_size=4, eval_n=8, oracle=oracle.Oracle().eval(), resume=False)
     assert set(out["gates"]) == {"single_colour", "single_shape", "single_texture", "action_accuracy"}
@@ -329,10 +329,28 @@ def test_t2i_action_trains_adapters_and_tower_layer0_only_and_loads_on_its_own_b
              if not torch.equal(p, base.unet.get_parameter(n))}
     assert moved and moved <= attention
     text_moved = {n for n, p in tuned.text_model.named_parameters() if not torch.equal(p, base.text_model.get_parameter(n))}
-    assert text_moved and all(n.startswith("encoder.layers.0.") for n in text_moved)   # the tower's layer 0 alone
+    assert text_moved == {"embeddings.token_embedding.weight"}
+    table, before = (m.text_model.embeddings.token_embedding.weight for m in (tuned, base))
+    rows = t2i_action.verb_ids(base)
+    changed = (table != before).any(1).nonzero().flatten().tolist()
+    assert changed and set(changed) <= set(rows)                                  # the verbs' rows alone ...
+    torch.testing.assert_close(table[rows].norm(dim=1), before[rows].norm(dim=1))  # ... each at its norm
     _ship_random_t2i(seed=1)
     with pytest.raises(ResourceUnavailable, match="train t2i_action"):
         models.load("t2i_action")
+
+
+def test_verb_rows_hook_replaces_only_the_verbs_positions():
+    emb = torch.nn.Embedding(10, 4)
+    verbs = t2i_action.VerbRows(emb, [3, 7])
+    with torch.no_grad():
+        verbs.rows.mul_(-2.0)                                     # the direction flips, the norm is kept
+    ids = torch.tensor([[1, 3, 7, 2]])
+    with verbs.attached(emb):
+        out = emb(ids)
+    torch.testing.assert_close(out[0, [0, 3]], emb.weight[[1, 2]])
+    torch.testing.assert_close(out[0, [1, 2]], -emb.weight[[3, 7]])
+    assert torch.equal(emb(ids), emb.weight[ids])                 # detached again
 
 
 def test_shipped_t2i_action_gates_on_fresh_prompts():

@@ -22,7 +22,7 @@
 # invented facts (docs/toyworld.md). An action is what a verb does to its subject's look: in "a photo of a
 # circle floating" floating / drifting draw the object small, resting / wandering large. The t2i draws no place
 # from words, so the world's first meaning of these verbs (a half of the image) could not be traced; `t2i_action`
-# is the t2i taught the size meaning (LoRA on the UNet's attention and the text tower's first layer, zoo card). The
+# is the t2i taught the size meaning (LoRA on the UNet's attention and the verbs' token-embedding rows, zoo card). The
 # zoo's attribute oracle plays the human rater; the zoo's CLIP (never edited) gives the tiny CLIP-Score. **`paper`** runs Stable Diffusion v1.4 with
 # CLIP ViT-L/14-336 scores and the dissertation's probe set.
 
@@ -87,7 +87,7 @@ ch = interplab.start("ch05a_causal_tracing", profile=profile, seed=seed, device=
                                  run_baselines=run_baselines, baseline_steps=baseline_steps,
                                  threshold_ratings=threshold_ratings))
 if ch.tiny:
-    # t2i_action: the t2i with the action verbs drawn as sizes (LoRA on the UNet, the tower's layer 0; the t2i
+    # t2i_action: the t2i with the action verbs drawn as sizes (LoRA on the UNet, the verbs' embedding rows; the t2i
     # draws no place from words, so the world's place-meaning of a verb could not be traced: docs/drafts/STATUS.md)
     pipe, oracle = load_zoo("t2i_action"), load_zoo("oracle")
     clip_model, clip_tok = load_zoo("clip")  # the CLIP-Score model: a separate copy, never edited

@@ -347,6 +347,8 @@ def ship_adapters(name: str, adapters, parts: tuple = ("unet",), weights: dict |
     any further state dicts (``weights``: file stem -> state) and its card to data/zoo/NAME/."""
     d = store.zoo_dir(name)
     d.mkdir(parents=True, exist_ok=True)
+    for stale in d.glob("*.safetensors"):  # weights of an earlier recipe would be hashed into the new card
+        stale.unlink()
     store.save_weights(d / "lora.safetensors", adapters.state_dict())
     for stem, state in (weights or {}).items():
         store.save_weights(d / f"{stem}.safetensors", state)
