@@ -320,6 +320,9 @@ def test_action_size_captions_draw_the_verbs_size_and_probes_can_read_either_mea
 
 def test_t2i_action_trains_adapters_and_the_verbs_rows_only_and_loads_on_its_own_base(tmp_zoo):
     _ship_random_t2i()
+    stale = store.zoo_dir("t2i_action") / "text_layer0.safetensors"    # an earlier recipe's weights
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"old")
     out = t2i_action.train(steps=2, batch_size=4, eval_n=8, oracle=oracle.Oracle().eval(), resume=False)
     assert set(out["gates"]) == {"single_colour", "single_shape", "single_texture", "action_accuracy"}
     assert len(out["losses"]) == 2 and "action_size" in out["mix"] and "action" not in out["mix"]
@@ -330,6 +333,7 @@ def test_t2i_action_trains_adapters_and_the_verbs_rows_only_and_loads_on_its_own
     assert moved and moved <= attention
     text_moved = {n for n, p in tuned.text_model.named_parameters() if not torch.equal(p, base.text_model.get_parameter(n))}
     assert text_moved == {"embeddings.token_embedding.weight"}
+    assert not stale.exists() and "text_layer0.safetensors" not in store.read_card("t2i_action")["sha256"]
     table, before = (m.text_model.embeddings.token_embedding.weight for m in (tuned, base))
     rows = t2i_action.verb_ids(base)
     changed = (table != before).any(1).nonzero().flatten().tolist()
