@@ -90,7 +90,10 @@ def _embedding(model) -> torch.nn.Embedding:
 
 def verb_ids(model) -> list[int]:
     """Token ids of ``toyworld.ACTION_SIZES``' verbs (one word-level token each)."""
-    return [int(model.tokenize([v])[0, 1]) for v in tw.ACTION_SIZES]
+    ids = [int(model.tokenize([v])[0, 1]) for v in tw.ACTION_SIZES]
+    if len(set(ids)) != len(ids):  # a verb outside the vocabulary reads as the unknown token
+        raise ValueError(f"the tokenizer does not give each verb of {list(tw.ACTION_SIZES)} its own token: {ids}")
+    return ids
 
 
 def train(steps: int = 500, batch_size: int = 32, seed: int = 0, lr: float = 1e-3, text_lr: float = 1e-2,
