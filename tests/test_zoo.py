@@ -4,12 +4,13 @@ import json
 
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 
 from interplab import lora, models, paths
 from interplab import toyworld as tw
 from interplab.errors import BadParameter, ResourceUnavailable
-from interplab.zoo import MODELS, clip, loop, oracle, store, t2i, t2i_action, t2i_ft
+from interplab.zoo import MODELS, clip, loop, oracle, store, t2i, t2i_action, t2i_ft, t2i_t5
 
 
 @pytest.fixture
@@ -355,6 +356,35 @@ def test_verb_rows_hook_replaces_only_the_verbs_positions():
     torch.testing.assert_close(out[0, [0, 3]], emb.weight[[1, 2]])
     torch.testing.assert_close(out[0, [1, 2]], -emb.weight[[3, 7]])
     assert torch.equal(emb(ids), emb.weight[ids])                 # detached again
+
+
+# -- t2i_t5: Chapter 5 part II's DeepFloyd analogue, a bidirectional T5 trained with LoRA on the t2i's UNet --------
+def test_t2i_t5_trains_a_bidirectional_t5_and_adapters_and_loads_on_its_own_base(tmp_zoo):
+    _ship_random_t2i()
+    out = t2i_t5.train(steps=2, batch_size=4, eval_n=8, oracle=oracle.Oracle().eval(), resume=False)
+    assert set(out["gates"]) == {"single_colour", "single_shape", "single_texture"} and len(out["losses"]) == 2
+    base, tuned = models.load("t2i"), models.load("t2i_t5")
+    assert type(tuned.text_model).__name__ == "T5EncoderModel"
+    attention = set(lora.attention_linears(base.unet))
+    moved = {n.rsplit(".", 1)[0] for n, p in tuned.unet.named_parameters()
+             if not torch.equal(p, base.unet.get_parameter(n))}
+    assert moved and moved <= attention
+    for m in (base, tuned):                                   # the CLIP tower is causal, the T5 is not
+        first = m.encode(["a red circle", "a red square"])[:, 1]
+        assert torch.equal(first[0], first[1]) == (m is base)
+    stored = safetensors.torch.load_file(store.zoo_dir("t2i_t5") / "t5.safetensors")
+    assert all(v.dtype == torch.float16 for v in stored.values())   # the zoo's 40 MB
+    _ship_random_t2i(seed=1)
+    with pytest.raises(ResourceUnavailable, match="train t2i_t5"):
+        models.load("t2i_t5")
+
+
+def test_shipped_t2i_t5_gates_on_fresh_prompts():
+    card = shipped("t2i_t5")
+    tuned, orc = models.load("t2i_t5"), models.load("oracle")
+    fid = t2i.fidelity(tuned, orc, n=100, seed=424_250)
+    for k, g in card["gates"].items():
+        assert fid[k] >= g["threshold"], (k, fid[k])
 
 
 def test_shipped_t2i_action_gates_on_fresh_prompts():

@@ -24,7 +24,7 @@ profile = "tiny"
 seed = 0
 device = "auto"
 out_dir = None
-models = None                        # None: tiny the zoo's t2i and its fine-tune t2i_ft; paper all six families (or a subset of sd14, sd15, sd21, openjourney, sdxl, deepfloyd)
+models = None                        # None: tiny the zoo's t2i, its fine-tune t2i_ft and its T5 analogue t2i_t5; paper all six families (or a subset of sd14, sd15, sd21, openjourney, sdxl, deepfloyd)
 attributes = ["style", "objects", "facts"]
 m_values = [1, 2, 3]                 # window sizes searched
 sdxl_m_values = [3, 5]               # SD-XL's window sizes (70 layers at 1024 px; the dissertation's m)
@@ -63,7 +63,7 @@ from interplab.models.diffusion import ClipScore, DeepFloydIF, DeepFloydIFStageI
 from interplab.zoo import clip as zc
 from interplab.zoo import oracle as zo
 
-models = interplab.by_profile(models, profile, ["t2i", "t2i_ft"], ["sd14", "sd15", "sd21", "openjourney", "sdxl", "deepfloyd"])
+models = interplab.by_profile(models, profile, ["t2i", "t2i_ft", "t2i_t5"], ["sd14", "sd15", "sd21", "openjourney", "sdxl", "deepfloyd"])
 ch = interplab.start("ch05b_locogen", profile=profile, seed=seed, device=device, out_dir=out_dir,
                      params=dict(models=models, attributes=attributes, m_values=m_values, sdxl_m_values=sdxl_m_values,
                                  window_batch=window_batch, window_threshold=window_threshold,
@@ -76,7 +76,7 @@ PAPER_IDS = {"sd14": "CompVis/stable-diffusion-v1-4", "sd15": "stable-diffusion-
              "sd21": "stabilityai/stable-diffusion-2-1", "openjourney": "prompthero/openjourney",
              "sdxl": "stabilityai/stable-diffusion-xl-base-1.0", "deepfloyd": "DeepFloyd/IF-I-XL-v1.0"}
 PIPELINES = {"sdxl": StableDiffusionXL, "deepfloyd": DeepFloydIF}
-TINY_MODELS = ("t2i", "t2i_ft")  # the SD-v1.5 and OpenJourney analogues
+TINY_MODELS = ("t2i", "t2i_ft", "t2i_t5")  # the SD-v1.5, OpenJourney and DeepFloyd IF analogues
 if ch.tiny:
     if [m for m in models if m not in TINY_MODELS]:
         raise BadParameter(f"unknown tiny models {models}; choose from {TINY_MODELS}")
@@ -174,8 +174,8 @@ def score(images, wanted):
 # Part I's engine on every model of `models`: the subject (artist, mascot, emblem) of `n_trace` captions per
 # attribute is corrupted in the text encoder (in both towers for SD-XL); Fig 5.7 restores one UNet layer at a
 # time, Fig 5.8 one text-encoder state (attention or MLP output at the last subject token). R = share of the
-# damage undone, from the score of the attribute's phrase; a state is causal at R >= 0.5. tiny has one model (the
-# spec's T5 analogue `t2i_tiny_t5` is not in the zoo), so the cross-model contrast is paper only.
+# damage undone, from the score of the attribute's phrase; a state is causal at R >= 0.5. tiny traces the t2i, its
+# fine-tune `t2i_ft` and `t2i_t5`, the t2i read through a bidirectional T5 (the DeepFloyd analogue, docs/toyworld.md).
 
 # %%
 def clean_and_corrupted(pipe_m, caption, span, sigmas, restorations=(), restorations_2=()):
@@ -842,7 +842,7 @@ ch.claim("neuron_editing", f"the style score does not rise with k (tolerance {to
 # miss it (check 13, §5.9's limitation). paper compares the models of `models` when both of a pair are there
 # (efficacy = LocoEdit's change at the window as a share of LocoGen's all-layer change, mean over style and
 # objects, so that CLIP-Score units cancel). tiny: `t2i_ft` (the zoo's t2i fine-tuned on a shifted look) stands in for
-# OpenJourney; the DeepFloyd analogue `t2i_t5` is not in the zoo.
+# OpenJourney and `t2i_t5` (a bidirectional T5 trained from scratch with LoRA on the t2i's UNet) for DeepFloyd.
 
 # %%
 fine_tune, base = ("t2i_ft", "t2i") if ch.tiny else ("openjourney", next((m for m in ("sd15", "sd14") if m in pipes), None))
@@ -865,11 +865,12 @@ def share_of_locogen(name):
     return float(np.mean(shares)) if shares else np.nan
 
 
-clip_like = [m for m in pipes if m != "deepfloyd" and not isinstance(pipes[m], StableDiffusionXL)]
-if "deepfloyd" in pipes and clip_like:
-    share = {m: share_of_locogen(m) for m in clip_like + ["deepfloyd"]}
-    gap = share[clip_like[0]] - share["deepfloyd"]
-    ch.claim("t5_locoedit_weaker", f"LocoEdit's share of LocoGen's change is >= 0.1 lower on DeepFloyd (T5) than on "
+t5_name = "t2i_t5" if ch.tiny else "deepfloyd"
+clip_like = [m for m in pipes if m != t5_name and not isinstance(pipes[m], StableDiffusionXL)]
+if t5_name in pipes and clip_like:
+    share = {m: share_of_locogen(m) for m in clip_like + [t5_name]}
+    gap = share[clip_like[0]] - share[t5_name]
+    ch.claim("t5_locoedit_weaker", f"LocoEdit's share of LocoGen's change is >= 0.1 lower on {t5_name} (T5) than on "
              f"{clip_like[0]} (CLIP)", dissertation="DeepFloyd resists closed-form edits at its LocoGen layers (§5.9)",
              reproduced={m: f"{s:.2f}" for m, s in share.items()}, holds=bool(np.isfinite(gap) and gap >= 0.1))
 else:

@@ -342,16 +342,18 @@ def base_sha(parts: tuple = ("unet",)) -> dict:
     return {k: v for k, v in store.read_card(NAME)["sha256"].items() if k.startswith(parts)}
 
 
-def ship_adapters(name: str, adapters, parts: tuple = ("unet",), weights: dict | None = None, **card) -> None:
+def ship_adapters(name: str, adapters, parts: tuple = ("unet",), weights: dict | None = None, half: bool = False,
+                  **card) -> None:
     """Write a fine-tune's adapters (``lora.safetensors`` + ``lora_config.json`` naming the base's hashes),
-    any further state dicts (``weights``: file stem -> state) and its card to data/zoo/NAME/."""
+    any further state dicts (``weights``: file stem -> state; ``half``: all stored as float16) and its card
+    to data/zoo/NAME/."""
     d = store.zoo_dir(name)
     d.mkdir(parents=True, exist_ok=True)
     for stale in d.glob("*.safetensors"):  # weights of an earlier recipe would be hashed into the new card
         stale.unlink()
-    store.save_weights(d / "lora.safetensors", adapters.state_dict())
+    store.save_weights(d / "lora.safetensors", adapters.state_dict(), half=half)
     for stem, state in (weights or {}).items():
-        store.save_weights(d / f"{stem}.safetensors", state)
+        store.save_weights(d / f"{stem}.safetensors", state, half=half)
     store.provenance.write_json(d / "lora_config.json", {"rank": adapters.rank, "scale": adapters.scale,
                                                          "paths": adapters.paths, "base_sha256": base_sha(parts)})
     store.write_card(name, **card)
