@@ -327,6 +327,7 @@ def test_t2i_action_trains_adapters_and_the_verbs_rows_only_and_loads_on_its_own
     out = t2i_action.train(steps=2, batch_size=4, eval_n=8, oracle=oracle.Oracle().eval(), resume=False)
     assert set(out["gates"]) == {"single_colour", "single_shape", "single_texture", "action_accuracy"}
     assert len(out["losses"]) == 2 and "action_size" in out["mix"] and "action" not in out["mix"]
+    assert store.read_card("t2i_action")["layer_drop"] == t2i_action.LAYER_DROP > 0
     base, tuned = models.load("t2i"), models.load("t2i_action")
     attention = set(lora.attention_linears(base.unet))
     moved = {n.rsplit(".", 1)[0] for n, p in tuned.unet.named_parameters()
@@ -356,6 +357,32 @@ def test_verb_rows_hook_replaces_only_the_verbs_positions():
     torch.testing.assert_close(out[0, [0, 3]], emb.weight[[1, 2]])
     torch.testing.assert_close(out[0, [1, 2]], -emb.weight[[3, 7]])
     assert torch.equal(emb(ids), emb.weight[ids])                 # detached again
+
+
+def test_layer_dropped_context_swaps_whole_examples_per_cross_attention_and_nothing_else():
+    torch.manual_seed(0)
+    unet = t2i.UNet2DConditionModel(**t2i.unet_config()).eval()
+    z, t = torch.randn(6, 8, 8, 8), torch.full((6,), 500)
+    cond, empty = torch.randn(6, 5, 64), torch.randn(1, 5, 64)
+    seen = []
+    hooks = [m.register_forward_hook(lambda m, a, k, out: seen.append(k["encoder_hidden_states"]), with_kwargs=True)
+             for n, m in unet.named_modules() if n.endswith("attn2")]   # after the pre-hooks: what the layer read
+    with torch.no_grad():
+        plain = unet(z, t, encoder_hidden_states=cond).sample
+        with t2i.layer_dropped_context(unet, empty, 0.0, torch.Generator().manual_seed(0)):
+            kept = unet(z, t, encoder_hidden_states=cond).sample
+        seen.clear()
+        with t2i.layer_dropped_context(unet, empty, 0.5, torch.Generator().manual_seed(0)):
+            unet(z, t, encoder_hidden_states=cond)
+        read = list(seen)
+        gone = unet(z, t, encoder_hidden_states=cond).sample       # the hooks are removed on exit
+    for h in hooks:
+        h.remove()
+    assert torch.equal(kept, plain) and torch.equal(gone, plain)
+    assert len(read) == sum(n.endswith("attn2") for n, _ in unet.named_modules())
+    swapped = torch.stack([(s == empty).flatten(1).all(1) for s in read])          # (layers, examples)
+    assert all(((s == cond) | (s == empty)).flatten(1).all() for s in read)        # whole rows, one or the other
+    assert 0 < swapped.float().mean() < 1 and len({tuple(r.tolist()) for r in swapped}) > 1   # per layer, per example
 
 
 # -- t2i_t5: Chapter 5 part II's DeepFloyd analogue, a bidirectional T5 trained with LoRA on the t2i's UNet --------

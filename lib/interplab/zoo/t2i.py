@@ -11,6 +11,7 @@ UNet of this size could not draw. Its samples carried speckle inside the silhoue
 0.27-0.30 after 4000-6500 steps, colour and shape 0.8-0.97), while a small VAE decodes a texture from
 a code that is constant over the object, which the UNet does learn to place: the reason SD diffuses latents.
 """
+import contextlib
 import json
 
 import numpy as np
@@ -119,23 +120,49 @@ def render(rng: np.random.Generator, n: int, jitter: float = 1.0, mix: dict = T2
     return ex, torch.from_numpy(tw.render_batch([e.scene for e in ex], seed=seed, noise=0.0, jitter=jitter)[0])
 
 
-def lora_step(model, adapters, batch_size: int, mix: dict, pal: tw.Palette = DARK, text_grad: bool = False):
+def lora_step(model, adapters, batch_size: int, mix: dict, pal: tw.Palette = DARK, text_grad: bool = False,
+              layer_drop: float = 0.0):
     """A ``loop.train`` step for adapters (a ``lora.LoRA``) on the UNet: t2i's denoising loss through them on a
     batch of ``mix`` drawn from ``pal``, captions dropped to "" one time in ten (for guidance, as t2i); the text
     tower runs without gradients unless ``text_grad`` (the fine-tunes t2i_ft, t2i_action and Chapter 9's draft
-    share it)."""
+    share it). ``layer_drop`` > 0 also hands each cross-attention layer the empty caption's states in place of
+    an example's, independently per layer and example with that probability (``layer_dropped_context``)."""
     def step(rng, gen, i):
         ex, images = render(rng, batch_size, jitter=UNET_JITTER, mix=mix, pal=pal)
         captions = [e.caption if rng.random() >= 0.1 else "" for e in ex]
         with torch.set_grad_enabled(text_grad):
             cond = model.text_model(input_ids=model.tokenize(captions)).last_hidden_state
+        drop = contextlib.nullcontext()
+        if layer_drop > 0:
+            with torch.no_grad():
+                empty = model.text_model(input_ids=model.tokenize([""])).last_hidden_state
+            drop = layer_dropped_context(model.unet, empty, layer_drop, gen)
         model.unet.train()
-        with adapters.attached(model.unet):
+        with adapters.attached(model.unet), drop:
             loss = diffusion_loss(model, images, cond, gen)
         loss.backward()
         model.unet.eval()
         return loss.detach()
     return step
+
+
+@contextlib.contextmanager
+def layer_dropped_context(unet, empty: torch.Tensor, p: float, gen: torch.Generator):
+    """Inside, every cross-attention layer (``attn2``) of ``unet`` reads ``empty`` (1, T, d) in place of each
+    example's conditioning (B, T, d) with probability p, drawn per layer and example from ``gen``: no single
+    layer's reading of the caption is then indispensable, so what the features already hold has to survive
+    layers that read nothing."""
+    def hook(module, args, kwargs):
+        cond = kwargs["encoder_hidden_states"]
+        keep = (torch.rand(len(cond), 1, 1, generator=gen) >= p).to(cond.dtype)
+        return args, {**kwargs, "encoder_hidden_states": keep * cond + (1 - keep) * empty.to(cond.dtype)}
+    handles = [m.register_forward_pre_hook(hook, with_kwargs=True)
+               for name, m in unet.named_modules() if name.endswith("attn2")]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 # -- the gates: does the oracle see what the prompt asked for? ---------------------------------
