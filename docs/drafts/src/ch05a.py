@@ -23,8 +23,8 @@
 # circle floating" floating / drifting draw the object small, resting / wandering large. The t2i draws no place
 # from words, so the world's first meaning of these verbs (a half of the image) could not be traced; `t2i_action`
 # is the t2i taught the size meaning (LoRA on the UNet's attention and the verbs' token-embedding rows, zoo card),
-# its cross-attentions each reading the empty caption a quarter of the time while it trained, so that, as in SD,
-# no single layer's reading of the caption decides the image (docs/toyworld.md). The
+# its cross-attentions each reading the empty caption a quarter of the time while it trained, so that no single
+# layer's reading of the caption is indispensable (docs/toyworld.md). The
 # zoo's attribute oracle plays the human rater; the zoo's CLIP (never edited) gives the tiny CLIP-Score. **`paper`** runs Stable Diffusion v1.4 with
 # CLIP ViT-L/14-336 scores and the dissertation's probe set.
 

@@ -36,9 +36,10 @@ MIX = {**{k: 0.75 * v / sum(_REST.values()) for k, v in _REST.items()}, "action_
 PARTS = ("unet", "text")  # the base files it depends on: the UNet it adapts and the tower whose verb rows it replaces
 # Per cross-attention layer and example, the probability of reading the empty caption while training. The t2i
 # writes shape and texture at one 4 x 4 cross-attention (up_blocks.2.attentions.1), and what a restored earlier
-# layer of a corrupted run held hardly survived it: style was restorable in the up path only. In SD restored
-# ResNets bring attributes back in every block (Fig 5.2); a UNet whose layers may each read nothing has to keep
-# what its features already hold (docs/toyworld.md: 0.25 and 0.5 tried, 0.25 kept).
+# layer of a corrupted run held hardly survived it. In SD restored ResNets bring attributes back in every block
+# (Fig 5.2); a UNet whose layers may each read nothing has to keep what its features already hold. With it more
+# layers restore objects, colour and action; style is still restored in the up path only, and the 2 x 2 / 1 x 1
+# levels, which the t2i hardly uses, restore nothing (docs/toyworld.md: 0.25 and 0.5 tried, 0.25 kept).
 LAYER_DROP = 0.25
 ACTION_GATE = 0.85  # share of "a photo of a SHAPE VERB" samples the oracle reads at the verb's size (chance 0.5)
 
@@ -104,7 +105,8 @@ def verb_ids(model) -> list[int]:
 
 
 def train(steps: int = 1000, batch_size: int = 32, seed: int = 0, lr: float = 1e-3, text_lr: float = 1e-2,
-          ship: bool = True, resume: bool = True, eval_n: int = 400, oracle=None, layer_drop: float = LAYER_DROP) -> dict:
+          ship: bool = True, resume: bool = True, eval_n: int = 400, oracle=None,
+          layer_drop: float = LAYER_DROP) -> dict:
     """LoRA adapters on the shipped t2i's UNet attention (lr ``lr``) and the verbs' embedding rows
     (``text_lr``), trained with t2i's loss on ``MIX``, each cross-attention layer reading the empty caption
     with probability ``layer_drop`` (``t2i.layer_dropped_context``). Gates: t2i's single-object fidelity, and
@@ -133,7 +135,8 @@ def train(steps: int = 1000, batch_size: int = 32, seed: int = 0, lr: float = 1e
     gates["action_accuracy"] = store.gate(after, ACTION_GATE)
     extra = {"pair_fidelity": {k: v for k, v in fid.items() if k.startswith("pair_")},
              "action_accuracy": {"t2i": before, "t2i_action": after}, "rank": RANK, "lr": lr, "text_lr": text_lr,
-             "batch_size": batch_size, "layer_drop": layer_drop, "mix": MIX, "base": "the zoo's t2i", "base_sha256": base.base_sha(PARTS),
+             "batch_size": batch_size, "layer_drop": layer_drop, "mix": MIX, "base": "the zoo's t2i",
+             "base_sha256": base.base_sha(PARTS),
              "trained": "LoRA on the UNet's attention; the verbs' token-embedding rows (norms kept)",
              "final_loss": float(np.mean(run["losses"][-50:]))}
     if ship:
