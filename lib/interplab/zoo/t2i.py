@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
+from .. import anatomy, hooks
 from .. import toyworld as tw
 from ..lora import LoRA
 from ..models.diffusion import StableDiffusion
@@ -134,9 +135,7 @@ def lora_step(model, adapters, batch_size: int, mix: dict, pal: tw.Palette = DAR
             cond = model.text_model(input_ids=model.tokenize(captions)).last_hidden_state
         drop = contextlib.nullcontext()
         if layer_drop > 0:
-            with torch.no_grad():
-                empty = model.text_model(input_ids=model.tokenize([""])).last_hidden_state
-            drop = layer_dropped_context(model.unet, empty, layer_drop, gen)
+            drop = layer_dropped_context(model.unet, model.uncond_conditioning(), layer_drop, gen)
         model.unet.train()
         with adapters.attached(model.unet), drop:
             loss = diffusion_loss(model, images, cond, gen)
@@ -152,17 +151,13 @@ def layer_dropped_context(unet, empty: torch.Tensor, p: float, gen: torch.Genera
     example's conditioning (B, T, d) with probability p, drawn per layer and example from ``gen``: no single
     layer's reading of the caption is then indispensable, so what the features already hold has to survive
     layers that read nothing."""
-    def hook(module, args, kwargs):
-        cond = kwargs["encoder_hidden_states"]
+    def drop(cond):
         keep = (torch.rand(len(cond), 1, 1, generator=gen) >= p).to(cond.dtype)
-        return args, {**kwargs, "encoder_hidden_states": keep * cond + (1 - keep) * empty.to(cond.dtype)}
-    handles = [m.register_forward_pre_hook(hook, with_kwargs=True)
-               for name, m in unet.named_modules() if name.endswith("attn2")]
-    try:
+        return keep * cond + (1 - keep) * empty.to(cond.dtype)
+    with contextlib.ExitStack() as stack:
+        for path in anatomy.items(unet, "xattn"):
+            stack.enter_context(hooks.edit(unet, path, drop, at="input:encoder_hidden_states"))
         yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 # -- the gates: does the oracle see what the prompt asked for? ---------------------------------
