@@ -54,9 +54,7 @@ def step(rng, gen, i):
         cond = pipe.text_model(input_ids=pipe.tokenize(captions)).last_hidden_state
     pipe.unet.train()
     if LD > 0:
-        with torch.no_grad():
-            empty = pipe.text_model(input_ids=pipe.tokenize([""])).last_hidden_state
-        with t2i.layer_dropped_context(pipe.unet, empty, LD, gen):
+        with t2i.layer_dropped_context(pipe.unet, pipe.uncond_conditioning(), LD, gen):
             loss = t2i.diffusion_loss(pipe, images, cond, gen)
     else:
         loss = t2i.diffusion_loss(pipe, images, cond, gen)
