@@ -165,8 +165,14 @@ ch.compare(f"Table 11.2 probe captions ({' / '.join(attributes)})",
 print(f"sigma = {sigma:.4f} (std of the subject tokens' embedding entries), noise = {noise_mult} sigma")
 
 
-def corruption(caption, noise_seed=seed):
-    return tracing.Noise(EMBED, subject_of[caption], sigma, nu=noise_mult, seed=noise_seed)
+# Each caption's subject gets its own noise draw (its clean, corrupted and restored runs share it), as ROME
+# draws fresh noise per prompt: one draw shared by every caption made a seed's whole corrupted column one sample
+# of the noise, and whether a shape survived its corruption was that sample's luck.
+noise_seed_of = {c: seed * 100_003 + i for i, c in enumerate(ids_of)}
+
+
+def corruption(caption):
+    return tracing.Noise(EMBED, subject_of[caption], sigma, nu=noise_mult, seed=noise_seed_of[caption])
 
 
 def best_worst(r):
@@ -271,14 +277,13 @@ ch.claim("xattn_not_where_knowledge_sits", "mean R over cross-attention layers <
 # ### How much noise hides a subject? (a calibration the dissertation does not report)
 #
 # The claims corrupt with ROME's ν = 3 (spec: keep it). How strong that is depends on the model's embedding
-# geometry, so the same captions are sampled with the subject's noise at several ν (every row of a caption on the
-# one noise draw the tracing uses): the attribute's accuracy should fall from its clean level towards chance as ν
-# grows. The column at the claims' ν repeats the tracing's corrupted accuracy (same conditioning and noise, another batch).
+# geometry, so the same captions are sampled with the subject's noise at several ν (each caption on the noise draw
+# its tracing uses): the attribute's accuracy should fall from its clean level towards chance as ν grows. The column at the claims' ν repeats the tracing's corrupted accuracy (same conditioning and noise, another batch).
 
 # %%
 nu_grid = [1.0, 2.0, 3.0, 5.0, 8.0, 13.0]
 noisy = [tracing.trace_text_states(text, ids_of[p.caption], tracing.Noise(EMBED, subject_of[p.caption], sigma,
-                                                                           nu=nu, seed=seed))[1:2]
+                                                                           nu=nu, seed=noise_seed_of[p.caption]))[1:2]
          for a in attributes for p in probes[a] for nu in nu_grid]            # (captions x nu) corrupted rows
 calibration_images = tracing.sample_rows(pipe, torch.cat(noisy), seed=seed, **sampler)
 calibration_images = calibration_images.unflatten(0, (-1, len(nu_grid)))
