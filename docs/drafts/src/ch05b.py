@@ -178,14 +178,14 @@ def score(images, wanted):
 # fine-tune `t2i_ft` and `t2i_t5`, the t2i read through a bidirectional T5 (the DeepFloyd analogue, docs/toyworld.md).
 
 # %%
-def clean_and_corrupted(pipe_m, caption, span, sigmas, restorations=(), restorations_2=()):
-    """Conditionings (2 + R, T, d): clean, corrupted (subject noised, nu = 3 times each tower's ``sigmas``),
-    then one per text-state restoration, and SD-XL's added rows (or None)."""
+def clean_and_corrupted(pipe_m, caption, span, sigmas, restorations=(), restorations_2=(), noise_seed=0):
+    """Conditionings (2 + R, T, d): clean, corrupted (subject noised, nu = 3 times each tower's ``sigmas``, the
+    draw ``noise_seed``), then one per text-state restoration, and SD-XL's added rows (or None)."""
     if isinstance(pipe_m, StableDiffusionXL):
-        return tracing.trace_sdxl_text_states(pipe_m, caption, span, restorations, restorations_2, seed=seed,
+        return tracing.trace_sdxl_text_states(pipe_m, caption, span, restorations, restorations_2, seed=noise_seed,
                                               sigmas=sigmas)
     ids = pipe_m.tokenize([caption]).to(pipe_m.text_model.device)
-    noise = tracing.subject_noise(pipe_m.text_model, pipe_m.tokenizer, ids, span, seed=seed, sigma=sigmas[0])
+    noise = tracing.subject_noise(pipe_m.text_model, pipe_m.tokenizer, ids, span, seed=noise_seed, sigma=sigmas[0])
     return tracing.trace_text_states(pipe_m.text_model, ids, noise, restorations, inputs=pipe_m.text_inputs), None
 
 
@@ -219,14 +219,18 @@ for name_m, pipe_m in pipes.items():
               zip(towers, [pipe_m.tokenizer, getattr(pipe_m, "tokenizer_2", None)])]
     for a in attributes:
         unet_scores, text_scores = [], []
-        for T, _, wanted, concept in tqdm(pairs[a][:n_trace], desc=f"tracing {name_m} / {a}", leave=False):
+        for k, (T, _, wanted, concept) in enumerate(tqdm(pairs[a][:n_trace], desc=f"tracing {name_m} / {a}",
+                                                         leave=False)):
             target = traced(a, T, wanted, concept)
             subj = tracing.subject_positions(pipe_m.tokenizer, pipe_m.tokenize([T])[0], concept)[-1]
             at_last = [[(site, [subj]) for site, _ in r] for group in states for r in group]
             n1 = sum(len(g) for g in states[:2])
             # one text pass gives clean, corrupted and every restored text state; the UNet trace renders the first
             # two, which ride the same noise draw as the restored rows rendered after it
-            conds, add = clean_and_corrupted(pipe_m, T, concept, sigmas, at_last[:n1], at_last[n1:])
+            # each caption its own noise draw (ROME's per-prompt noise; Part I), shared by its clean, corrupted and
+            # restored rows
+            conds, add = clean_and_corrupted(pipe_m, T, concept, sigmas, at_last[:n1], at_last[n1:],
+                                             noise_seed=seed * 100_003 + 1000 * attributes.index(a) + k)
             first, rest = (None, None) if add is None else ({k: v[:2] for k, v in add.items()},
                                                             {k: v[2:] for k, v in add.items()})
             imgs = tracing.trace_unet_layers(pipe_m, conds[:1], conds[1:2], layers_m, seed=seed, batch_size=32,
