@@ -173,8 +173,8 @@ print(f"sigma = {sigma:.4f} (std of the subject tokens' embedding entries), nois
 noise_seed_of = {c: seed * 100_003 + i for i, c in enumerate(ids_of)}
 
 
-def corruption(caption):
-    return tracing.Noise(EMBED, subject_of[caption], sigma, nu=noise_mult, seed=noise_seed_of[caption])
+def corruption(caption, nu=noise_mult):
+    return tracing.Noise(EMBED, subject_of[caption], sigma, nu=nu, seed=noise_seed_of[caption])
 
 
 def best_worst(r):
@@ -285,8 +285,7 @@ ch.claim("xattn_not_where_knowledge_sits", "mean R over cross-attention layers <
 
 # %%
 nu_grid = [1.0, 2.0, 3.0, 5.0, 8.0, 13.0]
-noisy = [tracing.trace_text_states(text, ids_of[p.caption], tracing.Noise(EMBED, subject_of[p.caption], sigma,
-                                                                           nu=nu, seed=noise_seed_of[p.caption]))[1:2]
+noisy = [tracing.trace_text_states(text, ids_of[p.caption], corruption(p.caption, nu))[1:2]
          for a in attributes for p in probes[a] for nu in nu_grid]            # (captions x nu) corrupted rows
 calibration_images = tracing.sample_rows(pipe, torch.cat(noisy), seed=seed, **sampler)
 calibration_images = calibration_images.unflatten(0, (-1, len(nu_grid)))
