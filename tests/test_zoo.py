@@ -431,3 +431,23 @@ def test_shipped_t2i_ft_gates_on_fresh_prompts():
                                - t2i_ft.large_share(base, orc, n=100, seed=424_247))
     for k, g in card["gates"].items():
         assert fid[k] >= g["threshold"], (k, fid[k])
+
+
+def test_t2i_sample_seeded_gives_each_block_the_noise_of_its_own_call():
+    tok = tw.clip_tokenizer(clip.MAX_LENGTH)
+    text = t2i.text_encoder_of(clip.CLIPModel(clip.config(len(tok), tok.eos_token_id)))
+    model = t2i.untrained(text, tok)
+    a, b = model.encode(["a red circle", "a blue square", "a green star"]), model.encode(["a red square"])
+    for eta in (1.0, 0.0):  # stochastic steps: the step noise follows each block's seed too
+        got = model.sample_seeded([a, b, a[:1]], [3, 5, 3], steps=3, eta=eta)
+        want = [model.sample(a, seed=3, steps=3, eta=eta), model.sample(b, seed=5, steps=3, eta=eta),
+                model.sample(a[:1], seed=3, steps=3, eta=eta)]
+        assert [g.shape for g in got] == [w.shape for w in want]
+        assert all(torch.allclose(g, w, atol=1e-4) for g, w in zip(got, want))
+    assert not torch.allclose(got[0][:1], model.sample(a[:1], seed=4, steps=3, eta=1.0), atol=1e-2)
+    u = model.encode(["a star"])  # each block's own unconditional branch
+    got = model.sample_seeded([a, b], [3, 5], steps=3, unconds=[u, u.expand(1, -1, -1)])
+    assert torch.allclose(got[0], model.sample(a, seed=3, steps=3, uncond=u), atol=1e-4)
+    assert not torch.allclose(got[1], model.sample(b, seed=5, steps=3), atol=1e-2)
+    with pytest.raises(BadParameter, match="one seed"):
+        model.sample_seeded([a, b], [1])

@@ -53,6 +53,7 @@ run_baselines = True          # the two fine-tuning erasers of Fig 5.4b
 baseline_steps = None         # None: tiny 100 at lr 1e-3; paper the releases' (ESD-x 1000 at 1e-5, Concept-Ablation 200 at 8e-6)
 
 # %%
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -108,6 +109,7 @@ else:
 text = pipe.text_model
 EMBED = ("text_model." if hasattr(text, "text_model") else "") + "embeddings.token_embedding"
 sampler = {k: v for k, v in dict(steps=num_inference_steps, guidance=guidance_scale).items() if v is not None}
+render_batch = 128 if ch.tiny else 16  # images per sampling loop where rows are independent
 
 
 def show(ax, image, title=""):
@@ -287,7 +289,7 @@ ch.claim("xattn_not_where_knowledge_sits", "mean R over cross-attention layers <
 nu_grid = [1.0, 2.0, 3.0, 5.0, 8.0, 13.0]
 noisy = [tracing.trace_text_states(text, ids_of[p.caption], corruption(p.caption, nu))[1:2]
          for a in attributes for p in probes[a] for nu in nu_grid]            # (captions x nu) corrupted rows
-calibration_images = tracing.sample_rows(pipe, torch.cat(noisy), seed=seed, **sampler)
+calibration_images = tracing.sample_rows(pipe, torch.cat(noisy), seed=seed, batch_size=render_batch, **sampler)
 calibration_images = calibration_images.unflatten(0, (-1, len(nu_grid)))
 flat = [(a, p) for a in attributes for p in probes[a]]
 calibration = {a: np.mean([rate(calibration_images[i], p) for i, (b, p) in enumerate(flat) if b == a], 0)
@@ -364,17 +366,17 @@ state_names = [(pos, k, l) for pos in ("last subject", "first EOS") for k in ("a
 
 
 def trace_text(probe_list):
-    """Images (C, 2 + S, 3, 32, 32) and hits (C, 2 + S) for the S states of ``state_names``."""
-    images, hits = [], []
-    for p in tqdm(probe_list, desc="text-encoder tracing", leave=False):
+    """Images (C, 2 + S, 3, 32, 32) and hits (C, 2 + S) for the S states of ``state_names``; every caption's rows
+    ride the same noise draw, so all captions are sampled in one batched loop."""
+    conds = []
+    for p in probe_list:
         ids = ids_of[p.caption]
         where = {"last subject": subject_of[p.caption][-1], "first EOS": ids[0].tolist().index(eos_id, 1)}
         restorations = [[(sites[k][l], [where[pos]])] for pos, k, l in state_names]
-        conds = tracing.trace_text_states(text, ids, corruption(p.caption), restorations)
-        imgs = tracing.sample_rows(pipe, conds, seed=seed, **sampler)
-        images.append(imgs)
-        hits.append(rate(imgs, p))
-    return torch.stack(images), np.stack(hits)
+        conds.append(tracing.trace_text_states(text, ids, corruption(p.caption), restorations))
+    images = tracing.sample_rows(pipe, torch.cat(conds), seed=seed, batch_size=render_batch, **sampler)
+    images = images.unflatten(0, (len(probe_list), -1))
+    return images, np.stack([rate(imgs, p) for imgs, p in zip(images, probe_list)])
 
 
 text_trace = {a: trace_text(probes[a]) for a in tqdm(attributes, desc="attributes")}
@@ -551,41 +553,59 @@ def quickfix(concepts, layer=0):
     return e
 
 
-def drawn(c, edit=None, wanted=None, n=None, soft=False):
-    """How much the images of c's prompts show ``wanted`` (default c.wanted): tiny, the oracle's agreement
+_unedited = {}  # prompts -> images of the unedited model (rendered once per prompt set)
+
+
+def render(jobs, desc="rendering", cache=True):
+    """Images of each job (concept, edit or None, n): its first n prompts under each of the n_edit_seeds seeds
+    (paper: 0-4, the spec's), seed-major, all jobs in few batched sampling loops. DIFF-QUICKFIX edits only the text
+    encoder, so each job's conditionings (and CFG's empty prompt) are encoded under its edit and one unchanged UNet
+    samples them all, every image on the noise it would get alone. ``cache=False`` when the UNet itself was changed (the erasers)."""
+    todo = [i for i, (c, e, n) in enumerate(jobs) if e is not None or not cache or tuple(c.prompts[:n]) not in _unedited]
+    chunks, rows = [[]], 0  # (job, conditioning, uncond, seed) blocks, at most render_batch images per sampling loop
+    for i in todo:
+        c, e, n = jobs[i]
+        with editing.apply_edit(text, e) if e is not None else contextlib.nullcontext():
+            cond, uncond = pipe.encode(c.prompts[:n]), pipe.uncond_conditioning()
+        for s in range(n_edit_seeds):
+            if rows + len(cond) > render_batch and chunks[-1]:
+                chunks, rows = chunks + [[]], 0
+            chunks[-1].append((i, cond, uncond, seed + s))
+            rows += len(cond)
+    images = {i: [] for i in todo}
+    for chunk in tqdm([x for x in chunks if x], desc=desc, leave=False):
+        drawn = pipe.sample_seeded([b[1] for b in chunk], [b[3] for b in chunk], unconds=[b[2] for b in chunk],
+                                   batch_size=render_batch, **sampler)
+        for (i, *_), im in zip(chunk, drawn):
+            images[i].append(im)
+    out = []
+    for i, (c, e, n) in enumerate(jobs):
+        if i in images:
+            out.append(torch.cat(images[i]))
+            if e is None and cache:
+                _unedited[tuple(c.prompts[:n])] = out[-1]
+        else:
+            out.append(_unedited[tuple(c.prompts[:n])])
+    return out
+
+
+def score(c, images, wanted=None, soft=False):
+    """How much images of c's prompts show ``wanted`` (default c.wanted): tiny, the oracle's agreement
     (probability mass with ``soft``); paper, mean CLIP-Score with the phrase."""
     wanted = c.wanted if wanted is None else wanted
-    key = (tuple(c.prompts[:n]), repr(wanted), soft)
-    if edit is None and key in _unedited:  # the unedited model's images are rendered once per prompt set
-        return _unedited[key]
-    def generate():  # every prompt under each of the n_edit_seeds seeds (paper: 0-4, the spec's)
-        return torch.cat([pipe.generate(c.prompts[:n], seed=seed + s, **sampler) for s in range(n_edit_seeds)])
-    if edit is not None:
-        with editing.apply_edit(text, edit):
-            images = generate()
-    else:
-        images = generate()
     if ch.tiny:
-        score = float(np.mean(zo.agreement(oracle, images, [wanted] * len(images), soft)))
-    else:
-        score = float(clip_score(images, [wanted] * len(images)).mean())
-    if edit is None:
-        _unedited[key] = score
-    return score
+        return float(np.mean(zo.agreement(oracle, images, [wanted] * len(images), soft)))
+    return float(clip_score(images, [wanted] * len(images)).mean())
 
 
-_unedited = {}
-
-
-before = {c.kind: drawn(c) for c in EDITED}
-after, edit_stats = {}, []
-for layer in tqdm(range(n_text), desc="Fig 5.4a: edited layer"):
-    for c in EDITED:
-        e = quickfix([c], layer)
-        after[c.kind, layer] = drawn(c, e)
-        edit_stats.append(dict(concept=c.name, layer=layer, rows=e.n_rows, preserve_rows=e.n_preserve,
-                               relative_change=e.relative_change, residual=e.residual, wall_time_s=e.wall_time_s))
-edit_stats = pd.DataFrame(edit_stats)
+base = dict(zip([c.kind for c in EDITED], render([(c, None, None) for c in EDITED], "unedited")))
+before = {c.kind: score(c, base[c.kind]) for c in EDITED}
+layer_edits = {(c.kind, layer): (c, quickfix([c], layer)) for layer in range(n_text) for c in EDITED}
+edited = dict(zip(layer_edits, render([(c, e, None) for c, e in layer_edits.values()], "Fig 5.4a: each layer's edits")))
+after = {k: score(c, edited[k]) for k, (c, _) in layer_edits.items()}
+edit_stats = pd.DataFrame([dict(concept=c.name, layer=layer, rows=e.n_rows, preserve_rows=e.n_preserve,
+                                relative_change=e.relative_change, residual=e.residual, wall_time_s=e.wall_time_s)
+                           for (_, layer), (c, e) in layer_edits.items()])
 n_params = text.config.hidden_size ** 2
 K0 = rows(EDITED[:1], 0)[1]  # lambda's scale relative to the keys (one forward pass)
 print(f"edited weight: {n_params:,} parameters = {100 * n_params / sum(p.numel() for p in pipe.unet.parameters()):.2f} % "
@@ -618,9 +638,9 @@ ch.claim("quickfix_layer0_removes", "DIFF-QUICKFIX at layer 0 lowers the concept
          reproduced={k: f"before {before[k]:.2f}, layer 0 {after[k, 0]:.2f}, best deeper drop {deeper[k]:.2f}" for k in chance},
          holds=all(removes[k] and deeper[k] <= 0.5 * drop[k, 0] for k in chance))
 fact_c = EDITED[2]
-fact_edit = quickfix([fact_c], 0)
-fact = {"stale": (drawn(fact_c, soft=True), drawn(fact_c, fact_edit, soft=True)),
-        "new": (drawn(fact_c, wanted=fact_c.new, soft=True), drawn(fact_c, fact_edit, fact_c.new, soft=True))}
+fact_images = (base["fact"], edited["fact", 0])  # before and after the layer-0 edit
+fact = {"stale": tuple(score(fact_c, im, soft=True) for im in fact_images),
+        "new": tuple(score(fact_c, im, fact_c.new, soft=True) for im in fact_images)}
 ch.compare("fact update: stale / new fact before -> after", dissertation="CLIP-Score Trump 0.28 -> 0.23, Biden 0.22 -> 0.29",
            reproduced=f"stale {fact['stale'][0]:.2f} -> {fact['stale'][1]:.2f}, new {fact['new'][0]:.2f} -> {fact['new'][1]:.2f}",
            note="tiny: oracle probability, not CLIP-Score" if ch.tiny else "")
@@ -639,10 +659,12 @@ ch.claim("quickfix_fact_update", "fact update: the stale fact's " + ("probabilit
 # %%
 special = {}
 for c in EDITED[:2]:
-    e = quickfix([c], 0)
+    e = layer_edits[c.kind, 0][1]
     others = [make(c.kind, name) for name in KINDS[c.kind] if name != c.name]
     n = max(2, n_edit_prompts // len(others))
-    special[c.kind] = (np.mean([drawn(o, n=n) for o in others]), np.mean([drawn(o, e, n=n) for o in others]))
+    images = render([(o, None, n) for o in others] + [(o, e, n) for o in others], f"specificity: {c.kind}")
+    scores = [score(o, im) for o, im in zip(others + others, images)]
+    special[c.kind] = (np.mean(scores[:len(others)]), np.mean(scores[len(others):]))
 own_drop = {k: before[k] - after[k, 0] for k in special}
 ch.claim("quickfix_specific", "specificity: the other artists' / objects' " + (
          "accuracy stays >= 0.9 x its pre-edit value (>= 0.5)" if ch.tiny else
@@ -661,8 +683,10 @@ ch.claim("quickfix_specific", "specificity: the other artists' / objects' " + (
 MULTI = [make(k, n) for k, names in KINDS.items() for n in names[:4]][:10]
 joint = quickfix(MULTI, 0)
 n_multi = max(2, n_edit_prompts // 2)
-multi = pd.DataFrame([dict(concept=c.name, original=drawn(c, n=n_multi), single=drawn(c, quickfix([c], 0), n=n_multi),
-                           multi=drawn(c, joint, n=n_multi)) for c in tqdm(MULTI, desc="Fig 5.4c")])
+images = render([(c, e, n_multi) for c in MULTI for e in (None, quickfix([c], 0), joint)], "Fig 5.4c")
+columns = ("original", "single", "multi")
+multi = pd.DataFrame([dict(concept=c.name, **{k: score(c, images[3 * i + j]) for j, k in enumerate(columns)})
+                      for i, c in enumerate(MULTI)])
 ch.table(multi, "fig5_4c_multi_concept")
 fig, ax = plt.subplots(figsize=(8, 2.8))
 multi.set_index("concept").plot.bar(ax=ax, width=0.8)
@@ -698,7 +722,7 @@ if run_baselines:
         er = erasure.erase(pipe, method, concept_prompt, anchor=anchor_prompt, seed=seed, **settings)
         saved = er.apply(pipe.unet)
         try:
-            methods[label] = (drawn(style_c), er.wall_time_s)
+            methods[label] = (score(style_c, render([(style_c, None, None)], label, cache=False)[0]), er.wall_time_s)
         finally:
             erasure.Erasure.revert(pipe.unet, saved)
 fig, ax = plt.subplots(figsize=(5.5, 2.8))
@@ -731,9 +755,7 @@ n_cols = min(4, min(len(c.prompts) for c in EDITED))
 fig, axes = plt.subplots(2 * len(EDITED), n_cols, figsize=(1.6 * n_cols, 3.4 * len(EDITED)), squeeze=False)
 for r, c in enumerate(EDITED):
     ps = c.prompts[:n_cols]
-    before_img = pipe.generate(ps, seed=seed, **sampler)
-    with editing.apply_edit(text, quickfix([c], 0)):
-        after_img = pipe.generate(ps, seed=seed, **sampler)
+    before_img, after_img = base[c.kind][:n_cols], edited[c.kind, 0][:n_cols]  # seed's images, before and after
     for j in range(n_cols):
         show(axes[2 * r, j], before_img[j], ps[j] if j == 0 else "")
         show(axes[2 * r + 1, j], after_img[j], f"edited: {c.name} -> {c.replacement}" if j == 0 else "")

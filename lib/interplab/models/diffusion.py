@@ -23,6 +23,7 @@ Paper-profile architectures are written here as facts (``SD_UNET``, ``SD_TEXT``,
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -83,11 +84,38 @@ class Text2Image:
         """z_T (rows, *latent_shape) from a seed: what ``sample(noise=...)`` takes."""
         return torch.randn(rows, *self.latent_shape, generator=torch.Generator().manual_seed(seed))
 
+    def step_noise(self, rows: int, seed: int, k: int) -> torch.Tensor:
+        """The noise (rows, *latent_shape) that step k of ``sample(seed=seed)`` adds when eta > 0."""
+        return self.draw_noise(rows, seed * 7919 + k + 1)
+
+    def sample_seeded(self, conds: Sequence[torch.Tensor], seeds: Sequence[int], steps: int = None,
+                      eta: float = None, unconds: Sequence[torch.Tensor] | None = None, **kw) -> list:
+        """Several ``sample(conds[j], seed=seeds[j], uncond=unconds[j])`` calls in one batched loop (small
+        calls waste the batch): images (n_j, 3, H, W) per call, each image on the noise it gets alone (z_T and
+        every step's), so equal to the separate calls up to float rounding. conds: (n_j, T, d) each; unconds
+        (1 or n_j, T, d) each, e.g. the empty prompt under an edited text encoder (None: ``uncond_conditioning``)."""
+        if len(conds) != len(seeds) or (unconds is not None and len(unconds) != len(conds)):
+            raise BadParameter(f"sample_seeded needs one seed (and uncond) per conditioning block, got {len(seeds)} "
+                               f"seeds for {len(conds)} blocks")
+        if getattr(self, "stage_2", None) is not None:
+            raise BadParameter("sample_seeded samples one stage: detach stage_2 or call sample per seed")
+        steps = self.sampler["steps"] if steps is None else steps
+        eta = self.sampler["eta"] if eta is None else eta
+        sizes = [len(c) for c in conds]
+        noise = torch.cat([self.draw_noise(n, s) for n, s in zip(sizes, seeds)])
+        n_steps = len(self.sampling_scheduler(steps).timesteps)
+        step_noise = [torch.cat([self.step_noise(n, s, k) for n, s in zip(sizes, seeds)])
+                      for k in range(n_steps)] if eta else None
+        if unconds is not None:
+            kw["uncond"] = torch.cat([u.expand(n, -1, -1) for u, n in zip(unconds, sizes)])
+        images = self.sample(torch.cat(list(conds)), steps=steps, eta=eta, noise=noise, step_noise=step_noise, **kw)
+        return list(images.split(sizes))
+
     @torch.no_grad()
     def sample(self, cond: torch.Tensor, seed: int = 0, steps: int = None, guidance: float = None,
                uncond: torch.Tensor | None = None, batch_size: int = 256, noise: torch.Tensor | None = None,
                eta: float = None, switch: tuple | None = None, added: dict | None = None,
-               latent_update=None) -> torch.Tensor:
+               latent_update=None, step_noise: list | None = None) -> torch.Tensor:
         """Images (N, 3, H, W) in [0, 1] for conditionings (N, T, d): ``solver`` (DDIM here) with CFG
         ``eps_u + guidance (eps_c - eps_u)`` (diffusers' form; Eq. 5.3's alpha = guidance - 1).
 
@@ -103,7 +131,8 @@ class Text2Image:
         get ``uncond_added``'s. cond (N, K, T, d): K conditionings per image composed with Composable
         Diffusion's AND (Liu et al. 2022), ``eps_u + guidance * sum_k (eps_k - eps_u)``; K = 1 is CFG.
         ``latent_update(x, t, k, rows) -> x``: moves the latents of rows ``rows`` (a slice of cond)
-        before step k (Attend-and-Excite, ``guidance.attend_and_excite``).
+        before step k (Attend-and-Excite, ``guidance.attend_and_excite``). ``step_noise`` (one (N, *latent_shape)
+        tensor per step) overrides the step noise of eta > 0, as ``noise`` does z_T (``sample_seeded``).
         """
         composed = cond.dim() == 4
         if composed and (switch is not None or added is not None):
@@ -126,8 +155,10 @@ class Text2Image:
         if eta and not self.stochastic_steps:
             raise BadParameter(f"{type(self).__name__} samples with a deterministic solver: eta must be 0")
         n_steps = len(self.sampling_scheduler(steps).timesteps)
-        step_noise = [self.draw_noise(rows, seed * 7919 + k + 1).expand(len(cond), *self.latent_shape)
-                      for k in range(n_steps)] if eta else None
+        if eta and step_noise is None:
+            step_noise = [self.step_noise(rows, seed, k).expand(len(cond), *self.latent_shape) for k in range(n_steps)]
+        elif eta and (len(step_noise) != n_steps or any(len(z) != len(cond) for z in step_noise)):
+            raise BadParameter(f"step_noise needs {n_steps} tensors of {len(cond)} rows, one per sampling step")
         cond, uncond = cond.to(self.device, dtype), uncond.to(self.device, dtype)
         tau, late = switch if switch is not None else (-1, None)
         late = late.to(self.device, dtype) if late is not None else None
