@@ -46,6 +46,7 @@ neuron_position = "last_subject"     # where activations are read for the z-scor
 if_stage_2 = True                    # paper: DeepFloyd's 64 px images pass IF stage II (256 px) with the prompt's own T5 states
 
 # %%
+import contextlib
 import math
 
 import matplotlib.pyplot as plt
@@ -93,6 +94,7 @@ else:
         pipes["deepfloyd"].stage_2 = DeepFloydIFStageII.from_pretrained(pipes["deepfloyd"], device=ch.device)
     clip_score = ClipScore.from_pretrained("openai/clip-vit-base-patch16", device=ch.device)  # the release's evaluator
 sampler = {k: v for k, v in dict(steps=num_inference_steps, guidance=guidance_scale).items() if v is not None}
+neuron_batch = 128 if ch.tiny else 16  # images per sampling loop of the neuron section (its variants are batched)
 name0 = next(iter(pipes))
 pipe = pipes[name0]
 M = anatomy.n_xattn(pipe.unet)
@@ -778,28 +780,38 @@ for artist in STYLE_CONCEPTS:
     z = {p: conditioning.neuron_zscores(act_a[p], act_b[p]).abs() for p in projs}
     means = {p: act_b[p].mean(0) for p in projs}
     cond = pipe.encode(test_prompts)
-
-    def render(plan=None, layer_alt=False):
-        if layer_alt:
-            alt = pipe.encode([p.replace(artist, "painting") for p in test_prompts])
-            with conditioning.altered_cross_attention(pipe.unet, {i: range(len(cond)) for i in range(f["j"], f["j"] + f["m"])}, alt):
-                return pipe.sample(cond, seed=seed, **added(pipe, test_prompts), **sampler)
-        if plan is None:
-            return pipe.sample(cond, seed=seed, **added(pipe, test_prompts), **sampler)
-        with conditioning.ablated_neurons(pipe.unet, plan, value=0.0 if neuron_mode == "zero" else means):
-            return pipe.sample(cond, seed=seed, **added(pipe, test_prompts), **sampler)
-
-    row = dict(artist=artist, original=float(score(render(), wanted).mean()),
-               layer=float(score(render(layer_alt=True), wanted).mean()))
-    for k in ks:
-        top = {p: torch.topk(z[p], k_of(p, k)).indices for p in projs}
-        imgs = render(top)
-        row[f"top {k}"] = float(score(imgs, wanted).mean())
-        rand = [float(score(render({p: torch.as_tensor(neuron_rng.choice(width[p], k_of(p, k), replace=False)) for p in projs}),
-                            wanted).mean()) for _ in range(5)]
-        row[f"random {k}"] = float(np.mean(rand))
-        fig14[artist, k] = keep(imgs[:4])
-    fig14[artist, "original"], fig14[artist, "layer"] = keep(render()[:4]), keep(render(layer_alt=True)[:4])
+    alt = pipe.encode([p.replace(artist, "painting") for p in test_prompts])
+    window = range(f["j"], f["j"] + f["m"])
+    value = 0.0 if neuron_mode == "zero" else means
+    variants = [None, "layer"]  # the model as it is, LocoGen's window reading "painting"; then neuron plans
+    for k in ks:  # the top k, then 5 random draws of k (neuron_rng is drawn in this order)
+        variants.append({p: torch.topk(z[p], k_of(p, k)).indices for p in projs})
+        variants += [{p: torch.as_tensor(neuron_rng.choice(width[p], k_of(p, k), replace=False)) for p in projs}
+                     for _ in range(5)]
+    n = len(cond)
+    per_loop = 1 if getattr(pipe, "stage_2", None) is not None else max(1, neuron_batch // n)
+    renders = []  # every variant renders the test prompts on the same noise; variants share batched loops
+    for g in range(0, len(variants), per_loop):
+        group = variants[g:g + per_loop]
+        with contextlib.ExitStack() as stack:
+            for v, plan in enumerate(group):
+                rows = range(v * n, (v + 1) * n)
+                if plan == "layer":
+                    stack.enter_context(conditioning.altered_cross_attention(
+                        pipe.unet, {i: rows for i in window}, alt.repeat(len(group), 1, 1)))
+                elif plan is not None:
+                    stack.enter_context(conditioning.ablated_neurons(pipe.unet, plan, value=value, rows=rows))
+            extra = {k: {name: torch.cat([x] * len(group)) for name, x in v.items()}
+                     for k, v in added(pipe, test_prompts).items()}
+            renders += pipe.sample_seeded([cond] * len(group), [seed] * len(group), batch_size=neuron_batch, **extra,
+                                          **sampler)
+    scored = [float(score(imgs, wanted).mean()) for imgs in renders]
+    row = dict(artist=artist, original=scored[0], layer=scored[1])
+    for i, k in enumerate(ks):
+        row[f"top {k}"] = scored[2 + 6 * i]
+        row[f"random {k}"] = float(np.mean(scored[3 + 6 * i:8 + 6 * i]))
+        fig14[artist, k] = keep(renders[2 + 6 * i][:4])
+    fig14[artist, "original"], fig14[artist, "layer"] = keep(renders[0][:4]), keep(renders[1][:4])
     artist_rows.append(row)
 neurons = pd.DataFrame(artist_rows)
 ch.table(neurons, "fig5_15_neuron_editing")

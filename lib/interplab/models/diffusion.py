@@ -97,6 +97,9 @@ class Text2Image:
         if len(conds) != len(seeds) or (unconds is not None and len(unconds) != len(conds)):
             raise BadParameter(f"sample_seeded needs one seed (and uncond) per conditioning block, got {len(seeds)} "
                                f"seeds for {len(conds)} blocks")
+        if len(conds) == 1:  # nothing to batch (and IF's stage II keeps its own pairing)
+            return [self.sample(conds[0], seed=seeds[0], steps=steps, eta=eta,
+                                **({} if unconds is None else {"uncond": unconds[0]}), **kw)]
         if getattr(self, "stage_2", None) is not None:
             raise BadParameter("sample_seeded samples one stage: detach stage_2 or call sample per seed")
         steps = self.sampler["steps"] if steps is None else steps
