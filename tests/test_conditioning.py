@@ -144,6 +144,24 @@ def test_sample_windows_rows_are_clean_all_altered_and_one_per_window():
         conditioning.sample_windows(pipe, cond, alt, windows, seed=3, steps=3, batch_size=2)
 
 
+def test_sample_window_pairs_equal_each_pairs_own_sample_windows():
+    pipe = _toy()
+    conds = pipe.encode(["a red striped circle", "a green plain star", "a blue dotted heart"])
+    alts = pipe.encode(["a blue dotted heart", "a red plain star", "a green striped circle"])
+    windows = [[0, 1], [8, 9]]
+    with torch.no_grad():
+        alone = [conditioning.sample_windows(pipe, conds[p:p + 1], alts[p:p + 1], windows, seed=s, steps=3)
+                 for p, s in enumerate((3, 4, 9))]
+        together = conditioning.sample_window_pairs(pipe, conds, alts, windows, [3, 4, 9], batch_size=8, steps=3)
+        one_by_one = conditioning.sample_window_pairs(pipe, conds, alts, windows, [3, 4, 9], batch_size=4, steps=3)
+    assert together.shape == (3, 4, 3, 32, 32)                              # two pairs per loop, then one
+    assert torch.allclose(together, torch.stack(alone), atol=1e-4)
+    assert torch.allclose(one_by_one, together, atol=1e-4)
+    assert not torch.allclose(together[0, 0], together[1, 0], atol=1e-2)     # each pair its own seed and prompt
+    with pytest.raises(BadParameter, match="as many"):
+        conditioning.sample_window_pairs(pipe, conds, alts[:2], windows, [3, 4, 9])
+
+
 def test_select_window_takes_the_smallest_m_that_meets_the_threshold():
     scores = {1: [0.9, 0.5, 0.9], 2: [0.9, 0.15]}                           # clean 1.0, all-altered 0.0
     assert conditioning.select_window(scores, 1.0, 0.0) == dict(m=2, j=1, change=0.85, full_change=1.0, met=True)

@@ -21,6 +21,7 @@
                                            layers of ``plan`` read ``alt`` in the conditional rows
     sample_windows(pipe, cond, alt, windows)   Alg. 2's images for one prompt pair, every window in
                                            one sampling loop
+    sample_window_pairs(...)               the same for many pairs, several pairs per sampling loop
     neuron_zscores / ablated_neurons       §5.10: rank the outputs of ``to_k`` / ``to_v`` by how
                                            much a concept moves them, and silence the top ones
 
@@ -518,6 +519,42 @@ def sample_windows(pipe, cond: torch.Tensor, alt: torch.Tensor, windows: Sequenc
                                  batch_size=rows, **sampler)
         out.append(images if not out else images[2:])
     return torch.cat(out)
+
+
+def sample_window_pairs(pipe, conds: torch.Tensor, alts: torch.Tensor, windows: Sequence, seeds: Sequence[int],
+                        batch_size: int = 128, added: Sequence[dict] | None = None, **sampler) -> torch.Tensor:
+    """``sample_windows`` for P prompt pairs, as many pairs per sampling loop as ``batch_size`` rows hold:
+    images (P, 2 + W, 3, H, W), pair p's rows on seed ``seeds[p]``'s one noise draw, so each pair's images
+    equal its own ``sample_windows`` up to float rounding. conds, alts (P, T, d); added: per pair, SD-XL's
+    {name: (1, ...)} of T. A pair wider than ``batch_size`` (or IF with stage II, whose upscaler pairs rows
+    by call) falls back to ``sample_windows`` one pair at a time."""
+    if not len(conds) == len(alts) == len(seeds) or (added is not None and len(added) != len(conds)):
+        raise BadParameter(f"sample_window_pairs needs as many alts, seeds (and added) as conds, got {len(conds)} "
+                           f"conds, {len(alts)} alts, {len(seeds)} seeds")
+    n_x, rows = anatomy.n_xattn(pipe.unet), 2 + len(windows)
+    per_loop = batch_size // rows
+    if per_loop < 2 or getattr(pipe, "stage_2", None) is not None:
+        return torch.stack([sample_windows(pipe, conds[p:p + 1], alts[p:p + 1], windows, seed=seeds[p],
+                                           batch_size=min(batch_size, rows), **sampler,
+                                           **({} if added is None else {"added": added[p]})) for p in range(len(conds))])
+    out = []
+    for start in range(0, len(conds), per_loop):
+        pairs = range(start, min(start + per_loop, len(conds)))
+        plan = {i: [] for i in range(n_x)}
+        for q in range(len(pairs)):   # row 1 of a pair: every layer reads T'; row 2 + w: window w's layers
+            for i in range(n_x):
+                plan[i].append(q * rows + 1)
+            for w, layers in enumerate(windows):
+                for i in layers:
+                    plan[i].append(q * rows + 2 + w)
+        alt = alts[list(pairs)].repeat_interleave(rows, 0)
+        extra = {} if added is None else {"added": {k: torch.cat([added[p][k].expand(rows, *added[p][k].shape[1:])
+                                                                   for p in pairs]) for k in added[0]}}
+        with altered_cross_attention(pipe.unet, plan, alt):
+            images = pipe.sample_seeded([conds[p:p + 1].expand(rows, -1, -1) for p in pairs], [seeds[p] for p in pairs],
+                                        shared=True, batch_size=batch_size, **extra, **sampler)
+        out += images
+    return torch.stack(out)
 
 
 def select_window(scores: Mapping, clean: float, altered: float, threshold: float = 0.8,

@@ -28,7 +28,7 @@ models = None                        # None: tiny the zoo's t2i, its fine-tune t
 attributes = ["style", "objects", "facts"]
 m_values = [1, 2, 3]                 # window sizes searched
 sdxl_m_values = [3, 5]               # SD-XL's window sizes (70 layers at 1024 px; the dissertation's m)
-window_batch = None                  # rows per LocoGen sampling loop (None: tiny every window of a pair at once, paper 16)
+window_batch = None                  # rows per LocoGen sampling loop (None: tiny 128, several pairs at once; paper 16)
 window_threshold = 0.8               # LocoGen picks the smallest m whose best window reaches this share of the all-layer change
 n_prompts = 6                        # prompt pairs per attribute (spread over its concepts)
 n_verification = 33                  # (clean, altered) pairs of the human-study analogue
@@ -95,6 +95,7 @@ else:
     clip_score = ClipScore.from_pretrained("openai/clip-vit-base-patch16", device=ch.device)  # the release's evaluator
 sampler = {k: v for k, v in dict(steps=num_inference_steps, guidance=guidance_scale).items() if v is not None}
 neuron_batch = 128 if ch.tiny else 16  # images per sampling loop of the neuron section (its variants are batched)
+window_batch = window_batch or (128 if ch.tiny else 16)
 name0 = next(iter(pipes))
 pipe = pipes[name0]
 M = anatomy.n_xattn(pipe.unet)
@@ -299,19 +300,30 @@ def keep(images):
     return images.cpu() if ch.tiny else (images.clamp(0, 1) * 255).round().to(torch.uint8).cpu()
 
 
+def pair_windows(pipe, chunk, flat, seeds):
+    """(P, 2 + W, 3, H, W): Alg. 2's rows of each prompt pair (T, T', ...) of ``chunk`` on its own seed."""
+    Ts, T2s = [p[0] for p in chunk], [p[1] for p in chunk]
+    extra = added(pipe, Ts)
+    if extra:  # SD-XL: each pair's pooled text and time ids of T
+        extra = dict(added=[{k: v[i:i + 1] for k, v in extra["added"].items()} for i in range(len(Ts))])
+    return conditioning.sample_window_pairs(pipe, pipe.encode(Ts), pipe.encode(T2s), flat, list(seeds),
+                                            batch_size=window_batch, **extra, **sampler)
+
+
 def locogen(name, kind, seed):
     """Images (N, 2 + W, 3, H, W) of the first ``n_kept`` pairs, scores and CLIP-Scores (N, 2 + W) of the N prompt
     pairs of ``kind`` on model ``name``."""
     pipe, flat = pipes[name], [w for ws in windows[name].values() for w in ws]
     images, scores, clips = [], [], []
-    for i, (T, T2, wanted, _) in enumerate(tqdm(pairs[kind], desc=f"LocoGen: {name} / {kind}", leave=False)):
-        imgs = conditioning.sample_windows(pipe, pipe.encode([T]), pipe.encode([T2]), flat, seed=seed + i,
-                                           batch_size=window_batch or (None if ch.tiny else 16), **added(pipe, [T]),
-                                           **sampler)
-        if ch.tiny or i < n_kept:
-            images.append(keep(imgs))
-        scores.append(score(imgs, wanted))
-        clips.append(clip_score(imgs, [T if REMOVAL[kind] else T2] * len(imgs)).numpy())
+    per_loop = max(1, window_batch // (2 + len(flat)))   # pairs per sampling loop
+    for start in tqdm(range(0, len(pairs[kind]), per_loop), desc=f"LocoGen: {name} / {kind}", leave=False):
+        chunk = pairs[kind][start:start + per_loop]
+        rendered = pair_windows(pipe, chunk, flat, seeds=range(seed + start, seed + start + len(chunk)))
+        for i, ((T, T2, wanted, _), imgs) in enumerate(zip(chunk, rendered), start):
+            if ch.tiny or i < n_kept:
+                images.append(keep(imgs))
+            scores.append(score(imgs, wanted))
+            clips.append(clip_score(imgs, [T if REMOVAL[kind] else T2] * len(imgs)).numpy())
     return torch.stack(images), np.stack(scores), np.stack(clips)
 
 
@@ -494,9 +506,9 @@ for name_m, pipe_m in pipes.items():
     for a in attributes:
         f = found[name_m, a]
         layer_set = list(range(f["j"], f["j"] + f["m"]))
-        for i, (T, T2, wanted, _) in enumerate(make_pairs(a, per_attr, verify_rng)):
-            imgs = conditioning.sample_windows(pipe_m, pipe_m.encode([T]), pipe_m.encode([T2]), [layer_set],
-                                               seed=seed + 1000 + i, **added(pipe_m, [T]), **sampler)
+        chunk = make_pairs(a, per_attr, verify_rng)
+        rendered = pair_windows(pipe_m, chunk, [layer_set], seeds=range(seed + 1000, seed + 1000 + len(chunk)))
+        for (T, T2, wanted, _), imgs in zip(chunk, rendered):
             s = score(imgs[[0, 2]], wanted)
             if ch.tiny:
                 changed = (s[0] >= 0.5 > s[1]) if REMOVAL[a] else (s[1] >= 0.5 > s[0])

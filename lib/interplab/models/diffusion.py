@@ -89,25 +89,30 @@ class Text2Image:
         return self.draw_noise(rows, seed * 7919 + k + 1)
 
     def sample_seeded(self, conds: Sequence[torch.Tensor], seeds: Sequence[int], steps: int = None,
-                      eta: float = None, unconds: Sequence[torch.Tensor] | None = None, **kw) -> list:
+                      eta: float = None, unconds: Sequence[torch.Tensor] | None = None, shared: bool = False,
+                      **kw) -> list:
         """Several ``sample(conds[j], seed=seeds[j], uncond=unconds[j])`` calls in one batched loop (small
         calls waste the batch): images (n_j, 3, H, W) per call, each image on the noise it gets alone (z_T and
         every step's), so equal to the separate calls up to float rounding. conds: (n_j, T, d) each; unconds
-        (1 or n_j, T, d) each, e.g. the empty prompt under an edited text encoder (None: ``uncond_conditioning``)."""
+        (1 or n_j, T, d) each, e.g. the empty prompt under an edited text encoder (None: ``uncond_conditioning``).
+        ``shared``: every row of a call rides that call's one noise draw, as ``sample(noise=draw_noise(1, seed))``."""
         if len(conds) != len(seeds) or (unconds is not None and len(unconds) != len(conds)):
             raise BadParameter(f"sample_seeded needs one seed (and uncond) per conditioning block, got {len(seeds)} "
                                f"seeds for {len(conds)} blocks")
         if len(conds) == 1:  # nothing to batch (and IF's stage II keeps its own pairing)
-            return [self.sample(conds[0], seed=seeds[0], steps=steps, eta=eta,
-                                **({} if unconds is None else {"uncond": unconds[0]}), **kw)]
+            one = {} if unconds is None else {"uncond": unconds[0]}
+            if shared:
+                one["noise"] = self.draw_noise(1, seeds[0])
+            return [self.sample(conds[0], seed=seeds[0], steps=steps, eta=eta, **one, **kw)]
         if getattr(self, "stage_2", None) is not None:
             raise BadParameter("sample_seeded samples one stage: detach stage_2 or call sample per seed")
         steps = self.sampler["steps"] if steps is None else steps
         eta = self.sampler["eta"] if eta is None else eta
         sizes = [len(c) for c in conds]
-        noise = torch.cat([self.draw_noise(n, s) for n, s in zip(sizes, seeds)])
+        draws = [(1 if shared else n, n) for n in sizes]  # (rows drawn, rows used)
+        noise = torch.cat([self.draw_noise(d, s).expand(n, *self.latent_shape) for (d, n), s in zip(draws, seeds)])
         n_steps = len(self.sampling_scheduler(steps).timesteps)
-        step_noise = [torch.cat([self.step_noise(n, s, k) for n, s in zip(sizes, seeds)])
+        step_noise = [torch.cat([self.step_noise(d, s, k).expand(n, *self.latent_shape) for (d, n), s in zip(draws, seeds)])
                       for k in range(n_steps)] if eta else None
         if unconds is not None:
             kw["uncond"] = torch.cat([u.expand(n, -1, -1) for u, n in zip(unconds, sizes)])
