@@ -560,8 +560,10 @@ def render(jobs, desc="rendering", cache=True):
     """Images of each job (concept, edit or None, n): its first n prompts under each of the n_edit_seeds seeds
     (paper: 0-4, the spec's), seed-major, all jobs in few batched sampling loops. DIFF-QUICKFIX edits only the text
     encoder, so each job's conditionings (and CFG's empty prompt) are encoded under its edit and one unchanged UNet
-    samples them all, every image on the noise it would get alone. ``cache=False`` when the UNet itself was changed (the erasers)."""
-    todo = [i for i, (c, e, n) in enumerate(jobs) if e is not None or not cache or tuple(c.prompts[:n]) not in _unedited]
+    samples them all, every image on the noise it would get alone. ``cache=False`` when the UNet itself was changed
+    (the erasers)."""
+    todo = [i for i, (c, e, n) in enumerate(jobs)
+            if e is not None or not cache or tuple(c.prompts[:n]) not in _unedited]
     chunks, rows = [[]], 0  # (job, conditioning, uncond, seed) blocks, at most render_batch images per sampling loop
     for i in todo:
         c, e, n = jobs[i]
