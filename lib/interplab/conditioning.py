@@ -494,6 +494,16 @@ def adjacent_windows(n_layers: int, m: int) -> list:
     return [list(range(j, j + m)) for j in range(n_layers - m + 1)]
 
 
+def _window_plan(n_x: int, windows: Sequence, offset: int = 0) -> dict:
+    """Alg. 2's rows of one prompt pair starting at row ``offset``, as ``altered_cross_attention``'s plan
+    {layer: rows}: row offset + 1 reads T' at every layer, row offset + 2 + w at window w's layers."""
+    plan = {i: [offset + 1] for i in range(n_x)}
+    for w, layers in enumerate(windows):
+        for i in layers:
+            plan[i].append(offset + 2 + w)
+    return plan
+
+
 def sample_windows(pipe, cond: torch.Tensor, alt: torch.Tensor, windows: Sequence, seed: int = 0,
                    batch_size: int | None = None, **sampler) -> torch.Tensor:
     """Images (2 + W, 3, H, W) of one prompt pair (Alg. 2): the clean image of T, the image whose
@@ -509,10 +519,7 @@ def sample_windows(pipe, cond: torch.Tensor, alt: torch.Tensor, windows: Sequenc
     out = []
     for start in range(0, max(len(windows), 1), per_loop):
         chunk = windows[start:start + per_loop]
-        plan = {i: [1] for i in range(n_x)}
-        for w, layers in enumerate(chunk):
-            for i in layers:
-                plan[i] = plan[i] + [2 + w]
+        plan = _window_plan(n_x, chunk)
         rows = 2 + len(chunk)
         with altered_cross_attention(pipe.unet, plan, alt):
             images = pipe.sample(cond.expand(rows, -1, -1), seed=seed, noise=pipe.draw_noise(1, seed),
@@ -541,12 +548,9 @@ def sample_window_pairs(pipe, conds: torch.Tensor, alts: torch.Tensor, windows: 
     for start in range(0, len(conds), per_loop):
         pairs = range(start, min(start + per_loop, len(conds)))
         plan = {i: [] for i in range(n_x)}
-        for q in range(len(pairs)):   # row 1 of a pair: every layer reads T'; row 2 + w: window w's layers
-            for i in range(n_x):
-                plan[i].append(q * rows + 1)
-            for w, layers in enumerate(windows):
-                for i in layers:
-                    plan[i].append(q * rows + 2 + w)
+        for q in range(len(pairs)):
+            for i, r in _window_plan(n_x, windows, offset=q * rows).items():
+                plan[i] += r
         alt = alts[list(pairs)].repeat_interleave(rows, 0)
         extra = {} if added is None else {"added": {k: torch.cat([added[p][k].expand(rows, *added[p][k].shape[1:])
                                                                    for p in pairs]) for k in added[0]}}

@@ -553,20 +553,14 @@ def quickfix(concepts, layer=0):
     return e
 
 
-_unedited = {}  # prompts -> images of the unedited model (rendered once per prompt set)
-
-
-def render(jobs, desc="rendering", cache=True):
+def render(jobs, desc="rendering"):
     """Images of each job (concept, edit or None, n): its first n prompts under each of the n_edit_seeds seeds
     (paper: 0-4, the spec's), seed-major, all jobs in few batched sampling loops. DIFF-QUICKFIX edits only the text
     encoder, so each job's conditionings (and CFG's empty prompt) are encoded under its edit and one unchanged UNet
-    samples them all, every image on the noise it would get alone. ``cache=False`` when the UNet itself was changed
-    (the erasers)."""
-    todo = [i for i, (c, e, n) in enumerate(jobs)
-            if e is not None or not cache or tuple(c.prompts[:n]) not in _unedited]
+    (whatever it is at the call: the erasers change it) samples them all, every image on the noise it would get
+    alone."""
     chunks, rows = [[]], 0  # (job, conditioning, uncond, seed) blocks, at most render_batch images per sampling loop
-    for i in todo:
-        c, e, n = jobs[i]
+    for i, (c, e, n) in enumerate(jobs):
         with editing.apply_edit(text, e) if e is not None else contextlib.nullcontext():
             cond, uncond = pipe.encode(c.prompts[:n]), pipe.uncond_conditioning()
         for s in range(n_edit_seeds):
@@ -574,21 +568,13 @@ def render(jobs, desc="rendering", cache=True):
                 chunks, rows = chunks + [[]], 0
             chunks[-1].append((i, cond, uncond, seed + s))
             rows += len(cond)
-    images = {i: [] for i in todo}
+    images = [[] for _ in jobs]
     for chunk in tqdm([x for x in chunks if x], desc=desc, leave=False):
         drawn = pipe.sample_seeded([b[1] for b in chunk], [b[3] for b in chunk], unconds=[b[2] for b in chunk],
                                    batch_size=render_batch, **sampler)
         for (i, *_), im in zip(chunk, drawn):
             images[i].append(im)
-    out = []
-    for i, (c, e, n) in enumerate(jobs):
-        if i in images:
-            out.append(torch.cat(images[i]))
-            if e is None and cache:
-                _unedited[tuple(c.prompts[:n])] = out[-1]
-        else:
-            out.append(_unedited[tuple(c.prompts[:n])])
-    return out
+    return [torch.cat(ims) for ims in images]
 
 
 def score(c, images, wanted=None, soft=False):
@@ -724,7 +710,7 @@ if run_baselines:
         er = erasure.erase(pipe, method, concept_prompt, anchor=anchor_prompt, seed=seed, **settings)
         saved = er.apply(pipe.unet)
         try:
-            methods[label] = (score(style_c, render([(style_c, None, None)], label, cache=False)[0]), er.wall_time_s)
+            methods[label] = (score(style_c, render([(style_c, None, None)], label)[0]), er.wall_time_s)
         finally:
             erasure.Erasure.revert(pipe.unet, saved)
 fig, ax = plt.subplots(figsize=(5.5, 2.8))

@@ -84,7 +84,7 @@ class Text2Image:
         """z_T (rows, *latent_shape) from a seed: what ``sample(noise=...)`` takes."""
         return torch.randn(rows, *self.latent_shape, generator=torch.Generator().manual_seed(seed))
 
-    def step_noise(self, rows: int, seed: int, k: int) -> torch.Tensor:
+    def draw_step_noise(self, rows: int, seed: int, k: int) -> torch.Tensor:
         """The noise (rows, *latent_shape) that step k of ``sample(seed=seed)`` adds when eta > 0."""
         return self.draw_noise(rows, seed * 7919 + k + 1)
 
@@ -112,8 +112,8 @@ class Text2Image:
         draws = [(1 if shared else n, n) for n in sizes]  # (rows drawn, rows used)
         noise = torch.cat([self.draw_noise(d, s).expand(n, *self.latent_shape) for (d, n), s in zip(draws, seeds)])
         n_steps = len(self.sampling_scheduler(steps).timesteps)
-        step_noise = [torch.cat([self.step_noise(d, s, k).expand(n, *self.latent_shape) for (d, n), s in zip(draws, seeds)])
-                      for k in range(n_steps)] if eta else None
+        step_noise = [torch.cat([self.draw_step_noise(d, s, k).expand(n, *self.latent_shape)
+                                 for (d, n), s in zip(draws, seeds)]) for k in range(n_steps)] if eta else None
         if unconds is not None:
             kw["uncond"] = torch.cat([u.expand(n, -1, -1) for u, n in zip(unconds, sizes)])
         images = self.sample(torch.cat(list(conds)), steps=steps, eta=eta, noise=noise, step_noise=step_noise, **kw)
@@ -164,7 +164,8 @@ class Text2Image:
             raise BadParameter(f"{type(self).__name__} samples with a deterministic solver: eta must be 0")
         n_steps = len(self.sampling_scheduler(steps).timesteps)
         if eta and step_noise is None:
-            step_noise = [self.step_noise(rows, seed, k).expand(len(cond), *self.latent_shape) for k in range(n_steps)]
+            step_noise = [self.draw_step_noise(rows, seed, k).expand(len(cond), *self.latent_shape)
+                          for k in range(n_steps)]
         elif eta and (len(step_noise) != n_steps or any(len(z) != len(cond) for z in step_noise)):
             raise BadParameter(f"step_noise needs {n_steps} tensors of {len(cond)} rows, one per sampling step")
         cond, uncond = cond.to(self.device, dtype), uncond.to(self.device, dtype)
