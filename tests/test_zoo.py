@@ -87,10 +87,13 @@ def test_ema_tracks_the_average():
 
 
 # -- every training entry point runs for a few steps (nothing shipped) ---------------------------
-def test_oracle_trains(tmp_zoo):
-    out = oracle.train(steps=2, batch_size=8, ship=False, resume=False, eval_n=16)
+def test_oracle_trains_and_ships_with_its_card(tmp_zoo):
+    out = oracle.train(steps=2, batch_size=8, ship=True, resume=False, eval_n=16)
     assert set(out["gates"]) == {f"accuracy_{k}" for k in ("background", *oracle.HEADS)}
     assert len(out["losses"]) == 2 and all(torch.isfinite(torch.tensor(out["losses"])))
+    card = store.verify("oracle")   # written into the temporary zoo: files hashed, times from the run
+    assert card["steps"] == 2 and card["cpu_time_s"] == round(out["cpu_time_s"], 1) and card["batch_size"] == 8
+    assert not store.state_path("oracle").exists()   # the resumable state is dropped once shipped
 
 
 def test_clip_trains(tmp_zoo):

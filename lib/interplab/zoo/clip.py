@@ -231,9 +231,7 @@ def train(steps: int = 8000, batch_size: int = 128, seed: int = 0, lr: float = 1
         d = store.zoo_dir(NAME)
         model.save_pretrained(d)  # config.json + model.safetensors (fp32: 0.5 M parameters)
         tok.save_pretrained(d)
-        store.write_card(NAME, seed=seed, steps=steps, wall_time_s=run["wall_time_s"], cpu_time_s=run["cpu_time_s"],
-                         gates=gates, extra=extra)
-        loop.finished(NAME)
+        loop.ship(NAME, run, seed=seed, steps=steps, gates=gates, extra=extra)
     return {"gates": gates, **extra, **run}
 
 

@@ -60,6 +60,15 @@ def finished(name: str) -> None:
     store.state_path(name).unlink(missing_ok=True)
 
 
+def ship(name: str, run: dict, *, seed: int, steps: int, gates: dict, extra: dict | None = None) -> dict:
+    """Once a model's files are written to its zoo folder: its card, with ``train``'s wall and CPU times from
+    ``run``, and the resumable state dropped. Returns the card."""
+    card = store.write_card(name, seed=seed, steps=steps, wall_time_s=run["wall_time_s"], cpu_time_s=run["cpu_time_s"],
+                            gates=gates, extra=extra)
+    finished(name)
+    return card
+
+
 class EMA:
     """Exponential moving average of a module's parameters (the weights diffusion models ship)."""
 

@@ -186,11 +186,9 @@ def train(steps: int = 1500, batch_size: int = 128, seed: int = 0, lr: float = 2
         d = store.zoo_dir(NAME)
         d.mkdir(parents=True, exist_ok=True)
         store.save_weights(d / "model.safetensors", model.state_dict(), half=True)
-        store.write_card(NAME, seed=seed, steps=steps, wall_time_s=run["wall_time_s"],
-                         cpu_time_s=run["cpu_time_s"], gates=gates,
-                         extra={"batch_size": batch_size, "params": sum(p.numel() for p in model.parameters()),
-                                "final_loss": float(np.mean(run["losses"][-50:]))})
-        loop.finished(NAME)
+        loop.ship(NAME, run, seed=seed, steps=steps, gates=gates,
+                  extra={"batch_size": batch_size, "params": sum(p.numel() for p in model.parameters()),
+                         "final_loss": float(np.mean(run["losses"][-50:]))})
     return {"gates": gates, **run}
 
 

@@ -203,9 +203,7 @@ def train(steps: int = 3000, batch_size: int = 32, seed: int = 0, lr: float = 1e
         d = store.zoo_dir(NAME)
         model.save_pretrained(d)
         tok.save_pretrained(d)
-        store.write_card(NAME, seed=seed, steps=steps, wall_time_s=run["wall_time_s"], cpu_time_s=run["cpu_time_s"],
-                         gates=gates, extra=extra)
-        loop.finished(NAME)
+        loop.ship(NAME, run, seed=seed, steps=steps, gates=gates, extra=extra)
     return {"gates": gates, **extra, **run}
 
 

@@ -306,9 +306,7 @@ def train(name: str, steps: int | None = None, batch_size: int | None = None, se
         d.mkdir(parents=True, exist_ok=True)
         store.save_weights(d / "model.safetensors", model.state_dict(), half=True)
         provenance.write_json(d / "config.json", config(name))
-        store.write_card(name, seed=seed, steps=steps, wall_time_s=run["wall_time_s"], cpu_time_s=run["cpu_time_s"],
-                         gates=gates, extra=extra)
-        loop.finished(name)
+        loop.ship(name, run, seed=seed, steps=steps, gates=gates, extra=extra)
     return {"gates": gates, **extra, **run}
 
 
