@@ -13,6 +13,13 @@ m = 1, 2, 3 (27 windows) plus the clean and the all-layer rows:
 Both give the same images (max abs difference reported). Times are the best of ``--repeats``
 (wall and this thread's CPU time).
 
+Many pairs (``--pairs`` P, Chapter 5 part II's case: every probe pair of a concept), each on its own
+seed's noise draw, for the full search (29 rows per pair) and for a verification of one window (3 rows
+per pair):
+
+- pairs: ``conditioning.sample_window_pairs``: as many pairs per sampling loop as 128 rows hold;
+- one pair per loop: ``sample_windows`` for each pair in turn (what the chapter did before).
+
 Edit: ``editing.locoedit`` on random weights of the real shapes, 4 keys (the release's four
 templates), lambda = 0.01: the to_k and to_v of every layer of the window the dissertation
 reports: SD-v1.x style (layers 8-9: 1280 x 768), SD-v2.1 (8-10: 1280 x 1024), SD-XL style
@@ -29,6 +36,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from interplab import anatomy, conditioning, editing  # noqa: E402
+from interplab.toyworld import SHAPES  # noqa: E402
 from timing import best_of, machine, results_path  # noqa: E402
 
 EDIT_SIZES = {"sd-v1 style (l=8, m=2)": (2, 1280, 768), "sd-v2.1 (l=8, m=3)": (3, 1280, 1024),
@@ -59,6 +67,27 @@ def search(pipe, steps: int, repeats: int) -> dict:
                 max_abs_diff=float((a - b).abs().max()))
 
 
+def pairs_search(pipe, steps: int, repeats: int, n_pairs: int, windows: list) -> dict:
+    subjects = [f"a red {SHAPES[p % len(SHAPES)]}" for p in range(n_pairs)]
+    conds = pipe.encode([f"{s} in the style of kel varo" for s in subjects])
+    alts = pipe.encode([f"{s} in the style of painting" for s in subjects])
+    seeds = list(range(n_pairs))
+
+    def pairs():
+        return conditioning.sample_window_pairs(pipe, conds, alts, windows, seeds, steps=steps)
+
+    def one_by_one():
+        return torch.stack([conditioning.sample_windows(pipe, conds[p:p + 1], alts[p:p + 1], windows, seed=seeds[p],
+                                                        steps=steps) for p in range(n_pairs)])
+
+    with torch.inference_mode():
+        a, wall_p, cpu_p = best_of(pairs, repeats)
+        b, wall_o, cpu_o = best_of(one_by_one, repeats)
+    return dict(pairs=n_pairs, windows=len(windows), rows=n_pairs * (2 + len(windows)), steps=steps,
+                pairs_wall_s=wall_p, pairs_cpu_s=cpu_p, one_by_one_wall_s=wall_o, one_by_one_cpu_s=cpu_o,
+                speedup_wall=wall_o / wall_p, speedup_cpu=cpu_o / cpu_p, max_abs_diff=float((a - b).abs().max()))
+
+
 def edit_times(repeats: int) -> dict:
     out = {}
     gen = torch.Generator().manual_seed(0)
@@ -79,15 +108,26 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--pairs", type=int, default=8)
     args = ap.parse_args()
     from interplab.models import load
-    result = dict(machine=machine(), search=search(load("t2i"), args.steps, args.repeats), edit=edit_times(args.repeats))
+    pipe = load("t2i")
+    every = [w for m in (1, 2, 3) for w in conditioning.adjacent_windows(anatomy.n_xattn(pipe.unet), m)]
+    result = dict(machine=machine(), search=search(pipe, args.steps, args.repeats),
+                  pairs={"search": pairs_search(pipe, args.steps, args.repeats, args.pairs, every),
+                         "verification": pairs_search(pipe, args.steps, args.repeats, args.pairs, [[4, 5]])},
+                  edit=edit_times(args.repeats))
     out = results_path("bench_locogen.json")
     out.write_text(json.dumps(result, indent=2))
     s = result["search"]
     print(f"window search, {s['windows']} windows + 2 rows, {s['steps']} steps: batched {s['batched_wall_s']:.2f} s "
           f"(cpu {s['batched_cpu_s']:.2f}), loop {s['loop_wall_s']:.2f} s (cpu {s['loop_cpu_s']:.2f}): "
           f"{s['speedup_wall']:.1f}x wall, {s['speedup_cpu']:.1f}x cpu; max |diff| {s['max_abs_diff']:.1e}")
+    for case, p in result["pairs"].items():
+        print(f"{case} over {p['pairs']} pairs, {p['windows']} window(s) ({p['rows']} rows): sample_window_pairs "
+              f"{p['pairs_wall_s']:.2f} s (cpu {p['pairs_cpu_s']:.2f}), one pair per loop {p['one_by_one_wall_s']:.2f} s "
+              f"(cpu {p['one_by_one_cpu_s']:.2f}): {p['speedup_wall']:.1f}x wall, {p['speedup_cpu']:.1f}x cpu; "
+              f"max |diff| {p['max_abs_diff']:.1e}")
     for name, e in result["edit"].items():
         print(f"LocoEdit {name}: {e['matrices']} matrices {e['weight']}: {1000 * e['wall_s']:.1f} ms "
               f"(residual {e['max_residual']:.1e})")
