@@ -86,7 +86,7 @@ def test_ema_tracks_the_average():
     assert torch.allclose(ema.state_dict()["weight"], torch.ones(1, 2))
 
 
-# -- every training entry point runs for a few steps (nothing shipped) ---------------------------
+# -- every training entry point runs for a few steps (the oracle ships into the temporary zoo) -----
 def test_oracle_trains_and_ships_with_its_card(tmp_zoo):
     out = oracle.train(steps=2, batch_size=8, ship=True, resume=False, eval_n=16)
     assert set(out["gates"]) == {f"accuracy_{k}" for k in ("background", *oracle.HEADS)}
