@@ -5,6 +5,7 @@ a plain per-restoration loop written directly with ``interplab.hooks``.
 """
 from contextlib import ExitStack
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -265,6 +266,11 @@ def test_restoration_score_is_the_fraction_of_damage_undone():
                                   torch.tensor([[0.6, 1.0, 0.2], [0.9, 0.5, 0.1], [0.3, 0.3, 0.3]]))
     assert torch.allclose(r[0], torch.tensor([0.5, 1.0, 0.0], dtype=torch.float64))
     assert r[1:].isnan().all()  # no damage, or the corruption helped: nothing to restore
+    # float64 means of 12 verdicts (as a chapter averages them): 11 clean, 5 corrupted, 8 restored undo
+    # exactly half the damage
+    hits = lambda k: np.mean([1.0] * k + [0.0] * (12 - k))  # noqa: E731
+    assert (hits(8) - hits(5)) / (hits(11) - hits(5)) < 0.5       # what float division gives
+    assert tracing.restoration_score(hits(11), hits(5), [hits(8)]).item() == 0.5
 
 
 def test_t5_text_states_trace_through_the_anatomy_and_the_noise_reaches_every_position():

@@ -491,10 +491,14 @@ def trace_unet_layers(pipe, clean: torch.Tensor, corrupted: torch.Tensor, layers
 def restoration_score(clean, corrupted, restored, eps: float = 1e-9):
     """R = (restored - corrupted) / (clean - corrupted), the fraction of the corruption's damage a
     restoration undoes. clean, corrupted (...) and restored (..., L): scores averaged over captions.
-    nan where the corruption did no damage (clean <= corrupted): there is nothing to restore."""
+    nan where the corruption did no damage (clean <= corrupted): there is nothing to restore.
+
+    R is rounded to 12 decimals: averaged 0 / 1 verdicts make it a ratio of counts, and float rounding
+    of the means must not decide a threshold such as R >= 0.5 (6 restored of 12 against a gap of 6
+    would otherwise read 0.49999999999999994)."""
     corrupted = torch.as_tensor(corrupted, dtype=torch.float64)[..., None]
     gap = torch.as_tensor(clean, dtype=torch.float64)[..., None] - corrupted
-    r = (torch.as_tensor(restored, dtype=torch.float64) - corrupted) / gap
+    r = torch.round((torch.as_tensor(restored, dtype=torch.float64) - corrupted) / gap, decimals=12)
     return torch.where(gap > eps, r, torch.full_like(r, float("nan")))
 
 
