@@ -494,8 +494,8 @@ def restoration_score(clean, corrupted, restored, eps: float = 1e-9):
     nan where the corruption did no damage (clean <= corrupted): there is nothing to restore.
 
     R is rounded to 12 decimals: averaged 0 / 1 verdicts make it a ratio of counts, and float rounding
-    of the means must not decide a threshold such as R >= 0.5 (6 restored of 12 against a gap of 6
-    would otherwise read 0.49999999999999994)."""
+    of the means must not decide a threshold such as R >= 0.5 (of 12 captions, 11 clean, 5 corrupted and
+    8 restored undo exactly half the damage, which float means would read as 0.49999999999999994)."""
     corrupted = torch.as_tensor(corrupted, dtype=torch.float64)[..., None]
     gap = torch.as_tensor(clean, dtype=torch.float64)[..., None] - corrupted
     r = torch.round((torch.as_tensor(restored, dtype=torch.float64) - corrupted) / gap, decimals=12)
